@@ -1,0 +1,63 @@
+#pragma once
+// Everything that depends on the LibTorch version lives here, each with its reason. The project pins
+// LibTorch 2.11.0 (the PyTorch wheel) and must also build with newer 2.x releases.
+#include <ATen/ATen.h>
+#include <torch/version.h>
+
+#include <optional>
+
+#if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 11)
+#error "shardlm needs LibTorch >= 2.11 (pip install torch==2.11.0); Debian's libtorch-dev 1.13 is too old"
+#endif
+
+#if __has_include(<c10/cuda/CUDACachingAllocator.h>) && defined(USE_CUDA)
+#define SHARDLM_HAVE_CUDA 1
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#else
+#define SHARDLM_HAVE_CUDA 0
+#endif
+
+namespace shardlm::compat {
+
+/// Causal scaled-dot-product attention with grouped KV heads. `enable_gqa` (2.5+) lets flash attention read
+/// the shared KV heads in place instead of materializing repeated copies.
+inline at::Tensor causal_attention(const at::Tensor& q,   // [B, H, T, D]
+                                   const at::Tensor& k,   // [B, Hkv, T, D]
+                                   const at::Tensor& v) { // [B, Hkv, T, D]
+  return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
+                                          /*is_causal=*/true, /*scale=*/std::nullopt,
+                                          /*enable_gqa=*/k.size(1) != q.size(1));
+}
+
+/// The fused AdamW kernel (CPU and CUDA, 2.4+): one launch for a list of tensors, the same update as
+/// torch.optim.AdamW(fused=True).
+inline void fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
+                        double beta2, double weight_decay, double eps) {
+  at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
+                    weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
+                    /*found_inf=*/std::nullopt);
+}
+
+/// Bytes allocated and reserved by the CUDA caching allocator on `device` (current, peak).
+struct DeviceMemory {
+  double allocated = 0, reserved = 0, peak_allocated = 0, peak_reserved = 0;
+};
+inline DeviceMemory cuda_memory(int device) {
+  DeviceMemory m;
+#if SHARDLM_HAVE_CUDA
+  namespace alloc = c10::cuda::CUDACachingAllocator;
+  const auto stats = alloc::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  m.allocated = static_cast<double>(stats.allocated_bytes[agg].current);
+  m.peak_allocated = static_cast<double>(stats.allocated_bytes[agg].peak);
+  m.reserved = static_cast<double>(stats.reserved_bytes[agg].current);
+  m.peak_reserved = static_cast<double>(stats.reserved_bytes[agg].peak);
+#else
+  (void)device;
+#endif
+  return m;
+}
+
+}  // namespace shardlm::compat

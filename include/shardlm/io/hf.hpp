@@ -1,0 +1,111 @@
+#pragma once
+// Hugging Face model directories: config.json plus model.safetensors or a set of shards listed by
+// model.safetensors.index.json. Maps our parameter names to the checkpoint's.
+#include <torch/nn/module.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+
+#include "shardlm/core/log.hpp"
+#include "shardlm/io/safetensors.hpp"
+#include "shardlm/model/config.hpp"
+
+namespace shardlm::io {
+
+/// The checkpoint name of one of our parameters: our names are the transformers names under `model.`,
+/// except the LM head which sits at the top.
+inline std::string hf_name(const std::string& name) {
+  return name.rfind("lm_head.", 0) == 0 ? name : "model." + name;
+}
+
+/// The weights of a model directory: which file holds which tensor, files opened lazily.
+class HfCheckpoint {
+ public:
+  explicit HfCheckpoint(std::filesystem::path dir) : dir_(std::move(dir)) {
+    if (!std::filesystem::is_directory(dir_)) fail<IoError>(dir_.string(), ": not a directory");
+    const auto index = dir_ / "model.safetensors.index.json";
+    const auto single = dir_ / "model.safetensors";
+    if (std::filesystem::exists(index)) {
+      std::ifstream in(index);
+      if (!in) fail<IoError>(index.string(), ": cannot open");
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(in);
+      } catch (const nlohmann::json::parse_error& e) {
+        fail<IoError>(index.string(), ": not valid JSON (", e.what(), ")");
+      }
+      if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+        fail<IoError>(index.string(), ": missing object 'weight_map'");
+      for (const auto& [name, file] : j["weight_map"].items()) {
+        if (!file.is_string()) fail<IoError>(index.string(), ": weight_map entry of '", name, "' is not a file name");
+        const auto f = file.get<std::string>();
+        if (f.find('/') != std::string::npos || f == ".." || f.empty())
+          fail<IoError>(index.string(), ": weight_map file '", f, "' of '", name, "' must be a plain file name in the directory");
+        file_of_[name] = f;
+      }
+    } else if (std::filesystem::exists(single)) {
+      auto& file = open("model.safetensors");
+      for (const auto& t : file.tensors()) file_of_[t.name] = "model.safetensors";
+    } else {
+      fail<IoError>(dir_.string(), ": no model.safetensors or model.safetensors.index.json");
+    }
+  }
+
+  const std::filesystem::path& dir() const { return dir_; }
+  bool contains(const std::string& name) const { return file_of_.count(name) > 0; }
+  const std::map<std::string, std::string>& names() const { return file_of_; }
+
+  /// The file holding `name` and the tensor's header entry; the error names the tensor and directory.
+  std::pair<const SafetensorsFile*, const TensorInfo*> locate(const std::string& name) {
+    const auto it = file_of_.find(name);
+    if (it == file_of_.end()) fail<IoError>(dir_.string(), ": the checkpoint has no tensor '", name, "'");
+    const auto& file = open(it->second);
+    const auto* info = file.find(name);
+    if (!info) fail<IoError>((dir_ / it->second).string(), ": the index lists tensor '", name, "' here but the file does not hold it");
+    return {&file, info};
+  }
+
+ private:
+  const SafetensorsFile& open(const std::string& file) {
+    auto& slot = files_[file];
+    if (!slot) slot = std::make_unique<SafetensorsFile>(dir_ / file);
+    return *slot;
+  }
+
+  std::filesystem::path dir_;
+  std::map<std::string, std::string> file_of_;
+  std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
+};
+
+/// Copies every parameter of `model` from the checkpoint (converting dtype). Missing tensors and shape
+/// mismatches are errors naming the tensor and file; checkpoint tensors the model does not use are listed
+/// in a warning.
+inline void load_weights(torch::nn::Module& model, HfCheckpoint& ckpt) {
+  at::NoGradGuard no_grad;
+  std::set<std::string> used;
+  for (auto& item : model.named_parameters()) {
+    const auto name = hf_name(item.key());
+    auto [file, info] = ckpt.locate(name);
+    auto& param = item.value();
+    if (info->shape != param.sizes().vec())
+      fail<IoError>(file->path().string(), ": tensor '", name, "' has shape ", c10::IntArrayRef(info->shape),
+                    " but the config needs ", param.sizes());
+    if (at::isIntegralType(info->scalar_type, /*includeBool=*/true))
+      fail<IoError>(file->path().string(), ": tensor '", name, "' has integer dtype ", info->dtype,
+                    ": expected a floating-point weight");
+    param.copy_(file->read(name));
+    used.insert(name);
+  }
+  std::string unused;
+  for (const auto& [name, file] : ckpt.names())
+    if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos &&
+        !(name == "lm_head.weight" && !used.count("lm_head.weight")))
+      unused += (unused.empty() ? "" : ", ") + name;
+  if (!unused.empty()) log::warn(ckpt.dir().string(), ": tensors not used by the model: ", unused);
+}
+
+}  // namespace shardlm::io

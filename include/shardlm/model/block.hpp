@@ -1,0 +1,97 @@
+#pragma once
+// The one generic transformer block and the decoder around it. Single-device code that reads like the
+// math; parallelism, recompute and precision are applied from outside (engine/, train/).
+#include <torch/nn/modules/container/modulelist.h>
+
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "shardlm/model/layers.hpp"
+
+namespace shardlm::model {
+
+/// Pre-norm residual block: h = x + attn(norm1(x)); out = h + ffn(norm2(h)).
+template <class Attention, class FeedForward, class Norm>
+class TransformerBlockImpl : public torch::nn::Module {
+ public:
+  TransformerBlockImpl(const ModelConfig& c, const at::TensorOptions& opts)
+      : input_layernorm(register_module("input_layernorm", Norm(c, opts))),
+        attn(register_module(Attention::ContainedType::hf_name, Attention(c, opts))),
+        post_attention_layernorm(register_module("post_attention_layernorm", Norm(c, opts))),
+        ffn(register_module(FeedForward::ContainedType::hf_name, FeedForward(c, opts))) {}
+
+  at::Tensor forward(const at::Tensor& x, const ops::Rope& rope) {  // [B, T, C] -> [B, T, C]
+    const auto h = x + attn->forward(input_layernorm->forward(x), rope);
+    return h + ffn->forward(post_attention_layernorm->forward(h));
+  }
+
+  Norm input_layernorm;
+  Attention attn;
+  Norm post_attention_layernorm;
+  FeedForward ffn;
+};
+template <class Attention, class FeedForward, class Norm>
+using TransformerBlock = torch::nn::ModuleHolder<TransformerBlockImpl<Attention, FeedForward, Norm>>;
+
+/// Embedding, a stack of blocks, final norm and LM head (tied to the embedding or not). The engine drives
+/// it unit by unit through embed(), block() and head(); forward() runs them all.
+template <class Block>
+class DecoderImpl : public torch::nn::Module {
+ public:
+  explicit DecoderImpl(const ModelConfig& c, const at::TensorOptions& opts = at::TensorOptions())
+      : embed_tokens(register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, opts))),
+        norm(register_module("norm", RMSNorm(c, opts))),
+        config_(c),
+        inv_freq_(ops::rope_inv_freq(c.rope, c.head_dim)) {
+    c.validate();
+    auto list = register_module("layers", torch::nn::ModuleList());
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      layers.push_back(Block(c, opts));
+      list->push_back(layers.back());
+    }
+    if (!c.tie_word_embeddings)
+      lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, /*bias=*/false, opts));
+  }
+
+  at::Tensor embed(const at::Tensor& ids) { return embed_tokens->forward(ids); }  // [B, T] -> [B, T, C]
+
+  /// cos/sin tables for sequences of length T, cached per (T, device, dtype).
+  const ops::Rope& rope(int64_t seq_len, const at::Device& device, at::ScalarType dtype) {
+    const auto key = std::make_tuple(seq_len, device.str(), dtype);
+    auto it = rope_cache_.find(key);
+    if (it == rope_cache_.end())
+      it = rope_cache_.emplace(key, ops::rope_tables(inv_freq_.to(device), seq_len, dtype)).first;
+    return it->second;
+  }
+
+  at::Tensor block(size_t i, const at::Tensor& x, const ops::Rope& rope) { return layers.at(i)->forward(x, rope); }
+
+  at::Tensor head(const at::Tensor& x) {  // [B, T, C] -> logits [B, T, V]
+    const auto h = norm->forward(x);
+    return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
+  }
+
+  at::Tensor forward(const at::Tensor& ids) {  // [B, T] -> logits [B, T, V]
+    auto x = embed(ids);
+    const auto& r = rope(ids.size(1), x.device(), x.scalar_type());
+    for (size_t i = 0; i < layers.size(); ++i) x = block(i, x, r);
+    return head(x);
+  }
+
+  const ModelConfig& config() const { return config_; }
+
+  Embedding embed_tokens;
+  std::vector<Block> layers;
+  RMSNorm norm;
+  Linear lm_head{nullptr};
+
+ private:
+  ModelConfig config_;
+  at::Tensor inv_freq_;  // [D/2], fp32, CPU
+  std::map<std::tuple<int64_t, std::string, at::ScalarType>, ops::Rope> rope_cache_;
+};
+template <class Block>
+using Decoder = torch::nn::ModuleHolder<DecoderImpl<Block>>;
+
+}  // namespace shardlm::model

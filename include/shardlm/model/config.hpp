@@ -1,0 +1,207 @@
+#pragma once
+// Model shapes: presets and Hugging Face config.json (transformers v4 form with `rope_theta` /
+// `rope_scaling`, and the v5 form with `rope_parameters`).
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "shardlm/core/errors.hpp"
+
+namespace shardlm::model {
+
+/// Rotary embedding parameters. `type` is "default" (plain RoPE), "linear" or "llama3".
+struct RopeConfig {
+  std::string type = "default";
+  double theta = 10000.0;
+  double factor = 1.0;                     ///< llama3 / linear: how much the context was extended
+  double low_freq_factor = 1.0;            ///< llama3
+  double high_freq_factor = 4.0;           ///< llama3
+  int64_t original_max_position_embeddings = 8192;  ///< llama3
+};
+
+/// The shape of a decoder-only transformer (Llama 3 family).
+struct ModelConfig {
+  std::string model_type = "llama";
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_position_embeddings = 8192;
+  double rms_norm_eps = 1e-5;
+  double initializer_range = 0.02;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  RopeConfig rope;
+
+  /// Throws ConfigError naming the field when the shape cannot work.
+  void validate(const std::string& origin = "config") const {
+    auto positive = [&](int64_t v, const char* field) {
+      if (v <= 0) fail<ConfigError>(origin, ": ", field, " must be positive, got ", v);
+    };
+    positive(vocab_size, "vocab_size");
+    positive(hidden_size, "hidden_size");
+    positive(intermediate_size, "intermediate_size");
+    positive(num_layers, "num_hidden_layers");
+    positive(num_heads, "num_attention_heads");
+    positive(num_kv_heads, "num_key_value_heads");
+    positive(head_dim, "head_dim");
+    if (num_heads % num_kv_heads != 0)
+      fail<ConfigError>(origin, ": num_attention_heads(", num_heads, ") is not a multiple of num_key_value_heads(",
+                        num_kv_heads, ")");
+    if (head_dim % 2 != 0) fail<ConfigError>(origin, ": head_dim(", head_dim, ") must be even for rotary embeddings");
+    if (rms_norm_eps <= 0) fail<ConfigError>(origin, ": rms_norm_eps must be positive, got ", rms_norm_eps);
+    if (rope.theta <= 0) fail<ConfigError>(origin, ": rope_theta must be positive, got ", rope.theta);
+    if (rope.type != "default" && rope.type != "llama3" && rope.type != "linear")
+      fail<ConfigError>(origin, ": rope type '", rope.type, "' is not supported: use default, linear or llama3");
+    if (rope.type != "default" && rope.factor <= 0)
+      fail<ConfigError>(origin, ": rope factor must be positive, got ", rope.factor);
+    if (rope.type == "llama3" && !(rope.high_freq_factor > rope.low_freq_factor))
+      fail<ConfigError>(origin, ": llama3 rope needs high_freq_factor(", rope.high_freq_factor,
+                        ") > low_freq_factor(", rope.low_freq_factor, ")");
+  }
+
+  /// Parameters (embedding, blocks, final norm, head when untied).
+  int64_t num_params() const {
+    const int64_t c = hidden_size, q = num_heads * head_dim, kv = num_kv_heads * head_dim;
+    const int64_t attn = c * q + 2 * c * kv + q * c + (attention_bias ? q + 2 * kv + c : 0);
+    const int64_t mlp = 3 * c * intermediate_size + (mlp_bias ? 2 * intermediate_size + c : 0);
+    const int64_t block = attn + mlp + 2 * c;
+    return vocab_size * c * (tie_word_embeddings ? 1 : 2) + num_layers * block + c;
+  }
+  /// Training FLOPs per token: 6 x (parameters less the embedding) + 12 x L x H x head_dim x T for attention
+  /// (the count the peer benchmark uses).
+  double flops_per_token(int64_t seq_len) const {
+    const double matmul_params = static_cast<double>(num_params() - vocab_size * hidden_size) +
+                                 (tie_word_embeddings ? static_cast<double>(vocab_size * hidden_size) : 0.0);
+    return 6.0 * matmul_params + 12.0 * num_layers * num_heads * head_dim * static_cast<double>(seq_len);
+  }
+};
+
+inline std::vector<std::string> preset_names() {
+  return {"llama3-debug", "llama3-8b", "llama3-70b", "llama3-405b"};
+}
+
+/// A named preset; `layers` > 0 overrides the number of layers.
+inline ModelConfig preset(const std::string& name, int64_t layers = 0) {
+  ModelConfig c;
+  c.rope = {"llama3", 500000.0, 8.0, 1.0, 4.0, 8192};
+  c.max_position_embeddings = 131072;
+  auto dims = [&](int64_t vocab, int64_t hidden, int64_t inter, int64_t n_layers, int64_t heads, int64_t kv) {
+    c.vocab_size = vocab, c.hidden_size = hidden, c.intermediate_size = inter, c.num_layers = n_layers;
+    c.num_heads = heads, c.num_kv_heads = kv, c.head_dim = hidden / heads;
+  };
+  if (name == "llama3-debug") {
+    dims(512, 128, 384, 4, 4, 2);
+    c.max_position_embeddings = 2048;
+  } else if (name == "llama3-8b") {
+    dims(128256, 4096, 14336, 32, 32, 8);
+  } else if (name == "llama3-70b") {
+    dims(128256, 8192, 28672, 80, 64, 8);
+  } else if (name == "llama3-405b") {
+    dims(128256, 16384, 53248, 126, 128, 8);
+  } else {
+    std::string known;
+    for (const auto& n : preset_names()) known += (known.empty() ? "" : ", ") + n;
+    fail<ConfigError>("unknown preset '", name, "': use one of ", known);
+  }
+  if (layers > 0) c.num_layers = layers;
+  if (layers < 0) fail<ConfigError>("--layers must be positive, got ", layers);
+  c.validate("preset " + name);
+  return c;
+}
+
+namespace detail {
+template <class T>
+T field(const nlohmann::json& j, const char* key, const std::string& origin) {
+  if (!j.contains(key) || j.at(key).is_null()) fail<ConfigError>(origin, ": missing field '", key, "'");
+  try {
+    return j.at(key).get<T>();
+  } catch (const nlohmann::json::exception&) {
+    fail<ConfigError>(origin, ": field '", key, "' has the wrong type (", j.at(key).type_name(), ")");
+  }
+}
+template <class T>
+T field_or(const nlohmann::json& j, const char* key, T fallback, const std::string& origin) {
+  if (!j.contains(key) || j.at(key).is_null()) return fallback;
+  return field<T>(j, key, origin);
+}
+
+inline void read_rope_scaling(const nlohmann::json& s, RopeConfig& rope, const std::string& origin) {
+  if (!s.is_object()) fail<ConfigError>(origin, ": rope scaling must be an object, got ", s.type_name());
+  rope.type = s.contains("rope_type") ? field<std::string>(s, "rope_type", origin)
+                                      : field_or<std::string>(s, "type", "default", origin);
+  rope.factor = field_or<double>(s, "factor", 1.0, origin);
+  if (rope.type == "llama3") {
+    rope.factor = field<double>(s, "factor", origin);
+    rope.low_freq_factor = field<double>(s, "low_freq_factor", origin);
+    rope.high_freq_factor = field<double>(s, "high_freq_factor", origin);
+    rope.original_max_position_embeddings =
+        field_or<int64_t>(s, "original_max_position_embeddings", rope.original_max_position_embeddings, origin);
+  } else if (rope.type == "linear") {
+    rope.factor = field<double>(s, "factor", origin);
+  }
+}
+}  // namespace detail
+
+/// Reads a parsed Hugging Face config.json (`origin` names it in errors).
+inline ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin) {
+  using detail::field;
+  using detail::field_or;
+  if (!j.is_object()) fail<ConfigError>(origin, ": expected a JSON object, got ", j.type_name());
+  ModelConfig c;
+  c.model_type = field_or<std::string>(j, "model_type", "llama", origin);
+  if (c.model_type != "llama")
+    fail<ConfigError>(origin, ": model_type '", c.model_type, "' is not supported here: expected 'llama'");
+  const auto act = field_or<std::string>(j, "hidden_act", "silu", origin);
+  if (act != "silu") fail<ConfigError>(origin, ": hidden_act '", act, "' is not supported: Llama uses 'silu'");
+  c.vocab_size = field<int64_t>(j, "vocab_size", origin);
+  c.hidden_size = field<int64_t>(j, "hidden_size", origin);
+  c.intermediate_size = field<int64_t>(j, "intermediate_size", origin);
+  c.num_layers = field<int64_t>(j, "num_hidden_layers", origin);
+  c.num_heads = field<int64_t>(j, "num_attention_heads", origin);
+  c.num_kv_heads = field_or<int64_t>(j, "num_key_value_heads", c.num_heads, origin);
+  if (c.num_heads <= 0) fail<ConfigError>(origin, ": num_attention_heads must be positive, got ", c.num_heads);
+  c.head_dim = field_or<int64_t>(j, "head_dim", c.hidden_size / c.num_heads, origin);
+  c.max_position_embeddings = field_or<int64_t>(j, "max_position_embeddings", 2048, origin);
+  c.rms_norm_eps = field_or<double>(j, "rms_norm_eps", 1e-6, origin);
+  c.initializer_range = field_or<double>(j, "initializer_range", 0.02, origin);
+  c.tie_word_embeddings = field_or<bool>(j, "tie_word_embeddings", false, origin);
+  c.attention_bias = field_or<bool>(j, "attention_bias", false, origin);
+  c.mlp_bias = field_or<bool>(j, "mlp_bias", false, origin);
+  c.rope.original_max_position_embeddings = c.max_position_embeddings;  // transformers' fallback
+  if (j.contains("rope_parameters") && !j.at("rope_parameters").is_null()) {  // transformers v5
+    const auto& p = j.at("rope_parameters");
+    detail::read_rope_scaling(p, c.rope, origin + " rope_parameters");
+    c.rope.theta = field<double>(p, "rope_theta", origin + " rope_parameters");
+  } else {  // transformers v4
+    c.rope.theta = field_or<double>(j, "rope_theta", 10000.0, origin);
+    if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null())
+      detail::read_rope_scaling(j.at("rope_scaling"), c.rope, origin + " rope_scaling");
+  }
+  c.validate(origin);
+  return c;
+}
+
+/// Reads `path` (a config.json file, or a model directory holding one).
+inline ModelConfig load_config(std::filesystem::path path) {
+  if (std::filesystem::is_directory(path)) path /= "config.json";
+  std::ifstream in(path);
+  if (!in) fail<IoError>("cannot open ", path.string(), ": a Hugging Face model directory needs a config.json");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail<ConfigError>(path.string(), ": not valid JSON (", e.what(), ")");
+  }
+  return config_from_json(j, path.string());
+}
+
+}  // namespace shardlm::model

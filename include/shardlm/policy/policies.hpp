@@ -1,0 +1,102 @@
+#pragma once
+// The policy tags (CUTLASS-style small structs of constants) and their composition. A recipe is a
+// `Policies<...>` of one tag from each family, in any order; families left out take their default.
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+
+namespace shardlm {
+
+template <class...>
+inline constexpr bool dependent_false = false;
+
+namespace sharding {
+/// Replicated parameters, all-reduced gradients (DDP).
+struct NoShard { static constexpr std::string_view name = "none"; static constexpr bool shards_params = false, shards_grads = false; };
+/// ZeRO-2: gradients and optimizer state sharded; gathered parameters kept from forward to backward.
+struct ShardGradOp { static constexpr std::string_view name = "grad-op"; static constexpr bool shards_params = false, shards_grads = true; };
+/// ZeRO-3: parameters, gradients and optimizer state sharded; parameters gathered per unit.
+struct FullShard { static constexpr std::string_view name = "full"; static constexpr bool shards_params = true, shards_grads = true; };
+/// FullShard inside a group of ranks (a node by default), replicated across groups.
+struct HybridShard { static constexpr std::string_view name = "hybrid"; static constexpr bool shards_params = true, shards_grads = true; };
+}  // namespace sharding
+
+namespace checkpointing {
+/// Keep every activation for backward.
+struct None { static constexpr std::string_view name = "none"; static constexpr int every = 0; };
+/// Recompute each block in backward.
+struct EveryBlock { static constexpr std::string_view name = "every-block"; static constexpr int every = 1; };
+/// Recompute every k-th block (selective checkpointing).
+template <int K>
+struct EveryNth {
+  static_assert(K >= 1, "EveryNth<k> needs k >= 1: EveryNth<1> is EveryBlock");
+  static constexpr std::string_view name = "every-k";
+  static constexpr int every = K;
+};
+}  // namespace checkpointing
+
+namespace offload {
+struct None { static constexpr std::string_view name = "none"; static constexpr bool to_host = false; };
+/// Sharded master params, grads and optimizer state in pinned host memory; the optimizer step on the host.
+struct Cpu { static constexpr std::string_view name = "cpu"; static constexpr bool to_host = true; };
+}  // namespace offload
+
+namespace precision {
+/// fp32 everywhere.
+struct FP32 {
+  static constexpr std::string_view name = "fp32";
+  static constexpr auto master = c10::ScalarType::Float, compute = c10::ScalarType::Float, reduce = c10::ScalarType::Float;
+};
+/// fp32 master weights and optimizer state, bf16 gather and compute, fp32 gradient reduction.
+struct MixedBF16 {
+  static constexpr std::string_view name = "mixed-bf16";
+  static constexpr auto master = c10::ScalarType::Float, compute = c10::ScalarType::BFloat16, reduce = c10::ScalarType::Float;
+};
+/// bf16 parameters and optimizer state (8 bytes per parameter of training state).
+struct PureBF16 {
+  static constexpr std::string_view name = "pure-bf16";
+  static constexpr auto master = c10::ScalarType::BFloat16, compute = c10::ScalarType::BFloat16, reduce = c10::ScalarType::BFloat16;
+};
+}  // namespace precision
+
+namespace detail {
+template <class T, template <class> class IsFamily, class Default, class... Ps>
+struct pick;
+template <class T, template <class> class IsFamily, class Default>
+struct pick<T, IsFamily, Default> { using type = Default; };
+template <class T, template <class> class IsFamily, class Default, class P, class... Ps>
+struct pick<T, IsFamily, Default, P, Ps...> {
+  using type = std::conditional_t<IsFamily<P>::value, P, typename pick<T, IsFamily, Default, Ps...>::type>;
+};
+template <class P> struct is_sharding : std::bool_constant<std::is_same_v<P, sharding::NoShard> || std::is_same_v<P, sharding::ShardGradOp> || std::is_same_v<P, sharding::FullShard> || std::is_same_v<P, sharding::HybridShard>> {};
+template <class P> struct is_checkpointing : std::false_type {};
+template <> struct is_checkpointing<checkpointing::None> : std::true_type {};
+template <> struct is_checkpointing<checkpointing::EveryBlock> : std::true_type {};
+template <int K> struct is_checkpointing<checkpointing::EveryNth<K>> : std::true_type {};
+template <class P> struct is_offload : std::bool_constant<std::is_same_v<P, offload::None> || std::is_same_v<P, offload::Cpu>> {};
+template <class P> struct is_precision : std::bool_constant<std::is_same_v<P, precision::FP32> || std::is_same_v<P, precision::MixedBF16> || std::is_same_v<P, precision::PureBF16>> {};
+template <class P> struct is_policy : std::bool_constant<is_sharding<P>::value || is_checkpointing<P>::value || is_offload<P>::value || is_precision<P>::value> {};
+template <template <class> class IsFamily, class... Ps>
+inline constexpr int count_of = (0 + ... + int(IsFamily<Ps>::value));
+}  // namespace detail
+
+/// A recipe: one tag per family, in any order; missing families default to
+/// NoShard, checkpointing::None, offload::None, FP32.
+template <class... Ps>
+struct Policies {
+  static_assert((detail::is_policy<Ps>::value && ...),
+                "Policies<...> takes only policy tags: sharding::*, checkpointing::*, offload::*, precision::*");
+  static_assert(detail::count_of<detail::is_sharding, Ps...> <= 1, "Policies<...> names two sharding policies: keep one");
+  static_assert(detail::count_of<detail::is_checkpointing, Ps...> <= 1, "Policies<...> names two checkpointing policies: keep one");
+  static_assert(detail::count_of<detail::is_offload, Ps...> <= 1, "Policies<...> names two offload policies: keep one");
+  static_assert(detail::count_of<detail::is_precision, Ps...> <= 1, "Policies<...> names two precision policies: keep one");
+  using Sharding = typename detail::pick<void, detail::is_sharding, sharding::NoShard, Ps...>::type;
+  using Checkpointing = typename detail::pick<void, detail::is_checkpointing, checkpointing::None, Ps...>::type;
+  using Offload = typename detail::pick<void, detail::is_offload, offload::None, Ps...>::type;
+  using Precision = typename detail::pick<void, detail::is_precision, precision::FP32, Ps...>::type;
+};
+
+}  // namespace shardlm

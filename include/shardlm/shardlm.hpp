@@ -1,0 +1,15 @@
+#pragma once
+// shardlm: the umbrella header.
+#include "shardlm/core/compat.hpp"
+#include "shardlm/core/device.hpp"
+#include "shardlm/core/dtype.hpp"
+#include "shardlm/core/errors.hpp"
+#include "shardlm/core/log.hpp"
+#include "shardlm/core/main.hpp"
+#include "shardlm/policy/policies.hpp"
+#include "shardlm/model/config.hpp"
+#include "shardlm/model/ops.hpp"
+#include "shardlm/model/llama.hpp"
+#include "shardlm/io/safetensors.hpp"
+#include "shardlm/io/hf.hpp"
+#include "shardlm/io/load.hpp"

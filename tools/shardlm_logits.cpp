@@ -1,0 +1,43 @@
+// shardlm_logits --model DIR --input IN.safetensors --output OUT.safetensors [--device cpu|cuda] [--dtype fp32|bf16]
+// Runs the forward of a Hugging Face checkpoint on `input_ids` (int64 [B, T]) and writes `logits` (fp32
+// [B, T, V]) and `loss` (mean next-token cross-entropy with labels = input_ids, as transformers reports it).
+#include <shardlm/shardlm.hpp>
+
+int main(int argc, char** argv) {
+  return shardlm::guarded_main("shardlm_logits", [&] {
+    cxxopts::Options opts("shardlm_logits", "Forward of a Hugging Face checkpoint: logits and loss");
+    opts.add_options()("model", "Hugging Face model directory", cxxopts::value<std::string>())(
+        "input", "safetensors file holding input_ids (int64 [B, T])", cxxopts::value<std::string>())(
+        "output", "safetensors file to write logits and loss to", cxxopts::value<std::string>())(
+        "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
+        "dtype", "compute dtype: fp32 or bf16", cxxopts::value<std::string>()->default_value("fp32"))("h,help", "this help");
+    const auto args = opts.parse(argc, argv);
+    if (args.count("help")) {
+      std::cout << opts.help() << '\n';
+      return 0;
+    }
+    for (const char* required : {"model", "input", "output"})
+      if (!args.count(required)) shardlm::fail<shardlm::ConfigError>("--", required, " is required (see --help)");
+    const auto device = shardlm::parse_device(args["device"].as<std::string>());
+    const auto dtype = shardlm::parse_dtype(args["dtype"].as<std::string>(), "--dtype");
+
+    const auto input_path = args["input"].as<std::string>();
+    shardlm::io::SafetensorsFile input(input_path);
+    const auto& info = input.info("input_ids");
+    if (info.scalar_type != at::kLong || info.shape.size() != 2)
+      shardlm::fail<shardlm::IoError>(input_path, ": input_ids must be int64 [B, T], got ", info.dtype, " of rank ",
+                                      info.shape.size());
+    const auto ids = input.read("input_ids");
+
+    auto model = shardlm::io::load_hf_model<shardlm::model::Llama3>(args["model"].as<std::string>(), device, dtype);
+    const auto vocab = model->config().vocab_size;
+    if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= vocab))
+      shardlm::fail<shardlm::IoError>(input_path, ": input_ids must lie in [0, ", vocab, ")");
+    at::NoGradGuard no_grad;
+    const auto logits = model->forward(ids.to(device));
+    const auto loss = shardlm::model::ops::next_token_loss(logits, ids.to(device));
+    shardlm::io::save_safetensors(args["output"].as<std::string>(),
+                                  {{"logits", logits.to(at::kFloat)}, {"loss", loss.to(at::kFloat)}});
+    return 0;
+  });
+}
