@@ -1,0 +1,119 @@
+#pragma once
+// Trainer options and their command line. Every numeric choice is a run-time option; policies are types.
+#include <cxxopts.hpp>
+
+#include <cstdint>
+#include <iostream>
+#include <optional>
+#include <string>
+
+#include "shardlm/core/errors.hpp"
+
+namespace shardlm {
+
+struct TrainOptions {
+  std::string model_dir;                 ///< Hugging Face directory to start from (instead of a preset)
+  std::string preset = "llama3-debug";   ///< model preset when no model_dir
+  int64_t layers = 0;                    ///< override the number of layers (0: keep)
+  std::string data;                      ///< token file (.bin uint32) or text (.txt, bytes as tokens)
+  int64_t seq_len = 256;
+  int64_t micro_batch = 8;
+  int64_t grad_accum = 1;
+  int64_t steps = 100;
+  double lr = 1e-3;
+  int64_t warmup_steps = 10;
+  double min_lr_ratio = 0.1;             ///< cosine decay ends at min_lr_ratio x lr
+  double weight_decay = 0.1;
+  double beta1 = 0.9, beta2 = 0.95;
+  double grad_clip = 1.0;                ///< max global grad norm (0: no clipping)
+  uint64_t seed = 0;
+  std::string device = "cpu";
+  std::string metrics;                   ///< JSONL file, one object per step
+  int64_t log_every = 10;
+  double peak_tflops = 0;                ///< MFU denominator (0: 989 on CUDA, none on CPU)
+  std::string precision = "fp32";        ///< shardlm_train only: picks the compiled policy
+  /// Text used as the dataset when --data is not given (the examples' embedded corpus).
+  std::string_view builtin_text;
+  std::string builtin_name = "embedded corpus";
+
+  void validate() const {
+    auto positive = [](int64_t v, const char* flag) {
+      if (v <= 0) fail<ConfigError>("--", flag, " must be positive, got ", v);
+    };
+    positive(seq_len, "seq-len");
+    positive(micro_batch, "micro-batch");
+    positive(grad_accum, "grad-accum");
+    positive(steps, "steps");
+    positive(log_every, "log-every");
+    if (!(lr > 0)) fail<ConfigError>("--lr must be positive, got ", lr);
+    if (warmup_steps < 0) fail<ConfigError>("--warmup-steps must be >= 0, got ", warmup_steps);
+    if (layers < 0) fail<ConfigError>("--layers must be >= 0, got ", layers);
+    if (min_lr_ratio < 0 || min_lr_ratio > 1) fail<ConfigError>("--min-lr-ratio must lie in [0, 1], got ", min_lr_ratio);
+    if (grad_clip < 0) fail<ConfigError>("--grad-clip must be >= 0, got ", grad_clip);
+    if (data.empty() && builtin_text.empty()) fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
+  }
+};
+
+namespace cli {
+
+/// Parses the trainer flags over `defaults`. `--help` prints every flag with its default and exits 0.
+/// With `policy_flags`, also --precision (the policy-matrix program).
+inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false) {
+  cxxopts::Options opts(argc > 0 ? argv[0] : "shardlm", "shardlm trainer");
+  auto s = [](const auto& v) { return cxxopts::value<std::decay_t<decltype(v)>>()->default_value(detail::cat(v)); };
+  opts.add_options()
+    ("model-dir", "Hugging Face model directory to start from", s(o.model_dir))
+    ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b)", s(o.preset))
+    ("layers", "override the number of layers (0: the preset's)", s(o.layers))
+    ("data", "token file: .bin (uint32 tokens) or .txt (bytes as tokens)", s(o.data))
+    ("seq-len", "tokens per sample", s(o.seq_len))
+    ("micro-batch", "samples per micro-batch", s(o.micro_batch))
+    ("grad-accum", "micro-batches per optimizer step", s(o.grad_accum))
+    ("steps", "optimizer steps", s(o.steps))
+    ("lr", "peak learning rate", s(o.lr))
+    ("warmup-steps", "linear warmup steps", s(o.warmup_steps))
+    ("min-lr-ratio", "cosine decay ends at this fraction of --lr", s(o.min_lr_ratio))
+    ("weight-decay", "AdamW decoupled weight decay (matrices and embeddings)", s(o.weight_decay))
+    ("beta1", "AdamW beta1", s(o.beta1))
+    ("beta2", "AdamW beta2", s(o.beta2))
+    ("grad-clip", "max global gradient norm (0: off)", s(o.grad_clip))
+    ("seed", "seed of initialization and data order", s(o.seed))
+    ("device", "cpu, cuda or cuda:N", s(o.device))
+    ("metrics", "write one JSON object per step to this file", s(o.metrics))
+    ("log-every", "print a log line every N steps", s(o.log_every))
+    ("peak-tflops", "peak TFLOP/s for MFU (0: 989 on CUDA, none on CPU)", s(o.peak_tflops))
+    ("h,help", "print this help");
+  if (policy_flags) opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision));
+  const auto r = opts.parse(argc, argv);
+  if (!r.unmatched().empty()) fail<ConfigError>("unexpected argument '", r.unmatched().front(), "'");
+  if (r.count("help")) {
+    std::cout << opts.help() << '\n';
+    std::exit(0);
+  }
+  o.model_dir = r["model-dir"].as<std::string>();
+  o.preset = r["preset"].as<std::string>();
+  o.layers = r["layers"].as<int64_t>();
+  o.data = r["data"].as<std::string>();
+  o.seq_len = r["seq-len"].as<int64_t>();
+  o.micro_batch = r["micro-batch"].as<int64_t>();
+  o.grad_accum = r["grad-accum"].as<int64_t>();
+  o.steps = r["steps"].as<int64_t>();
+  o.lr = r["lr"].as<double>();
+  o.warmup_steps = r["warmup-steps"].as<int64_t>();
+  o.min_lr_ratio = r["min-lr-ratio"].as<double>();
+  o.weight_decay = r["weight-decay"].as<double>();
+  o.beta1 = r["beta1"].as<double>();
+  o.beta2 = r["beta2"].as<double>();
+  o.grad_clip = r["grad-clip"].as<double>();
+  o.seed = r["seed"].as<uint64_t>();
+  o.device = r["device"].as<std::string>();
+  o.metrics = r["metrics"].as<std::string>();
+  o.log_every = r["log-every"].as<int64_t>();
+  o.peak_tflops = r["peak-tflops"].as<double>();
+  if (policy_flags) o.precision = r["precision"].as<std::string>();
+  o.validate();
+  return o;
+}
+
+}  // namespace cli
+}  // namespace shardlm
