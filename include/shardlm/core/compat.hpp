@@ -4,13 +4,19 @@
 #include <ATen/ATen.h>
 #include <torch/version.h>
 
+#include <ftw.h>
+#include <unistd.h>
+
+#include <filesystem>
 #include <optional>
 
 #if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 11)
 #error "shardlm needs LibTorch >= 2.11 (pip install torch==2.11.0); Debian's libtorch-dev 1.13 is too old"
 #endif
 
-#if __has_include(<c10/cuda/CUDACachingAllocator.h>) && defined(USE_CUDA)
+// The PyTorch wheels ship the CUDA headers of c10 and link c10_cuda through the `torch` target; the CUDA
+// runtime's headers come from the toolkit that LibTorch's CMake config found.
+#if __has_include(<c10/cuda/CUDACachingAllocator.h>) && __has_include(<cuda_runtime_api.h>)
 #define SHARDLM_HAVE_CUDA 1
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -69,6 +75,14 @@ inline void reset_cuda_peak(int device) {
 #else
   (void)device;
 #endif
+}
+
+/// Removes a file or a directory tree. The 2.11 wheel's libtorch.so exports its own copies of several
+/// std::filesystem functions, which shadow libstdc++'s in programs that link it; its remove_all crashes
+/// (null call) with g++ 12's libstdc++. POSIX nftw does the same job without it.
+inline void remove_all(const std::filesystem::path& path) {
+  ::nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+         FTW_DEPTH | FTW_PHYS);
 }
 
 }  // namespace shardlm::compat

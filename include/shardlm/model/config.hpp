@@ -192,6 +192,8 @@ inline ModelConfig config_from_json(const nlohmann::json& j, const std::string& 
 
 /// Reads `path` (a config.json file, or a model directory holding one).
 inline ModelConfig load_config(std::filesystem::path path) {
+  if (!std::filesystem::exists(path))
+    fail<IoError>(path.string(), ": does not exist (expected a model directory or its config.json)");
   if (std::filesystem::is_directory(path)) path /= "config.json";
   std::ifstream in(path);
   if (!in) fail<IoError>("cannot open ", path.string(), ": a Hugging Face model directory needs a config.json");

@@ -89,10 +89,11 @@ inline at::Tensor next_token_loss_sum(const at::Tensor& logits, const at::Tensor
                                 at::Reduction::Sum, ignore_index);
 }
 
-/// Mean next-token cross-entropy, as transformers' causal LM loss with labels = input ids.
+/// Mean next-token cross-entropy, as transformers' causal LM loss with labels = input ids (NaN, as there,
+/// when no position has a next token).
 inline at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index = -100) {
   const auto shifted = shift_labels(labels, ignore_index);
-  return next_token_loss_sum(logits, shifted, ignore_index) / shifted.ne(ignore_index).sum().clamp_min(1);
+  return next_token_loss_sum(logits, shifted, ignore_index) / shifted.ne(ignore_index).sum();
 }
 
 }  // namespace shardlm::model::ops

@@ -61,7 +61,8 @@ inline std::pair<double, double> memory_gb(const c10::Device& device) {
   return {rss_kb * 1024 / gb, hwm_kb * 1024 / gb};
 }
 
-/// Appends one JSON object per step to a file (flushed per line, so a killed run keeps its record).
+/// Writes one JSON object per step to a file it truncates on open (flushed per line, so a killed run keeps
+/// its record).
 class MetricsWriter {
  public:
   explicit MetricsWriter(const std::string& path) {

@@ -16,6 +16,7 @@
 #include "shardlm/data/token_dataset.hpp"
 #include "shardlm/io/hf.hpp"
 #include "shardlm/model/init.hpp"
+#include "shardlm/model/ops.hpp"
 #include "shardlm/optim/adamw.hpp"
 #include "shardlm/optim/clip.hpp"
 #include "shardlm/optim/schedule.hpp"
@@ -38,6 +39,8 @@ inline model::ModelConfig resolve_config(const TrainOptions& o) {
 template <class Model, class Recipe>
 class Trainer {
   using Precision = typename Recipe::Precision;
+  static_assert(std::is_same_v<typename Recipe::Sharding, sharding::NoShard>,
+                "The single-process Trainer replicates nothing and shards nothing: use sharding::NoShard");
   static_assert(std::is_same_v<typename Recipe::Checkpointing, checkpointing::None>,
                 "The single-process Trainer keeps all activations: use checkpointing::None");
   static_assert(std::is_same_v<typename Recipe::Offload, offload::None>,
@@ -134,6 +137,21 @@ class Trainer {
   const model::ModelConfig& config() const { return config_; }
   const c10::Device& device() const { return device_; }
   int64_t steps_done() const { return step_; }
+  /// The gradients of the last step in the reduce dtype (after clipping), in parameter order.
+  std::vector<at::Tensor> gradients() {
+    if constexpr (Precision::compute != Precision::master) {
+      return grads_;
+    } else {
+      std::vector<at::Tensor> g;
+      for (auto& p : params_) {
+        auto& grad = p.mutable_grad();
+        if (!grad.defined()) grad = at::zeros_like(p);
+        g.push_back(grad);
+      }
+      return g;
+    }
+  }
+
   /// The master weights (what the optimizer updates), in parameter order.
   const std::vector<at::Tensor>& master_weights() const { return master_; }
 
@@ -159,20 +177,6 @@ class Trainer {
       }
     }
     (void)first;
-  }
-
-  std::vector<at::Tensor> gradients() {
-    if constexpr (Precision::compute != Precision::master) {
-      return grads_;
-    } else {
-      std::vector<at::Tensor> g;
-      for (auto& p : params_) {
-        auto& grad = p.mutable_grad();
-        if (!grad.defined()) grad = at::zeros_like(p);
-        g.push_back(grad);
-      }
-      return g;
-    }
   }
 
   void zero_grad() {

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's main job: set up, build, and train the tiny Llama of examples/01 on its embedded corpus.
+# Extra arguments go to the example (try --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/build.sh
+exec build/bin/01_tiny_llama_cpu "$@"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Prepares a Debian bookworm machine to build and test shardlm: the C++ libraries from Debian, and a venv
+# (.venv) holding the PyTorch 2.11.0 wheel (whose LibTorch the project builds against) and the Python
+# reference stack. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkgs=(build-essential cmake ninja-build python3-venv doctest-dev librange-v3-dev libcxxopts-dev nlohmann-json3-dev
+      libbenchmark-dev libgtest-dev libpcre2-dev)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "setup: apt-get install ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! .venv/bin/python -c 'import torch, transformers, safetensors' >/dev/null 2>&1 ||
+   ! .venv/bin/pip freeze 2>/dev/null | grep -qx 'torch==2.11.0'; then
+  echo "setup: creating .venv with the pinned torch wheel and reference stack (a few GB, several minutes)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r scripts/requirements.txt
+fi
+echo "setup: ready (torch $(.venv/bin/python -c 'import torch;print(torch.__version__)' 2>/dev/null))"

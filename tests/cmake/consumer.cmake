@@ -1,0 +1,16 @@
+# Installs shardlm into WORK/prefix, then configures, builds and runs tests/consumer against it.
+file(REMOVE_RECURSE ${WORK})
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGN}\n${out}\n${err}")
+  endif()
+endfunction()
+run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK}/shardlm -G ${GENERATOR} -DSHARDLM_BUILD_TESTS=OFF
+    -DSHARDLM_BUILD_TOOLS=OFF -DSHARDLM_BUILD_BENCHMARKS=OFF -DTorch_DIR=${Torch_DIR})
+run(${CMAKE_COMMAND} --install ${WORK}/shardlm --prefix ${WORK}/prefix)
+run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/consumer -B ${WORK}/build -G ${GENERATOR}
+    -DCMAKE_PREFIX_PATH=${WORK}/prefix -DTorch_DIR=${Torch_DIR} -DCMAKE_BUILD_TYPE=Release)
+run(${CMAKE_COMMAND} --build ${WORK}/build)
+run(${WORK}/build/consumer)
+message("consumer built and ran against ${WORK}/prefix")
