@@ -1,6 +1,6 @@
 """Compare shardlm_logits with transformers on random tiny Llama checkpoints.
 
-    .venv/bin/python tests/golden/check_logits.py --tool build/tools/shardlm_logits --seed S [--count N] [--workdir DIR]
+    .venv/bin/python tests/golden/check_logits.py --tool build/bin/shardlm_logits --seed S [--count N] [--workdir DIR]
     .venv/bin/python tests/golden/check_logits.py --dry-run --seed S   # no tool: checks the checkpoints reload in HF
 
 Seed S decides N random configs (hidden size a multiple of the head count, head_dim 8/16/32 set explicitly, 2/4/8
@@ -64,10 +64,10 @@ def summary(config, form, sharded, batch, time):
             f"sharded={sharded} B={batch} T={time}")
 
 
-def run_tool(tool, model_dir, input_path):
+def run_tool(tool, model_dir, input_path, extra_args=()):
     """(logits, loss) from the shardlm tool, or raises RuntimeError with its stderr."""
     output_path = os.path.join(model_dir, "output.safetensors")
-    proc = subprocess.run([tool, "--model", model_dir, "--input", input_path, "--output", output_path],
+    proc = subprocess.run([tool, "--model", model_dir, "--input", input_path, "--output", output_path, *extra_args],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} exited with {proc.returncode}:\n{proc.stderr.strip()}")
@@ -101,7 +101,7 @@ def check_case(index, rng, args):
             with torch.no_grad():
                 logits, loss = forward(load_checkpoint(model_dir), load_file(input_path)["input_ids"])
         else:
-            logits, loss = run_tool(args.tool, model_dir, input_path)
+            logits, loss = run_tool(args.tool, model_dir, input_path, args.tool_args.split())
     except Exception as error:  # report and go on with the other configs
         print(f"{line}: FAIL {error}")
         return False
@@ -115,7 +115,7 @@ def check_case(index, rng, args):
     if args.dry_run:
         ok = torch.equal(logits, ref_logits) and loss_err == 0.0
     else:
-        ok = logits_err < LOGITS_TOLERANCE and loss_err < LOSS_TOLERANCE
+        ok = logits_err < args.logits_tol and loss_err < args.loss_tol
     print(f"{line}: logits rel err {logits_err:.2e} loss err {loss_err:.2e} (ref loss {ref_loss.item():.6f}) "
           f"{'OK' if ok else 'FAIL'}")
     return ok
@@ -128,6 +128,9 @@ def main():
     parser.add_argument("--count", type=int, default=3, help="how many random configs to check")
     parser.add_argument("--workdir", help="where config_I/ directories go (default: a new temporary directory)")
     parser.add_argument("--dry-run", action="store_true", help="skip the tool; check that HF reloads each checkpoint")
+    parser.add_argument("--tool-args", default="", help="extra tool arguments, e.g. '--device cuda --dtype bf16'")
+    parser.add_argument("--logits-tol", type=float, default=LOGITS_TOLERANCE, help="bound on the logits rel err")
+    parser.add_argument("--loss-tol", type=float, default=LOSS_TOLERANCE, help="bound on the absolute loss error")
     args = parser.parse_args()
     if not args.dry_run and not args.tool:
         parser.error("--tool is required unless --dry-run is given")

@@ -1,0 +1,71 @@
+// The training-step benchmark: the single-process Trainer on random tokens for a preset (with --layers),
+// printing one JSON line with the median step time, tokens/s, MFU (6N + attention FLOPs over 989 TFLOP/s,
+// the peer's count), the forward/backward/optimizer split and peak memory. scripts/gpu.sh runs it next to
+// the peer (HF transformers + FSDP2) in the same call.
+#include <shardlm/shardlm.hpp>
+
+#include <algorithm>
+#include <iostream>
+#include <random>
+
+using namespace shardlm;
+
+namespace {
+template <class Precision>
+nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
+  const auto config = train::resolve_config(o);
+  // Random tokens: enough distinct windows for every step of the run.
+  const int64_t n = (o.steps + warmup + 1) * o.micro_batch * o.grad_accum * o.seq_len + 1;
+  auto tokens = std::make_shared<std::vector<uint32_t>>(n);
+  std::mt19937 rng(o.seed);
+  for (auto& t : *tokens) t = rng() % static_cast<uint32_t>(config.vocab_size);
+  train::Trainer<model::Llama3, Policies<sharding::NoShard, Precision>> trainer(
+      o, data::TokenDataset::from_tokens(tokens, "random tokens"));
+  std::vector<train::StepMetrics> steps;
+  for (int64_t s = 0; s < warmup + o.steps; ++s) {
+    auto m = trainer.step();
+    if (s >= warmup) steps.push_back(m);
+  }
+  auto median = [&](auto field) {
+    std::vector<double> v;
+    for (const auto& m : steps) v.push_back(m.*field);
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  using M = train::StepMetrics;
+  const double step_s = median(&M::step_s);
+  const double tps = static_cast<double>(o.micro_batch * o.grad_accum * o.seq_len) / step_s;
+  const double peak = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : 989e12;
+  double alloc = 0, reserved = 0;
+  for (const auto& m : steps) alloc = std::max(alloc, m.mem_alloc_gb), reserved = std::max(reserved, m.mem_reserved_gb);
+  return {{"impl", "shardlm"}, {"preset", o.preset}, {"layers", config.num_layers}, {"seq", o.seq_len},
+          {"batch", o.micro_batch}, {"precision", Precision::name}, {"device", o.device}, {"params", config.num_params()},
+          {"step_s", step_s}, {"fwd_bwd_opt_s", {median(&M::forward_s), median(&M::backward_s), median(&M::optimizer_s)}},
+          {"tokens_per_s_per_gpu", tps}, {"mfu", tps * config.flops_per_token(o.seq_len) / peak},
+          {"peak_alloc_gb", alloc}, {"peak_reserved_gb", reserved}, {"loss", steps.back().loss}};
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  return guarded_main("step_benchmark", [&] {
+    TrainOptions defaults;
+    defaults.preset = "llama3-8b";
+    defaults.layers = 4;
+    defaults.seq_len = 4096;
+    defaults.micro_batch = 2;
+    defaults.steps = 10;
+    defaults.lr = 1e-5;
+    defaults.device = "cuda";
+    defaults.precision = "mixed-bf16";
+    defaults.builtin_text = "unused: the benchmark draws random tokens";
+    const int64_t warmup = 3;
+    const auto o = cli::parse(argc, argv, defaults, /*policy_flags=*/true);
+    nlohmann::json r;
+    if (o.precision == "fp32") r = measure<precision::FP32>(o, warmup);
+    else if (o.precision == "mixed-bf16") r = measure<precision::MixedBF16>(o, warmup);
+    else if (o.precision == "pure-bf16") r = measure<precision::PureBF16>(o, warmup);
+    else fail<ConfigError>("--precision '", o.precision, "' is not a precision policy: use fp32, mixed-bf16 or pure-bf16");
+    std::cout << r.dump() << std::endl;
+    return 0;
+  });
+}
