@@ -60,11 +60,7 @@ int main(int argc, char** argv) {
     defaults.builtin_text = "unused: the benchmark draws random tokens";
     const int64_t warmup = 3;
     const auto o = cli::parse(argc, argv, defaults, /*policy_flags=*/true);
-    nlohmann::json r;
-    if (o.precision == "fp32") r = measure<precision::FP32>(o, warmup);
-    else if (o.precision == "mixed-bf16") r = measure<precision::MixedBF16>(o, warmup);
-    else if (o.precision == "pure-bf16") r = measure<precision::PureBF16>(o, warmup);
-    else fail<ConfigError>("--precision '", o.precision, "' is not a precision policy: use fp32, mixed-bf16 or pure-bf16");
+    const auto r = dispatch_precision(o.precision, [&]<class Precision>(Precision) { return measure<Precision>(o, warmup); });
     std::cout << r.dump() << std::endl;
     return 0;
   });

@@ -6,6 +6,7 @@
 #include "shardlm/core/errors.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/core/main.hpp"
+#include "shardlm/policy/dispatch.hpp"
 #include "shardlm/policy/policies.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/model/ops.hpp"
