@@ -1,7 +1,8 @@
-// The training-step benchmark: the single-process Trainer on random tokens for a preset (with --layers),
-// printing one JSON line with the median step time, tokens/s, MFU (6N + attention FLOPs over 989 TFLOP/s,
-// the peer's count), the forward/backward/optimizer split and peak memory. scripts/gpu.sh runs it next to
-// the peer (HF transformers + FSDP2) in the same call.
+// The training-step benchmark: the trainer on random tokens for a preset (with --layers), on one process or
+// as every rank of a job (shardlm_launch / torchrun), printing from rank 0 one JSON line with the median step
+// time, tokens/s per GPU, MFU (6N + attention FLOPs over 989 TFLOP/s, the peer's count), the
+// forward/backward/optimizer split and peak memory. scripts/gpu.sh runs it next to the peer (HF transformers +
+// FSDP2) in the same call.
 #include <shardlm/shardlm.hpp>
 
 #include <algorithm>
@@ -11,16 +12,16 @@
 using namespace shardlm;
 
 namespace {
-template <class Precision>
+template <class Recipe>
 nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   const auto config = train::resolve_config(o);
-  // Random tokens: enough distinct windows for every step of the run.
-  const int64_t n = (o.steps + warmup + 1) * o.micro_batch * o.grad_accum * o.seq_len + 1;
+  const auto env = dist::LaunchEnv::from_environment();
+  // Random tokens: enough distinct windows for every step of the run at this world size.
+  const int64_t n = (o.steps + warmup + 1) * o.micro_batch * o.grad_accum * env.world_size * o.seq_len + 1;
   auto tokens = std::make_shared<std::vector<uint32_t>>(n);
   std::mt19937 rng(o.seed);
   for (auto& t : *tokens) t = rng() % static_cast<uint32_t>(config.vocab_size);
-  train::Trainer<model::Llama3, Policies<sharding::NoShard, Precision>> trainer(
-      o, data::TokenDataset::from_tokens(tokens, "random tokens"));
+  train::Trainer<model::Llama3, Recipe> trainer(o, data::TokenDataset::from_tokens(tokens, "random tokens"));
   std::vector<train::StepMetrics> steps;
   for (int64_t s = 0; s < warmup + o.steps; ++s) {
     auto m = trainer.step();
@@ -34,15 +35,18 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   };
   using M = train::StepMetrics;
   const double step_s = median(&M::step_s);
-  const double tps = static_cast<double>(o.micro_batch * o.grad_accum * o.seq_len) / step_s;
+  const double tps = static_cast<double>(o.micro_batch * o.grad_accum * o.seq_len) / step_s;  // per rank
   const double peak = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : 989e12;
   double alloc = 0, reserved = 0;
   for (const auto& m : steps) alloc = std::max(alloc, m.mem_alloc_gb), reserved = std::max(reserved, m.mem_reserved_gb);
   return {{"impl", "shardlm"}, {"preset", o.preset}, {"layers", config.num_layers}, {"seq", o.seq_len},
-          {"batch", o.micro_batch}, {"precision", Precision::name}, {"device", o.device}, {"params", config.num_params()},
-          {"step_s", step_s}, {"fwd_bwd_opt_s", {median(&M::forward_s), median(&M::backward_s), median(&M::optimizer_s)}},
+          {"batch", o.micro_batch}, {"world", trainer.groups().size()}, {"sharding", Recipe::Sharding::name},
+          {"checkpointing", Recipe::Checkpointing::name}, {"precision", Recipe::Precision::name}, {"device", o.device},
+          {"params", config.num_params()}, {"step_s", step_s},
+          {"fwd_bwd_opt_s", {median(&M::forward_s), median(&M::backward_s), median(&M::optimizer_s)}},
           {"tokens_per_s_per_gpu", tps}, {"mfu", tps * config.flops_per_token(o.seq_len) / peak},
-          {"peak_alloc_gb", alloc}, {"peak_reserved_gb", reserved}, {"loss", steps.back().loss}};
+          {"peak_alloc_gb", alloc}, {"peak_reserved_gb", reserved}, {"loss", steps.back().loss},
+          {"rank", trainer.rank()}};
 }
 }  // namespace
 
@@ -59,9 +63,23 @@ int main(int argc, char** argv) {
     defaults.precision = "mixed-bf16";
     defaults.builtin_text = "unused: the benchmark draws random tokens";
     const int64_t warmup = 3;
-    const auto o = cli::parse(argc, argv, defaults, /*policy_flags=*/true);
-    const auto r = dispatch_precision(o.precision, [&]<class Precision>(Precision) { return measure<Precision>(o, warmup); });
-    std::cout << r.dump() << std::endl;
+    std::string checkpointing = "none";
+    for (int i = 1; i + 1 < argc; ++i)  // the benchmark's own flag, taken out before the trainer flags
+      if (std::string_view(argv[i]) == "--checkpointing") checkpointing = argv[i + 1];
+    std::vector<const char*> args;
+    for (int i = 0; i < argc; ++i) {
+      if (std::string_view(argv[i]) == "--checkpointing" && i + 1 < argc) { ++i; continue; }
+      args.push_back(argv[i]);
+    }
+    const auto o = cli::parse(static_cast<int>(args.size()), args.data(), defaults, /*policy_flags=*/true);
+    const auto r = dispatch_sharding(o.sharding, [&]<class Sharding>(Sharding) {
+      return dispatch_precision(o.precision, [&]<class Precision>(Precision) {
+        return dispatch_checkpointing(checkpointing, [&]<class Checkpointing>(Checkpointing) {
+          return measure<Policies<Sharding, Precision, Checkpointing>>(o, warmup);
+        });
+      });
+    });
+    if (r["rank"] == 0) std::cout << r.dump() << std::endl;
     return 0;
   });
 }

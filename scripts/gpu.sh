@@ -1,70 +1,110 @@
 #!/usr/bin/env bash
-# The GPU entry point (run on a machine with a CUDA PyTorch 2.11; see ../shared/device/README.md):
-#   1. builds the tools and the step benchmark against the installed PyTorch's LibTorch (+ .deps/prefix);
-#   2. bf16 parity on CUDA: shardlm_logits --device cuda --dtype bf16 on the golden fixtures and on random
-#      tiny checkpoints, against transformers in fp32 (logits rel err < 2e-2);
-#   3. the single-GPU step benchmark (Llama3-8B dims, 4 layers, seq 4096, micro-batch 2, MixedBF16) and the
-#      peer (HF transformers + FSDP2, eager) on the same GPU, then a table.
+# The GPU entry point (run on a machine with a CUDA PyTorch 2.11; see ../shared/device/README.md). Phases, in the
+# order given (default: all of them):
+#   build   the tools and the step benchmark against the installed PyTorch's LibTorch (+ .deps/prefix), in $BUILD
+#   parity  bf16 on CUDA: shardlm_logits on the golden fixtures and random tiny checkpoints vs transformers fp32
+#   nccl    the engine over NCCL: tests/dist/check_equivalence.py with --device cuda (1x4, 2x2, 4x1 ranks x
+#           grad-accum against one GPU without sharding; needs 4 GPUs)
+#   bench   the step benchmark and the peer (HF transformers + FSDP2, eager), same machine, same call: Llama3-8B
+#           dims with 8 layers at 1 and N GPUs (FullShard, MixedBF16, seq 4096, micro-batch 2), then a table
+#   full8b  full Llama3-8B (32 layers) on N GPUs
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/shardlm-gpu}; mkdir -p "$OUT"
-BUILD=${BUILD:-/tmp/shardlm-build}
+BUILD=${BUILD:-$PWD/build-gpu}
 PEER=${PEER:-.deps/peer_fsdp2.py}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LD_LIBRARY_PATH=$PWD/.deps/prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-TORCH_PREFIX=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+NGPU=$(nvidia-smi -L | wc -l)
+phases=${*:-build parity nccl bench full8b}
+RESULTS=$OUT/results.jsonl
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
 
-echo "== build"
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_BUILD_TESTS=OFF \
-  -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$TORCH_PREFIX" -DSHARDLM_PYTHON=$(command -v python3) >"$OUT/cmake.log" 2>&1 \
-  || { tail -30 "$OUT/cmake.log"; exit 1; }
-cmake --build "$BUILD" -j 16 --target shardlm_logits step_benchmark >"$OUT/build.log" 2>&1 || { grep -A5 error "$OUT/build.log" | head -40; exit 1; }
+build() {
+  local torch_prefix; torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
+    || { tail -30 "$OUT/cmake.log"; return 1; }
+  grep "shardlm:" "$OUT/cmake.log"
+  cmake --build "$BUILD" -j 16 --target shardlm_logits shardlm_train shardlm_launch step_benchmark >"$OUT/build.log" 2>&1 \
+    || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
+}
 
-echo "== bf16 parity on CUDA"
-python3 tests/golden/make_llama_fixtures.py --out "$OUT/golden" >/dev/null
-parity=PASS
-for d in "$OUT"/golden/*/; do
-  "$BUILD/bin/shardlm_logits" --model "$d" --input "$d/input.safetensors" --output "$d/cuda_bf16.safetensors" --device cuda --dtype bf16 || parity=FAIL
-  python3 - "$d" <<'PY' || parity=FAIL
-import sys, torch
+parity() {
+  python3 tests/golden/make_llama_fixtures.py --out "$OUT/golden" >/dev/null
+  local ok=PASS
+  for d in "$OUT"/golden/*/; do
+    "$BUILD/bin/shardlm_logits" --model "$d" --input "$d/input.safetensors" --output "$d/cuda_bf16.safetensors" --device cuda --dtype bf16 || ok=FAIL
+    python3 - "$d" <<'PY' || ok=FAIL
+import sys
 from safetensors.torch import load_file
 d = sys.argv[1]; ours = load_file(d + "/cuda_bf16.safetensors"); ref = load_file(d + "/reference.safetensors")
 err = ((ours["logits"] - ref["logits"]).abs().max() / ref["logits"].abs().max()).item()
-loss = abs(ours["loss"].item() - ref["loss"].item())
-print(f"{d.rstrip('/').split('/')[-1]}: cuda bf16 logits rel err {err:.2e}, loss err {loss:.2e}")
+print(f"{d.rstrip('/').split('/')[-1]}: cuda bf16 logits rel err {err:.2e}, loss err {abs(ours['loss'].item() - ref['loss'].item()):.2e}")
 sys.exit(0 if err < 2e-2 else 1)
 PY
-done
-python3 tests/golden/check_logits.py --tool "$BUILD/bin/shardlm_logits" --tool-args "--device cuda --dtype bf16" \
-  --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --workdir "$OUT/random" || parity=FAIL
+  done
+  python3 tests/golden/check_logits.py --tool "$BUILD/bin/shardlm_logits" --tool-args "--device cuda --dtype bf16" \
+    --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --workdir "$OUT/random" | tail -2 || ok=FAIL
+  echo "{\"check\": \"bf16 parity\", \"result\": \"$ok\"}" >>"$RESULTS"
+}
 
-echo "== step benchmark: Llama3-8B dims, 4 layers, seq 4096, micro-batch 2"
-ours=$("$BUILD/bin/step_benchmark" --preset llama3-8b --layers 4 --seq-len 4096 --micro-batch 2 --steps 10 --precision mixed-bf16 2>"$OUT/bench.log" | tail -1)
-echo "$ours"
-peer=""
-if [ -f "$PEER" ]; then
-  peer=$(torchrun --standalone --nproc-per-node 1 "$PEER" --preset llama3-8b --layers 4 --seq 4096 --batch 2 2>"$OUT/peer.log" | tail -1)
-  echo "$peer"
-else
-  echo "peer script not found at $PEER"
-fi
-python3 - "$ours" "$peer" "$parity" <<'PY'
+nccl() {
+  [ "$NGPU" -ge 4 ] || { echo "nccl: needs 4 GPUs, have $NGPU"; return 0; }
+  for policy in full hybrid none; do
+    local extra=""; [ $policy = hybrid ] && extra="--shard-group-size 2"
+    python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
+      --sharding $policy $extra --splits 1x4,2x2,4x1 --train-args "--device cuda" --workdir "$OUT/eq_$policy" 2>&1 | tail -4
+    echo "{\"check\": \"nccl equivalence $policy\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+  done
+}
+
+ours() {  # ours LABEL NPROC ARGS...
+  local label=$1 n=$2; shift 2
+  local line; line=$("$BUILD/bin/shardlm_launch" --nproc-per-node "$n" -- "$BUILD/bin/step_benchmark" "$@" 2>"$OUT/$label.log" | grep '"impl"' | sed 's/^\[rank 0\] //')
+  [ -n "$line" ] || { echo "$label: no result"; tail -5 "$OUT/$label.log"; return 0; }
+  echo "{\"label\": \"$label\", ${line#\{}" | tee -a "$RESULTS"
+}
+
+peer() {  # peer LABEL NPROC ARGS...
+  local label=$1 n=$2; shift 2
+  [ -f "$PEER" ] || { echo "peer script not found at $PEER"; return 0; }
+  local line; line=$(torchrun --standalone --nproc-per-node "$n" "$PEER" "$@" 2>"$OUT/$label.log" | grep '"peer"' | tail -1)
+  [ -n "$line" ] || { echo "$label: no result"; tail -5 "$OUT/$label.log"; return 0; }
+  echo "{\"label\": \"$label\", ${line#\{}" | tee -a "$RESULTS"
+}
+
+bench() {
+  local common="--preset llama3-8b --layers 8 --seq-len 4096 --micro-batch 2 --steps 10 --precision mixed-bf16 --sharding full"
+  ours "ours_8L_${NGPU}gpu" "$NGPU" $common
+  ours "ours_8L_1gpu" 1 $common
+  peer "peer_8L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 8 --seq 4096 --batch 2
+  peer "peer_8L_1gpu" 1 --preset llama3-8b --layers 8 --seq 4096 --batch 2
+}
+
+full8b() {
+  ours "ours_32L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 32 --seq-len 4096 --micro-batch 2 --steps 6 --precision mixed-bf16 --sharding full
+  ours "ours_32L_${NGPU}gpu_ac" "$NGPU" --preset llama3-8b --layers 32 --seq-len 4096 --micro-batch 2 --steps 6 --precision mixed-bf16 --sharding full --checkpointing every-block
+  peer "peer_32L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 32 --seq 4096 --batch 2 --steps 6
+}
+
+table() {
+  python3 - "$RESULTS" <<'PY'
 import json, sys
-ours = json.loads(sys.argv[1]) if sys.argv[1] else {}
-peer = json.loads(sys.argv[2]) if sys.argv[2] else {}
-print("\n| what | shardlm | peer (HF + FSDP2, eager) | ratio |\n|---|---|---|---|")
-def row(name, key, fmt, idx=None):
-    a, b = ours.get(key), peer.get(key)
-    if idx is not None: a, b = a and a[idx], b and b[idx]
-    ratio = f"{a / b:.2f}" if a and b else "-"
-    print(f"| {name} | {fmt.format(a) if a is not None else '-'} | {fmt.format(b) if b is not None else '-'} | {ratio} |")
-row("tokens/s per GPU", "tokens_per_s_per_gpu", "{:.0f}")
-row("MFU", "mfu", "{:.3f}")
-row("step s", "step_s", "{:.4f}")
-for i, n in enumerate(["forward s", "backward s", "optimizer s"]): row(n, "fwd_bwd_opt_s", "{:.4f}", i)
-row("peak allocated GB", "peak_alloc_gb", "{:.1f}")
-row("peak reserved GB", "peak_reserved_gb", "{:.1f}")
-print(f"\nbf16 CUDA parity: {sys.argv[3]}")
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("\n| run | tokens/s/GPU | MFU | step s | fwd/bwd/opt s | peak alloc GB | peak reserved GB |\n|---|---|---|---|---|---|---|")
+for r in rows:
+    if "label" not in r: continue
+    f = r.get("fwd_bwd_opt_s") or [r.get("fwd_s"), r.get("bwd_s"), r.get("opt_s")]
+    fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"
+    tps = r.get("tokens_per_s_per_gpu", r.get("tokens_per_s"))
+    print(f"| {r['label']} | {fmt(tps, 0)} | {fmt(r.get('mfu'), 3)} | {fmt(r.get('step_s'), 3)} | "
+          f"{'/'.join(fmt(v, 3) for v in f)} | {fmt(r.get('peak_alloc_gb'), 1)} | {fmt(r.get('peak_reserved_gb'), 1)} |")
+for r in rows:
+    if "check" in r: print(f"{r['check']}: {r['result']}")
 PY
+}
+
+for phase in $phases; do echo "== $phase"; $phase || { echo "phase $phase failed"; table; exit 1; }; done
+table

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(build-essential cmake ninja-build python3-venv doctest-dev librange-v3-dev libcxxopts-dev nlohmann-json3-dev
-      libbenchmark-dev libgtest-dev libpcre2-dev)
+      libbenchmark-dev libgtest-dev libpcre2-dev libgloo-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

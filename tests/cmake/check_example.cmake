@@ -1,6 +1,7 @@
-# Runs the tiny-Llama example briefly and checks that its loss fell and that every metrics row has the
-# DESIGN.md keys.
-execute_process(COMMAND ${PROGRAM} --steps 120 --metrics ${OUT} RESULT_VARIABLE rc ERROR_VARIABLE log)
+# Runs the tiny-Llama example briefly as the README does (FullShard over 2 ranks under shardlm_launch) and checks
+# that its loss fell and that every metrics row has the DESIGN.md keys.
+execute_process(COMMAND ${LAUNCH} --nproc-per-node 2 -- ${PROGRAM} --steps 120 --metrics ${OUT}
+                RESULT_VARIABLE rc OUTPUT_VARIABLE log ERROR_VARIABLE log)
 message("${log}")
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "the example exited with ${rc}")

@@ -81,16 +81,15 @@ class HfCheckpoint {
   std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
 };
 
-/// Copies every parameter of `model` from the checkpoint (converting dtype). Missing tensors and shape
-/// mismatches are errors naming the tensor and file; checkpoint tensors the model does not use are listed
-/// in a warning.
-inline void load_weights(torch::nn::Module& model, HfCheckpoint& ckpt) {
+/// Copies named parameters (model names) from the checkpoint, converting dtype; returns the checkpoint names read.
+/// Missing tensors and shape mismatches are errors naming the tensor and file.
+template <class NamedParams>
+std::set<std::string> load_parameters(NamedParams&& params, HfCheckpoint& ckpt) {
   at::NoGradGuard no_grad;
   std::set<std::string> used;
-  for (auto& item : model.named_parameters()) {
-    const auto name = hf_name(item.key());
+  for (auto&& [key, param] : params) {
+    const auto name = hf_name(key);
     auto [file, info] = ckpt.locate(name);
-    auto& param = item.value();
     if (info->shape != param.sizes().vec())
       fail<IoError>(file->path().string(), ": tensor '", name, "' has shape ", c10::IntArrayRef(info->shape),
                     " but the config needs ", param.sizes());
@@ -100,12 +99,24 @@ inline void load_weights(torch::nn::Module& model, HfCheckpoint& ckpt) {
     param.copy_(file->read(name));
     used.insert(name);
   }
+  return used;
+}
+
+/// Warns about checkpoint tensors the model did not read (`used`: every name read).
+inline void warn_unused(const HfCheckpoint& ckpt, const std::set<std::string>& used) {
   std::string unused;
   for (const auto& [name, file] : ckpt.names())
     if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos &&
         !(name == "lm_head.weight" && !used.count("lm_head.weight")))
       unused += (unused.empty() ? "" : ", ") + name;
   if (!unused.empty()) log::warn(ckpt.dir().string(), ": tensors not used by the model: ", unused);
+}
+
+/// Copies every parameter of `model` from the checkpoint (converting dtype) and warns about unused tensors.
+inline void load_weights(torch::nn::Module& model, HfCheckpoint& ckpt) {
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (auto& item : model.named_parameters()) params.emplace_back(item.key(), item.value());
+  warn_unused(ckpt, load_parameters(params, ckpt));
 }
 
 }  // namespace shardlm::io

@@ -4,6 +4,8 @@
 #include <torch/nn/modules/container/modulelist.h>
 
 #include <map>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -70,6 +72,34 @@ class DecoderImpl : public torch::nn::Module {
   at::Tensor head(const at::Tensor& x) {  // [B, T, C] -> logits [B, T, V]
     const auto h = norm->forward(x);
     return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
+  }
+
+  // The units the engine drives: 0 the embedding, 1..L the blocks, L+1 the final norm and head.
+  size_t num_units() const { return layers.size() + 2; }
+  bool is_block(size_t u) const { return u >= 1 && u <= layers.size(); }
+  /// Unit u's own parameters with their model names (the head does not own a tied embedding).
+  std::vector<std::pair<std::string, at::Tensor>> unit_parameters(size_t u) {
+    std::vector<std::pair<std::string, at::Tensor>> out;
+    const auto add = [&](const std::string& prefix, torch::nn::Module& m) {
+      for (const auto& item : m.named_parameters()) out.emplace_back(prefix + item.key(), item.value());
+    };
+    if (u == 0) add("embed_tokens.", *embed_tokens);
+    else if (is_block(u)) add("layers." + std::to_string(u - 1) + ".", *layers[u - 1]);
+    else if (u == num_units() - 1) {
+      add("norm.", *norm);
+      if (lm_head) add("lm_head.", *lm_head);
+    } else throw std::out_of_range("no unit " + std::to_string(u));
+    return out;
+  }
+  /// The other units whose parameters unit u reads: a tied head reads the embedding's.
+  std::vector<size_t> unit_reads(size_t u) const {
+    return u == num_units() - 1 && !lm_head ? std::vector<size_t>{0} : std::vector<size_t>{};
+  }
+  /// Unit u forward: token ids [B, T] -> [B, T, C] -> ... -> logits [B, T, V].
+  at::Tensor forward_unit(size_t u, const at::Tensor& x) {
+    if (u == 0) return embed(x);
+    if (is_block(u)) return block(u - 1, x, rope(x.size(1), x.device(), x.scalar_type()));
+    return head(x);
   }
 
   at::Tensor forward(const at::Tensor& ids) {  // [B, T] -> logits [B, T, V]

@@ -15,4 +15,21 @@ decltype(auto) dispatch_precision(std::string_view name, F&& f) {
   fail<ConfigError>("--precision '", name, "' is not a precision policy: use fp32, mixed-bf16 or pure-bf16");
 }
 
+template <class F>
+decltype(auto) dispatch_sharding(std::string_view name, F&& f) {
+  if (name == sharding::NoShard::name) return f(sharding::NoShard{});
+  if (name == sharding::ShardGradOp::name) return f(sharding::ShardGradOp{});
+  if (name == sharding::FullShard::name) return f(sharding::FullShard{});
+  if (name == sharding::HybridShard::name) return f(sharding::HybridShard{});
+  fail<ConfigError>("--sharding '", name, "' is not a sharding policy: use none, grad-op, full or hybrid");
+}
+
+/// none or every-block (the step benchmark; shardlm_train gains --checkpointing with the memory planner).
+template <class F>
+decltype(auto) dispatch_checkpointing(std::string_view name, F&& f) {
+  if (name == checkpointing::None::name) return f(checkpointing::None{});
+  if (name == checkpointing::EveryBlock::name) return f(checkpointing::EveryBlock{});
+  fail<ConfigError>("--checkpointing '", name, "' is not available here: use none or every-block");
+}
+
 }  // namespace shardlm

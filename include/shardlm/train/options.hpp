@@ -32,6 +32,10 @@ struct TrainOptions {
   int64_t log_every = 10;
   double peak_tflops = 0;                ///< MFU denominator (0: 989 on CUDA, none on CPU)
   std::string precision = "fp32";        ///< shardlm_train only: picks the compiled policy
+  std::string sharding = "full";         ///< shardlm_train only: picks the compiled policy
+  int64_t shard_group_size = 0;          ///< HybridShard: ranks per shard group (0: the ranks of one node)
+  int64_t dist_timeout = 300;            ///< seconds to wait for every rank at rendezvous and group setup
+  std::string save_final;                ///< write the trained weights (HF names, safetensors) here at the end
   /// Text used as the dataset when --data is not given (the examples' embedded corpus).
   std::string_view builtin_text;
   std::string builtin_name = "embedded corpus";
@@ -50,6 +54,8 @@ struct TrainOptions {
     if (layers < 0) fail<ConfigError>("--layers must be >= 0, got ", layers);
     if (min_lr_ratio < 0 || min_lr_ratio > 1) fail<ConfigError>("--min-lr-ratio must lie in [0, 1], got ", min_lr_ratio);
     if (grad_clip < 0) fail<ConfigError>("--grad-clip must be >= 0, got ", grad_clip);
+    if (shard_group_size < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", shard_group_size);
+    positive(dist_timeout, "dist-timeout");
     if (data.empty() && builtin_text.empty()) fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
   }
 };
@@ -82,8 +88,13 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("metrics", "write one JSON object per step to this file", s(o.metrics))
     ("log-every", "print a log line every N steps", s(o.log_every))
     ("peak-tflops", "peak TFLOP/s for MFU (0: 989 on CUDA, none on CPU)", s(o.peak_tflops))
+    ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.shard_group_size))
+    ("dist-timeout", "seconds to wait for every rank to join", s(o.dist_timeout))
+    ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(o.save_final))
     ("h,help", "print this help");
-  if (policy_flags) opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision));
+  if (policy_flags)
+    opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision))(
+        "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(o.sharding));
   const auto r = opts.parse(argc, argv);
   if (!r.unmatched().empty()) fail<ConfigError>("unexpected argument '", r.unmatched().front(), "'");
   if (r.count("help")) {
@@ -110,7 +121,13 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
   o.metrics = r["metrics"].as<std::string>();
   o.log_every = r["log-every"].as<int64_t>();
   o.peak_tflops = r["peak-tflops"].as<double>();
-  if (policy_flags) o.precision = r["precision"].as<std::string>();
+  o.shard_group_size = r["shard-group-size"].as<int64_t>();
+  o.dist_timeout = r["dist-timeout"].as<int64_t>();
+  o.save_final = r["save-final"].as<std::string>();
+  if (policy_flags) {
+    o.precision = r["precision"].as<std::string>();
+    o.sharding = r["sharding"].as<std::string>();
+  }
   o.validate();
   return o;
 }

@@ -1,24 +1,26 @@
 #pragma once
-// The single-process trainer: one optimizer step is
-//   for each micro-batch: logits = model(x); (loss_sum / global tokens).backward()    // grads accumulate
-//   norm = clip(grads); lr = schedule(step); adamw(master, grads, lr); copy master -> compute weights
-// Precision policies decide the dtypes: master weights and optimizer state in Precision::master, the model's
-// weights (and so activations and gradients) in Precision::compute, gradients accumulated in Precision::reduce.
+// The trainer: the engine (engine/engine.hpp) driven over the data. One optimizer step is
+//   for each of grad_accum micro-batches: logits = engine.forward(ids); engine.backward(loss_sum / global tokens)
+//   norm = engine.clip_grad_norm(); engine.optimizer_step(lr)
+// Data order is defined by the global batch: step s takes samples [s * G, (s + 1) * G), G = micro_batch x
+// grad_accum x world size; rank r's micro-batch a holds samples s * G + (a * W + r) * micro_batch + [0, micro_batch).
+// The same seed and G give the same samples per step at any world size and accumulation split, and the logged
+// loss is the mean over the global batch.
 #include <torch/cuda.h>
 
 #include <chrono>
 #include <cmath>
 #include <memory>
-#include <optional>
 
 #include "shardlm/core/device.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/data/token_dataset.hpp"
+#include "shardlm/dist/groups.hpp"
+#include "shardlm/engine/engine.hpp"
 #include "shardlm/io/hf.hpp"
+#include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/init.hpp"
 #include "shardlm/model/ops.hpp"
-#include "shardlm/optim/adamw.hpp"
-#include "shardlm/optim/clip.hpp"
 #include "shardlm/optim/schedule.hpp"
 #include "shardlm/policy/policies.hpp"
 #include "shardlm/train/metrics.hpp"
@@ -36,97 +38,119 @@ inline model::ModelConfig resolve_config(const TrainOptions& o) {
   return model::preset(o.preset, o.layers);
 }
 
+/// The device of this rank: --device, with each rank of a multi-rank CUDA job on GPU LOCAL_RANK.
+inline c10::Device rank_device(const TrainOptions& o, const dist::LaunchEnv& env) {
+  auto d = parse_device(o.device);
+  if (d.is_cuda()) {
+    if (!torch::cuda::is_available()) fail<ConfigError>("--device ", o.device, ": no CUDA device is available");
+    if (d.has_index() && env.distributed())
+      fail<ConfigError>("--device ", o.device, " names a GPU, but with ", env.world_size,
+                        " ranks each rank takes GPU LOCAL_RANK: use --device cuda");
+    if (!d.has_index()) d = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(env.distributed() ? env.local_rank : 0));
+    if (d.index() >= static_cast<int>(torch::cuda::device_count()))
+      fail<ConfigError>("LOCAL_RANK ", env.local_rank, " needs GPU ", int(d.index()), " but this node has ",
+                        torch::cuda::device_count(), ": start at most that many ranks per node");
+#if SHARDLM_HAVE_CUDA
+    c10::cuda::set_device(d.index());
+#endif
+  }
+  return d;
+}
+
+/// The process groups a recipe needs in this process's environment.
+template <class Recipe>
+std::unique_ptr<dist::ProcessGroups> make_groups(const TrainOptions& o, const dist::LaunchEnv& env, const c10::Device& d) {
+  const int G = engine::EnginePolicy<Recipe>::shard_group_size(env.world_size, env.local_world_size,
+                                                                static_cast<int>(o.shard_group_size));
+  if (o.shard_group_size > 0 && !std::is_same_v<typename Recipe::Sharding, sharding::HybridShard>)
+    fail<ConfigError>("--shard-group-size applies to --sharding hybrid only (this run: ", Recipe::Sharding::name, ")");
+  return std::make_unique<dist::ProcessGroups>(env, G, d, std::chrono::seconds(o.dist_timeout));
+}
+
 template <class Model, class Recipe>
 class Trainer {
   using Precision = typename Recipe::Precision;
-  static_assert(std::is_same_v<typename Recipe::Sharding, sharding::NoShard>,
-                "The single-process Trainer replicates nothing and shards nothing: use sharding::NoShard");
-  static_assert(std::is_same_v<typename Recipe::Checkpointing, checkpointing::None>,
-                "The single-process Trainer keeps all activations: use checkpointing::None");
-  static_assert(std::is_same_v<typename Recipe::Offload, offload::None>,
-                "The single-process Trainer keeps all state on the device: use offload::None");
+  using Engine = engine::Engine<typename Model::ContainedType, Recipe>;
 
  public:
-  Trainer(const TrainOptions& o, data::TokenDataset dataset)
-      : options_(o),
-        device_(parse_device(o.device)),
+  /// A trainer in this process's environment (a single process when no launcher variables are set).
+  Trainer(const TrainOptions& o, data::TokenDataset dataset) : Trainer(o, std::move(dataset), nullptr) {}
+
+  /// A trainer over `groups` (made from the environment when null).
+  Trainer(const TrainOptions& o, data::TokenDataset dataset, std::unique_ptr<dist::ProcessGroups> groups)
+      : options_((o.validate(), o)),
+        env_(groups ? groups->env() : dist::LaunchEnv::from_environment()),
+        device_(rank_device(o, env_)),
         config_(resolve_config(o)),
-        model_(config_, at::TensorOptions().device(device_).dtype(Precision::master)),
+        groups_(groups ? std::move(groups) : make_groups<Recipe>(o, env_, device_)),
+        // Uninitialized host tensors whose pages are never touched: the engine replaces each unit's parameters
+        // by device tensors before filling them (autograd cannot re-point a meta parameter at real data).
+        model_(config_, at::TensorOptions().device(at::kCPU).dtype(Precision::master)),
         dataset_(std::move(dataset)),
         sampler_(dataset_.size(), o.seq_len, o.seed, dataset_.name()),
         schedule_{o.lr, o.warmup_steps, o.steps, o.min_lr_ratio} {
-    o.validate();
-    if (o.model_dir.empty()) {
-      model::init_weights(*model_, config_.initializer_range, o.seed);
-    } else {
-      io::HfCheckpoint ckpt(o.model_dir);
-      io::load_weights(*model_, ckpt);
-    }
-    for (auto& p : model_->parameters()) {
-      if constexpr (Precision::compute != Precision::master) {
-        master_.push_back(p.detach().clone());
-        p.set_data(p.detach().to(Precision::compute));
-        grads_.push_back(at::zeros_like(master_.back(), at::TensorOptions().dtype(Precision::reduce)));
-      } else {
-        master_.push_back(p);
+    std::unique_ptr<io::HfCheckpoint> ckpt;
+    std::set<std::string> used;
+    if (!o.model_dir.empty()) ckpt = std::make_unique<io::HfCheckpoint>(o.model_dir);
+    auto init = [&](size_t u, engine::NamedTensors& params) {
+      if (ckpt) {
+        for (auto& name : io::load_parameters(params, *ckpt)) used.insert(name);
+      } else {  // one seeded generator per unit: the same weights whatever the world size
+        model::init_parameters(params, config_.initializer_range, o.seed + 0x9E3779B97F4A7C15ull * (u + 1));
       }
-      params_.push_back(p);
-    }
-    optimizer_ = std::make_unique<optim::AdamW>(
-        master_, optim::AdamWOptions().beta1(o.beta1).beta2(o.beta2).weight_decay(o.weight_decay));
+    };
+    engine_ = std::make_unique<Engine>(*model_, *groups_, device_, init,
+                                       engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay});
+    if (ckpt && rank() == 0) io::warn_unused(*ckpt, used);
     peak_flops_ = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : (device_.is_cuda() ? 989e12 : -1);
   }
 
-  /// One optimizer step over grad_accum micro-batches of micro_batch samples.
+  /// One optimizer step over the global batch (grad_accum micro-batches of micro_batch samples per rank).
   StepMetrics step() {
     using clock = std::chrono::steady_clock;
     const auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
-    auto sync = [&] { if (device_.is_cuda()) torch::cuda::synchronize(device_.has_index() ? device_.index() : -1); };
-    if (device_.is_cuda()) compat::reset_cuda_peak(device_.has_index() ? device_.index() : 0);
-    zero_grad();
+    auto sync = [&] { if (device_.is_cuda()) torch::cuda::synchronize(device_.index()); };
+    if (device_.is_cuda()) compat::reset_cuda_peak(device_.index());
     StepMetrics m;
     m.step = step_ + 1;
-    const int64_t B = options_.micro_batch, T = options_.seq_len, global = B * options_.grad_accum;
+    const int64_t B = options_.micro_batch, T = options_.seq_len, W = groups_->size();
+    const int64_t global = B * options_.grad_accum * W;
     const double global_tokens = static_cast<double>(global * T);
     const auto t_start = clock::now();
-    at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(device_).dtype(at::kFloat));
-    for (int64_t micro = 0; micro < options_.grad_accum; ++micro) {
+    engine_->begin_step();
+    auto loss_sum = at::zeros({1}, at::TensorOptions().device(device_).dtype(at::kFloat));
+    for (int64_t a = 0; a < options_.grad_accum; ++a) {
       auto t0 = clock::now();
-      auto [ids, targets] = batch(step_ * global + micro * B);  // [B, T] each
+      auto [ids, targets] = batch(step_ * global + (a * W + rank()) * B);  // [B, T] each
       sync();
       auto t1 = clock::now();
-      const auto logits = model_->forward(ids);                                              // [B, T, V]
+      const auto logits = engine_->forward(ids);  // [B, T, V]
       const auto sum = model::ops::next_token_loss_sum(logits, targets);
       sync();
       auto t2 = clock::now();
-      (sum / global_tokens).backward();
-      accumulate_grads(micro == 0);
+      engine_->backward(sum / global_tokens, a + 1 == options_.grad_accum);
       loss_sum += sum.detach();
       sync();
       auto t3 = clock::now();
       m.data_s += secs(t0, t1), m.forward_s += secs(t1, t2), m.backward_s += secs(t2, t3);
     }
     const auto t_opt = clock::now();
-    const auto grads = gradients();
-    m.grad_norm = optim::clip_grad_norm(grads, options_.grad_clip);
+    m.grad_norm = engine_->clip_grad_norm(options_.grad_clip);
     m.lr = schedule_.at(step_);
     if (std::isfinite(m.grad_norm)) {
-      optimizer_->step(grads, m.lr);
-      if constexpr (Precision::compute != Precision::master) {
-        at::NoGradGuard no_grad;
-        at::_foreach_copy_(params_, master_);
-      }
+      engine_->optimizer_step(m.lr);
     } else {
       m.skipped = true;
       log::warn("step ", m.step, ": gradient norm is not finite; the update is skipped");
     }
+    groups_->world().all_reduce(loss_sum, dist::Reduce::Sum);
     m.loss = loss_sum.item<double>() / global_tokens;
     sync();
     const auto t_end = clock::now();
     m.optimizer_s = secs(t_opt, t_end);
     m.step_s = secs(t_start, t_end);
     m.tokens = global * T;
-    m.tokens_per_s = static_cast<double>(m.tokens) / m.step_s;
+    m.tokens_per_s = static_cast<double>(m.tokens) / W / m.step_s;  // per rank (per GPU)
     if (peak_flops_ > 0) m.mfu = m.tokens_per_s * config_.flops_per_token(T) / peak_flops_;
     std::tie(m.mem_alloc_gb, m.mem_reserved_gb) = memory_gb(device_);
     ++step_;
@@ -134,26 +158,35 @@ class Trainer {
   }
 
   Model& model() { return model_; }
+  Engine& engine() { return *engine_; }
+  dist::ProcessGroups& groups() { return *groups_; }
+  int rank() const { return groups_->rank(); }
   const model::ModelConfig& config() const { return config_; }
   const c10::Device& device() const { return device_; }
   int64_t steps_done() const { return step_; }
-  /// The gradients of the last step in the reduce dtype (after clipping), in parameter order.
-  std::vector<at::Tensor> gradients() {
-    if constexpr (Precision::compute != Precision::master) {
-      return grads_;
-    } else {
-      std::vector<at::Tensor> g;
-      for (auto& p : params_) {
-        auto& grad = p.mutable_grad();
-        if (!grad.defined()) grad = at::zeros_like(p);
-        g.push_back(grad);
-      }
-      return g;
-    }
+
+  /// The full master weights with their Hugging Face names, unit by unit (a collective: every rank calls it;
+  /// every rank gets them).
+  std::vector<std::pair<std::string, at::Tensor>> full_weights() {
+    std::vector<std::pair<std::string, at::Tensor>> out;
+    for (size_t u = 0; u < engine_->num_units(); ++u)
+      for (auto& [name, t] : engine_->full_master(u)) out.emplace_back(io::hf_name(name), t.cpu());
+    return out;
   }
 
-  /// The master weights (what the optimizer updates), in parameter order.
-  const std::vector<at::Tensor>& master_weights() const { return master_; }
+  /// The master weights in unit order (one tensor per parameter).
+  std::vector<at::Tensor> master_weights() {
+    std::vector<at::Tensor> out;
+    for (auto& [name, t] : full_weights()) out.push_back(t);
+    return out;
+  }
+
+  /// This rank's gradient shards of the last step (after reduction and clipping), one per unit.
+  std::vector<at::Tensor> gradient_shards() {
+    std::vector<at::Tensor> out;
+    for (size_t u = 0; u < engine_->num_units(); ++u) out.push_back(engine_->unit(u).grad());
+    return out;
+  }
 
  private:
   /// Samples k .. k + B - 1 of the run as (inputs, next-token targets), each [B, T] on the device.
@@ -166,32 +199,16 @@ class Trainer {
     return {windows.narrow(1, 0, T), windows.narrow(1, 1, T)};
   }
 
-  void accumulate_grads(bool first) {
-    if constexpr (Precision::compute != Precision::master) {
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < params_.size(); ++i) {
-        auto& g = params_[i].mutable_grad();
-        if (!g.defined()) continue;
-        first ? grads_[i].copy_(g) : grads_[i].add_(g);
-        g = at::Tensor();
-      }
-    }
-    (void)first;
-  }
-
-  void zero_grad() {
-    for (auto& p : params_) p.mutable_grad() = at::Tensor();
-  }
-
   TrainOptions options_;
+  dist::LaunchEnv env_;
   c10::Device device_;
   model::ModelConfig config_;
+  std::unique_ptr<dist::ProcessGroups> groups_;
   Model model_;
   data::TokenDataset dataset_;
   data::Sampler sampler_;
   optim::CosineSchedule schedule_;
-  std::vector<at::Tensor> params_, master_, grads_;
-  std::unique_ptr<optim::AdamW> optimizer_;
+  std::unique_ptr<Engine> engine_;
   double peak_flops_ = -1;
   int64_t step_ = 0;
 };
@@ -205,26 +222,35 @@ inline data::TokenDataset open_dataset(const TrainOptions& o) {
 
 namespace shardlm {
 
-/// Trains `Model` with `Recipe` as the options say: logs every --log-every steps, writes --metrics.
+/// Trains `Model` with `Recipe` as the options say, on one process or as one rank of a job (launched by
+/// shardlm_launch, torchrun or srun): rank 0 logs every --log-every steps and writes --metrics and --save-final.
 template <class Model, class Recipe>
 int run_trainer(const TrainOptions& o) {
   o.validate();
   train::Trainer<Model, Recipe> trainer(o, train::open_dataset(o));
+  const bool lead = trainer.rank() == 0;
   const auto& c = trainer.config();
-  log::info("shardlm: ", c.num_layers, " layers, hidden ", c.hidden_size, ", ", c.num_params() / 1e6, "M parameters | ",
-            Recipe::Sharding::name, " / ", Recipe::Checkpointing::name, " / ", Recipe::Offload::name, " / ",
-            Recipe::Precision::name, " | ", trainer.device().str(), " | global batch ", o.micro_batch * o.grad_accum,
-            " x ", o.seq_len, " tokens");
-  train::MetricsWriter metrics(o.metrics);
+  const auto& g = trainer.groups();
+  if (lead)
+    log::info("shardlm: ", c.num_layers, " layers, hidden ", c.hidden_size, ", ", c.num_params() / 1e6, "M parameters | ",
+              Recipe::Sharding::name, " / ", Recipe::Checkpointing::name, " / ", Recipe::Offload::name, " / ",
+              Recipe::Precision::name, " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",
+              g.size() > 1 ? detail::cat(" (", g.env().source, "; shard groups of ", g.shard_group_size(), ")") : std::string(),
+              " | global batch ", o.micro_batch * o.grad_accum * g.size(), " x ", o.seq_len, " tokens");
+  train::MetricsWriter metrics(lead ? o.metrics : std::string());
   double first_loss = 0, last_loss = 0;
   for (int64_t s = 0; s < o.steps; ++s) {
     const auto m = trainer.step();
     metrics.write(m);
     if (s == 0) first_loss = m.loss;
     last_loss = m.loss;
-    if (m.step % o.log_every == 0 || m.step == 1 || m.step == o.steps) log::info(m.line(o.steps));
+    if (lead && (m.step % o.log_every == 0 || m.step == 1 || m.step == o.steps)) log::info(m.line(o.steps));
   }
-  log::info("shardlm: trained ", o.steps, " steps: loss ", first_loss, " -> ", last_loss);
+  if (!o.save_final.empty()) {
+    auto weights = trainer.full_weights();
+    if (lead) io::save_safetensors(o.save_final, weights);
+  }
+  if (lead) log::info("shardlm: trained ", o.steps, " steps: loss ", first_loss, " -> ", last_loss);
   return 0;
 }
 

@@ -1,0 +1,85 @@
+#pragma once
+// The collectives the engine needs, behind one interface: NCCL for CUDA tensors (dist/nccl.hpp), Gloo
+// through c10d for CPU tensors (dist/gloo.hpp), and a group of one. Buffers are flat and contiguous:
+//   all_gather(out [n * size], in [n])        out = concat over ranks of in, in rank order
+//   reduce_scatter(out [n], in [n * size])    out = this rank's slice of the reduction of in
+//   all_reduce(t), broadcast(t, root), barrier()
+// On CUDA a collective is enqueued on the caller's current stream (the engine puts its communication on
+// its own stream); on the CPU it has finished when the call returns.
+#include <ATen/ATen.h>
+
+#include <concepts>
+#include <memory>
+#include <string>
+
+#include "shardlm/core/errors.hpp"
+
+namespace shardlm::dist {
+
+enum class Reduce { Sum, Max };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  /// "nccl", "gloo" or "self"; with the group's name for messages.
+  virtual std::string describe() const = 0;
+  virtual void all_gather(const at::Tensor& out, const at::Tensor& in) = 0;
+  virtual void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce op) = 0;
+  virtual void all_reduce(const at::Tensor& t, Reduce op) = 0;
+  virtual void broadcast(const at::Tensor& t, int root) = 0;
+  virtual void barrier() = 0;
+
+ protected:
+  /// Checks what every collective needs; the error names the group and the tensor's role.
+  void check(const at::Tensor& t, const char* role, at::DeviceType device) const {
+    if (!t.defined()) fail<InternalError>(describe(), ": the ", role, " tensor is undefined");
+    if (t.device().type() != device)
+      fail<ConfigError>(describe(), ": the ", role, " tensor is on ", t.device().str(), " but this communicator moves ",
+                        c10::DeviceTypeName(device, /*lower_case=*/true),
+                        " tensors (NCCL for --device cuda, Gloo for --device cpu)");
+    if (!t.is_contiguous()) fail<InternalError>(describe(), ": the ", role, " tensor is not contiguous");
+  }
+  void check_sizes(const at::Tensor& small, const at::Tensor& large) const {
+    if (large.numel() != small.numel() * size() || large.scalar_type() != small.scalar_type())
+      fail<InternalError>(describe(), ": buffers of ", small.numel(), " and ", large.numel(), " elements (",
+                          small.scalar_type(), "/", large.scalar_type(), ") do not fit a group of ", size());
+  }
+};
+
+/// What a communicator offers, as a concept: the engine is written against it.
+template <class C>
+concept Collectives = requires(C& c, const at::Tensor& t) {
+  { c.rank() } -> std::convertible_to<int>;
+  { c.size() } -> std::convertible_to<int>;
+  c.all_gather(t, t);
+  c.reduce_scatter(t, t, Reduce::Sum);
+  c.all_reduce(t, Reduce::Sum);
+  c.broadcast(t, 0);
+  c.barrier();
+};
+
+/// A group of one process: every collective is a copy or nothing.
+class SelfCommunicator final : public Communicator {
+ public:
+  explicit SelfCommunicator(std::string name = "self") : name_(std::move(name)) {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string describe() const override { return name_ + " (a group of one)"; }
+  void all_gather(const at::Tensor& out, const at::Tensor& in) override {
+    if (!out.is_same(in)) out.copy_(in);
+  }
+  void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce) override {
+    if (!out.is_same(in)) out.copy_(in);
+  }
+  void all_reduce(const at::Tensor&, Reduce) override {}
+  void broadcast(const at::Tensor&, int) override {}
+  void barrier() override {}
+
+ private:
+  std::string name_;
+};
+static_assert(Collectives<SelfCommunicator>);
+
+}  // namespace shardlm::dist

@@ -1,0 +1,93 @@
+#pragma once
+// Gloo through c10d for CPU tensors, so that every sharding policy runs with several processes on a machine
+// without a GPU (the CPU tests). c10d's ProcessGroupGloo header needs Gloo's headers (Debian: libgloo-dev);
+// the implementation is the one inside libtorch_cpu.
+#ifndef USE_C10D_GLOO
+#define USE_C10D_GLOO 1
+#endif
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+
+#include <chrono>
+#include <cstdlib>
+
+#include "shardlm/dist/communicator.hpp"
+
+namespace shardlm::dist {
+
+class GlooCommunicator final : public Communicator {
+ public:
+  /// Joins the group `name` of `size` processes through `store` (keys are prefixed with the name), listening on
+  /// `hostname`'s address; an empty hostname takes GLOO_SOCKET_IFNAME's interface or the machine's host name.
+  GlooCommunicator(const c10::intrusive_ptr<c10d::Store>& store, const std::string& name, int rank, int size,
+                   const std::string& hostname, std::chrono::milliseconds timeout)
+      : name_(name), rank_(rank), size_(size) {
+    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+    opts->devices.push_back(!hostname.empty()     ? c10d::ProcessGroupGloo::createDeviceForHostname(hostname)
+                            : ifname && *ifname ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+                                                : c10d::ProcessGroupGloo::createDefaultDevice());
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("shardlm/gloo/" + name, store);
+    try {
+      pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, opts);
+    } catch (const std::exception& e) {
+      fail<Error>("gloo group '", name, "' (rank ", rank, " of ", size, ") could not connect: ", first_line(e.what()));
+    }
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string describe() const override { return detail::cat("gloo group '", name_, "' (", size_, " ranks)"); }
+
+  void all_gather(const at::Tensor& out, const at::Tensor& in) override {
+    check(out, "all-gather output", at::kCPU), check(in, "all-gather input", at::kCPU), check_sizes(in, out);
+    auto o = out, i = in;
+    run([&] { return pg_->_allgather_base(o, i); });
+  }
+  void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce op) override {
+    check(out, "reduce-scatter output", at::kCPU), check(in, "reduce-scatter input", at::kCPU), check_sizes(out, in);
+    c10d::ReduceScatterOptions o;
+    o.reduceOp = to_c10d(op);
+    auto a = out, b = in;
+    run([&] { return pg_->_reduce_scatter_base(a, b, o); });
+  }
+  void all_reduce(const at::Tensor& t, Reduce op) override {
+    check(t, "all-reduce", at::kCPU);
+    c10d::AllreduceOptions o;
+    o.reduceOp = to_c10d(op);
+    std::vector<at::Tensor> v{t};
+    run([&] { return pg_->allreduce(v, o); });
+  }
+  void broadcast(const at::Tensor& t, int root) override {
+    check(t, "broadcast", at::kCPU);
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    std::vector<at::Tensor> v{t};
+    run([&] { return pg_->broadcast(v, o); });
+  }
+  void barrier() override {
+    run([&] { return pg_->barrier(); });
+  }
+
+ private:
+  static c10d::ReduceOp to_c10d(Reduce op) { return op == Reduce::Sum ? c10d::ReduceOp::SUM : c10d::ReduceOp::MAX; }
+  static std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+  template <class F>
+  void run(F&& collective) {
+    try {
+      collective()->wait();
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      fail<Error>(describe(), ", rank ", rank_, ": a collective failed (did another rank stop?): ", first_line(e.what()));
+    }
+  }
+
+  std::string name_;
+  int rank_, size_;
+  c10::intrusive_ptr<c10d::Backend> pg_;
+};
+static_assert(Collectives<GlooCommunicator>);
+
+}  // namespace shardlm::dist

@@ -1,0 +1,82 @@
+#pragma once
+// The process groups of a job: rendezvous through c10d's TCPStore at MASTER_ADDR:MASTER_PORT, then three
+// communicators over the same ranks:
+//   world      every rank (the loss, the token count)
+//   shard      the group a unit's parameters are sharded over: ranks [k*G, (k+1)*G) for a shard group size G
+//   replicate  the ranks holding the same shard, {j, j+G, j+2G, ...}: gradients are all-reduced over it
+// G = 1 is NoShard (DDP), G = world is FullShard / ShardGradOp, 1 < G < world is HybridShard. NCCL for CUDA
+// devices, Gloo for the CPU, a group of one where a group has one rank.
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <memory>
+
+#include "shardlm/core/log.hpp"
+#include "shardlm/dist/env.hpp"
+#include "shardlm/dist/gloo.hpp"
+#include "shardlm/dist/nccl.hpp"
+
+namespace shardlm::dist {
+
+class ProcessGroups {
+ public:
+  /// `shard_group_size` G must divide the world size; `timeout` bounds the rendezvous and each group's setup.
+  ProcessGroups(const LaunchEnv& env, int shard_group_size, const at::Device& device, std::chrono::seconds timeout)
+      : env_(env), shard_size_(shard_group_size) {
+    const int W = env.world_size;
+    if (shard_size_ < 1 || W % shard_size_ != 0)
+      fail<ConfigError>("the world size ", W, " (WORLD_SIZE) is not divisible by the shard group size ", shard_size_,
+                        " (--shard-group-size): each group of ", shard_size_, " ranks must hold one full copy");
+    if (W == 1) {
+      world_ = std::make_shared<SelfCommunicator>("world");
+      shard_ = world_, replicate_ = world_;
+      return;
+    }
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(env.master_port);
+    so.isServer = env.rank == 0 && !env.agent_store;
+    so.numWorkers = W;
+    so.waitWorkers = true;
+    so.timeout = timeout;
+    try {
+      store_ = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
+    } catch (const std::exception& e) {
+      const std::string what = e.what();
+      fail<Error>("rendezvous at MASTER_ADDR=", env.master_addr, " MASTER_PORT=", env.master_port, " failed for rank ",
+                  env.rank, " of ", W, " within ", timeout.count(), " s (--dist-timeout): ",
+                  env.rank == 0 ? "not every rank joined" : "rank 0 is not reachable", " [", what.substr(0, what.find('\n')), "]");
+    }
+    const auto make = [&](const std::string& name, int rank, int size) -> std::shared_ptr<Communicator> {
+      if (size == 1) return std::make_shared<SelfCommunicator>(name);
+      if (device.is_cuda()) {
+#if SHARDLM_WITH_NCCL
+        return std::make_shared<NcclCommunicator>(store_, name, rank, size, env.local_rank, timeout);
+#else
+        fail<ConfigError>("--device cuda with ", W, " ranks needs NCCL, and this build has none (configure with NCCL found)");
+#endif
+      }
+      // One node: loopback. Several: the address the host name resolves to (or GLOO_SOCKET_IFNAME's).
+      return std::make_shared<GlooCommunicator>(store_, name, rank, size, env.num_nodes() == 1 ? "127.0.0.1" : "", timeout);
+    };
+    world_ = make("world", env.rank, W);
+    const int G = shard_size_;
+    shard_ = G == W ? world_ : make(detail::cat("shard", env.rank / G), env.rank % G, G);
+    replicate_ = G == 1 ? world_ : make(detail::cat("replicate", env.rank % G), env.rank / G, W / G);
+  }
+
+  Communicator& world() { return *world_; }
+  Communicator& shard() { return *shard_; }
+  Communicator& replicate() { return *replicate_; }
+  const LaunchEnv& env() const { return env_; }
+  int rank() const { return env_.rank; }
+  int shard_group_size() const { return shard_size_; }
+  int size() const { return env_.world_size; }
+
+ private:
+  LaunchEnv env_;
+  int shard_size_;
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::shared_ptr<Communicator> world_, shard_, replicate_;
+};
+
+}  // namespace shardlm::dist

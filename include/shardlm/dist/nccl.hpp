@@ -1,0 +1,152 @@
+#pragma once
+// NCCL for CUDA tensors, called directly: collectives on the caller's current CUDA stream (the engine's
+// communication stream), communicators created non-blocking and polled against a deadline, so that a rank
+// that never joins is an error naming the group, not a hang. Built when CMake found NCCL (SHARDLM_WITH_NCCL).
+#if SHARDLM_WITH_NCCL
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <nccl.h>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "shardlm/dist/communicator.hpp"
+
+namespace shardlm::dist {
+
+class NcclCommunicator final : public Communicator {
+ public:
+  /// Creates the communicator of group `name` on CUDA device `device`: rank 0 of the group publishes the NCCL
+  /// id in `store`, the others read it; all wait at most `timeout` for each other.
+  NcclCommunicator(const c10::intrusive_ptr<c10d::Store>& store, const std::string& name, int rank, int size,
+                   int device, std::chrono::milliseconds timeout)
+      : name_(name), rank_(rank), size_(size), device_(device) {
+    ncclUniqueId id;
+    const std::string key = "shardlm/nccl/" + name;
+    if (rank == 0) {
+      check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      const auto* p = reinterpret_cast<const uint8_t*>(&id);
+      store->set(key, std::vector<uint8_t>(p, p + sizeof id));
+    } else {
+      std::vector<uint8_t> bytes;
+      try {
+        bytes = store->get(key);
+      } catch (const std::exception& e) {
+        fail<Error>(describe(), ": rank ", rank, " did not receive the NCCL id from the group's first rank within ",
+                    timeout.count() / 1000, " s (did it start?)");
+      }
+      if (bytes.size() != sizeof id) fail<InternalError>(describe(), ": NCCL id of ", bytes.size(), " bytes");
+      std::memcpy(&id, bytes.data(), sizeof id);
+    }
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const auto r = ncclCommInitRankConfig(&comm_, size, id, rank, &config);
+    if (r != ncclSuccess && r != ncclInProgress) check(r, "ncclCommInitRankConfig");
+    wait_ready(std::chrono::steady_clock::now() + timeout, "to connect");
+  }
+  ~NcclCommunicator() override {
+    if (!comm_) return;
+    ncclResult_t state = ncclSuccess;
+    ncclCommGetAsyncError(comm_, &state);
+    if (state == ncclSuccess) {
+      ncclCommFinalize(comm_);
+      do ncclCommGetAsyncError(comm_, &state);
+      while (state == ncclInProgress);
+    }
+    state == ncclSuccess ? ncclCommDestroy(comm_) : ncclCommAbort(comm_);
+  }
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string describe() const override { return detail::cat("nccl group '", name_, "' (", size_, " ranks)"); }
+
+  void all_gather(const at::Tensor& out, const at::Tensor& in) override {
+    prepare(out, "all-gather output"), prepare(in, "all-gather input"), check_sizes(in, out);
+    enqueue(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), type(in), comm_, stream()), "ncclAllGather");
+  }
+  void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce op) override {
+    prepare(out, "reduce-scatter output"), prepare(in, "reduce-scatter input"), check_sizes(out, in);
+    enqueue(ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), type(in), to_nccl(op), comm_, stream()),
+            "ncclReduceScatter");
+  }
+  void all_reduce(const at::Tensor& t, Reduce op) override {
+    prepare(t, "all-reduce");
+    enqueue(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), type(t), to_nccl(op), comm_, stream()), "ncclAllReduce");
+  }
+  void broadcast(const at::Tensor& t, int root) override {
+    prepare(t, "broadcast");
+    enqueue(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), type(t), root, comm_, stream()), "ncclBroadcast");
+  }
+  /// An all-reduce of one float, waited for on the host.
+  void barrier() override {
+    auto t = at::zeros({1}, at::TensorOptions().device(at::kCUDA, device_));
+    all_reduce(t, Reduce::Sum);
+    c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).synchronize();
+  }
+
+ private:
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream(); }
+
+  void prepare(const at::Tensor& t, const char* role) const {
+    Communicator::check(t, role, at::kCUDA);
+    if (t.device().index() != device_)
+      fail<ConfigError>(describe(), ": the ", role, " tensor is on ", t.device().str(), ", this rank's GPU is cuda:", device_);
+  }
+
+  static ncclRedOp_t to_nccl(Reduce op) { return op == Reduce::Sum ? ncclSum : ncclMax; }
+
+  ncclDataType_t type(const at::Tensor& t) const {
+    switch (t.scalar_type()) {
+      case at::kFloat: return ncclFloat32;
+      case at::kBFloat16: return ncclBfloat16;
+      case at::kHalf: return ncclFloat16;
+      case at::kDouble: return ncclFloat64;
+      case at::kLong: return ncclInt64;
+      case at::kInt: return ncclInt32;
+      case at::kByte: return ncclUint8;
+      default: fail<InternalError>(describe(), ": no NCCL type for ", t.scalar_type());
+    }
+  }
+
+  void check(ncclResult_t r, const char* what) const {
+    if (r == ncclSuccess) return;
+    const char* last = comm_ ? ncclGetLastError(comm_) : nullptr;
+    fail<Error>(describe(), ", rank ", rank_, ": ", what, " failed: ", ncclGetErrorString(r),
+                last && *last ? detail::cat(" (", last, ")") : std::string());
+  }
+
+  /// A non-blocking communicator may return ncclInProgress: poll until the call is enqueued.
+  void enqueue(ncclResult_t r, const char* what) {
+    if (r == ncclInProgress) wait_ready(std::chrono::steady_clock::now() + std::chrono::minutes(30), what);
+    else check(r, what);
+  }
+
+  void wait_ready(std::chrono::steady_clock::time_point deadline, const char* what) {
+    ncclResult_t state = ncclInProgress;
+    while (true) {
+      check(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
+      if (state != ncclInProgress) break;
+      if (std::chrono::steady_clock::now() > deadline) {
+        ncclCommAbort(comm_);
+        comm_ = nullptr;
+        fail<Error>(describe(), ", rank ", rank_, ": timed out waiting ", what, " (a rank that never joined, or a hang)");
+      }
+      std::this_thread::yield();
+    }
+    check(state, what);
+  }
+
+  std::string name_;
+  int rank_, size_, device_;
+  ncclComm_t comm_ = nullptr;
+};
+static_assert(Collectives<NcclCommunicator>);
+
+}  // namespace shardlm::dist
+#endif  // SHARDLM_WITH_NCCL

@@ -1,0 +1,241 @@
+#pragma once
+// The sharded execution engine. The model is cut into units (embedding, each block, final norm + head); each
+// unit's parameters form a FlatUnit sharded over the shard group. Forward and backward run unit by unit with
+// a local autograd graph per unit:
+//
+//   forward:  for unit i: wait gathered(i); prefetch gather(i+1)
+//                         x_in[i] = x.detach().requires_grad_(); x = unit_i(x_in[i])  (no graph when recomputed)
+//                         release(i) when the policy reshards after forward
+//   backward: for unit i reversed: wait gathered(i); prefetch gather(i-1); recompute if needed
+//                         autograd::backward(out_i, grad_out); grad_out = x_in[i].grad()
+//                         reduce-scatter grads(i) on the communication stream (accumulating); release(i)
+//   step:     all-reduce over replicas (DDP / HybridShard), global grad norm (one all-reduce), clip, AdamW
+//
+// Sharding decides gather/release/reduce, checkpointing what is kept, precision the dtypes of gather (compute),
+// reduction and master state. The engine never sees a model flavor: only the UnitModel interface.
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+#include <concepts>
+#include <functional>
+#include <optional>
+#include <set>
+#include <vector>
+
+#include "shardlm/core/compat.hpp"
+#include "shardlm/dist/groups.hpp"
+#include "shardlm/engine/flat_unit.hpp"
+#include "shardlm/engine/streams.hpp"
+#include "shardlm/policy/policies.hpp"
+
+namespace shardlm::engine {
+
+/// A model the engine can drive: units in order, each unit's own parameters, the units whose parameters a unit
+/// also reads (a head tied to the embedding), and one unit's forward.
+template <class M>
+concept UnitModel = requires(M& m, size_t u, const at::Tensor& x) {
+  { m.num_units() } -> std::convertible_to<size_t>;
+  { m.unit_parameters(u) } -> std::same_as<NamedTensors>;
+  { m.unit_reads(u) } -> std::same_as<std::vector<size_t>>;
+  { m.forward_unit(u, x) } -> std::same_as<at::Tensor>;
+  { m.is_block(u) } -> std::convertible_to<bool>;
+};
+
+struct AdamWHyper {
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+};
+
+template <class Recipe>
+struct EnginePolicy {
+  using Sharding = typename Recipe::Sharding;
+  using Precision = typename Recipe::Precision;
+  using Checkpointing = typename Recipe::Checkpointing;
+  static_assert(!Recipe::Offload::to_host,
+                "offload::Cpu is not available in this build of the engine yet: use offload::None");
+  static constexpr bool params_persist = std::is_same_v<Sharding, sharding::NoShard>;
+  static constexpr bool reshard_after_forward =
+      std::is_same_v<Sharding, sharding::FullShard> || std::is_same_v<Sharding, sharding::HybridShard>;
+  /// The shard group size the policy implies for a world of W ranks on nodes of N ranks (`hybrid` is
+  /// --shard-group-size, 0 meaning one node).
+  static int shard_group_size(int world, int ranks_per_node, int hybrid) {
+    if constexpr (std::is_same_v<Sharding, sharding::NoShard>) return 1;
+    else if constexpr (std::is_same_v<Sharding, sharding::HybridShard>) return hybrid > 0 ? hybrid : ranks_per_node;
+    else return world;
+  }
+};
+
+template <UnitModel Model, class Recipe>
+class Engine {
+  using P = EnginePolicy<Recipe>;
+  using Precision = typename P::Precision;
+
+ public:
+  /// Builds the flat units of `model`, whose parameters are placeholders (uninitialized): `init(u, params)` fills
+  /// unit u's parameters, materialized on `device` in the master dtype, before this rank keeps its shard.
+  Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device,
+         const std::function<void(size_t, NamedTensors&)>& init, AdamWHyper hyper)
+      : model_(model), groups_(groups), device_(device), streams_(device), hyper_(hyper) {
+    const size_t n = model_.num_units();
+    for (size_t u = 0; u < n; ++u)
+      for (auto r : model_.unit_reads(u)) pinned_.insert(r);
+    auto master = at::TensorOptions().device(device).dtype(Precision::master);
+    for (size_t u = 0; u < n; ++u) {
+      auto params = model_.unit_parameters(u);
+      {
+        at::NoGradGuard no_grad;
+        for (auto& [name, p] : params) p.set_data(at::empty(p.sizes(), master));
+      }
+      init(u, params);
+      units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
+      units_.back().shard_from_params(master, Precision::compute, Precision::reduce);
+      ready_.emplace_back();
+    }
+    if constexpr (P::params_persist) gather_all();
+  }
+
+  size_t num_units() const { return units_.size(); }
+  const FlatUnit& unit(size_t u) const { return units_.at(u); }
+  dist::ProcessGroups& groups() { return groups_; }
+
+  /// Starts an optimizer step: zeroes the gradient shards.
+  void begin_step() {
+    for (auto& u : units_) u.grad().zero_();
+  }
+
+  /// Runs every unit forward on `input` (token ids); returns the last unit's output with its local graph.
+  at::Tensor forward(const at::Tensor& input) {
+    const size_t n = units_.size();
+    x_in_.assign(n, at::Tensor());
+    out_.assign(n, at::Tensor());
+    at::Tensor x = input;
+    for (size_t u = 0; u < n; ++u) {
+      ensure_gathered(u);
+      if (u + 1 < n) prefetch(u + 1);
+      x_in_[u] = u == 0 ? x : x.detach().requires_grad_(true);
+      if (recompute(u)) {
+        at::NoGradGuard no_grad;
+        x = model_.forward_unit(u, x_in_[u]);
+      } else {
+        x = model_.forward_unit(u, x_in_[u]);
+        out_[u] = x;
+      }
+      if (P::reshard_after_forward && u + 1 < n && !pinned_.count(u)) release(u);
+    }
+    return x;
+  }
+
+  /// Backward from `loss` (a scalar of the last unit's graph, already scaled) through every unit; reduces each
+  /// unit's gradients into its shard as soon as they are complete. `last_micro_batch` ends the accumulation.
+  void backward(const at::Tensor& loss, bool last_micro_batch) {
+    const size_t n = units_.size();
+    at::Tensor grad_out;
+    for (size_t u = n; u-- > 0;) {
+      ensure_gathered(u);
+      if (u > 0) prefetch(u - 1);
+      if (recompute(u)) out_[u] = model_.forward_unit(u, x_in_[u]);
+      if (u + 1 == n) torch::autograd::backward({loss});
+      else torch::autograd::backward({out_[u]}, {grad_out});
+      grad_out = u > 0 ? x_in_[u].grad() : at::Tensor();
+      out_[u] = at::Tensor(), x_in_[u] = at::Tensor();
+      reduce(u);
+      if (!P::params_persist && (P::reshard_after_forward || last_micro_batch)) release(u);
+    }
+    if (last_micro_batch && groups_.replicate().size() > 1) {
+      streams_.on_comm([&] {
+        for (auto& unit : units_) groups_.replicate().all_reduce(unit.grad(), dist::Reduce::Sum);
+      });
+    }
+    streams_.join();
+  }
+
+  /// The global L2 norm of the gradients (one all-reduce over the shard group); scales them to max_norm when
+  /// larger (max_norm > 0). Returns the norm before clipping.
+  double clip_grad_norm(double max_norm) {
+    std::vector<at::Tensor> grads;
+    for (auto& u : units_) grads.push_back(u.grad());
+    auto sq = at::zeros({1}, grads.front().options().dtype(at::kFloat));
+    for (const auto& norm : at::_foreach_norm(grads, 2, at::kFloat)) sq += norm * norm;
+    if (groups_.shard().size() > 1) groups_.shard().all_reduce(sq, dist::Reduce::Sum);
+    const double norm = std::sqrt(sq.item<double>());
+    if (max_norm > 0 && std::isfinite(norm) && norm > max_norm) at::_foreach_mul_(grads, max_norm / (norm + 1e-6));
+    return norm;
+  }
+
+  /// AdamW on this rank's shards (decoupled decay on matrices and embeddings), then the parameters of the
+  /// persistent policies are refreshed.
+  void optimizer_step(double lr) {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> params, grads, m, v, steps, decayed;
+    for (auto& u : units_) {
+      params.push_back(u.master()), grads.push_back(u.grad()), m.push_back(u.exp_avg());
+      v.push_back(u.exp_avg_sq()), steps.push_back(u.step());
+      for (auto [a, b] : u.decay_runs()) decayed.push_back(u.master().narrow(0, a, b - a));
+    }
+    if (hyper_.weight_decay != 0 && !decayed.empty()) at::_foreach_mul_(decayed, 1.0 - lr * hyper_.weight_decay);
+    compat::fused_adamw(params, grads, m, v, steps, lr, hyper_.beta1, hyper_.beta2, /*weight_decay=*/0.0, hyper_.eps);
+    if constexpr (P::params_persist) gather_all();
+  }
+
+  /// Unit u's full master weights (every rank takes part; collective over the shard group).
+  NamedTensors full_master(size_t u) { return units_.at(u).full_master(groups_.shard()); }
+
+ private:
+  std::string unit_name(size_t u) const {
+    return u == 0 ? "embedding" : model_.is_block(u) ? detail::cat("block ", u - 1) : detail::cat("unit ", u);
+  }
+
+  bool recompute(size_t u) const {
+    constexpr int every = P::Checkpointing::every;
+    if constexpr (every == 0) return false;
+    else return model_.is_block(u) && (u - 1) % every == 0;
+  }
+
+  /// Starts gathering unit u on the communication stream (allocating on compute) unless it is there or coming.
+  void prefetch(size_t u) {
+    auto& unit = units_[u];
+    if (unit.is_gathered()) return;
+    unit.allocate();
+    streams_.on_comm([&] { unit.gather(groups_.shard()); });
+    ready_[u] = streams_.mark_comm();
+  }
+
+  void ensure_gathered(size_t u) {
+    prefetch(u);
+    streams_.compute_waits(ready_[u]);
+    ready_[u] = {};
+  }
+
+  void release(size_t u) {
+    if (units_[u].is_gathered()) units_[u].release();
+  }
+
+  /// Gathers every unit again from the master shards (the persistent policies, after each update).
+  void gather_all() {
+    for (size_t u = 0; u < units_.size(); ++u) {
+      auto& unit = units_[u];
+      if (!unit.is_gathered()) unit.allocate();
+      streams_.on_comm([&] { unit.gather(groups_.shard()); });
+    }
+    streams_.join();
+  }
+
+  void reduce(size_t u) {
+    auto& unit = units_[u];
+    streams_.on_comm([&] {
+      const auto flat = unit.take_grads(Precision::reduce, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
+      unit.reduce_into_shard(groups_.shard(), flat);
+    });
+  }
+
+  Model& model_;
+  dist::ProcessGroups& groups_;
+  at::Device device_;
+  Streams streams_;
+  AdamWHyper hyper_;
+  std::vector<FlatUnit> units_;
+  std::vector<Streams::Marker> ready_;
+  std::set<size_t> pinned_;
+  std::vector<at::Tensor> x_in_, out_;
+};
+
+}  // namespace shardlm::engine

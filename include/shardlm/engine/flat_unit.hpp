@@ -1,0 +1,167 @@
+#pragma once
+// One unit's flat parameter group. The unit's parameters, flattened in order and padded to a multiple of the
+// shard group size G, make one buffer of `padded` elements; this rank owns the contiguous slice
+// [r * S, (r + 1) * S), S = padded / G, of the master weights, the gradients and the optimizer state.
+//
+// The module's parameters stay leaf tensors of the model; their data are views of one gathered buffer in the
+// compute dtype. Releasing the buffer frees its storage (resized to zero bytes) and gathering fills the same
+// storage again, so autograd graphs that saved the parameters stay valid across a release.
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "shardlm/core/errors.hpp"
+#include "shardlm/dist/communicator.hpp"
+
+namespace shardlm::engine {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+struct Slot {
+  std::string name;
+  at::Tensor param;      ///< the module's parameter (its data: a view of the gathered buffer)
+  int64_t offset = 0;    ///< first element in the flat buffer
+  int64_t numel = 0;
+  bool decay = false;    ///< weight decay applies (matrices and embeddings)
+};
+
+/// Frees (nbytes 0) or allocates a tensor's storage in place: views of it stay views of it.
+inline void resize_storage(const at::Tensor& t, size_t nbytes) {
+  auto* impl = t.storage().unsafeGetStorageImpl();
+  if (impl->nbytes() == nbytes) return;
+  if (nbytes == 0) {
+    impl->set_data_ptr_noswap(at::DataPtr(nullptr, t.device()));
+  } else {
+    SHARDLM_ASSERT(impl->nbytes() == 0, "a storage is only ever freed or filled");
+    impl->set_data_ptr_noswap(impl->allocator()->allocate(nbytes));
+  }
+  impl->set_nbytes(nbytes);
+}
+
+class FlatUnit {
+ public:
+  /// Lays out `params` (name, parameter) for a shard group of `group_size` ranks, this rank being `group_rank`.
+  FlatUnit(std::string name, const NamedTensors& params, int group_size, int group_rank)
+      : name_(std::move(name)), group_size_(group_size), group_rank_(group_rank) {
+    for (const auto& [n, p] : params) {
+      slots_.push_back({n, p, numel_, p.numel(), p.dim() >= 2});
+      numel_ += p.numel();
+    }
+    padded_ = (numel_ + group_size - 1) / group_size * group_size;
+    shard_ = padded_ / group_size;
+    // The decayed runs of this rank's shard, in shard coordinates (adjacent parameters merged).
+    const int64_t lo = shard_ * group_rank, hi = lo + shard_;
+    for (const auto& s : slots_) {
+      const int64_t a = std::max(lo, s.offset), b = std::min(hi, s.offset + s.numel);
+      if (!s.decay || a >= b) continue;
+      if (!decay_runs_.empty() && decay_runs_.back().second == a - lo) decay_runs_.back().second = b - lo;
+      else decay_runs_.emplace_back(a - lo, b - lo);
+    }
+  }
+
+  const std::string& name() const { return name_; }
+  const std::vector<Slot>& slots() const { return slots_; }
+  int64_t numel() const { return numel_; }
+  int64_t padded() const { return padded_; }
+  int64_t shard_numel() const { return shard_; }
+  /// [begin, end) element ranges of the shard whose parameters take weight decay.
+  const std::vector<std::pair<int64_t, int64_t>>& decay_runs() const { return decay_runs_; }
+
+  /// Takes this rank's slice of the unit's full weights (the module's parameters, materialized) as the master
+  /// shard, sets up gradient and optimizer state, and points the parameters at the gathered buffer (released).
+  void shard_from_params(const at::TensorOptions& master, at::ScalarType compute, at::ScalarType reduce) {
+    at::NoGradGuard no_grad;
+    master_ = at::zeros({shard_}, master);
+    const int64_t lo = shard_ * group_rank_;
+    for (const auto& s : slots_) {
+      const int64_t a = std::max(lo, s.offset), b = std::min(lo + shard_, s.offset + s.numel);
+      if (a < b) master_.narrow(0, a - lo, b - a).copy_(s.param.detach().reshape(-1).narrow(0, a - s.offset, b - a));
+    }
+    grad_ = at::zeros({shard_}, master.dtype(reduce));
+    exp_avg_ = at::zeros_like(master_);
+    exp_avg_sq_ = at::zeros_like(master_);
+    step_ = at::zeros({}, master.dtype(at::kFloat));
+    gathered_ = at::empty({padded_}, master.dtype(compute));
+    for (auto& s : slots_) s.param.set_data(gathered_.narrow(0, s.offset, s.numel).view(s.param.sizes()));
+    release();
+  }
+
+  bool is_gathered() const { return gathered_.storage().nbytes() > 0; }
+
+  /// Allocates the gathered buffer (on the current stream): call before gather() on the compute stream.
+  void allocate() { resize_storage(gathered_, static_cast<size_t>(padded_) * gathered_.element_size()); }
+
+  /// Fills the gathered buffer from every rank's master shard (on the current stream).
+  void gather(dist::Communicator& shard_group) {
+    at::NoGradGuard no_grad;
+    if (shard_group.size() == 1) {
+      gathered_.copy_(master_);
+    } else {
+      const auto send = master_.to(gathered_.scalar_type());
+      shard_group.all_gather(gathered_, send);
+    }
+  }
+
+  void release() { resize_storage(gathered_, 0); }
+
+  /// The parameters' gradients as one [padded] buffer in dtype `reduce` (zeros where a parameter got none);
+  /// the parameters' own gradients are dropped. `keep` is told of every gradient read.
+  template <class Keep>
+  at::Tensor take_grads(at::ScalarType reduce, Keep&& keep) {
+    at::NoGradGuard no_grad;
+    auto flat = at::empty({padded_}, gathered_.options().dtype(reduce));
+    if (padded_ > numel_) flat.narrow(0, numel_, padded_ - numel_).zero_();
+    for (auto& s : slots_) {
+      auto& g = s.param.mutable_grad();
+      auto dst = flat.narrow(0, s.offset, s.numel);
+      if (g.defined()) {
+        dst.copy_(g.reshape(-1));
+        keep(g);
+      } else {
+        dst.zero_();
+      }
+      g = at::Tensor();
+    }
+    return flat;
+  }
+
+  /// Adds this rank's slice of the group's reduction of `flat` to the gradient shard.
+  void reduce_into_shard(dist::Communicator& shard_group, const at::Tensor& flat) {
+    if (shard_group.size() == 1) {
+      grad_.add_(flat);
+      return;
+    }
+    auto part = at::empty({shard_}, flat.options());
+    shard_group.reduce_scatter(part, flat, dist::Reduce::Sum);
+    grad_.add_(part);
+  }
+
+  /// The unit's full master weights, gathered from the shard group: (name, tensor) on the master's device.
+  NamedTensors full_master(dist::Communicator& shard_group) const {
+    auto full = at::empty({padded_}, master_.options());
+    shard_group.all_gather(full, master_);
+    NamedTensors out;
+    for (const auto& s : slots_) out.emplace_back(s.name, full.narrow(0, s.offset, s.numel).view(s.param.sizes()));
+    return out;
+  }
+
+  at::Tensor& master() { return master_; }
+  const at::Tensor& master() const { return master_; }
+  at::Tensor& grad() { return grad_; }
+  const at::Tensor& grad() const { return grad_; }
+  at::Tensor& exp_avg() { return exp_avg_; }
+  at::Tensor& exp_avg_sq() { return exp_avg_sq_; }
+  at::Tensor& step() { return step_; }
+
+ private:
+  std::string name_;
+  int group_size_, group_rank_;
+  std::vector<Slot> slots_;
+  int64_t numel_ = 0, padded_ = 0, shard_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> decay_runs_;
+  at::Tensor master_, grad_, exp_avg_, exp_avg_sq_, step_, gathered_;
+};
+
+}  // namespace shardlm::engine

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Sharded training gives the same run at every world size.
+
+Trains the same tiny Llama with the same seed, data and global batch at several (ranks x grad-accum) splits,
+each under shardlm_launch, and compares every split with one reference run (1 rank, --sharding none): the
+losses of every step and the final parameters must agree within --tol (relative: max|a-b| / max|b| per tensor).
+
+  check_equivalence.py --launch build/bin/shardlm_launch --train build/bin/shardlm_train --sharding full \
+      --splits 1x4,2x2,4x1 --workdir /tmp/eq
+
+With --hf-tied the runs start from a tiny Hugging Face checkpoint made here by transformers, with the LM head tied
+to the embedding (the head unit reads the embedding unit's parameters), instead of the llama3-debug preset.
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+from safetensors.numpy import load_file
+
+CORPUS = "".join(f"the quick brown fox jumps over the lazy dog {i % 7}. shardlm {i % 5}!\n" for i in range(400))
+
+
+def make_tied_checkpoint(path):
+    """A tiny random Llama (GQA, tied embeddings) saved as transformers saves it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=384, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def run(args, workdir, tag, ranks, accum, sharding, extra):
+    metrics, weights = workdir / f"{tag}.jsonl", workdir / f"{tag}.safetensors"
+    model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", "llama3-debug", "--layers", "2"]
+    cmd = [args.launch, "--nproc-per-node", str(ranks), "--", args.train, "--sharding", sharding,
+           "--data", str(workdir / "corpus.txt"), *model, "--seq-len", "32",
+           "--micro-batch", str(args.micro_batch), "--grad-accum", str(accum), "--steps", str(args.steps),
+           "--lr", "1e-3", "--warmup-steps", "1", "--seed", "7", "--dist-timeout", "60",
+           "--metrics", str(metrics), "--save-final", str(weights), *args.train_args.split(), *extra]
+    start = time.time()
+    # One thread per rank in every run (the launcher's default for several ranks), so that kernels reduce in the
+    # same order everywhere and only the cross-rank summation differs.
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if p.returncode != 0:
+        sys.exit(f"FAIL {tag}: exit {p.returncode}\n$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    if len(losses) != args.steps:
+        sys.exit(f"FAIL {tag}: {len(losses)} metric rows, expected {args.steps}")
+    return losses, load_file(str(weights)), time.time() - start
+
+
+def rel_err(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--launch", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--sharding", required=True, choices=["none", "grad-op", "full", "hybrid"])
+    ap.add_argument("--splits", default="1x4,2x2,4x1", help="RANKSxGRAD_ACCUM,... (the same global batch)")
+    ap.add_argument("--shard-group-size", type=int, default=0, help="hybrid: ranks per shard group")
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--train-args", default="", help="more trainer flags for every run (e.g. '--device cuda')")
+    ap.add_argument("--hf-tied", action="store_true", help="start from a tied-embedding HF checkpoint made here")
+    ap.add_argument("--workdir", required=True)
+    args = ap.parse_args()
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "corpus.txt").write_text(CORPUS)
+    if args.hf_tied:
+        make_tied_checkpoint(workdir / "tied")
+    splits = [tuple(int(v) for v in s.split("x")) for s in args.splits.split(",")]
+    global_batches = {r * a for r, a in splits}
+    if len(global_batches) != 1:
+        sys.exit(f"--splits {args.splits}: the splits must share one global batch (ranks x grad-accum)")
+    accum = global_batches.pop()
+
+    ref_losses, ref_weights, secs = run(args, workdir, "reference", 1, accum, "none", [])
+    print(f"reference: 1 rank x grad-accum {accum}, --sharding none: losses {['%.6f' % v for v in ref_losses]} ({secs:.1f} s)")
+    failed = False
+    for ranks, a in splits:
+        extra = ["--shard-group-size", str(args.shard_group_size)] if args.shard_group_size and ranks > 1 else []
+        tag = f"{args.sharding}_{ranks}x{a}"
+        losses, weights, secs = run(args, workdir, tag, ranks, a, args.sharding, extra)
+        loss_err = max(abs(x - y) / abs(y) for x, y in zip(losses, ref_losses))
+        if set(weights) != set(ref_weights):
+            sys.exit(f"FAIL {tag}: saved tensors differ from the reference: {sorted(set(weights) ^ set(ref_weights))}")
+        worst_name, worst = max(((n, rel_err(weights[n], ref_weights[n])) for n in ref_weights), key=lambda t: t[1])
+        ok = loss_err <= args.tol and worst <= args.tol
+        failed |= not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {tag:>14}: loss rel err {loss_err:.2e}, worst parameter rel err {worst:.2e} "
+              f"({worst_name}), {len(weights)} tensors, {secs:.1f} s")
+    if failed:
+        sys.exit(f"FAIL: --sharding {args.sharding} differs from the reference by more than {args.tol}")
+    print(f"PASS: --sharding {args.sharding} matches the reference within {args.tol} at splits {args.splits}")
+
+
+if __name__ == "__main__":
+    main()

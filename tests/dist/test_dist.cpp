@@ -1,0 +1,178 @@
+// dist/ and engine/ pieces in one process: the launch environment and its errors, the flat layout of a unit
+// (padding, shards, weight-decay runs), and Gloo's collectives among three threads of this process.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+
+#include <shardlm/shardlm.hpp>
+
+#include <map>
+#include <thread>
+
+using namespace shardlm;
+
+namespace {
+
+/// Sets environment variables for one scope, restoring a clean slate after.
+struct Env {
+  explicit Env(std::map<std::string, std::string> vars) : vars_(std::move(vars)) {
+    clear();
+    for (const auto& [k, v] : vars_) ::setenv(k.c_str(), v.c_str(), 1);
+  }
+  ~Env() { clear(); }
+  static void clear() {
+    for (const char* k : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                          "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NODELIST"})
+      ::unsetenv(k);
+  }
+  std::map<std::string, std::string> vars_;
+};
+
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t n = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+}  // namespace
+
+TEST_CASE("launch environment: torchrun variables, Slurm variables, a single process") {
+  {
+    Env e({});
+    const auto env = dist::LaunchEnv::from_environment();
+    CHECK(env.world_size == 1);
+    CHECK(!env.distributed());
+  }
+  {
+    Env e({{"RANK", "5"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "4"},
+           {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "1234"}});
+    const auto env = dist::LaunchEnv::from_environment();
+    CHECK(env.rank == 5);
+    CHECK(env.local_rank == 1);
+    CHECK(env.node() == 1);
+    CHECK(env.num_nodes() == 2);
+    CHECK(env.master_addr == "node0");
+    CHECK(env.master_port == 1234);
+  }
+  {
+    Env e({{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "4"}, {"SLURM_LOCALID", "1"}, {"SLURM_NTASKS_PER_NODE", "2(x2)"},
+           {"SLURM_JOB_NODELIST", "gpu[07-08,12],cpu1"}});
+    const auto env = dist::LaunchEnv::from_environment();
+    CHECK(env.rank == 3);
+    CHECK(env.local_world_size == 2);
+    CHECK(env.master_addr == "gpu07");
+    CHECK(env.master_port == 29500);
+    CHECK(env.source == "Slurm");
+  }
+}
+
+TEST_CASE("launch environment errors name the variable") {
+  {
+    Env e({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "1234"}});
+    CHECK_THROWS_WITH_AS(dist::LaunchEnv::from_environment(), doctest::Contains("MASTER_ADDR is not set"), ConfigError);
+  }
+  {
+    Env e({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "x"}});
+    CHECK_THROWS_WITH_AS(dist::LaunchEnv::from_environment(), doctest::Contains("MASTER_PORT is not set"), ConfigError);
+  }
+  {
+    Env e({{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "x"}, {"MASTER_PORT", "1"}});
+    CHECK_THROWS_WITH_AS(dist::LaunchEnv::from_environment(), doctest::Contains("RANK=2 must lie in [0, 1]"), ConfigError);
+  }
+  {
+    Env e({{"RANK", "0"}, {"WORLD_SIZE", "two"}});
+    CHECK_THROWS_WITH_AS(dist::LaunchEnv::from_environment(), doctest::Contains("WORLD_SIZE='two' is not an integer"), ConfigError);
+  }
+  {
+    Env e({{"RANK", "0"}, {"WORLD_SIZE", "6"}, {"LOCAL_WORLD_SIZE", "4"}, {"MASTER_ADDR", "x"}, {"MASTER_PORT", "1"}});
+    CHECK_THROWS_WITH_AS(dist::LaunchEnv::from_environment(), doctest::Contains("not a multiple of the ranks per node (4)"), ConfigError);
+  }
+  {
+    Env e({{"RANK", "1"}, {"WORLD_SIZE", "4"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "1"}});
+    const auto env = dist::LaunchEnv::from_environment();
+    CHECK_THROWS_WITH_AS(dist::ProcessGroups(env, 3, at::kCPU, std::chrono::seconds(1)),
+                         doctest::Contains("world size 4 (WORLD_SIZE) is not divisible by the shard group size 3"), ConfigError);
+  }
+}
+
+TEST_CASE("a rank whose peers never join gets a timeout error, not a hang") {
+  Env e({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", std::to_string(free_port())}});
+  const auto env = dist::LaunchEnv::from_environment();
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH_AS(dist::ProcessGroups(env, 2, at::kCPU, std::chrono::seconds(2)),
+                       doctest::Contains("not every rank joined"), Error);
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(30));
+}
+
+TEST_CASE("flat unit layout: padding to the group size, contiguous shards, weight-decay runs") {
+  // 3 ranks; parameters of 2x3, 4 (no decay), 1x5: 15 elements padded to 15, shards of 5.
+  engine::NamedTensors params = {{"a", at::zeros({2, 3})}, {"norm", at::zeros({4})}, {"b", at::zeros({1, 5})}};
+  engine::FlatUnit r0("u", params, 3, 0), r1("u", params, 3, 1), r2("u", params, 3, 2);
+  CHECK(r0.numel() == 15);
+  CHECK(r0.padded() == 15);
+  CHECK(r0.shard_numel() == 5);
+  using Runs = std::vector<std::pair<int64_t, int64_t>>;
+  CHECK(r0.decay_runs() == Runs{{0, 5}});           // a[0:5]
+  CHECK(r1.decay_runs() == Runs{{0, 1}});           // a[5], then the norm [6, 10)
+  CHECK(r2.decay_runs() == Runs{{0, 5}});           // b
+  engine::FlatUnit q("u", params, 4, 3);            // 15 -> 16 with one padding element
+  CHECK(q.padded() == 16);
+  CHECK(q.shard_numel() == 4);
+  CHECK(q.decay_runs() == Runs{{0, 3}});            // b[2:5], then padding
+}
+
+TEST_CASE("Gloo collectives among three ranks: gather, reduce-scatter, all-reduce, broadcast; device errors") {
+  const int W = 3, port = free_port();
+  std::vector<std::string> errors(W);
+  std::vector<at::Tensor> gathered(W), scattered(W), reduced(W), maxed(W), broadcast(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        c10d::TCPStoreOptions so;
+        so.port = static_cast<uint16_t>(port);
+        so.isServer = r == 0;
+        so.numWorkers = W;
+        so.timeout = std::chrono::seconds(30);
+        auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+        dist::GlooCommunicator c(store, "test", r, W, "127.0.0.1", std::chrono::seconds(30));
+        gathered[r] = at::empty({6});
+        c.all_gather(gathered[r], at::full({2}, double(r)).to(at::kFloat));
+        scattered[r] = at::empty({2});
+        c.reduce_scatter(scattered[r], at::arange(6, at::kFloat) * (r + 1), dist::Reduce::Sum);
+        reduced[r] = at::full({3}, double(r + 1), at::kBFloat16);
+        c.all_reduce(reduced[r], dist::Reduce::Sum);
+        maxed[r] = at::full({1}, double(r));
+        c.all_reduce(maxed[r], dist::Reduce::Max);
+        broadcast[r] = at::full({2}, double(r * 10));
+        c.broadcast(broadcast[r], 2);
+        try {
+          c.all_reduce(at::zeros({2}, at::TensorOptions().device(at::kMeta)), dist::Reduce::Sum);
+        } catch (const ConfigError& e) {
+          errors[r] = e.what();
+        }
+        c.barrier();
+      } catch (const std::exception& e) {
+        errors[r] = std::string("unexpected: ") + e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    CAPTURE(r);
+    CHECK(at::equal(gathered[r], at::tensor({0.f, 0.f, 1.f, 1.f, 2.f, 2.f})));
+    // sum over ranks of arange(6) * (rank + 1) = arange(6) * 6; rank r keeps elements [2r, 2r + 2)
+    CHECK(at::equal(scattered[r], (at::arange(6, at::kFloat) * 6).narrow(0, 2 * r, 2)));
+    CHECK(at::equal(reduced[r], at::full({3}, 6.0, at::kBFloat16)));
+    CHECK(maxed[r].item<float>() == 2.f);
+    CHECK(at::equal(broadcast[r], at::full({2}, 20.0)));
+    CHECK(errors[r].find("the all-reduce tensor is on meta but this communicator moves cpu tensors") != std::string::npos);
+  }
+}
