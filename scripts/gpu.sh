@@ -3,8 +3,9 @@
 # order given (default: all of them):
 #   build   the tools and the step benchmark against the installed PyTorch's LibTorch (+ .deps/prefix), in $BUILD
 #   parity  bf16 on CUDA: shardlm_logits on the golden fixtures and random tiny checkpoints vs transformers fp32
-#   nccl    the engine over NCCL: tests/dist/check_equivalence.py with --device cuda (1x4, 2x2, 4x1 ranks x
-#           grad-accum against one GPU without sharding; needs 4 GPUs)
+#   nccl    test_dist (its NCCL case: collectives, errors, init deadline on 2 GPUs), then the engine over NCCL:
+#           tests/dist/check_equivalence.py with --device cuda (1x4, 2x2, 4x1 ranks x grad-accum against one
+#           GPU without sharding; needs 4 GPUs)
 #   bench   the step benchmark and the peer (HF transformers + FSDP2, eager), same machine, same call: Llama3-8B
 #           dims with 8 layers at 1 and N GPUs (FullShard, MixedBF16, seq 4096, micro-batch 2), then a table
 #   full8b  full Llama3-8B (32 layers) on N GPUs
@@ -23,11 +24,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
 
 build() {
   local torch_prefix; torch_prefix=$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')
-  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES=90 \
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSHARDLM_BUILD_TESTS=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; return 1; }
   grep "shardlm:" "$OUT/cmake.log"
-  cmake --build "$BUILD" -j 16 --target shardlm_logits shardlm_train shardlm_launch step_benchmark >"$OUT/build.log" 2>&1 \
+  cmake --build "$BUILD" -j 16 --target shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist >"$OUT/build.log" 2>&1 \
     || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
 }
 
@@ -51,6 +52,8 @@ PY
 }
 
 nccl() {
+  "$BUILD/bin/test_dist" 2>&1 | tail -4   # NCCL collectives, CPU-tensor error and init deadline on 2 GPUs
+  echo "{\"check\": \"test_dist (NCCL case)\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
   [ "$NGPU" -ge 4 ] || { echo "nccl: needs 4 GPUs, have $NGPU"; return 0; }
   for policy in full hybrid none; do
     local extra=""; [ $policy = hybrid ] && extra="--shard-group-size 2"

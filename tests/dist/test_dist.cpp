@@ -176,3 +176,67 @@ TEST_CASE("Gloo collectives among three ranks: gather, reduce-scatter, all-reduc
     CHECK(errors[r].find("the all-reduce tensor is on meta but this communicator moves cpu tensors") != std::string::npos);
   }
 }
+
+#if SHARDLM_WITH_NCCL
+TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; CPU tensors refused; a missing rank times out") {
+  if (!torch::cuda::is_available() || torch::cuda::device_count() < 2) {
+    MESSAGE("skipped: needs 2 CUDA devices (this machine has ", torch::cuda::is_available() ? torch::cuda::device_count() : 0, ")");
+    return;
+  }
+  const int W = 2, port = free_port();
+  std::vector<std::string> errors(W), unexpected(W);
+  std::vector<at::Tensor> gathered(W), scattered(W), reduced(W), broadcast(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(r));
+        c10d::TCPStoreOptions so;
+        so.port = static_cast<uint16_t>(port);
+        so.isServer = r == 0;
+        so.numWorkers = W;
+        so.timeout = std::chrono::seconds(60);
+        auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+        dist::NcclCommunicator c(store, "test", r, W, r, std::chrono::seconds(60));
+        const auto opts = at::TensorOptions().device(at::kCUDA, r).dtype(at::kFloat);
+        gathered[r] = at::empty({4}, opts.dtype(at::kBFloat16));
+        c.all_gather(gathered[r], at::full({2}, double(r + 1), opts.dtype(at::kBFloat16)));
+        scattered[r] = at::empty({2}, opts);
+        c.reduce_scatter(scattered[r], at::arange(4, opts.dtype(at::kFloat)) * (r + 1), dist::Reduce::Sum);
+        reduced[r] = at::full({3}, double(r), opts);
+        c.all_reduce(reduced[r], dist::Reduce::Max);
+        broadcast[r] = at::full({2}, double(r * 10), opts);
+        c.broadcast(broadcast[r], 1);
+        c.barrier();
+        try {
+          c.all_reduce(at::zeros({2}), dist::Reduce::Sum);
+        } catch (const ConfigError& e) {
+          errors[r] = e.what();
+        }
+      } catch (const std::exception& e) {
+        unexpected[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    CAPTURE(r);
+    CHECK(unexpected[r] == "");
+    CHECK(at::equal(gathered[r].cpu(), at::tensor({1.f, 1.f, 2.f, 2.f}).to(at::kBFloat16)));
+    CHECK(at::equal(scattered[r].cpu(), (at::arange(4, at::kFloat) * 3).narrow(0, 2 * r, 2)));
+    CHECK(at::equal(reduced[r].cpu(), at::full({3}, 1.0)));
+    CHECK(at::equal(broadcast[r].cpu(), at::full({2}, 10.0)));
+    CHECK(errors[r].find("the all-reduce tensor is on cpu but this communicator moves cuda tensors") != std::string::npos);
+  }
+  // Rank 0 of a group of two whose rank 1 never comes: an error after the deadline, not a hang.
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(free_port());
+  so.isServer = true;
+  so.numWorkers = 1;
+  auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH_AS(dist::NcclCommunicator(store, "lonely", 0, 2, 0, std::chrono::seconds(3)),
+                       doctest::Contains("timed out waiting to connect"), Error);
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(60));
+}
+#endif
