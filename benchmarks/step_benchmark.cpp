@@ -63,22 +63,9 @@ int main(int argc, char** argv) {
     defaults.precision = "mixed-bf16";
     defaults.builtin_text = "unused: the benchmark draws random tokens";
     const int64_t warmup = 3;
-    std::string checkpointing = "none";
-    for (int i = 1; i + 1 < argc; ++i)  // the benchmark's own flag, taken out before the trainer flags
-      if (std::string_view(argv[i]) == "--checkpointing") checkpointing = argv[i + 1];
-    std::vector<const char*> args;
-    for (int i = 0; i < argc; ++i) {
-      if (std::string_view(argv[i]) == "--checkpointing" && i + 1 < argc) { ++i; continue; }
-      args.push_back(argv[i]);
-    }
-    const auto o = cli::parse(static_cast<int>(args.size()), args.data(), defaults, /*policy_flags=*/true);
-    const auto r = dispatch_sharding(o.sharding, [&]<class Sharding>(Sharding) {
-      return dispatch_precision(o.precision, [&]<class Precision>(Precision) {
-        return dispatch_checkpointing(checkpointing, [&]<class Checkpointing>(Checkpointing) {
-          return measure<Policies<Sharding, Precision, Checkpointing>>(o, warmup);
-        });
-      });
-    });
+    const auto o = cli::parse(argc, argv, defaults, /*policy_flags=*/true);
+    const auto r = dispatch_recipe(o.sharding, o.precision, o.checkpointing, o.offload,
+                                   [&]<class Recipe>(Recipe) { return measure<Recipe>(o, warmup); });
     if (r["rank"] == 0) std::cout << r.dump() << std::endl;
     return 0;
   });

@@ -145,6 +145,27 @@ TEST_CASE("gradient accumulation: the same global batch gives the same gradients
   }
 }
 
+TEST_CASE("checkpointing policies: recomputed blocks give the gradients of kept activations") {
+  const auto corpus = text_corpus();
+  auto o = tiny(corpus);
+  o.layers = 3, o.grad_clip = 0;
+  auto grads_of = [&]<class Checkpointing>(Checkpointing) {
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, Checkpointing>> t(o, train::open_dataset(o));
+    t.step();
+    return t.gradient_shards();
+  };
+  const auto none = grads_of(checkpointing::None{});
+  for (const auto& other : {grads_of(checkpointing::EveryBlock{}), grads_of(checkpointing::EveryNth<2>{})}) {
+    REQUIRE(other.size() == none.size());
+    double worst = 0;
+    for (size_t u = 0; u < none.size(); ++u) worst = std::max(worst, test::rel_err(other[u], none[u]));
+    MESSAGE("max gradient rel err vs no checkpointing: ", worst);
+    CHECK(worst <= 1e-6);
+  }
+  CHECK(checkpointing::EveryNth<2>::name == "every-2");
+  CHECK(checkpointing::EveryNth<12>::name == "every-12");
+}
+
 TEST_CASE("precision policies set the dtypes of master weights and compute weights") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
@@ -154,13 +175,15 @@ TEST_CASE("precision policies set the dtypes of master weights and compute weigh
     CHECK(std::isfinite(m.loss));
     for (const auto& w : t.master_weights()) CHECK((w.scalar_type() == at::kFloat));
     for (const auto& p : t.model()->parameters()) CHECK((p.scalar_type() == at::kBFloat16));
-    // the compute weights are the master weights rounded to bf16
+    // the compute weights are the master weights rounded to bf16; gradients are reduced in fp32
     CHECK(at::equal(t.model()->parameters()[0], t.master_weights()[0].to(at::kBFloat16)));
+    for (const auto& g : t.gradient_shards()) CHECK((g.scalar_type() == at::kFloat));
   }
   SUBCASE("PureBF16: bf16 everywhere") {
     train::Trainer<model::Llama3, Policies<precision::PureBF16>> t(o, train::open_dataset(o));
     CHECK(std::isfinite(t.step().loss));
     for (const auto& w : t.master_weights()) CHECK((w.scalar_type() == at::kBFloat16));
+    for (const auto& g : t.gradient_shards()) CHECK((g.scalar_type() == at::kBFloat16));
   }
 }
 

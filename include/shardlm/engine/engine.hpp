@@ -50,8 +50,6 @@ struct EnginePolicy {
   using Sharding = typename Recipe::Sharding;
   using Precision = typename Recipe::Precision;
   using Checkpointing = typename Recipe::Checkpointing;
-  static_assert(!Recipe::Offload::to_host,
-                "offload::Cpu is not available in this build of the engine yet: use offload::None");
   static constexpr bool params_persist = std::is_same_v<Sharding, sharding::NoShard>;
   static constexpr bool reshard_after_forward =
       std::is_same_v<Sharding, sharding::FullShard> || std::is_same_v<Sharding, sharding::HybridShard>;
@@ -66,6 +64,7 @@ struct EnginePolicy {
 
 template <UnitModel Model, class Recipe>
 class Engine {
+  static_assert(engine_supports<Recipe>, SHARDLM_OFFLOAD_CPU_UNAVAILABLE);
   using P = EnginePolicy<Recipe>;
   using Precision = typename P::Precision;
 

@@ -24,12 +24,42 @@ decltype(auto) dispatch_sharding(std::string_view name, F&& f) {
   fail<ConfigError>("--sharding '", name, "' is not a sharding policy: use none, grad-op, full or hybrid");
 }
 
-/// none or every-block (the step benchmark; shardlm_train gains --checkpointing with the memory planner).
+/// The compiled checkpointing policies: none, every-block, every-2 (EveryNth<2>).
 template <class F>
 decltype(auto) dispatch_checkpointing(std::string_view name, F&& f) {
   if (name == checkpointing::None::name) return f(checkpointing::None{});
   if (name == checkpointing::EveryBlock::name) return f(checkpointing::EveryBlock{});
-  fail<ConfigError>("--checkpointing '", name, "' is not available here: use none or every-block");
+  if (name == checkpointing::EveryNth<2>::name) return f(checkpointing::EveryNth<2>{});
+  fail<ConfigError>("--checkpointing '", name, "' is not a compiled checkpointing policy: use none, every-block or every-2");
+}
+
+template <class F>
+decltype(auto) dispatch_offload(std::string_view name, F&& f) {
+  if (name == offload::None::name) return f(offload::None{});
+  if (name == offload::Cpu::name) return f(offload::Cpu{});
+  fail<ConfigError>("--offload '", name, "' is not an offload policy: use none or cpu");
+}
+
+/// Calls f(Policies<...>{}) for the recipe the policy flags name; a combination the engine refuses is a
+/// ConfigError with the engine's static_assert message.
+template <class F>
+decltype(auto) dispatch_recipe(std::string_view sharding, std::string_view precision, std::string_view checkpointing,
+                               std::string_view offload, F&& f) {
+  return dispatch_sharding(sharding, [&]<class S>(S) {
+    return dispatch_precision(precision, [&]<class P>(P) {
+      return dispatch_checkpointing(checkpointing, [&]<class C>(C) {
+        return dispatch_offload(offload, [&]<class O>(O) {
+          using Recipe = Policies<S, P, C, O>;
+          if constexpr (engine_supports<Recipe>) {
+            return f(Recipe{});
+          } else {
+            fail<ConfigError>("--offload ", offload, ": ", SHARDLM_OFFLOAD_CPU_UNAVAILABLE);
+            return f(Policies<S, P, C>{});  // not reached; gives every branch the same return type
+          }
+        });
+      });
+    });
+  });
 }
 
 }  // namespace shardlm

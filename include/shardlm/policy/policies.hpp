@@ -3,6 +3,7 @@
 // `Policies<...>` of one tag from each family, in any order; families left out take their default.
 #include <c10/core/ScalarType.h>
 
+#include <array>
 #include <cstdint>
 #include <string_view>
 #include <tuple>
@@ -24,6 +25,22 @@ struct FullShard { static constexpr std::string_view name = "full"; static const
 struct HybridShard { static constexpr std::string_view name = "hybrid"; static constexpr bool shards_params = true, shards_grads = true; };
 }  // namespace sharding
 
+namespace detail {
+/// "every-K" for EveryNth<K>, as a constant.
+template <int K>
+struct every_name {
+  static constexpr auto make() {
+    std::array<char, 16> s{'e', 'v', 'e', 'r', 'y', '-'};
+    char digits[10] = {};
+    int n = 0;
+    for (int v = K; v > 0; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
+    for (int i = 0; i < n; ++i) s[6 + i] = digits[n - 1 - i];
+    return s;
+  }
+  static constexpr std::array<char, 16> text = make();
+};
+}  // namespace detail
+
 namespace checkpointing {
 /// Keep every activation for backward.
 struct None { static constexpr std::string_view name = "none"; static constexpr int every = 0; };
@@ -33,7 +50,7 @@ struct EveryBlock { static constexpr std::string_view name = "every-block"; stat
 template <int K>
 struct EveryNth {
   static_assert(K >= 1, "EveryNth<k> needs k >= 1: EveryNth<1> is EveryBlock");
-  static constexpr std::string_view name = "every-k";
+  static constexpr std::string_view name{detail::every_name<K>::text.data()};
   static constexpr int every = K;
 };
 }  // namespace checkpointing
@@ -97,6 +114,14 @@ struct Policies {
   using Checkpointing = typename detail::pick<void, detail::is_checkpointing, checkpointing::None, Ps...>::type;
   using Offload = typename detail::pick<void, detail::is_offload, offload::None, Ps...>::type;
   using Precision = typename detail::pick<void, detail::is_precision, precision::FP32, Ps...>::type;
+  // Completes the chosen tags, so that their own checks (EveryNth<k>'s k >= 1) fire with the recipe.
+  static_assert(sizeof(Sharding) + sizeof(Checkpointing) + sizeof(Offload) + sizeof(Precision) > 0);
 };
+
+/// What the engine refuses, with the message that its static_assert and shardlm_train's run-time dispatch give.
+#define SHARDLM_OFFLOAD_CPU_UNAVAILABLE \
+  "offload::Cpu is not available in this build of the engine yet: use offload::None"
+template <class Recipe>
+inline constexpr bool engine_supports = !Recipe::Offload::to_host;
 
 }  // namespace shardlm

@@ -33,6 +33,8 @@ struct TrainOptions {
   double peak_tflops = 0;                ///< MFU denominator (0: 989 on CUDA, none on CPU)
   std::string precision = "fp32";        ///< shardlm_train only: picks the compiled policy
   std::string sharding = "full";         ///< shardlm_train only: picks the compiled policy
+  std::string checkpointing = "none";    ///< shardlm_train only: picks the compiled policy
+  std::string offload = "none";          ///< shardlm_train only: picks the compiled policy
   int64_t shard_group_size = 0;          ///< HybridShard: ranks per shard group (0: the ranks of one node)
   int64_t dist_timeout = 300;            ///< seconds to wait for every rank at rendezvous and group setup
   std::string save_final;                ///< write the trained weights (HF names, safetensors) here at the end
@@ -94,7 +96,9 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("h,help", "print this help");
   if (policy_flags)
     opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision))(
-        "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(o.sharding));
+        "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(o.sharding))(
+        "checkpointing", "none, every-block or every-2 (recompute blocks in backward)", s(o.checkpointing))(
+        "offload", "none or cpu", s(o.offload));
   const auto r = opts.parse(argc, argv);
   if (!r.unmatched().empty()) fail<ConfigError>("unexpected argument '", r.unmatched().front(), "'");
   if (r.count("help")) {
@@ -127,6 +131,8 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
   if (policy_flags) {
     o.precision = r["precision"].as<std::string>();
     o.sharding = r["sharding"].as<std::string>();
+    o.checkpointing = r["checkpointing"].as<std::string>();
+    o.offload = r["offload"].as<std::string>();
   }
   o.validate();
   return o;
