@@ -62,10 +62,10 @@ int main(int argc, char** argv) {
     defaults.device = "cuda";
     defaults.precision = "mixed-bf16";
     defaults.builtin_text = "unused: the benchmark draws random tokens";
-    const int64_t warmup = 3;
+    const int64_t warmup = 3;  // steps not measured (fewer when --steps is smaller)
     const auto o = cli::parse(argc, argv, defaults, /*policy_flags=*/true);
     const auto r = dispatch_recipe(o.sharding, o.precision, o.checkpointing, o.offload,
-                                   [&]<class Recipe>(Recipe) { return measure<Recipe>(o, warmup); });
+                                   [&]<class Recipe>(Recipe) { return measure<Recipe>(o, std::min(warmup, o.steps)); });
     if (r["rank"] == 0) std::cout << r.dump() << std::endl;
     return 0;
   });

@@ -9,6 +9,8 @@
 #   bench   the step benchmark and the peer (HF transformers + FSDP2, eager), same machine, same call: Llama3-8B
 #           dims with 8 layers at 1 and N GPUs (FullShard, MixedBF16, seq 4096, micro-batch 2), then a table
 #   full8b  full Llama3-8B (32 layers) on N GPUs
+#   offload CPU offload on one GPU: Llama3-8B dims with 4 layers with and without --offload cpu, the peer's
+#           CPUOffloadPolicy beside it, and full Llama3-8B with offload + every-block checkpointing
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +92,14 @@ full8b() {
   ours "ours_32L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 32 --seq-len 4096 --micro-batch 2 --steps 6 --precision mixed-bf16 --sharding full
   ours "ours_32L_${NGPU}gpu_ac" "$NGPU" --preset llama3-8b --layers 32 --seq-len 4096 --micro-batch 2 --steps 6 --precision mixed-bf16 --sharding full --checkpointing every-block
   peer "peer_32L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 32 --seq 4096 --batch 2 --steps 6
+}
+
+offload() {
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full"
+  ours "ours_4L_1gpu" 1 $common --layers 4 --steps 5
+  ours "ours_4L_1gpu_offload" 1 $common --layers 4 --steps 5 --offload cpu
+  peer "peer_4L_1gpu_offload" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --offload --steps 2 --warmup 1
+  ours "ours_32L_1gpu_offload_ac" 1 $common --layers 32 --steps 2 --offload cpu --checkpointing every-block
 }
 
 table() {

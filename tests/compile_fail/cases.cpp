@@ -1,8 +1,8 @@
 // Recipes that must not compile: each case is built by its own CTest test, which passes only when the build
 // fails with the static_assert message that names the fix (tests/CMakeLists.txt pins the messages).
-#if defined(SHARDLM_CASE_offload_cpu)
+#if defined(SHARDLM_CASE_offload_noshard)
 #include <shardlm/shardlm.hpp>
-using Recipe = shardlm::Policies<shardlm::sharding::FullShard, shardlm::offload::Cpu>;
+using Recipe = shardlm::Policies<shardlm::sharding::NoShard, shardlm::offload::Cpu>;
 static_assert(sizeof(shardlm::engine::Engine<shardlm::model::Llama3::ContainedType, Recipe>) > 0);
 #else
 #include <shardlm/policy/policies.hpp>

@@ -37,6 +37,7 @@ def make_tied_checkpoint(path):
 
 
 def run(args, workdir, tag, ranks, accum, sharding, extra):
+    """One run under shardlm_launch; returns (losses, final weights, seconds)."""
     metrics, weights = workdir / f"{tag}.jsonl", workdir / f"{tag}.safetensors"
     model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", "llama3-debug", "--layers", "2"]
     cmd = [args.launch, "--nproc-per-node", str(ranks), "--", args.train, "--sharding", sharding,
@@ -72,6 +73,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--train-args", default="", help="more trainer flags for every run (e.g. '--device cuda')")
+    ap.add_argument("--test-args", default="", help="more trainer flags for the runs checked, not the reference "
+                    "(e.g. '--offload cpu')")
     ap.add_argument("--hf-tied", action="store_true", help="start from a tied-embedding HF checkpoint made here")
     ap.add_argument("--workdir", required=True)
     args = ap.parse_args()
@@ -91,6 +94,7 @@ def main():
     failed = False
     for ranks, a in splits:
         extra = ["--shard-group-size", str(args.shard_group_size)] if args.shard_group_size and ranks > 1 else []
+        extra += args.test_args.split()
         tag = f"{args.sharding}_{ranks}x{a}"
         losses, weights, secs = run(args, workdir, tag, ranks, a, args.sharding, extra)
         loss_err = max(abs(x - y) / abs(y) for x, y in zip(losses, ref_losses))

@@ -51,6 +51,7 @@ struct EnginePolicy {
   using Precision = typename Recipe::Precision;
   using Checkpointing = typename Recipe::Checkpointing;
   static constexpr bool params_persist = std::is_same_v<Sharding, sharding::NoShard>;
+  static constexpr bool offload = Recipe::Offload::to_host;
   static constexpr bool reshard_after_forward =
       std::is_same_v<Sharding, sharding::FullShard> || std::is_same_v<Sharding, sharding::HybridShard>;
   /// The shard group size the policy implies for a world of W ranks on nodes of N ranks (`hybrid` is
@@ -64,7 +65,7 @@ struct EnginePolicy {
 
 template <UnitModel Model, class Recipe>
 class Engine {
-  static_assert(engine_supports<Recipe>, SHARDLM_OFFLOAD_CPU_UNAVAILABLE);
+  static_assert(engine_supports<Recipe>, SHARDLM_OFFLOAD_NEEDS_SHARDING);
   using P = EnginePolicy<Recipe>;
   using Precision = typename P::Precision;
 
@@ -86,7 +87,7 @@ class Engine {
       }
       init(u, params);
       units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
-      units_.back().shard_from_params(master, Precision::compute, Precision::reduce);
+      units_.back().shard_from_params(master, Precision::compute, Precision::reduce, P::offload);
       ready_.emplace_back();
     }
     if constexpr (P::params_persist) gather_all();
@@ -96,9 +97,12 @@ class Engine {
   const FlatUnit& unit(size_t u) const { return units_.at(u); }
   dist::ProcessGroups& groups() { return groups_; }
 
-  /// Starts an optimizer step: zeroes the gradient shards.
+  /// Starts an optimizer step: zeroes the gradient shards (offloaded ones are overwritten by the first
+  /// micro-batch instead).
   void begin_step() {
-    for (auto& u : units_) u.grad().zero_();
+    first_micro_batch_ = true;
+    if constexpr (!P::offload)
+      for (auto& u : units_) u.grad().zero_();
   }
 
   /// Runs every unit forward on `input` (token ids); returns the last unit's output with its local graph.
@@ -139,12 +143,17 @@ class Engine {
       reduce(u);
       if (!P::params_persist && (P::reshard_after_forward || last_micro_batch)) release(u);
     }
-    if (last_micro_batch && groups_.replicate().size() > 1) {
+    if (!P::offload && last_micro_batch && groups_.replicate().size() > 1) {
       streams_.on_comm([&] {
         for (auto& unit : units_) groups_.replicate().all_reduce(unit.grad(), dist::Reduce::Sum);
       });
     }
     streams_.join();
+    if constexpr (P::offload) {  // the host's gradient shards are complete once the copies are
+      streams_.synchronize();
+      for (auto& unit : units_) unit.finish_host_grads();
+    }
+    first_micro_batch_ = false;
   }
 
   /// The global L2 norm of the gradients (one all-reduce over the shard group); scales them to max_norm when
@@ -154,7 +163,10 @@ class Engine {
     for (auto& u : units_) grads.push_back(u.grad());
     auto sq = at::zeros({1}, grads.front().options().dtype(at::kFloat));
     for (const auto& norm : at::_foreach_norm(grads, 2, at::kFloat)) sq += norm * norm;
-    if (groups_.shard().size() > 1) groups_.shard().all_reduce(sq, dist::Reduce::Sum);
+    if (groups_.shard().size() > 1) {
+      sq = sq.to(device_);  // offloaded gradients are on the host; NCCL reduces device tensors
+      groups_.shard().all_reduce(sq, dist::Reduce::Sum);
+    }
     const double norm = std::sqrt(sq.item<double>());
     if (max_norm > 0 && std::isfinite(norm) && norm > max_norm) at::_foreach_mul_(grads, max_norm / (norm + 1e-6));
     return norm;
@@ -172,6 +184,8 @@ class Engine {
     }
     if (hyper_.weight_decay != 0 && !decayed.empty()) at::_foreach_mul_(decayed, 1.0 - lr * hyper_.weight_decay);
     compat::fused_adamw(params, grads, m, v, steps, lr, hyper_.beta1, hyper_.beta2, /*weight_decay=*/0.0, hyper_.eps);
+    if constexpr (P::offload)
+      for (auto& u : units_) u.refresh_device_shard();
     if constexpr (P::params_persist) gather_all();
   }
 
@@ -222,7 +236,7 @@ class Engine {
     auto& unit = units_[u];
     streams_.on_comm([&] {
       const auto flat = unit.take_grads(Precision::reduce, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
-      unit.reduce_into_shard(groups_.shard(), flat);
+      unit.reduce_into_shard(groups_.shard(), flat, groups_.replicate(), first_micro_batch_);
     });
   }
 
@@ -235,6 +249,7 @@ class Engine {
   std::vector<Streams::Marker> ready_;
   std::set<size_t> pinned_;
   std::vector<at::Tensor> x_in_, out_;
+  bool first_micro_batch_ = true;
 };
 
 }  // namespace shardlm::engine

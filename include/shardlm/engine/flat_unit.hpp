@@ -71,19 +71,25 @@ class FlatUnit {
 
   /// Takes this rank's slice of the unit's full weights (the module's parameters, materialized) as the master
   /// shard, sets up gradient and optimizer state, and points the parameters at the gathered buffer (released).
-  void shard_from_params(const at::TensorOptions& master, at::ScalarType compute, at::ScalarType reduce) {
+  /// With `offload`, master weights, gradients and optimizer state live in host memory (pinned when the device
+  /// is a GPU) and the device keeps only this rank's shard in the compute dtype, which gathers read.
+  void shard_from_params(const at::TensorOptions& master, at::ScalarType compute, at::ScalarType reduce,
+                         bool offload = false) {
     at::NoGradGuard no_grad;
-    master_ = at::zeros({shard_}, master);
+    const auto device_opts = master;
+    const auto state = offload ? master.device(at::kCPU).pinned_memory(master.device().is_cuda()) : master;
+    master_ = at::zeros({shard_}, state);
     const int64_t lo = shard_ * group_rank_;
     for (const auto& s : slots_) {
       const int64_t a = std::max(lo, s.offset), b = std::min(lo + shard_, s.offset + s.numel);
       if (a < b) master_.narrow(0, a - lo, b - a).copy_(s.param.detach().reshape(-1).narrow(0, a - s.offset, b - a));
     }
-    grad_ = at::zeros({shard_}, master.dtype(reduce));
-    exp_avg_ = at::zeros_like(master_);
+    grad_ = at::zeros({shard_}, state.dtype(reduce));
+    exp_avg_ = at::zeros_like(master_);  // never copied: pageable host memory is enough
     exp_avg_sq_ = at::zeros_like(master_);
-    step_ = at::zeros({}, master.dtype(at::kFloat));
-    gathered_ = at::empty({padded_}, master.dtype(compute));
+    step_ = at::zeros({}, state.dtype(at::kFloat).pinned_memory(false));
+    if (offload) device_shard_ = master_.to(device_opts.dtype(compute));
+    gathered_ = at::empty({padded_}, device_opts.dtype(compute));
     for (auto& s : slots_) s.param.set_data(gathered_.narrow(0, s.offset, s.numel).view(s.param.sizes()));
     release();
   }
@@ -93,15 +99,26 @@ class FlatUnit {
   /// Allocates the gathered buffer (on the current stream): call before gather() on the compute stream.
   void allocate() { resize_storage(gathered_, static_cast<size_t>(padded_) * gathered_.element_size()); }
 
-  /// Fills the gathered buffer from every rank's master shard (on the current stream).
+  bool offloaded() const { return device_shard_.defined(); }
+
+  /// Fills the gathered buffer from every rank's shard (on the current stream): the master shard cast to the
+  /// compute dtype, or with offload the device's compute-dtype copy of it.
   void gather(dist::Communicator& shard_group) {
     at::NoGradGuard no_grad;
+    const auto& source = offloaded() ? device_shard_ : master_;
     if (shard_group.size() == 1) {
-      gathered_.copy_(master_);
+      gathered_.copy_(source);
     } else {
-      const auto send = master_.to(gathered_.scalar_type());
+      const auto send = source.scalar_type() == gathered_.scalar_type() ? source : source.to(gathered_.scalar_type());
       shard_group.all_gather(gathered_, send);
     }
+  }
+
+  /// With offload, copies the updated master shard to the device's compute-dtype shard (on the current stream).
+  void refresh_device_shard() {
+    if (!offloaded()) return;
+    at::NoGradGuard no_grad;
+    device_shard_.copy_(master_.to(device_shard_.device(), /*non_blocking=*/true));
   }
 
   void release() { resize_storage(gathered_, 0); }
@@ -127,21 +144,42 @@ class FlatUnit {
     return flat;
   }
 
-  /// Adds this rank's slice of the group's reduction of `flat` to the gradient shard.
-  void reduce_into_shard(dist::Communicator& shard_group, const at::Tensor& flat) {
-    if (shard_group.size() == 1) {
-      grad_.add_(flat);
+  /// Adds this rank's slice of the group's reduction of `flat` to the gradient shard. With offload the slice is
+  /// first all-reduced over `replicas` (when there are some) and copied to host memory, asynchronously: the
+  /// first micro-batch of a step copies into the gradient shard, later ones into a staging buffer that
+  /// finish_host_grads() adds once the copies are done.
+  void reduce_into_shard(dist::Communicator& shard_group, const at::Tensor& flat, dist::Communicator& replicas,
+                         bool first_micro_batch) {
+    at::Tensor part = flat;
+    if (shard_group.size() > 1) {
+      part = at::empty({shard_}, flat.options());
+      shard_group.reduce_scatter(part, flat, dist::Reduce::Sum);
+    }
+    if (!offloaded()) {
+      grad_.add_(part);
       return;
     }
-    auto part = at::empty({shard_}, flat.options());
-    shard_group.reduce_scatter(part, flat, dist::Reduce::Sum);
-    grad_.add_(part);
+    if (replicas.size() > 1) replicas.all_reduce(part, dist::Reduce::Sum);
+    if (first_micro_batch) {
+      grad_.copy_(part, /*non_blocking=*/true);
+    } else {
+      if (!staging_.defined()) staging_ = at::empty({shard_}, grad_.options().pinned_memory(grad_.is_pinned()));
+      staging_.copy_(part, /*non_blocking=*/true);
+      staged_ = true;
+    }
+  }
+
+  /// Adds the staged gradients of an offloaded unit (call after the copies have completed).
+  void finish_host_grads() {
+    if (staged_) grad_.add_(staging_);
+    staged_ = false;
   }
 
   /// The unit's full master weights, gathered from the shard group: (name, tensor) on the master's device.
   NamedTensors full_master(dist::Communicator& shard_group) const {
-    auto full = at::empty({padded_}, master_.options());
-    shard_group.all_gather(full, master_);
+    const auto local = master_.to(gathered_.device());  // from the host when offloaded
+    auto full = at::empty({padded_}, local.options());
+    shard_group.all_gather(full, local);
     NamedTensors out;
     for (const auto& s : slots_) out.emplace_back(s.name, full.narrow(0, s.offset, s.numel).view(s.param.sizes()));
     return out;
@@ -162,6 +200,8 @@ class FlatUnit {
   int64_t numel_ = 0, padded_ = 0, shard_ = 0;
   std::vector<std::pair<int64_t, int64_t>> decay_runs_;
   at::Tensor master_, grad_, exp_avg_, exp_avg_sq_, step_, gathered_;
+  at::Tensor device_shard_, staging_;  // offload only
+  bool staged_ = false;
 };
 
 }  // namespace shardlm::engine

@@ -77,6 +77,13 @@ class Streams {
   /// Compute waits for all communication enqueued so far.
   void join() { compute_waits(mark_comm()); }
 
+  /// The host waits for everything enqueued on both streams.
+  void synchronize() {
+#if SHARDLM_HAVE_CUDA
+    if (cuda_) comm_->synchronize(), compute_->synchronize();
+#endif
+  }
+
   /// `t`, made on compute, is read by the communication stream: its memory is not reused before that is done.
   void used_by_comm(const at::Tensor& t) {
 #if SHARDLM_HAVE_CUDA

@@ -53,7 +53,7 @@ decltype(auto) dispatch_recipe(std::string_view sharding, std::string_view preci
           if constexpr (engine_supports<Recipe>) {
             return f(Recipe{});
           } else {
-            fail<ConfigError>("--offload ", offload, ": ", SHARDLM_OFFLOAD_CPU_UNAVAILABLE);
+            fail<ConfigError>("--offload ", offload, " with --sharding ", sharding, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
             return f(Policies<S, P, C>{});  // not reached; gives every branch the same return type
           }
         });

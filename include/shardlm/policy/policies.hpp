@@ -119,9 +119,11 @@ struct Policies {
 };
 
 /// What the engine refuses, with the message that its static_assert and shardlm_train's run-time dispatch give.
-#define SHARDLM_OFFLOAD_CPU_UNAVAILABLE \
-  "offload::Cpu is not available in this build of the engine yet: use offload::None"
+#define SHARDLM_OFFLOAD_NEEDS_SHARDING                                                                   \
+  "offload::Cpu moves sharded state to the host: use sharding::FullShard, ShardGradOp or HybridShard (NoShard " \
+  "would keep a full replica of the optimizer state in every rank's host memory)"
 template <class Recipe>
-inline constexpr bool engine_supports = !Recipe::Offload::to_host;
+inline constexpr bool engine_supports =
+    !(Recipe::Offload::to_host && std::is_same_v<typename Recipe::Sharding, sharding::NoShard>);
 
 }  // namespace shardlm

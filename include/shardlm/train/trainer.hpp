@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <thread>
 
 #include "shardlm/core/device.hpp"
 #include "shardlm/core/log.hpp"
@@ -89,6 +90,15 @@ class Trainer {
         dataset_(std::move(dataset)),
         sampler_(dataset_.size(), o.seq_len, o.seed, dataset_.name()),
         schedule_{o.lr, o.warmup_steps, o.steps, o.min_lr_ratio} {
+    if constexpr (Recipe::Offload::to_host) {
+      // The optimizer step runs on the host: give it this rank's share of the cores (launchers set
+      // OMP_NUM_THREADS=1 for ranks that compute on GPUs).
+      if (device_.is_cuda()) {
+        const int threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env_.local_world_size);
+        at::set_num_threads(threads);
+        if (rank() == 0) log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
+      }
+    }
     std::unique_ptr<io::HfCheckpoint> ckpt;
     std::set<std::string> used;
     if (!o.model_dir.empty()) ckpt = std::make_unique<io::HfCheckpoint>(o.model_dir);
