@@ -11,6 +11,7 @@
 #   full8b  full Llama3-8B (32 layers) on N GPUs
 #   offload CPU offload on one GPU: Llama3-8B dims with 4 layers with and without --offload cpu, the peer's
 #           CPUOffloadPolicy beside it, and full Llama3-8B with offload + every-block checkpointing
+#   offload_ours  the two 4-layer runs of shardlm only
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,8 +55,9 @@ PY
 }
 
 nccl() {
-  "$BUILD/bin/test_dist" 2>&1 | tail -4   # NCCL collectives, CPU-tensor error and init deadline on 2 GPUs
-  echo "{\"check\": \"test_dist (NCCL case)\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+  "$BUILD/bin/test_dist" >"$OUT/test_dist.log" 2>&1  # NCCL collectives, CPU-tensor error and init deadline on 2 GPUs
+  tail -4 "$OUT/test_dist.log"
+  echo "{\"check\": \"test_dist (NCCL case)\", \"result\": \"$(grep -q 'Status: SUCCESS' "$OUT/test_dist.log" && echo PASS || echo FAIL)\"}" >>"$RESULTS"
   [ "$NGPU" -ge 4 ] || { echo "nccl: needs 4 GPUs, have $NGPU"; return 0; }
   for policy in full hybrid none; do
     local extra=""; [ $policy = hybrid ] && extra="--shard-group-size 2"
@@ -95,11 +97,16 @@ full8b() {
 }
 
 offload() {
+  offload_ours
+  peer "peer_4L_1gpu_offload" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --offload --steps 2 --warmup 1
+  ours "ours_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
+    --sharding full --layers 32 --steps 2 --offload cpu --checkpointing every-block
+}
+
+offload_ours() {  # the 4-layer pair of the offload phase alone
   local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full"
   ours "ours_4L_1gpu" 1 $common --layers 4 --steps 5
   ours "ours_4L_1gpu_offload" 1 $common --layers 4 --steps 5 --offload cpu
-  peer "peer_4L_1gpu_offload" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --offload --steps 2 --warmup 1
-  ours "ours_32L_1gpu_offload_ac" 1 $common --layers 32 --steps 2 --offload cpu --checkpointing every-block
 }
 
 table() {

@@ -38,6 +38,25 @@ TEST_CASE("AdamW matches the decoupled-weight-decay formula (decay on matrices o
   CHECK(opt.num_steps() == 3);
 }
 
+TEST_CASE("the fused AdamW's gradient scale divides the gradients, in place (how the engine clips)") {
+  at::manual_seed(1);
+  const auto p0 = at::randn({64}), g = at::randn({64});
+  auto run = [&](const at::Tensor& grad, std::optional<at::Tensor> scale) {
+    auto p = p0.clone(), m = at::zeros({64}), v = at::zeros({64}), step = at::zeros({});
+    for (int i = 0; i < 3; ++i) {
+      const auto gi = grad.clone();
+      compat::fused_adamw({p}, {gi}, {m}, {v}, {step}, 1e-2, 0.9, 0.95, 0.1, 1e-8, scale);
+      if (scale) CHECK(test::rel_err(gi, grad / scale->item<double>()) < 1e-6);  // unscaled in place
+    }
+    return p;
+  };
+  // A gradient of 1e-3 * g: Adam is nearly scale-free, but eps (1e-8) makes the result depend on the scale.
+  const auto scaled = run(g, at::full({}, 1e3));
+  const auto divided = run(g / 1e3, std::nullopt);
+  CHECK(test::rel_err(scaled, divided) < 1e-6);
+  CHECK(test::rel_err(run(g, std::nullopt), divided) > 1e-6);  // the scale does change the result
+}
+
 TEST_CASE("cosine schedule: linear warmup, cosine to min_ratio") {
   optim::CosineSchedule s{1.0, 10, 110, 0.1};
   CHECK(s.at(0) == doctest::Approx(0.1));

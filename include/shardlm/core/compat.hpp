@@ -39,13 +39,15 @@ inline at::Tensor causal_attention(const at::Tensor& q,   // [B, H, T, D]
 /// The fused AdamW kernel (CPU and CUDA, 2.4+): one launch for a list of tensors, the same update as
 /// torch.optim.AdamW(fused=True). The kernel reads the step counts but does not advance them: like
 /// torch.optim, advance them first (bias correction of step 1 divides by 1 - beta^0 = 0 otherwise).
+/// `grad_scale` (a scalar fp32 tensor on the params' device) divides the gradients, which the kernel writes
+/// back divided.
 inline void fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1,
-                        double beta2, double weight_decay, double eps) {
+                        double beta2, double weight_decay, double eps,
+                        const std::optional<at::Tensor>& grad_scale = std::nullopt) {
   at::_foreach_add_(steps, 1);
   at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
-                    weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt,
-                    /*found_inf=*/std::nullopt);
+                    weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, grad_scale, /*found_inf=*/std::nullopt);
 }
 
 /// Bytes allocated and reserved by the CUDA caching allocator on `device` (current, peak).

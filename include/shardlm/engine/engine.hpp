@@ -90,6 +90,18 @@ class Engine {
       units_.back().shard_from_params(master, Precision::compute, Precision::reduce, P::offload);
       ready_.emplace_back();
     }
+    // The optimizer's tensor lists: views of every shard, split into runs with and without weight decay, each
+    // with its own step count (the fused kernel takes one per tensor).
+    for (auto& unit : units_) {
+      auto add = [&](Runs& g, int64_t a, int64_t b) {
+        g.params.push_back(unit.master().narrow(0, a, b - a)), g.grads.push_back(unit.grad().narrow(0, a, b - a));
+        g.exp_avg.push_back(unit.exp_avg().narrow(0, a, b - a));
+        g.exp_avg_sq.push_back(unit.exp_avg_sq().narrow(0, a, b - a));
+        g.steps.push_back(at::zeros({}, unit.master().options().dtype(at::kFloat).pinned_memory(false)));
+      };
+      for (auto [a, b] : unit.decay_runs()) add(decayed_, a, b);
+      for (auto [a, b] : unit.plain_runs()) add(plain_, a, b);
+    }
     if constexpr (P::params_persist) gather_all();
   }
 
@@ -156,8 +168,9 @@ class Engine {
     first_micro_batch_ = false;
   }
 
-  /// The global L2 norm of the gradients (one all-reduce over the shard group); scales them to max_norm when
-  /// larger (max_norm > 0). Returns the norm before clipping.
+  /// The global L2 norm of the gradients (one all-reduce over the shard group). When it exceeds max_norm
+  /// (> 0), the next optimizer_step() scales the gradients by max_norm / (norm + 1e-6) inside the fused
+  /// kernel (no pass of its own). Returns the norm.
   double clip_grad_norm(double max_norm) {
     std::vector<at::Tensor> grads;
     for (auto& u : units_) grads.push_back(u.grad());
@@ -168,22 +181,24 @@ class Engine {
       groups_.shard().all_reduce(sq, dist::Reduce::Sum);
     }
     const double norm = std::sqrt(sq.item<double>());
-    if (max_norm > 0 && std::isfinite(norm) && norm > max_norm) at::_foreach_mul_(grads, max_norm / (norm + 1e-6));
+    clip_coef_ = max_norm > 0 && std::isfinite(norm) && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
     return norm;
   }
 
-  /// AdamW on this rank's shards (decoupled decay on matrices and embeddings), then the parameters of the
-  /// persistent policies are refreshed.
+  /// AdamW on this rank's shards: two fused launches, runs with decoupled weight decay (matrices and
+  /// embeddings) and runs without; clipping enters as the kernel's gradient scale. Then the device shards of
+  /// an offloaded run and the parameters of the persistent policies are refreshed.
   void optimizer_step(double lr) {
     at::NoGradGuard no_grad;
-    std::vector<at::Tensor> params, grads, m, v, steps, decayed;
-    for (auto& u : units_) {
-      params.push_back(u.master()), grads.push_back(u.grad()), m.push_back(u.exp_avg());
-      v.push_back(u.exp_avg_sq()), steps.push_back(u.step());
-      for (auto [a, b] : u.decay_runs()) decayed.push_back(u.master().narrow(0, a, b - a));
+    std::optional<at::Tensor> scale;
+    if (clip_coef_ != 1.0)  // the kernel divides gradients by the scale
+      scale = at::full({}, 1.0 / clip_coef_, units_.front().master().options().dtype(at::kFloat).pinned_memory(false));
+    for (auto* g : {&decayed_, &plain_}) {
+      if (g->params.empty()) continue;
+      compat::fused_adamw(g->params, g->grads, g->exp_avg, g->exp_avg_sq, g->steps, lr, hyper_.beta1, hyper_.beta2,
+                          g == &decayed_ ? hyper_.weight_decay : 0.0, hyper_.eps, scale);
     }
-    if (hyper_.weight_decay != 0 && !decayed.empty()) at::_foreach_mul_(decayed, 1.0 - lr * hyper_.weight_decay);
-    compat::fused_adamw(params, grads, m, v, steps, lr, hyper_.beta1, hyper_.beta2, /*weight_decay=*/0.0, hyper_.eps);
+    clip_coef_ = 1.0;
     if constexpr (P::offload)
       for (auto& u : units_) u.refresh_device_shard();
     if constexpr (P::params_persist) gather_all();
@@ -250,6 +265,11 @@ class Engine {
   std::set<size_t> pinned_;
   std::vector<at::Tensor> x_in_, out_;
   bool first_micro_batch_ = true;
+  struct Runs {
+    std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
+  };
+  Runs decayed_, plain_;
+  double clip_coef_ = 1.0;
 };
 
 }  // namespace shardlm::engine

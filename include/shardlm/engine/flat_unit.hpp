@@ -68,6 +68,17 @@ class FlatUnit {
   int64_t shard_numel() const { return shard_; }
   /// [begin, end) element ranges of the shard whose parameters take weight decay.
   const std::vector<std::pair<int64_t, int64_t>>& decay_runs() const { return decay_runs_; }
+  /// The rest of the shard (norm scales, biases, padding), as [begin, end) ranges.
+  std::vector<std::pair<int64_t, int64_t>> plain_runs() const {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    int64_t at = 0;
+    for (auto [a, b] : decay_runs_) {
+      if (a > at) out.emplace_back(at, a);
+      at = b;
+    }
+    if (at < shard_) out.emplace_back(at, shard_);
+    return out;
+  }
 
   /// Takes this rank's slice of the unit's full weights (the module's parameters, materialized) as the master
   /// shard, sets up gradient and optimizer state, and points the parameters at the gathered buffer (released).
@@ -87,7 +98,6 @@ class FlatUnit {
     grad_ = at::zeros({shard_}, state.dtype(reduce));
     exp_avg_ = at::zeros_like(master_);  // never copied: pageable host memory is enough
     exp_avg_sq_ = at::zeros_like(master_);
-    step_ = at::zeros({}, state.dtype(at::kFloat).pinned_memory(false));
     if (offload) device_shard_ = master_.to(device_opts.dtype(compute));
     gathered_ = at::empty({padded_}, device_opts.dtype(compute));
     for (auto& s : slots_) s.param.set_data(gathered_.narrow(0, s.offset, s.numel).view(s.param.sizes()));
@@ -191,7 +201,6 @@ class FlatUnit {
   const at::Tensor& grad() const { return grad_; }
   at::Tensor& exp_avg() { return exp_avg_; }
   at::Tensor& exp_avg_sq() { return exp_avg_sq_; }
-  at::Tensor& step() { return step_; }
 
  private:
   std::string name_;
@@ -199,7 +208,7 @@ class FlatUnit {
   std::vector<Slot> slots_;
   int64_t numel_ = 0, padded_ = 0, shard_ = 0;
   std::vector<std::pair<int64_t, int64_t>> decay_runs_;
-  at::Tensor master_, grad_, exp_avg_, exp_avg_sq_, step_, gathered_;
+  at::Tensor master_, grad_, exp_avg_, exp_avg_sq_, gathered_;
   at::Tensor device_shard_, staging_;  // offload only
   bool staged_ = false;
 };

@@ -191,7 +191,8 @@ class Trainer {
     return out;
   }
 
-  /// This rank's gradient shards of the last step (after reduction and clipping), one per unit.
+  /// This rank's gradient shards of the last step, reduced, one per unit (after the optimizer step: clipped,
+  /// since the fused kernel scales them in place).
   std::vector<at::Tensor> gradient_shards() {
     std::vector<at::Tensor> out;
     for (size_t u = 0; u < engine_->num_units(); ++u) out.push_back(engine_->unit(u).grad());
