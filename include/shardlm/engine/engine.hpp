@@ -107,6 +107,21 @@ class Engine {
 
   size_t num_units() const { return units_.size(); }
   const FlatUnit& unit(size_t u) const { return units_.at(u); }
+  FlatUnit& unit(size_t u) { return units_.at(u); }
+
+  /// Optimizer steps taken (the AdamW step count of every shard).
+  int64_t optimizer_steps() const { return optimizer_steps_; }
+
+  /// After this rank's master shards and AdamW state were replaced (a resumed checkpoint): sets the step count
+  /// and refreshes what derives from the masters (device shards under offload, gathered parameters).
+  void state_loaded(int64_t optimizer_steps) {
+    optimizer_steps_ = optimizer_steps;
+    for (auto* g : {&decayed_, &plain_})
+      for (auto& s : g->steps) s.fill_(static_cast<double>(optimizer_steps));
+    if constexpr (P::offload)
+      for (auto& u : units_) u.refresh_device_shard();
+    if constexpr (P::params_persist) gather_all();
+  }
   dist::ProcessGroups& groups() { return groups_; }
 
   /// Starts an optimizer step: zeroes the gradient shards (offloaded ones are overwritten by the first
@@ -199,6 +214,7 @@ class Engine {
                           g == &decayed_ ? hyper_.weight_decay : 0.0, hyper_.eps, scale);
     }
     clip_coef_ = 1.0;
+    ++optimizer_steps_;
     if constexpr (P::offload)
       for (auto& u : units_) u.refresh_device_shard();
     if constexpr (P::params_persist) gather_all();
@@ -270,6 +286,7 @@ class Engine {
   };
   Runs decayed_, plain_;
   double clip_coef_ = 1.0;
+  int64_t optimizer_steps_ = 0;
 };
 
 }  // namespace shardlm::engine

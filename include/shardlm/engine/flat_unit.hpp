@@ -200,7 +200,9 @@ class FlatUnit {
   at::Tensor& grad() { return grad_; }
   const at::Tensor& grad() const { return grad_; }
   at::Tensor& exp_avg() { return exp_avg_; }
+  const at::Tensor& exp_avg() const { return exp_avg_; }
   at::Tensor& exp_avg_sq() { return exp_avg_sq_; }
+  const at::Tensor& exp_avg_sq() const { return exp_avg_sq_; }
 
  private:
   std::string name_;

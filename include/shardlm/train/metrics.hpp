@@ -65,9 +65,10 @@ inline std::pair<double, double> memory_gb(const c10::Device& device) {
 /// its record).
 class MetricsWriter {
  public:
-  explicit MetricsWriter(const std::string& path) {
+  /// Opens `path` (nothing when empty); `append` keeps the rows of an earlier run (a resumed one).
+  explicit MetricsWriter(const std::string& path, bool append = false) {
     if (path.empty()) return;
-    out_.open(path, std::ios::out | std::ios::trunc);
+    out_.open(path, std::ios::out | (append ? std::ios::app : std::ios::trunc));
     if (!out_) fail<IoError>("--metrics ", path, ": cannot open for writing");
   }
   void write(const StepMetrics& m) {

@@ -3,6 +3,7 @@
 #include <cxxopts.hpp>
 
 #include <cstdint>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -38,6 +39,9 @@ struct TrainOptions {
   int64_t shard_group_size = 0;          ///< HybridShard: ranks per shard group (0: the ranks of one node)
   int64_t dist_timeout = 300;            ///< seconds to wait for every rank at rendezvous and group setup
   std::string save_final;                ///< write the trained weights (HF names, safetensors) here at the end
+  std::string checkpoint_dir;            ///< sharded training checkpoints go here (train/checkpoint.hpp)
+  int64_t save_every = 0;                ///< checkpoint every N steps (0: only at the end); needs checkpoint_dir
+  std::string resume = "auto";           ///< auto (newest committed checkpoint, if any), none, or a checkpoint path
   /// Text used as the dataset when --data is not given (the examples' embedded corpus).
   std::string_view builtin_text;
   std::string builtin_name = "embedded corpus";
@@ -58,6 +62,10 @@ struct TrainOptions {
     if (grad_clip < 0) fail<ConfigError>("--grad-clip must be >= 0, got ", grad_clip);
     if (shard_group_size < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", shard_group_size);
     positive(dist_timeout, "dist-timeout");
+    if (save_every < 0) fail<ConfigError>("--save-every must be >= 0, got ", save_every);
+    if (save_every > 0 && checkpoint_dir.empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
+    if (resume != "auto" && resume != "none" && checkpoint_dir.empty() && !std::filesystem::exists(resume))
+      fail<ConfigError>("--resume ", resume, ": no such checkpoint directory");
     if (data.empty() && builtin_text.empty()) fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
   }
 };
@@ -93,6 +101,9 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.shard_group_size))
     ("dist-timeout", "seconds to wait for every rank to join", s(o.dist_timeout))
     ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(o.save_final))
+    ("checkpoint-dir", "write sharded training checkpoints under this directory", s(o.checkpoint_dir))
+    ("save-every", "checkpoint every N steps (0: only at the end of the run)", s(o.save_every))
+    ("resume", "auto (newest committed checkpoint in --checkpoint-dir), none, or a checkpoint directory", s(o.resume))
     ("h,help", "print this help");
   if (policy_flags)
     opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision))(
@@ -128,6 +139,9 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
   o.shard_group_size = r["shard-group-size"].as<int64_t>();
   o.dist_timeout = r["dist-timeout"].as<int64_t>();
   o.save_final = r["save-final"].as<std::string>();
+  o.checkpoint_dir = r["checkpoint-dir"].as<std::string>();
+  o.save_every = r["save-every"].as<int64_t>();
+  o.resume = r["resume"].as<std::string>();
   if (policy_flags) {
     o.precision = r["precision"].as<std::string>();
     o.sharding = r["sharding"].as<std::string>();

@@ -24,6 +24,7 @@
 #include "shardlm/model/ops.hpp"
 #include "shardlm/optim/schedule.hpp"
 #include "shardlm/policy/policies.hpp"
+#include "shardlm/train/checkpoint.hpp"
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
 
@@ -112,6 +113,7 @@ class Trainer {
     engine_ = std::make_unique<Engine>(*model_, *groups_, device_, init,
                                        engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay});
     if (ckpt && rank() == 0) io::warn_unused(*ckpt, used);
+    resume();
     peak_flops_ = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : (device_.is_cuda() ? 989e12 : -1);
   }
 
@@ -167,6 +169,16 @@ class Trainer {
     return m;
   }
 
+  /// Writes a sharded checkpoint of the current step under --checkpoint-dir (a collective).
+  std::filesystem::path save_checkpoint() {
+    return train::save_checkpoint(*engine_, *groups_, options_.checkpoint_dir, step_,
+                                  {{"sharding", Recipe::Sharding::name}, {"precision", Precision::name},
+                                   {"layers", config_.num_layers}, {"hidden_size", config_.hidden_size},
+                                   {"seed", options_.seed}, {"global_batch", options_.micro_batch * options_.grad_accum * groups_->size()}});
+  }
+  /// The checkpoint this run resumed from (empty when it started fresh).
+  const std::filesystem::path& resumed_from() const { return resumed_from_; }
+
   Model& model() { return model_; }
   Engine& engine() { return *engine_; }
   dist::ProcessGroups& groups() { return *groups_; }
@@ -200,6 +212,27 @@ class Trainer {
   }
 
  private:
+  /// --resume: auto takes the newest committed checkpoint under --checkpoint-dir (none: a fresh start).
+  void resume() {
+    std::optional<std::filesystem::path> from;
+    if (options_.resume == "auto") {
+      if (!options_.checkpoint_dir.empty()) from = latest_checkpoint(options_.checkpoint_dir);
+    } else if (options_.resume != "none") {
+      from = std::filesystem::path(options_.resume);
+    }
+    if (!from) return;
+    const nlohmann::json meta = load_checkpoint(*engine_, *groups_, *from);
+    step_ = meta.at("step").get<int64_t>();
+    const int64_t global = options_.micro_batch * options_.grad_accum * groups_->size();
+    if (meta.contains("global_batch") && meta["global_batch"].get<int64_t>() != global && rank() == 0)
+      log::warn("resuming with a global batch of ", global, " samples; the checkpoint's run used ",
+                meta["global_batch"].get<int64_t>(), ": the data order differs from the original run's");
+    resumed_from_ = *from;
+    if (rank() == 0)
+      log::info("shardlm: resumed from ", from->string(), " (step ", step_, ", saved by ", meta.at("world_size").get<int>(),
+                " rank(s))");
+  }
+
   /// Samples k .. k + B - 1 of the run as (inputs, next-token targets), each [B, T] on the device.
   std::pair<at::Tensor, at::Tensor> batch(int64_t first_sample) {
     const int64_t B = options_.micro_batch, T = options_.seq_len;
@@ -220,6 +253,7 @@ class Trainer {
   data::Sampler sampler_;
   optim::CosineSchedule schedule_;
   std::unique_ptr<Engine> engine_;
+  std::filesystem::path resumed_from_;
   double peak_flops_ = -1;
   int64_t step_ = 0;
 };
@@ -248,20 +282,31 @@ int run_trainer(const TrainOptions& o) {
               Recipe::Precision::name, " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",
               g.size() > 1 ? detail::cat(" (", g.env().source, "; shard groups of ", g.shard_group_size(), ")") : std::string(),
               " | global batch ", o.micro_batch * o.grad_accum * g.size(), " x ", o.seq_len, " tokens");
-  train::MetricsWriter metrics(lead ? o.metrics : std::string());
+  train::MetricsWriter metrics(lead ? o.metrics : std::string(), /*append=*/!trainer.resumed_from().empty());
   double first_loss = 0, last_loss = 0;
-  for (int64_t s = 0; s < o.steps; ++s) {
+  const int64_t start = trainer.steps_done();
+  if (start >= o.steps) {
+    if (lead) log::info("shardlm: nothing to train: the run is at step ", start, " of --steps ", o.steps);
+    return 0;
+  }
+  for (int64_t s = start; s < o.steps; ++s) {
     const auto m = trainer.step();
     metrics.write(m);
-    if (s == 0) first_loss = m.loss;
+    if (s == start) first_loss = m.loss;
     last_loss = m.loss;
-    if (lead && (m.step % o.log_every == 0 || m.step == 1 || m.step == o.steps)) log::info(m.line(o.steps));
+    if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) log::info(m.line(o.steps));
+    if (!o.checkpoint_dir.empty() && ((o.save_every > 0 && m.step % o.save_every == 0) || m.step == o.steps)) {
+      const auto path = trainer.save_checkpoint();
+      if (lead) log::info("shardlm: checkpoint ", path.string());
+    }
   }
   if (!o.save_final.empty()) {
     auto weights = trainer.full_weights();
     if (lead) io::save_safetensors(o.save_final, weights);
   }
-  if (lead) log::info("shardlm: trained ", o.steps, " steps: loss ", first_loss, " -> ", last_loss);
+  if (lead)
+    log::info("shardlm: trained ", o.steps - start, " steps (", start + 1, "..", o.steps, "): loss ", first_loss, " -> ",
+              last_loss);
   return 0;
 }
 
