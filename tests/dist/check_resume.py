@@ -8,6 +8,8 @@
      the shards are re-sliced; losses of steps 5..8 within 1e-5 of A's.
   An uncommitted checkpoint directory (a save that never finished) is ignored by --resume auto and refused
   by --resume PATH.
+  Preemption: rank 1 gets SIGTERM 4 s into a long run; both ranks stop after the same step, save a committed
+  checkpoint of it and exit 0; a restart resumes from it.
 """
 import argparse
 import json
@@ -85,7 +87,25 @@ def main():
     print(f"uncommitted checkpoint: --resume auto {'skips it' if auto_ok else 'DID NOT skip it'}; "
           f"--resume PATH {'refuses it' if refused else 'DID NOT refuse it'}")
 
-    if not (exact and same_weights and worst <= 1e-5 and auto_ok and refused):
+    # Preemption: SIGTERM to rank 1 only; the stop request reaches rank 0 with the step's loss all-reduce.
+    ckf = work / "ckF"
+    cmd = [args.launch, "--nproc-per-node", "2", "--", "sh", "-c",
+           '[ $RANK = 1 ] && (sleep 4 && kill -TERM $$) & exec "$0" "$@"', args.train,
+           "--data", str(work / "tokens.bin"), "--preset", "llama3-debug", "--layers", "2", "--seq-len", "32",
+           "--micro-batch", "1", "--steps", "100000", "--checkpoint-dir", str(ckf), "--dist-timeout", "60"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    saved = sorted(d.name for d in ckf.glob("step-*") if (d / "COMMITTED").exists()) if ckf.exists() else []
+    stopped = p.returncode == 0 and "stopping after step" in p.stderr and len(saved) == 1
+    step = int(saved[0][5:]) if saved else -1
+    p2 = subprocess.run(cmd[:4] + [args.train] + cmd[8:-6] + ["--steps", str(step + 2), "--checkpoint-dir", str(ckf),
+                        "--dist-timeout", "60"], capture_output=True, text=True, timeout=300)
+    continued = p2.returncode == 0 and f"step-{step:08d}" in p2.stderr and "trained 2 steps" in p2.stderr
+    print(f"preemption: SIGTERM to rank 1 -> exit {p.returncode}, committed {saved}; restart "
+          f"{'resumed and trained 2 more steps' if continued else 'FAILED: ' + p2.stderr[-500:]}")
+    if not stopped:
+        print(p.stderr[-2000:])
+
+    if not (exact and same_weights and worst <= 1e-5 and auto_ok and refused and stopped and continued):
         sys.exit("FAIL")
     print("PASS")
 

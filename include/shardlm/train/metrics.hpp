@@ -20,6 +20,7 @@ struct StepMetrics {
   double mem_alloc_gb = 0, mem_reserved_gb = 0;
   int64_t tokens = 0;
   bool skipped = false;      ///< non-finite gradients: no update
+  bool stop_requested = false;  ///< some rank got SIGTERM/SIGUSR1 (not in the JSON)
 
   nlohmann::json to_json() const {
     return {{"step", step}, {"loss", loss}, {"grad_norm", grad_norm}, {"lr", lr}, {"tokens_per_s", tokens_per_s},

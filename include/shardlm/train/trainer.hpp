@@ -27,6 +27,7 @@
 #include "shardlm/train/checkpoint.hpp"
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
+#include "shardlm/train/preemption.hpp"
 
 namespace shardlm::train {
 
@@ -130,7 +131,7 @@ class Trainer {
     const double global_tokens = static_cast<double>(global * T);
     const auto t_start = clock::now();
     engine_->begin_step();
-    auto loss_sum = at::zeros({1}, at::TensorOptions().device(device_).dtype(at::kFloat));
+    auto loss_sum = at::zeros({2}, at::TensorOptions().device(device_).dtype(at::kFloat));  // [loss, stop]
     for (int64_t a = 0; a < options_.grad_accum; ++a) {
       auto t0 = clock::now();
       auto [ids, targets] = batch(step_ * global + (a * W + rank()) * B);  // [B, T] each
@@ -141,7 +142,7 @@ class Trainer {
       sync();
       auto t2 = clock::now();
       engine_->backward(sum / global_tokens, a + 1 == options_.grad_accum);
-      loss_sum += sum.detach();
+      loss_sum.narrow(0, 0, 1) += sum.detach();
       sync();
       auto t3 = clock::now();
       m.data_s += secs(t0, t1), m.forward_s += secs(t1, t2), m.backward_s += secs(t2, t3);
@@ -155,8 +156,11 @@ class Trainer {
       m.skipped = true;
       log::warn("step ", m.step, ": gradient norm is not finite; the update is skipped");
     }
+    if (StopSignals::received()) loss_sum.narrow(0, 1, 1).fill_(1.0);  // a stop request travels with the loss
     groups_->world().all_reduce(loss_sum, dist::Reduce::Sum);
-    m.loss = loss_sum.item<double>() / global_tokens;
+    const auto reduced = loss_sum.cpu();
+    m.loss = reduced[0].item<double>() / global_tokens;
+    m.stop_requested = reduced[1].item<double>() > 0;
     sync();
     const auto t_end = clock::now();
     m.optimizer_s = secs(t_opt, t_end);
@@ -273,6 +277,7 @@ template <class Model, class Recipe>
 int run_trainer(const TrainOptions& o) {
   o.validate();
   train::Trainer<Model, Recipe> trainer(o, train::open_dataset(o));
+  train::StopSignals::install();
   const bool lead = trainer.rank() == 0;
   const auto& c = trainer.config();
   const auto& g = trainer.groups();
@@ -295,9 +300,19 @@ int run_trainer(const TrainOptions& o) {
     if (s == start) first_loss = m.loss;
     last_loss = m.loss;
     if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) log::info(m.line(o.steps));
-    if (!o.checkpoint_dir.empty() && ((o.save_every > 0 && m.step % o.save_every == 0) || m.step == o.steps)) {
+    const bool stop = m.stop_requested && m.step < o.steps;
+    if (!o.checkpoint_dir.empty() &&
+        ((o.save_every > 0 && m.step % o.save_every == 0) || m.step == o.steps || stop)) {
       const auto path = trainer.save_checkpoint();
       if (lead) log::info("shardlm: checkpoint ", path.string());
+    }
+    if (stop) {
+      if (o.checkpoint_dir.empty()) {
+        if (lead) log::warn("stopping after step ", m.step, " on a signal, without --checkpoint-dir: nothing was saved");
+        return 128 + SIGTERM;
+      }
+      if (lead) log::info("shardlm: stopping after step ", m.step, " on a signal (preemption); --resume auto continues");
+      return 0;
     }
   }
   if (!o.save_final.empty()) {
