@@ -42,6 +42,7 @@ struct TrainOptions {
   std::string checkpoint_dir;            ///< sharded training checkpoints go here (train/checkpoint.hpp)
   int64_t save_every = 0;                ///< checkpoint every N steps (0: only at the end); needs checkpoint_dir
   std::string resume = "auto";           ///< auto (newest committed checkpoint, if any), none, or a checkpoint path
+  int64_t max_bad_steps = 10;            ///< stop with an error after this many non-finite steps in a row (0: never)
   /// Text used as the dataset when --data is not given (the examples' embedded corpus).
   std::string_view builtin_text;
   std::string builtin_name = "embedded corpus";
@@ -63,6 +64,7 @@ struct TrainOptions {
     if (shard_group_size < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", shard_group_size);
     positive(dist_timeout, "dist-timeout");
     if (save_every < 0) fail<ConfigError>("--save-every must be >= 0, got ", save_every);
+    if (max_bad_steps < 0) fail<ConfigError>("--max-bad-steps must be >= 0, got ", max_bad_steps);
     if (save_every > 0 && checkpoint_dir.empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
     if (resume != "auto" && resume != "none" && checkpoint_dir.empty() && !std::filesystem::exists(resume))
       fail<ConfigError>("--resume ", resume, ": no such checkpoint directory");
@@ -104,6 +106,7 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("checkpoint-dir", "write sharded training checkpoints under this directory", s(o.checkpoint_dir))
     ("save-every", "checkpoint every N steps (0: only at the end of the run)", s(o.save_every))
     ("resume", "auto (newest committed checkpoint in --checkpoint-dir), none, or a checkpoint directory", s(o.resume))
+    ("max-bad-steps", "stop with an error after N steps in a row with a non-finite gradient norm (0: never)", s(o.max_bad_steps))
     ("h,help", "print this help");
   if (policy_flags)
     opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision))(
@@ -142,6 +145,7 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
   o.checkpoint_dir = r["checkpoint-dir"].as<std::string>();
   o.save_every = r["save-every"].as<int64_t>();
   o.resume = r["resume"].as<std::string>();
+  o.max_bad_steps = r["max-bad-steps"].as<int64_t>();
   if (policy_flags) {
     o.precision = r["precision"].as<std::string>();
     o.sharding = r["sharding"].as<std::string>();

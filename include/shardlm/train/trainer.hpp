@@ -11,6 +11,8 @@
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "shardlm/core/device.hpp"
@@ -116,6 +118,12 @@ class Trainer {
     if (ckpt && rank() == 0) io::warn_unused(*ckpt, used);
     resume();
     peak_flops_ = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : (device_.is_cuda() ? 989e12 : -1);
+    // Fault injection for tests: SHARDLM_INJECT_NAN_STEPS=3,5 makes the loss of those (1-based) steps NaN.
+    if (const char* steps = std::getenv("SHARDLM_INJECT_NAN_STEPS")) {
+      std::stringstream in(steps);
+      for (std::string item; std::getline(in, item, ',');)
+        if (!item.empty()) nan_steps_.insert(std::stoll(item));
+    }
   }
 
   /// One optimizer step over the global batch (grad_accum micro-batches of micro_batch samples per rank).
@@ -141,7 +149,8 @@ class Trainer {
       const auto sum = model::ops::next_token_loss_sum(logits, targets);
       sync();
       auto t2 = clock::now();
-      engine_->backward(sum / global_tokens, a + 1 == options_.grad_accum);
+      const double scale = nan_steps_.count(m.step) ? std::nan("") : 1.0 / global_tokens;
+      engine_->backward(sum * scale, a + 1 == options_.grad_accum);
       loss_sum.narrow(0, 0, 1) += sum.detach();
       sync();
       auto t3 = clock::now();
@@ -258,6 +267,7 @@ class Trainer {
   optim::CosineSchedule schedule_;
   std::unique_ptr<Engine> engine_;
   std::filesystem::path resumed_from_;
+  std::set<int64_t> nan_steps_;  // SHARDLM_INJECT_NAN_STEPS
   double peak_flops_ = -1;
   int64_t step_ = 0;
 };
@@ -294,9 +304,16 @@ int run_trainer(const TrainOptions& o) {
     if (lead) log::info("shardlm: nothing to train: the run is at step ", start, " of --steps ", o.steps);
     return 0;
   }
+  int64_t bad_in_a_row = 0;
   for (int64_t s = start; s < o.steps; ++s) {
     const auto m = trainer.step();
     metrics.write(m);
+    bad_in_a_row = m.skipped ? bad_in_a_row + 1 : 0;
+    if (o.max_bad_steps > 0 && bad_in_a_row >= o.max_bad_steps)
+      fail<Error>(bad_in_a_row, " steps in a row (", m.step - bad_in_a_row + 1, "..", m.step,
+                  ") had a non-finite gradient norm and were skipped (--max-bad-steps ", o.max_bad_steps,
+                  "): stopping; the weights are those of step ", m.step - bad_in_a_row,
+                  o.checkpoint_dir.empty() ? std::string() : "; --resume auto restarts from the last checkpoint");
     if (s == start) first_loss = m.loss;
     last_loss = m.loss;
     if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) log::info(m.line(o.steps));
