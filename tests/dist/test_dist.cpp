@@ -41,6 +41,16 @@ int free_port() {
   return ntohs(a.sin_port);
 }
 
+/// Rank r's client (rank 0: also the server) of a TCPStore of W ranks on localhost:port.
+c10::intrusive_ptr<c10d::Store> store_of(int port, int r, int W) {
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(port);
+  so.isServer = r == 0;
+  so.numWorkers = W;
+  so.timeout = std::chrono::seconds(60);
+  return c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+}
+
 }  // namespace
 
 TEST_CASE("launch environment: torchrun variables, Slurm variables, a single process") {
@@ -136,12 +146,7 @@ TEST_CASE("Gloo collectives among three ranks: gather, reduce-scatter, all-reduc
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
       try {
-        c10d::TCPStoreOptions so;
-        so.port = static_cast<uint16_t>(port);
-        so.isServer = r == 0;
-        so.numWorkers = W;
-        so.timeout = std::chrono::seconds(30);
-        auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+        auto store = store_of(port, r, W);
         dist::GlooCommunicator c(store, "test", r, W, "127.0.0.1", std::chrono::seconds(30));
         gathered[r] = at::empty({6});
         c.all_gather(gathered[r], at::full({2}, double(r)).to(at::kFloat));
@@ -191,12 +196,7 @@ TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; C
     threads.emplace_back([&, r] {
       try {
         c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(r));
-        c10d::TCPStoreOptions so;
-        so.port = static_cast<uint16_t>(port);
-        so.isServer = r == 0;
-        so.numWorkers = W;
-        so.timeout = std::chrono::seconds(60);
-        auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+        auto store = store_of(port, r, W);
         dist::NcclCommunicator c(store, "test", r, W, r, std::chrono::seconds(60));
         const auto opts = at::TensorOptions().device(at::kCUDA, r).dtype(at::kFloat);
         gathered[r] = at::empty({4}, opts.dtype(at::kBFloat16));

@@ -26,6 +26,7 @@
 #include "shardlm/dist/groups.hpp"
 #include "shardlm/engine/flat_unit.hpp"
 #include "shardlm/engine/streams.hpp"
+#include "shardlm/optim/clip.hpp"
 #include "shardlm/policy/policies.hpp"
 
 namespace shardlm::engine {
@@ -176,9 +177,13 @@ class Engine {
       });
     }
     streams_.join();
-    if constexpr (P::offload) {  // the host's gradient shards are complete once the copies are
-      streams_.synchronize();
-      for (auto& unit : units_) unit.finish_host_grads();
+    // Offload: the host waits for the gradient copies only when it reads them: staged micro-batches are added
+    // now (the next micro-batch reuses the staging buffers), and the optimizer reads after the last one.
+    if constexpr (P::offload) {
+      if (last_micro_batch || !first_micro_batch_) {
+        streams_.synchronize();
+        for (auto& unit : units_) unit.finish_host_grads();
+      }
     }
     first_micro_batch_ = false;
   }
@@ -189,8 +194,7 @@ class Engine {
   double clip_grad_norm(double max_norm) {
     std::vector<at::Tensor> grads;
     for (auto& u : units_) grads.push_back(u.grad());
-    auto sq = at::zeros({1}, grads.front().options().dtype(at::kFloat));
-    for (const auto& norm : at::_foreach_norm(grads, 2, at::kFloat)) sq += norm * norm;
+    auto sq = optim::global_norm(grads).square().reshape({1});  // this rank's shards
     if (groups_.shard().size() > 1) {
       sq = sq.to(device_);  // offloaded gradients are on the host; NCCL reduces device tensors
       groups_.shard().all_reduce(sq, dist::Reduce::Sum);
