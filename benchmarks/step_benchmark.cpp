@@ -37,6 +37,7 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   const double step_s = median(&M::step_s);
   const double tps = static_cast<double>(o.micro_batch * o.grad_accum * o.seq_len) / step_s;  // per rank
   const double peak = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : 989e12;
+  const auto plan = trainer.memory_plan();
   double alloc = 0, reserved = 0;
   for (const auto& m : steps) alloc = std::max(alloc, m.mem_alloc_gb), reserved = std::max(reserved, m.mem_reserved_gb);
   return {{"impl", "shardlm"}, {"preset", o.preset}, {"layers", config.num_layers}, {"seq", o.seq_len},
@@ -45,7 +46,8 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
           {"params", config.num_params()}, {"step_s", step_s},
           {"fwd_bwd_opt_s", {median(&M::forward_s), median(&M::backward_s), median(&M::optimizer_s)}},
           {"tokens_per_s_per_gpu", tps}, {"mfu", tps * config.flops_per_token(o.seq_len) / peak},
-          {"peak_alloc_gb", alloc}, {"peak_reserved_gb", reserved}, {"loss", steps.back().loss},
+          {"peak_alloc_gb", alloc}, {"peak_reserved_gb", reserved}, {"plan_gb", plan.gpu_peak() / plan.gib},
+          {"plan_peak_at", plan.peak_at}, {"plan_host_gb", plan.host_total() / plan.gib}, {"loss", steps.back().loss},
           {"rank", trainer.rank()}};
 }
 }  // namespace

@@ -26,6 +26,7 @@
 #include "shardlm/optim/adamw.hpp"
 #include "shardlm/optim/clip.hpp"
 #include "shardlm/optim/schedule.hpp"
+#include "shardlm/train/memory_plan.hpp"
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
 #include "shardlm/train/trainer.hpp"

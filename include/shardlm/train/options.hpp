@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -68,15 +69,25 @@ struct TrainOptions {
     if (save_every > 0 && checkpoint_dir.empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
     if (resume != "auto" && resume != "none" && checkpoint_dir.empty() && !std::filesystem::exists(resume))
       fail<ConfigError>("--resume ", resume, ": no such checkpoint directory");
-    if (data.empty() && builtin_text.empty()) fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
+    if (data.empty() && builtin_text.empty() && needs_data)
+      fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
   }
+  bool needs_data = true;                ///< false for programs that read no data (shardlm_plan)
 };
 
 namespace cli {
 
+/// Flags a program adds to the trainer's (shardlm_plan's --world-size): declared on the parser, then read from
+/// its result.
+struct ExtraFlags {
+  std::function<void(cxxopts::Options&)> declare;
+  std::function<void(const cxxopts::ParseResult&)> read;
+};
+
 /// Parses the trainer flags over `defaults`. `--help` prints every flag with its default and exits 0.
-/// With `policy_flags`, also --precision (the policy-matrix program).
-inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false) {
+/// With `policy_flags`, also --precision, --sharding, --checkpointing, --offload (the policy-matrix programs).
+inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false,
+                          const ExtraFlags& extra = {}) {
   cxxopts::Options opts(argc > 0 ? argv[0] : "shardlm", "shardlm trainer");
   auto s = [](const auto& v) { return cxxopts::value<std::decay_t<decltype(v)>>()->default_value(detail::cat(v)); };
   opts.add_options()
@@ -113,6 +124,7 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
         "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(o.sharding))(
         "checkpointing", "none, every-block or every-2 (recompute blocks in backward)", s(o.checkpointing))(
         "offload", "none or cpu", s(o.offload));
+  if (extra.declare) extra.declare(opts);
   const auto r = opts.parse(argc, argv);
   if (!r.unmatched().empty()) fail<ConfigError>("unexpected argument '", r.unmatched().front(), "'");
   if (r.count("help")) {
@@ -152,6 +164,7 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     o.checkpointing = r["checkpointing"].as<std::string>();
     o.offload = r["offload"].as<std::string>();
   }
+  if (extra.read) extra.read(r);
   o.validate();
   return o;
 }

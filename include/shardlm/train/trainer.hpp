@@ -27,6 +27,7 @@
 #include "shardlm/optim/schedule.hpp"
 #include "shardlm/policy/policies.hpp"
 #include "shardlm/train/checkpoint.hpp"
+#include "shardlm/train/memory_plan.hpp"
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
 #include "shardlm/train/preemption.hpp"
@@ -72,6 +73,18 @@ std::unique_ptr<dist::ProcessGroups> make_groups(const TrainOptions& o, const di
   return std::make_unique<dist::ProcessGroups>(env, G, d, std::chrono::seconds(o.dist_timeout));
 }
 
+/// The memory planner's input (train/memory_plan.hpp) for a run of `Recipe` in `env`.
+template <class Recipe>
+plan::PlanInput plan_input(const TrainOptions& o, const model::ModelConfig& c, const dist::LaunchEnv& env) {
+  plan::PlanInput in;
+  in.model = c;
+  in.sharding = Recipe::Sharding::name, in.precision = Recipe::Precision::name;
+  in.checkpointing = Recipe::Checkpointing::name, in.offload = Recipe::Offload::name;
+  in.world_size = env.world_size, in.gpus_per_node = env.local_world_size, in.shard_group_size = o.shard_group_size;
+  in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;
+  return in;
+}
+
 template <class Model, class Recipe>
 class Trainer {
   using Precision = typename Recipe::Precision;
@@ -94,14 +107,13 @@ class Trainer {
         dataset_(std::move(dataset)),
         sampler_(dataset_.size(), o.seq_len, o.seed, dataset_.name()),
         schedule_{o.lr, o.warmup_steps, o.steps, o.min_lr_ratio} {
-    if constexpr (Recipe::Offload::to_host) {
-      // The optimizer step runs on the host: give it this rank's share of the cores (launchers set
-      // OMP_NUM_THREADS=1 for ranks that compute on GPUs).
-      if (device_.is_cuda()) {
-        const int threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env_.local_world_size);
-        at::set_num_threads(threads);
-        if (rank() == 0) log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
-      }
+    if (device_.is_cuda()) {
+      // Host work of a GPU rank (weight initialization; with offload, the optimizer step) gets this rank's share
+      // of the cores (launchers set OMP_NUM_THREADS=1 for ranks that compute on GPUs).
+      const int threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env_.local_world_size);
+      at::set_num_threads(threads);
+      if (Recipe::Offload::to_host && rank() == 0)
+        log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
     }
     std::unique_ptr<io::HfCheckpoint> ckpt;
     std::set<std::string> used;
@@ -145,8 +157,9 @@ class Trainer {
       auto [ids, targets] = batch(step_ * global + (a * W + rank()) * B);  // [B, T] each
       sync();
       auto t1 = clock::now();
-      const auto logits = engine_->forward(ids);  // [B, T, V]
-      const auto sum = model::ops::next_token_loss_sum(logits, targets);
+      // The logits [B, T, V] go out of scope before backward: nothing there reads them (the loss keeps its
+      // own log-softmax), so their memory is free for the backward of the head.
+      const auto sum = model::ops::next_token_loss_sum(engine_->forward(ids), targets);
       sync();
       auto t2 = clock::now();
       const double scale = nan_steps_.count(m.step) ? std::nan("") : 1.0 / global_tokens;
@@ -195,6 +208,8 @@ class Trainer {
   Model& model() { return model_; }
   Engine& engine() { return *engine_; }
   dist::ProcessGroups& groups() { return *groups_; }
+  /// The planner's prediction for this run (what the trainer prints at start on a GPU).
+  plan::MemoryPlan memory_plan() const { return plan::plan_memory(plan_input<Recipe>(options_, config_, env_)); }
   int rank() const { return groups_->rank(); }
   const model::ModelConfig& config() const { return config_; }
   const c10::Device& device() const { return device_; }
@@ -297,6 +312,7 @@ int run_trainer(const TrainOptions& o) {
               Recipe::Precision::name, " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",
               g.size() > 1 ? detail::cat(" (", g.env().source, "; shard groups of ", g.shard_group_size(), ")") : std::string(),
               " | global batch ", o.micro_batch * o.grad_accum * g.size(), " x ", o.seq_len, " tokens");
+  if (lead && trainer.device().is_cuda()) log::info("shardlm: memory plan (train/memory_plan.hpp): ", trainer.memory_plan().table());
   train::MetricsWriter metrics(lead ? o.metrics : std::string(), /*append=*/!trainer.resumed_from().empty());
   double first_loss = 0, last_loss = 0;
   const int64_t start = trainer.steps_done();

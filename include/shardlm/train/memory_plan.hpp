@@ -1,0 +1,294 @@
+#pragma once
+// The memory planner: predicted bytes per GPU and per host for a model, a recipe (policy names), a world and a
+// batch. It replays the engine's schedule (engine/engine.hpp) on byte counts: what each unit allocates in
+// forward and backward, what the sharding policy keeps gathered, what checkpointing keeps saved, and reports
+// the peak with the breakdown at that moment. Torch-free: shardlm_plan answers in milliseconds.
+//
+// Counted per GPU (bytes of the CUDA caching allocator's peak "allocated"):
+//   sharded state        master + gradient + AdamW moments of this rank's shards (offload: the compute-dtype
+//                        copy of the shard only; the rest is on the host)
+//   gathered parameters  units gathered in the compute dtype (the persistent policies keep all of them)
+//   activations          what autograd saves per block (CUDA kernels: fused RMSNorm, flash attention)
+//   logits and loss      the head's logits and the fp32 cross-entropy (log-softmax and its gradients)
+//   gradients in flight  a unit's parameter gradients, its flat buffer in the reduce dtype and the shard slice
+//   workspace            cuBLAS workspaces of the two streams
+// Counted per host: the offloaded state of the host's GPUs (pinned master and gradients, pageable moments,
+// staging for gradient accumulation).
+#include <algorithm>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "shardlm/core/errors.hpp"
+#include "shardlm/model/config.hpp"
+
+namespace shardlm::plan {
+
+/// The run to plan: the same names as shardlm_train's flags.
+struct PlanInput {
+  model::ModelConfig model;
+  std::string sharding = "full";         ///< none | grad-op | full | hybrid
+  std::string precision = "fp32";        ///< fp32 | mixed-bf16 | pure-bf16
+  std::string checkpointing = "none";    ///< none | every-block | every-K
+  std::string offload = "none";          ///< none | cpu
+  int64_t world_size = 1;
+  int64_t gpus_per_node = 1;
+  int64_t shard_group_size = 0;          ///< hybrid: ranks per shard group (0: one node)
+  int64_t micro_batch = 1;
+  int64_t seq_len = 4096;
+  int64_t grad_accum = 1;
+};
+
+struct PlanItem {
+  std::string name;
+  double bytes = 0;
+};
+
+struct MemoryPlan {
+  int64_t shard_group = 1;        ///< ranks sharing one copy of the state
+  int64_t params = 0;             ///< model parameters
+  std::string peak_at;            ///< the schedule event of the GPU peak
+  std::vector<PlanItem> gpu;      ///< breakdown of the GPU peak
+  std::vector<PlanItem> host;     ///< per host
+  double gpu_peak() const { return sum(gpu); }
+  double host_total() const { return sum(host); }
+
+  /// A few lines for a log or a terminal, in GiB (2^30 bytes: the unit of the trainer's memory metrics).
+  std::string table() const {
+    std::ostringstream s;
+    s.setf(std::ios::fixed);
+    s.precision(2);
+    s << "per GPU: " << gpu_peak() / gib << " GiB peak (at " << peak_at << ")\n";
+    for (const auto& i : gpu) s << "  " << i.name << ": " << i.bytes / gib << " GiB\n";
+    s << "per host: " << host_total() / gib << " GiB";
+    for (const auto& i : host) s << "\n  " << i.name << ": " << i.bytes / gib << " GiB";
+    return s.str();
+  }
+  static constexpr double gib = 1024.0 * 1024.0 * 1024.0;
+
+ private:
+  static double sum(const std::vector<PlanItem>& v) {
+    double t = 0;
+    for (const auto& i : v) t += i.bytes;
+    return t;
+  }
+};
+
+namespace detail {
+
+struct Dtypes {
+  double master, compute, reduce;
+};
+inline Dtypes dtypes_of(const std::string& precision) {
+  if (precision == "fp32") return {4, 4, 4};
+  if (precision == "mixed-bf16") return {4, 2, 4};
+  if (precision == "pure-bf16") return {2, 2, 2};
+  fail<ConfigError>("--precision '", precision, "': use fp32, mixed-bf16 or pure-bf16");
+}
+
+/// 0: none; k: every k-th block recomputed.
+inline int recompute_every(const std::string& checkpointing) {
+  if (checkpointing == "none") return 0;
+  if (checkpointing == "every-block") return 1;
+  if (checkpointing.rfind("every-", 0) == 0) {
+    try {
+      size_t used = 0;
+      const int k = std::stoi(checkpointing.substr(6), &used);
+      if (used == checkpointing.size() - 6 && k >= 1) return k;
+    } catch (const std::exception&) {
+    }
+  }
+  fail<ConfigError>("--checkpointing '", checkpointing, "': use none, every-block or every-K (K >= 1)");
+}
+
+/// Bytes per token that autograd keeps for one block in forward (CUDA kernels), including the block's input.
+/// c = compute dtype size. Per block: input x (c H); RMSNorm 1 saves its fp32 input (4 H unless the compute
+/// dtype is fp32: then it is x itself) and the normalized output (c H); the projections save their input
+/// (c H); flash attention saves rotated q, k, v and its output (c (2 Hq + 2 Hkv)) and the fp32 log-sum-exp
+/// (4 heads); the output projection saves the re-laid-out attention output (c Hq); RMSNorm 2 saves its fp32
+/// input and output (4 H + c H); the MLP saves its input (c H), gate, up, silu(gate) and their product (4 c I).
+inline double block_activation_bytes_per_token(const model::ModelConfig& m, double c) {
+  const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
+  const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
+  const double norm1 = (c == 4 ? 0 : 4 * H) + c * H, norm2 = 4 * H + c * H;
+  return c * H + norm1 + c * H + c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads) + c * Hq + norm2 +
+         c * H + 4 * c * I;
+}
+
+/// Bytes per token the head keeps for backward besides the loss: the final RMSNorm (as in a block) and the
+/// projection's input.
+inline double head_forward_bytes_per_token(const model::ModelConfig& m, double c) {
+  const double H = static_cast<double>(m.hidden_size);
+  return (c == 4 ? 0 : 4 * H) + c * H + c * H;
+}
+
+/// Bytes per token the loss keeps: the fp32 log-softmax of the logits. The logits themselves are not kept:
+/// nothing in backward reads them.
+inline double loss_kept_per_token(const model::ModelConfig& m) { return 4 * static_cast<double>(m.vocab_size); }
+
+/// Extra bytes per token at the head's peak, the log-softmax backward: the gradient it receives and the one it
+/// makes (fp32 each), beside the kept log-softmax.
+inline double head_backward_extra_per_token(const model::ModelConfig& m) {
+  return 8 * static_cast<double>(m.vocab_size);
+}
+
+/// Extra bytes per token at the forward of the head: the logits (compute dtype) and their fp32 copy (absent
+/// when the compute dtype is fp32) while the log-softmax is made.
+inline double head_forward_transient_per_token(const model::ModelConfig& m, double c) {
+  const double V = static_cast<double>(m.vocab_size);
+  return c * V + (c == 4 ? 0 : 4 * V);
+}
+
+/// Extra bytes per token while a block's backward starts: the incoming gradient (c H) and the first gradients
+/// of the MLP's intermediate (the product's, then silu's and up's: 3 c I).
+inline double block_backward_extra_per_token(const model::ModelConfig& m, double c) {
+  return c * static_cast<double>(m.hidden_size) + 3 * c * static_cast<double>(m.intermediate_size);
+}
+
+}  // namespace detail
+
+/// Predicts the memory of one training step (the engine's schedule replayed on byte counts).
+inline MemoryPlan plan_memory(const PlanInput& in) {
+  const auto& m = in.model;
+  m.validate("model");
+  auto positive = [](int64_t v, const char* flag) {
+    if (v <= 0) fail<ConfigError>("--", flag, " must be positive, got ", v);
+  };
+  positive(in.world_size, "world-size");
+  positive(in.gpus_per_node, "gpus-per-node");
+  positive(in.micro_batch, "micro-batch");
+  positive(in.seq_len, "seq-len");
+  positive(in.grad_accum, "grad-accum");
+  if (in.world_size % in.gpus_per_node != 0 && in.world_size > in.gpus_per_node)
+    fail<ConfigError>("--world-size ", in.world_size, " is not a multiple of --gpus-per-node ", in.gpus_per_node);
+  const auto dt = detail::dtypes_of(in.precision);
+  const int every = detail::recompute_every(in.checkpointing);
+  const bool offload = in.offload == "cpu";
+  if (!offload && in.offload != "none") fail<ConfigError>("--offload '", in.offload, "': use none or cpu");
+
+  MemoryPlan plan;
+  const int64_t node = std::min(in.gpus_per_node, in.world_size);
+  if (in.sharding == "none") plan.shard_group = 1;
+  else if (in.sharding == "grad-op" || in.sharding == "full") plan.shard_group = in.world_size;
+  else if (in.sharding == "hybrid") plan.shard_group = in.shard_group_size > 0 ? in.shard_group_size : node;
+  else fail<ConfigError>("--sharding '", in.sharding, "': use none, grad-op, full or hybrid");
+  if (in.world_size % plan.shard_group != 0)
+    fail<ConfigError>("world size ", in.world_size, " is not divisible by the shard group size ", plan.shard_group);
+  if (offload && in.sharding == "none")
+    fail<ConfigError>("--offload cpu with --sharding none: offload moves sharded state to the host");
+  const bool persist = in.sharding == "none", reshard = in.sharding == "full" || in.sharding == "hybrid";
+  const int64_t G = plan.shard_group;
+  plan.params = m.num_params();
+
+  // Units: embedding, blocks, final norm + head (the head reads the embedding when tied: kept gathered).
+  const int64_t H = m.hidden_size, L = m.num_layers;
+  const int64_t q = m.num_heads * m.head_dim, kv = m.num_kv_heads * m.head_dim;
+  const int64_t block = H * q + 2 * H * kv + q * H + (m.attention_bias ? q + 2 * kv + H : 0) + 3 * H * m.intermediate_size +
+                        (m.mlp_bias ? 2 * m.intermediate_size + H : 0) + 2 * H;
+  std::vector<double> numel{static_cast<double>(m.vocab_size * H)};
+  for (int64_t i = 0; i < L; ++i) numel.push_back(static_cast<double>(block));
+  numel.push_back(static_cast<double>(H + (m.tie_word_embeddings ? 0 : m.vocab_size * H)));
+  const size_t n = numel.size();
+  std::vector<double> padded(n), shard(n);
+  double shard_total = 0, padded_total = 0;
+  for (size_t u = 0; u < n; ++u) {
+    const auto p = static_cast<int64_t>(numel[u]);
+    padded[u] = static_cast<double>((p + G - 1) / G * G);
+    shard[u] = padded[u] / static_cast<double>(G);
+    shard_total += shard[u], padded_total += padded[u];
+  }
+
+  const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
+  const double state_per = dt.master * 3 + dt.reduce;  // master, gradient, two moments in the master dtype
+  const double state_gpu = offload ? shard_total * c : shard_total * state_per;
+  const double workspace = 2 * 32.0 * (1 << 20);
+  auto recomputed = [&](size_t u) { return every > 0 && u >= 1 && u <= static_cast<size_t>(L) && (u - 1) % every == 0; };
+  const double blk_full = detail::block_activation_bytes_per_token(m, c) * tokens;
+  const double blk_input = c * static_cast<double>(H) * tokens;
+
+  // Replay: live bytes per category; every event compares the total with the peak so far.
+  struct Live {
+    double gathered = 0, acts = 0, logits = 0, grads = 0;
+    double total() const { return gathered + acts + logits + grads; }
+  } live;
+  std::vector<bool> gathered(n, false);
+  Live peak;
+  std::string peak_at = "start";
+  bool first = true;
+  auto event = [&](const std::string& what) {
+    if (first || live.total() > peak.total()) peak = live, peak_at = what, first = false;
+  };
+  auto gather = [&](size_t u) {
+    if (!gathered[u]) gathered[u] = true, live.gathered += padded[u] * c;
+  };
+  auto release = [&](size_t u) {
+    if (gathered[u]) gathered[u] = false, live.gathered -= padded[u] * c;
+  };
+  const size_t head = n - 1;
+  const bool tied = m.tie_word_embeddings;
+  if (persist)
+    for (size_t u = 0; u < n; ++u) gather(u);
+
+  // Forward.
+  std::vector<double> kept(n, 0);
+  for (size_t u = 0; u < n; ++u) {
+    gather(u);
+    if (u + 1 < n) gather(u + 1);
+    if (u == head) {
+      kept[u] = detail::head_forward_bytes_per_token(m, c) * tokens;
+      live.acts += kept[u];
+      live.logits += (detail::loss_kept_per_token(m) + detail::head_forward_transient_per_token(m, c)) * tokens;
+      event("the loss in forward");
+      live.logits -= detail::head_forward_transient_per_token(m, c) * tokens;
+    } else if (u > 0) {
+      kept[u] = recomputed(u) ? blk_input : blk_full;
+      live.acts += kept[u];
+      event("forward of block " + std::to_string(u - 1));
+    }
+    if (reshard && u + 1 < n && !(tied && u == 0)) release(u);
+  }
+
+  // Backward, unit by unit from the head.
+  for (size_t u = n; u-- > 0;) {
+    gather(u);
+    if (u > 0) gather(u - 1);
+    if (u == head) {
+      live.logits += detail::head_backward_extra_per_token(m) * tokens;
+      event("the loss in backward");
+      live.logits = 0;
+    } else if (u > 0) {
+      if (recomputed(u)) live.acts += blk_full - blk_input;
+      live.grads += detail::block_backward_extra_per_token(m, c) * tokens;
+      event("backward of block " + std::to_string(u - 1));
+      live.grads -= detail::block_backward_extra_per_token(m, c) * tokens;
+      if (recomputed(u)) live.acts -= blk_full - blk_input;
+    }
+    live.acts -= kept[u];
+    // The unit's parameter gradients (compute dtype), copied into a flat buffer in the reduce dtype, whose
+    // reduce-scatter leaves a shard slice.
+    live.grads += numel[u] * c + padded[u] * dt.reduce + (G > 1 ? shard[u] * dt.reduce : 0);
+    event(u == 0 ? std::string("the embedding's gradient reduction")
+                 : u == head ? std::string("the head's gradient reduction")
+                             : "gradient reduction of block " + std::to_string(u - 1));
+    live.grads = 0;
+    if (!persist && (reshard || in.grad_accum == 1)) release(u);  // grad-op keeps them until the last micro-batch
+  }
+
+  plan.peak_at = peak_at;
+  plan.gpu = {{"sharded state", state_gpu},
+              {"gathered parameters", peak.gathered},
+              {"activations", peak.acts},
+              {"logits and loss", peak.logits},
+              {"gradients in flight", peak.grads},
+              {"workspace", workspace}};
+  if (offload) {
+    const double gpus = static_cast<double>(node);
+    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + dt.reduce)},
+                 {"AdamW moments", gpus * shard_total * 2 * dt.master}};
+    if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * dt.reduce});
+  }
+  return plan;
+}
+
+}  // namespace shardlm::plan

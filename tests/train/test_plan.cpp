@@ -1,0 +1,120 @@
+// The memory planner against a count made by hand (torch-free: the planner is arithmetic on the config).
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <shardlm/train/memory_plan.hpp>
+
+using namespace shardlm;
+
+namespace {
+// V 1000, H 64, I 128, 2 layers, 4 heads of 16, 2 KV heads, untied.
+model::ModelConfig small() {
+  model::ModelConfig m;
+  m.vocab_size = 1000, m.hidden_size = 64, m.intermediate_size = 128, m.num_layers = 2;
+  m.num_heads = 4, m.num_kv_heads = 2, m.head_dim = 16;
+  return m;
+}
+double item(const std::vector<plan::PlanItem>& items, const std::string& name) {
+  for (const auto& i : items)
+    if (i.name == name) return i.bytes;
+  FAIL("no item ", name);
+  return 0;
+}
+constexpr double workspace = 2 * 32.0 * (1 << 20);
+}  // namespace
+
+TEST_CASE("planner: FullShard mixed-bf16 on 2 GPUs, counted by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 8;  // 16 tokens
+  const auto p = plan::plan_memory(in);
+  // Units: embedding 64000; block q 4096 + k 2048 + v 2048 + o 4096 + MLP 24576 + norms 128 = 36992;
+  // head 64 + 64000 = 64064. Shards of 2: 32000 + 18496 + 18496 + 32032 = 101024 elements.
+  CHECK(p.shard_group == 2);
+  CHECK(p.params == 64000 + 2 * 36992 + 64064);
+  // State: master 4 + grad 4 + two moments 8 = 16 bytes per shard element.
+  CHECK(item(p.gpu, "sharded state") == 101024.0 * 16);
+  // Per block per token (bf16): input 128, norm 1 (fp32 input 256 + output 128), projections' input 128,
+  // q k v out 2 (64 + 32 + 32 + 64) = 384, lse 16, attention output re-laid 128, norm 2 384, MLP input 128,
+  // MLP 4 x 2 x 128 = 1024: 2704 bytes, x 16 tokens = 43264 per block.
+  // The peak: the head's gradient reduction. Live: head (64064 x 2) and block 1 (36992 x 2) gathered;
+  // both blocks' activations; head gradients 64064 x 2 (bf16) + flat 64064 x 4 + shard 32032 x 4.
+  CHECK(p.peak_at == "the head's gradient reduction");
+  CHECK(item(p.gpu, "gathered parameters") == 64064.0 * 2 + 36992.0 * 2);
+  CHECK(item(p.gpu, "activations") == 2 * 43264.0);
+  CHECK(item(p.gpu, "logits and loss") == 0);
+  CHECK(item(p.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4 + 32032.0 * 4);
+  CHECK(item(p.gpu, "workspace") == workspace);
+  CHECK(p.gpu_peak() == 101024.0 * 16 + 202112 + 86528 + 512512 + workspace);
+  CHECK(p.host.empty());
+}
+
+TEST_CASE("planner: the loss is the peak when the vocabulary dominates") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.vocab_size = 100000;
+  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 8, in.gpus_per_node = 8;
+  in.micro_batch = 4, in.seq_len = 512;  // 2048 tokens
+  const auto p = plan::plan_memory(in);
+  CHECK(p.peak_at == "the loss in backward");
+  // The loss keeps the fp32 log-softmax (4 V per token); its backward adds the gradient it gets and the one it
+  // makes (8 V): 12 V bytes per token. The logits themselves are gone.
+  CHECK(item(p.gpu, "logits and loss") == 12.0 * 100000 * 2048);
+  // Kept: 2 blocks (2704 per token) and the head's norm and projection input (256 + 128 + 128).
+  CHECK(item(p.gpu, "activations") == (2 * 2704.0 + 512) * 2048);
+  // Gathered: the head and, prefetched, the last block.
+  CHECK(item(p.gpu, "gathered parameters") == (64.0 + 6400000) * 2 + 36992.0 * 2);
+}
+
+TEST_CASE("planner: checkpointing keeps block inputs and recomputes one block at a time") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.num_layers = 4;
+  in.sharding = "full", in.precision = "pure-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 8;
+  in.checkpointing = "every-block";
+  const auto every = plan::plan_memory(in);
+  in.checkpointing = "none";
+  const auto none = plan::plan_memory(in);
+  in.checkpointing = "every-2";
+  const auto half = plan::plan_memory(in);
+  // every-block at the head's reduction (the head's own saved tensors freed by then): 4 block inputs
+  // (64 x 2 x 16 = 2048 each).
+  CHECK(every.peak_at == "the head's gradient reduction");
+  CHECK(item(every.gpu, "activations") == 4 * 2048.0);
+  CHECK(item(none.gpu, "activations") == 4 * 43264.0);
+  // every-2 recomputes blocks 0 and 2: two inputs and two full blocks.
+  CHECK(item(half.gpu, "activations") == 2 * 2048.0 + 2 * 43264.0);
+  // pure-bf16 state: 2 + 2 + 2 + 2 bytes per element.
+  CHECK(item(every.gpu, "sharded state") == (32000.0 + 4 * 18496 + 32032) * 8);
+}
+
+TEST_CASE("planner: offload leaves the compute-dtype shard on the GPU and the state on the host") {
+  plan::PlanInput in;
+  in.model = small();
+  in.sharding = "hybrid", in.precision = "mixed-bf16", in.offload = "cpu", in.world_size = 4, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 8, in.grad_accum = 2;
+  const auto p = plan::plan_memory(in);
+  CHECK(p.shard_group == 2);  // hybrid: one node
+  CHECK(item(p.gpu, "sharded state") == 101024.0 * 2);
+  // Per host, 2 GPUs: pinned master + gradient (4 + 4), moments (8), staging for accumulation (4).
+  CHECK(item(p.host, "master weights and gradients (pinned)") == 2 * 101024.0 * 8);
+  CHECK(item(p.host, "AdamW moments") == 2 * 101024.0 * 8);
+  CHECK(item(p.host, "gradient staging (pinned)") == 2 * 101024.0 * 4);
+}
+
+TEST_CASE("planner: NoShard keeps every unit gathered; errors name the flag") {
+  plan::PlanInput in;
+  in.model = small();
+  in.sharding = "none", in.precision = "fp32", in.world_size = 2, in.gpus_per_node = 2;
+  const auto p = plan::plan_memory(in);
+  CHECK(p.shard_group == 1);
+  CHECK(item(p.gpu, "gathered parameters") == (64000.0 + 2 * 36992 + 64064) * 4);
+  in.offload = "cpu";
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--offload cpu with --sharding none"), ConfigError);
+  in.offload = "none", in.checkpointing = "every-0";
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--checkpointing 'every-0'"), ConfigError);
+  in.checkpointing = "none", in.sharding = "hybrid", in.shard_group_size = 3;
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("not divisible by the shard group size 3"), ConfigError);
+}

@@ -1,0 +1,48 @@
+// shardlm_plan [trainer flags] [--world-size N] [--gpus-per-node G] [--gpu-memory-gib M]
+// Predicted memory per GPU and per host of one training step: the trainer's model, policy and batch flags
+// (as shardlm_train takes them) plus the world. The engine's schedule replayed on byte counts
+// (train/memory_plan.hpp); the trainer prints the same plan when it starts.
+#include <shardlm/core/main.hpp>
+#include <shardlm/train/memory_plan.hpp>
+#include <shardlm/train/options.hpp>
+
+#include <iostream>
+
+int main(int argc, char** argv) {
+  return shardlm::guarded_main("shardlm_plan", [&] {
+    int64_t world = 1, gpus_per_node = 8;
+    double gpu_gib = 79.6;
+    shardlm::cli::ExtraFlags extra{
+        [&](cxxopts::Options& o) {
+          o.add_options()("world-size", "ranks (GPUs) in the job", cxxopts::value<int64_t>()->default_value("1"))(
+              "gpus-per-node", "GPUs per host (the hybrid shard group, and whose offloaded state a host holds)",
+              cxxopts::value<int64_t>()->default_value("8"))(
+              "gpu-memory-gib", "memory of one GPU in GiB, for the verdict (an 80 GB H100: 79.6)",
+              cxxopts::value<double>()->default_value("79.6"));
+        },
+        [&](const cxxopts::ParseResult& r) {
+          world = r["world-size"].as<int64_t>();
+          gpus_per_node = r["gpus-per-node"].as<int64_t>();
+          gpu_gib = r["gpu-memory-gib"].as<double>();
+        }};
+    shardlm::TrainOptions defaults;
+    defaults.needs_data = false;
+    const auto o = shardlm::cli::parse(argc, argv, defaults, /*policy_flags=*/true, extra);
+    shardlm::plan::PlanInput in;
+    in.model = o.model_dir.empty() ? shardlm::model::preset(o.preset, o.layers)
+                                   : shardlm::model::load_config(o.model_dir);
+    if (!o.model_dir.empty() && o.layers > 0) in.model.num_layers = o.layers;
+    in.sharding = o.sharding, in.precision = o.precision, in.checkpointing = o.checkpointing, in.offload = o.offload;
+    in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.shard_group_size;
+    in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;
+    const auto plan = shardlm::plan::plan_memory(in);
+    std::cout << (o.model_dir.empty() ? o.preset : o.model_dir) << ", " << in.model.num_layers << " layers, "
+              << static_cast<double>(plan.params) / 1e9 << "B parameters; sharding " << o.sharding << " (groups of "
+              << plan.shard_group << "), precision " << o.precision << ", checkpointing " << o.checkpointing
+              << ", offload " << o.offload << "; " << world << " GPUs, " << std::min(gpus_per_node, world)
+              << " per host; micro-batch " << o.micro_batch << " x seq " << o.seq_len << "\n"
+              << plan.table() << "\n"
+              << (plan.gpu_peak() <= gpu_gib * plan.gib ? "fits" : "does NOT fit") << " in " << gpu_gib << " GiB per GPU\n";
+    return 0;
+  });
+}
