@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <concepts>
 #include <functional>
 #include <optional>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "shardlm/core/compat.hpp"
+#include "shardlm/core/log.hpp"
 #include "shardlm/dist/groups.hpp"
 #include "shardlm/engine/flat_unit.hpp"
 #include "shardlm/engine/streams.hpp"
@@ -148,8 +150,9 @@ class Engine {
         x = model_.forward_unit(u, x_in_[u]);
       } else {
         x = model_.forward_unit(u, x_in_[u]);
-        out_[u] = x;
+        if (u + 1 < n) out_[u] = x;  // the last unit's backward starts from the loss, not from its output
       }
+      trace("forward", u);
       if (P::reshard_after_forward && u + 1 < n && !pinned_.count(u)) release(u);
     }
     return x;
@@ -169,6 +172,7 @@ class Engine {
       grad_out = u > 0 ? x_in_[u].grad() : at::Tensor();
       out_[u] = at::Tensor(), x_in_[u] = at::Tensor();
       reduce(u);
+      trace("backward", u);
       if (!P::params_persist && (P::reshard_after_forward || last_micro_batch)) release(u);
     }
     if (!P::offload && last_micro_batch && groups_.replicate().size() > 1) {
@@ -232,6 +236,16 @@ class Engine {
     return u == 0 ? "embedding" : model_.is_block(u) ? detail::cat("block ", u - 1) : detail::cat("unit ", u);
   }
 
+  /// SHARDLM_MEMORY_TRACE=1: after each unit's forward and backward, rank 0 logs the CUDA allocator's current
+  /// and peak bytes (what the memory planner predicts, train/memory_plan.hpp).
+  void trace(const char* phase, size_t u) {
+    if (!trace_) return;
+    const auto mem = compat::cuda_memory(device_.index());
+    constexpr double gib = 1024.0 * 1024.0 * 1024.0;
+    log::info("shardlm: memory after ", phase, " of ", unit_name(u), ": allocated ", mem.allocated / gib, " GiB, peak ",
+              mem.peak_allocated / gib, " GiB");
+  }
+
   bool recompute(size_t u) const {
     constexpr int every = P::Checkpointing::every;
     if constexpr (every == 0) return false;
@@ -291,6 +305,8 @@ class Engine {
   Runs decayed_, plain_;
   double clip_coef_ = 1.0;
   int64_t optimizer_steps_ = 0;
+  bool trace_ = device_.is_cuda() && groups_.world().rank() == 0 && std::getenv("SHARDLM_MEMORY_TRACE") != nullptr &&
+                std::string(std::getenv("SHARDLM_MEMORY_TRACE")) == "1";
 };
 
 }  // namespace shardlm::engine
