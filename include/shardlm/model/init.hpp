@@ -3,19 +3,27 @@
 // ones for norm scales, zeros for biases. Drawn on the CPU from one seeded generator, in registration
 // order, so the same seed gives the same model on any device.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace shardlm::model {
 
+/// Tensors above this many elements are drawn in chunks of this size, in parallel (at::parallel_for), each
+/// chunk from its own generator seeded by one draw of the unit's generator plus the chunk's index: still one
+/// model per seed on any device and thread count, and a 405B layer initializes in seconds rather than minutes.
+inline constexpr int64_t init_chunk = int64_t{1} << 24;
+
 /// Initializes named parameters in order from one CPU generator seeded with `seed`.
 template <class NamedParams>
 void init_parameters(NamedParams&& params, double std, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   at::NoGradGuard no_grad;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
   for (auto&& [name, p] : params) {
     const bool is_bias = name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0;
     const bool is_norm = name.find("norm.weight") != std::string::npos;
@@ -23,8 +31,19 @@ void init_parameters(NamedParams&& params, double std, uint64_t seed) {
       p.zero_();
     } else if (is_norm) {
       p.fill_(1.0);
+    } else if (p.numel() <= init_chunk) {
+      p.copy_(at::normal(0.0, std, p.sizes(), gen, f32));
     } else {
-      p.copy_(at::normal(0.0, std, p.sizes(), gen, at::TensorOptions().dtype(at::kFloat)));
+      const uint64_t base = gen.template get<at::CPUGeneratorImpl>()->random64();
+      const int64_t n = p.numel(), chunks = (n + init_chunk - 1) / init_chunk;
+      auto flat = p.view({-1});
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t len = std::min(init_chunk, n - c * init_chunk);
+          auto g = at::make_generator<at::CPUGeneratorImpl>(base + static_cast<uint64_t>(c));
+          flat.narrow(0, c * init_chunk, len).copy_(at::normal(0.0, std, {len}, g, f32));
+        }
+      });
     }
   }
 }
