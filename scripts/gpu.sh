@@ -12,6 +12,12 @@
 #   offload CPU offload on one GPU: Llama3-8B dims with 4 layers with and without --offload cpu, the peer's
 #           CPUOffloadPolicy beside it, and full Llama3-8B with offload + every-block checkpointing
 #   offload_ours  the two 4-layer runs of shardlm only
+#   memory  the memory planner against measured peaks: 8B dims (8 layers) on 1 and N GPUs, full 8B with
+#           checkpointing, 4 layers offloaded on one GPU; one run traced unit by unit (SHARDLM_MEMORY_TRACE=1)
+#   l405    Llama3-405B dims with 2 and 4 layers on N GPUs with the seed recipe (FullShard, EveryBlock, CPU
+#           offload, PureBF16, seq 4096, batch 1): per-layer time and memory from the difference
+#   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
+# TARGETS: what the build phase builds (default: every program the phases run).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +37,7 @@ build() {
     -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; return 1; }
   grep "shardlm:" "$OUT/cmake.log"
-  cmake --build "$BUILD" -j 16 --target shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist >"$OUT/build.log" 2>&1 \
+  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist} >"$OUT/build.log" 2>&1 \
     || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
 }
 
@@ -109,18 +115,43 @@ offload_ours() {  # the 4-layer pair of the offload phase alone
   ours "ours_4L_1gpu_offload" 1 $common --layers 4 --steps 5 --offload cpu
 }
 
+memory() {
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full"
+  SHARDLM_MEMORY_TRACE=1 ours "mem_8L_${NGPU}gpu_trace" "$NGPU" $common --layers 8 --steps 1
+  grep "shardlm: memory" "$OUT/mem_8L_${NGPU}gpu_trace.log" | sed 's/^\[rank 0\] shardlm: memory //' | tail -20
+  ours "mem_8L_${NGPU}gpu" "$NGPU" $common --layers 8 --steps 3
+  ours "mem_8L_1gpu" 1 $common --layers 8 --steps 3
+  ours "mem_32L_${NGPU}gpu_ac" "$NGPU" $common --layers 32 --steps 3 --checkpointing every-block
+  ours "mem_4L_1gpu_offload" 1 $common --layers 4 --steps 3 --offload cpu
+  ours "mem_8L_${NGPU}gpu_grad-op_every2" "$NGPU" --preset llama3-8b --seq-len 4096 --micro-batch 1 --precision mixed-bf16 \
+    --sharding grad-op --layers 8 --steps 3 --checkpointing every-2
+}
+
+l405() {
+  local common="--preset llama3-405b --seq-len 4096 --micro-batch 1 --precision pure-bf16 --sharding full --checkpointing every-block --offload cpu"
+  ours "l405_2L_${NGPU}gpu" "$NGPU" $common --layers 2 --steps 2
+  ours "l405_4L_${NGPU}gpu" "$NGPU" $common --layers 4 --steps 2
+}
+
+h100() {
+  ours "h100_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
+    --sharding full --layers 32 --steps 2 --offload cpu --checkpointing every-block
+  free -g | head -2
+}
+
 table() {
   python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("\n| run | tokens/s/GPU | MFU | step s | fwd/bwd/opt s | peak alloc GB | peak reserved GB |\n|---|---|---|---|---|---|---|")
+print("\n| run | tokens/s/GPU | MFU | step s | fwd/bwd/opt s | peak alloc GiB | peak reserved GiB | plan GiB (error) |\n|---|---|---|---|---|---|---|---|")
 for r in rows:
     if "label" not in r: continue
     f = r.get("fwd_bwd_opt_s") or [r.get("fwd_s"), r.get("bwd_s"), r.get("opt_s")]
     fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"
     tps = r.get("tokens_per_s_per_gpu", r.get("tokens_per_s"))
     print(f"| {r['label']} | {fmt(tps, 0)} | {fmt(r.get('mfu'), 3)} | {fmt(r.get('step_s'), 3)} | "
-          f"{'/'.join(fmt(v, 3) for v in f)} | {fmt(r.get('peak_alloc_gb'), 1)} | {fmt(r.get('peak_reserved_gb'), 1)} |")
+          f"{'/'.join(fmt(v, 3) for v in f)} | {fmt(r.get('peak_alloc_gb'), 1)} | {fmt(r.get('peak_reserved_gb'), 1)} | "
+          + (f"{r['plan_gb']:.1f} ({(r['plan_gb'] / r['peak_alloc_gb'] - 1) * 100:+.1f}%)" if r.get("plan_gb") else "-") + " |")
 for r in rows:
     if "check" in r: print(f"{r['check']}: {r['result']}")
 PY
