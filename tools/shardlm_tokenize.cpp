@@ -73,7 +73,10 @@ int encode_jsonl(const data::Tokenizer& tokenizer, const std::string& file) {
       out += std::to_string(ids[i]);
     }
     out += "]\n";
-    if (out.size() > (1u << 20)) std::fwrite(out.data(), 1, std::exchange(out, {}).size(), stdout);
+    if (out.size() > (1u << 20)) {
+      std::fwrite(out.data(), 1, out.size(), stdout);
+      out.clear();
+    }
     ++lines, bytes += s.size(), tokens += ids.size();
   });
   std::fwrite(out.data(), 1, out.size(), stdout);
