@@ -430,15 +430,18 @@ class Tokenizer {
     splits_[level].split(text, [&](size_t b, size_t e) { pre_tokenize(text.substr(b, e - b), level + 1, ids); });
   }
 
+  // One hash lookup for most pieces (the cache); the vocabulary (ignore_merges) and the merge loop only for new ones.
   void bpe(std::string_view piece, std::vector<uint32_t>& ids) const {
-    if (ignore_merges_)
-      if (const auto it = vocab_.find(piece); it != vocab_.end()) return ids.push_back(it->second);
     if (piece.size() == 1) return ids.push_back(byte_id_[static_cast<unsigned char>(piece[0])]);
     if (const auto it = cache_.find(piece); it != cache_.end()) {
       ids.insert(ids.end(), it->second.begin(), it->second.end());
       return;
     }
-    auto word = merge(piece);
+    std::vector<uint32_t> word;
+    if (const auto it = ignore_merges_ ? vocab_.find(piece) : vocab_.end(); it != vocab_.end())
+      word.push_back(it->second);
+    else
+      word = merge(piece);
     ids.insert(ids.end(), word.begin(), word.end());
     if (cache_.size() >= kCacheLimit) cache_.clear();
     cache_.emplace(std::string(piece), std::move(word));
