@@ -124,9 +124,12 @@ TEST_CASE("added tokens in the text are matched leftmost-longest and decode to t
   auto j = tiny_tokenizer({"ab"}, {"a b"});
   j["added_tokens"] = {{{"id", 300}, {"content", "<|end|>"}, {"special", true}, {"normalized", false}},
                        {{"id", 301}, {"content", "<|e"}, {"special", true}, {"normalized", false}},
-                       {{"id", 302}, {"content", "ab!"}, {"special", false}, {"normalized", true}}};
+                       {{"id", 302}, {"content", "ab!"}, {"special", false}, {"normalized", true}},
+                       {{"id", 303}, {"content", "x<|"}, {"special", false}, {"normalized", true}}};
   const auto t = Tokenizer::from_json(j, "t.json");
+  // "x<|" starts further left, but tokens with normalized false are matched first (tokenizers does the same).
   CHECK(t.encode("x<|end|>ab") == std::vector<uint32_t>{byte('x'), 300, 256});
+  CHECK(t.encode("x<|ab") == std::vector<uint32_t>{303, 256});
   CHECK(t.encode("<|e<|end|>") == std::vector<uint32_t>{301, 300});
   CHECK(t.encode("<|en") == std::vector<uint32_t>{301, byte('n')});
   CHECK(t.encode("ab!ab") == std::vector<uint32_t>{302, 256});
@@ -134,7 +137,7 @@ TEST_CASE("added tokens in the text are matched leftmost-longest and decode to t
   CHECK(t.token_to_id("<|end|>") == 300u);
   CHECK(t.token_to_id("ab") == 256u);
   CHECK_FALSE(t.token_to_id("<|nope|>").has_value());
-  CHECK(t.vocab_size() == 303);
+  CHECK(t.vocab_size() == 304);
 }
 
 TEST_CASE("unsupported or broken tokenizer.json files are refused with the field named") {
