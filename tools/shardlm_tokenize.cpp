@@ -4,6 +4,7 @@
 //                  [--add-bos | --bos TOKEN] [--shard-tokens N] FILE...
 //   writes token shards (PREFIX.bin + PREFIX.mask, see data/shards.hpp): every document framed as [BOS] ... EOS.
 // No LibTorch: builds in seconds (see docs/data.md).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cxxopts.hpp>
