@@ -95,15 +95,20 @@ class Engine {
     }
     // The optimizer's tensor lists: views of every shard, split into runs with and without weight decay, each
     // with its own step count (the fused kernel takes one per tensor).
+    // Offloaded units also keep their own lists: the host steps them one by one, each unit's copy to the device
+    // starting while the next is stepped.
     for (auto& unit : units_) {
-      auto add = [&](Runs& g, int64_t a, int64_t b) {
-        g.params.push_back(unit.master().narrow(0, a, b - a)), g.grads.push_back(unit.grad().narrow(0, a, b - a));
-        g.exp_avg.push_back(unit.exp_avg().narrow(0, a, b - a));
-        g.exp_avg_sq.push_back(unit.exp_avg_sq().narrow(0, a, b - a));
-        g.steps.push_back(at::zeros({}, unit.master().options().dtype(at::kFloat).pinned_memory(false)));
+      auto& own = unit_runs_.emplace_back();
+      auto add = [&](Runs& g, Runs& mine, int64_t a, int64_t b) {
+        auto p = unit.master().narrow(0, a, b - a), gr = unit.grad().narrow(0, a, b - a);
+        auto m = unit.exp_avg().narrow(0, a, b - a), v = unit.exp_avg_sq().narrow(0, a, b - a);
+        auto step = at::zeros({}, unit.master().options().dtype(at::kFloat).pinned_memory(false));
+        for (auto* r : {&g, &mine})
+          r->params.push_back(p), r->grads.push_back(gr), r->exp_avg.push_back(m), r->exp_avg_sq.push_back(v),
+              r->steps.push_back(step);  // one step tensor, shared by both lists
       };
-      for (auto [a, b] : unit.decay_runs()) add(decayed_, a, b);
-      for (auto [a, b] : unit.plain_runs()) add(plain_, a, b);
+      for (auto [a, b] : unit.decay_runs()) add(decayed_, own.first, a, b);
+      for (auto [a, b] : unit.plain_runs()) add(plain_, own.second, a, b);
     }
     if constexpr (P::params_persist) gather_all();
   }
@@ -131,6 +136,8 @@ class Engine {
   /// micro-batch instead).
   void begin_step() {
     first_micro_batch_ = true;
+    micro_batches_ = 0;
+    if constexpr (P::offload) grad_sq_ = at::zeros({}, at::TensorOptions().device(device_).dtype(at::kFloat));
     if constexpr (!P::offload)
       for (auto& u : units_) u.grad().zero_();
   }
@@ -162,6 +169,9 @@ class Engine {
   /// unit's gradients into its shard as soon as they are complete. `last_micro_batch` ends the accumulation.
   void backward(const at::Tensor& loss, bool last_micro_batch) {
     const size_t n = units_.size();
+    ++micro_batches_;
+    // Offload without accumulation: the device sums the squared gradient slices as they are reduced.
+    device_norm_ = P::offload && first_micro_batch_ && last_micro_batch;
     at::Tensor grad_out;
     for (size_t u = n; u-- > 0;) {
       ensure_gathered(u);
@@ -196,9 +206,14 @@ class Engine {
   /// (> 0), the next optimizer_step() scales the gradients by max_norm / (norm + 1e-6) inside the fused
   /// kernel (no pass of its own). Returns the norm.
   double clip_grad_norm(double max_norm) {
-    std::vector<at::Tensor> grads;
-    for (auto& u : units_) grads.push_back(u.grad());
-    auto sq = optim::global_norm(grads).square().reshape({1});  // this rank's shards
+    at::Tensor sq;
+    if (P::offload && device_norm_ && micro_batches_ == 1) {
+      sq = grad_sq_.reshape({1});  // summed on the device while the slices were reduced
+    } else {
+      std::vector<at::Tensor> grads;
+      for (auto& u : units_) grads.push_back(u.grad());
+      sq = optim::global_norm(grads).square().reshape({1});  // this rank's shards
+    }
     if (groups_.shard().size() > 1) {
       sq = sq.to(device_);  // offloaded gradients are on the host; NCCL reduces device tensors
       groups_.shard().all_reduce(sq, dist::Reduce::Sum);
@@ -216,15 +231,25 @@ class Engine {
     std::optional<at::Tensor> scale;
     if (clip_coef_ != 1.0)  // the kernel divides gradients by the scale
       scale = at::full({}, 1.0 / clip_coef_, units_.front().master().options().dtype(at::kFloat).pinned_memory(false));
-    for (auto* g : {&decayed_, &plain_}) {
-      if (g->params.empty()) continue;
-      compat::fused_adamw(g->params, g->grads, g->exp_avg, g->exp_avg_sq, g->steps, lr, hyper_.beta1, hyper_.beta2,
-                          g == &decayed_ ? hyper_.weight_decay : 0.0, hyper_.eps, scale);
+    auto adamw = [&](Runs& g, double weight_decay) {
+      if (!g.params.empty())
+        compat::fused_adamw(g.params, g.grads, g.exp_avg, g.exp_avg_sq, g.steps, lr, hyper_.beta1, hyper_.beta2,
+                            weight_decay, hyper_.eps, scale);
+    };
+    if constexpr (P::offload) {
+      // Unit by unit on the host; each unit's device shard is refreshed (an asynchronous copy from pinned
+      // memory) while the host steps the next.
+      for (size_t u = 0; u < units_.size(); ++u) {
+        adamw(unit_runs_[u].first, hyper_.weight_decay);
+        adamw(unit_runs_[u].second, 0.0);
+        units_[u].refresh_device_shard();
+      }
+    } else {
+      adamw(decayed_, hyper_.weight_decay);
+      adamw(plain_, 0.0);
     }
     clip_coef_ = 1.0;
     ++optimizer_steps_;
-    if constexpr (P::offload)
-      for (auto& u : units_) u.refresh_device_shard();
     if constexpr (P::params_persist) gather_all();
   }
 
@@ -285,7 +310,8 @@ class Engine {
     auto& unit = units_[u];
     streams_.on_comm([&] {
       const auto flat = unit.take_grads(Precision::reduce, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
-      unit.reduce_into_shard(groups_.shard(), flat, groups_.replicate(), first_micro_batch_);
+      unit.reduce_into_shard(groups_.shard(), flat, groups_.replicate(), first_micro_batch_,
+                             device_norm_ ? &grad_sq_ : nullptr);
     });
   }
 
@@ -303,6 +329,10 @@ class Engine {
     std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
   };
   Runs decayed_, plain_;
+  std::vector<std::pair<Runs, Runs>> unit_runs_;  // per unit: (decayed, plain), the same views and steps
+  at::Tensor grad_sq_;                             // offload: squared gradient norm summed on the device
+  bool device_norm_ = false;
+  int micro_batches_ = 0;
   double clip_coef_ = 1.0;
   int64_t optimizer_steps_ = 0;
   bool trace_ = device_.is_cuda() && groups_.world().rank() == 0 && std::getenv("SHARDLM_MEMORY_TRACE") != nullptr &&
