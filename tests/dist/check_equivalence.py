@@ -20,7 +20,7 @@ import sys
 import time
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 CORPUS = "".join(f"the quick brown fox jumps over the lazy dog {i % 7}. shardlm {i % 5}!\n" for i in range(400))
 
@@ -54,7 +54,8 @@ def run(args, workdir, tag, ranks, accum, sharding, extra):
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     if len(losses) != args.steps:
         sys.exit(f"FAIL {tag}: {len(losses)} metric rows, expected {args.steps}")
-    return losses, load_file(str(weights)), time.time() - start
+    tensors = {name: t.float().numpy() for name, t in load_file(str(weights)).items()}  # bf16 too
+    return losses, tensors, time.time() - start
 
 
 def rel_err(a, b):
