@@ -15,9 +15,11 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "shardlm/core/compat.hpp"
 #include "shardlm/train/checkpoint.hpp"

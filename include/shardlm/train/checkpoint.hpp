@@ -5,8 +5,9 @@
 //   meta.json                     step, optimizer steps, world and shard group size, policies, and per unit
 //                                 its name, element count and padded size
 //   COMMITTED                     written by rank 0 last, after every rank's files are durable (a barrier)
-// A directory without COMMITTED is never loaded, and never removed by --keep-last (a save may be in progress). Loading re-slices: a rank reads, for each unit, the parts of
-// the saved shards that overlap its own shard, so a run resumes on another world size or shard group size.
+// A directory without COMMITTED is never loaded, and never removed by --keep-last (a save may be in progress).
+// Loading re-slices: a rank reads, for each unit, the parts of the saved shards that overlap its own shard, so a
+// run resumes on another world size or shard group size.
 // Training state beyond this is derived: data order and learning rate follow from the step.
 #include <nlohmann/json.hpp>
 

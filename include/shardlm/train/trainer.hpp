@@ -383,7 +383,7 @@ int run_trainer(const TrainOptions& o) {
   if (lead)
     log::info("shardlm: trained ", o.steps - start, " steps (", start + 1, "..", o.steps, "): loss ", first_loss, " -> ",
               last_loss, o.checkpoint_dir.empty() ? std::string()
-                                                  : detail::cat("; checkpoints blocked training ", save_stall, " s in all"));
+                                                  : detail::cat("; checkpoints blocked training ", std::round(save_stall * 1e3) / 1e3, " s in all"));
   return 0;
 }
 
