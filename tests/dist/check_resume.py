@@ -7,7 +7,7 @@
   C: the same step-4 checkpoint resumed by 3 ranks (the same global batch of 6: 2 x grad-accum 3 = 3 x 2):
      the shards are re-sliced; losses of steps 5..8 within 1e-5 of A's.
   Aa, Ba: A and B with --async-save: the same losses and final weights as A bit for bit, and checkpoints whose
-     tensors equal A's.
+     tensors equal A's. Af: a background write that fails on rank 1 stops every rank, nothing committed.
   An uncommitted checkpoint directory (a save that never finished) is ignored by --resume auto and refused
   by --resume PATH.
   --keep-last 2 with a save every step (sync and async): only the newest two of this run remain; an uncommitted
@@ -105,6 +105,17 @@ def main():
     print(f"async save: run {'identical to A' if same_as_a('Aa') else 'DIFFERS from A'}; checkpoints "
           f"{'hold the same tensors and meta.json' if same_files else 'DIFFER'}; resumed at 4 "
           f"{'identical to A' if same_as_a('Ba') else 'DIFFERS from A'}")
+
+    # A background write that fails (rank 1's temporary file name is taken by a directory): every rank stops with
+    # the error at a step boundary, and the checkpoint stays uncommitted.
+    ckf_ = work / "ckAf"
+    (ckf_ / "step-00000002" / "shard-1-of-2.safetensors.tmp").mkdir(parents=True)
+    p = run("Af", 2, 3, ckf_, "--save-every", "2", "--async-save", expect_ok=False)
+    failed_ok = (p.returncode != 0 and "step-00000002: the asynchronous save failed on 1 rank(s)" in p.stderr and
+                 "the checkpoint stays uncommitted" in p.stderr and committed(ckf_) == [])
+    print(f"async save failing on rank 1: exit {p.returncode}, committed {committed(ckf_)} -> "
+          f"{'every rank stopped, nothing committed' if failed_ok else 'WRONG: ' + p.stderr[-1500:]}")
+    async_ok &= failed_ok
 
     shutil.copytree(step4, work / "ckC" / step4.name)
     run("C", 3, 2, work / "ckC")

@@ -97,7 +97,8 @@ class AsyncCheckpointWriter {
     in_flight_ = false;
     if (failed > 0)
       fail<IoError>(path_.string(), ": the asynchronous save failed on ", failed, " rank(s)",
-                    error_.empty() ? std::string() : "; on this rank: " + error_, "; the checkpoint stays uncommitted");
+                    error_.empty() ? std::string("; the failing rank's own error says why") : "; on this rank: " + error_,
+                    "; the checkpoint stays uncommitted");
     if (groups.rank() == 0) commit_checkpoint(path_, meta_, keep_last);
     return true;
   }
