@@ -182,6 +182,46 @@ TEST_CASE("Gloo collectives among three ranks: gather, reduce-scatter, all-reduc
   }
 }
 
+TEST_CASE("a Gloo collective that times out names itself, its label and the ranks that did not arrive") {
+  // Ranks 0 and 1 enter all-gather #2 ("block 7"); rank 2 does not. Rank 0's error must name the collective and
+  // rank 2: silent (it reports nothing) or behind (it reports being stuck at #1).
+  for (const bool behind : {false, true}) {
+    CAPTURE(behind);
+    const int W = 3, port = free_port();
+    std::vector<std::string> errors(W);
+    std::vector<c10::intrusive_ptr<c10d::Store>> stores(W);  // outlive every thread's use of rank 0's server
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r) {
+      threads.emplace_back([&, r] {
+        try {
+          stores[r] = store_of(port, r, W);
+          dist::GlooCommunicator c(stores[r], "test", r, W, "127.0.0.1", std::chrono::seconds(2));
+          c.all_reduce(at::ones({2}), dist::Reduce::Sum, "first");
+          if (r < 2) {
+            auto out = at::empty({6});
+            c.all_gather(out, at::ones({2}), "block 7");
+          } else {
+            if (behind) dist::hang_report(*stores[r], "test", c, c.last_collective(), std::chrono::milliseconds(0));
+            std::this_thread::sleep_for(std::chrono::seconds(7));  // past the others' timeout and wait
+          }
+        } catch (const std::exception& e) {
+          errors[r] = e.what();
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    CHECK(errors[2].empty());
+    for (int r = 0; r < 2; ++r) {
+      CAPTURE(errors[r]);
+      CHECK(errors[r].find("gloo group 'test' (3 ranks), rank " + std::to_string(r) +
+                           ": all-gather #2 of block 7 did not complete within 2 s (--dist-timeout)") != std::string::npos);
+      CHECK(errors[r].find(behind ? "rank 2 (at all-reduce #1 of first) did not arrive (behind"
+                                  : "rank 2 did not arrive (silent: no report within 2 s") != std::string::npos);
+      CHECK(errors[r].find("rank " + std::to_string(1 - r) + " waited in it too") != std::string::npos);
+    }
+  }
+}
+
 #if SHARDLM_WITH_NCCL
 TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; CPU tensors refused; a missing rank times out") {
   if (!torch::cuda::is_available() || torch::cuda::device_count() < 2) {

@@ -6,17 +6,28 @@
 //   all_reduce(t), broadcast(t, root), barrier()
 // On CUDA a collective is enqueued on the caller's current stream (the engine puts its communication on
 // its own stream); on the CPU it has finished when the call returns.
+// Each call may carry a label (what it moves: a unit's name, "loss", "grad norm"): a pointer that must outlive
+// the call, never copied, so that a hang report (dist/hang_report.hpp) can name the collective, its sequence
+// number on this communicator and its label without any cost per call.
 #include <ATen/ATen.h>
 
 #include <concepts>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "shardlm/core/errors.hpp"
 
 namespace shardlm::dist {
 
 enum class Reduce { Sum, Max };
+
+/// The latest collective a rank entered on a communicator: its 1-based sequence number there, its kind and label.
+struct CollectiveState {
+  int64_t seq = 0;
+  const char* kind = "none";    ///< "all-gather", "reduce-scatter", "all-reduce", "broadcast", "barrier"
+  const char* label = nullptr;  ///< the caller's label, or null
+};
 
 class Communicator {
  public:
@@ -25,13 +36,28 @@ class Communicator {
   virtual int size() const = 0;
   /// "nccl", "gloo" or "self"; with the group's name for messages.
   virtual std::string describe() const = 0;
-  virtual void all_gather(const at::Tensor& out, const at::Tensor& in) = 0;
-  virtual void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce op) = 0;
-  virtual void all_reduce(const at::Tensor& t, Reduce op) = 0;
-  virtual void broadcast(const at::Tensor& t, int root) = 0;
-  virtual void barrier() = 0;
+  virtual void all_gather(const at::Tensor& out, const at::Tensor& in, const char* label = nullptr) = 0;
+  virtual void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce op, const char* label = nullptr) = 0;
+  virtual void all_reduce(const at::Tensor& t, Reduce op, const char* label = nullptr) = 0;
+  virtual void broadcast(const at::Tensor& t, int root, const char* label = nullptr) = 0;
+  virtual void barrier(const char* label = nullptr) = 0;
+
+  /// The latest collective this rank entered here.
+  const CollectiveState& last_collective() const { return state_; }
+  /// The global ranks of the group's ranks (for messages); by default the group ranks themselves.
+  void set_members(std::vector<int> global_ranks) { members_ = std::move(global_ranks); }
+  int member(int group_rank) const {
+    return group_rank < static_cast<int>(members_.size()) ? members_[group_rank] : group_rank;
+  }
 
  protected:
+  /// Counts a collective and remembers what it is (no allocation: the strings are not copied).
+  void enter(const char* kind, const char* label) {
+    ++state_.seq;
+    state_.kind = kind;
+    state_.label = label;
+  }
+
   /// Checks what every collective needs; the error names the group and the tensor's role.
   void check(const at::Tensor& t, const char* role, at::DeviceType device) const {
     if (!t.defined()) fail<InternalError>(describe(), ": the ", role, " tensor is undefined");
@@ -46,6 +72,9 @@ class Communicator {
       fail<InternalError>(describe(), ": buffers of ", small.numel(), " and ", large.numel(), " elements (",
                           small.scalar_type(), "/", large.scalar_type(), ") do not fit a group of ", size());
   }
+
+  CollectiveState state_;
+  std::vector<int> members_;
 };
 
 /// What a communicator offers, as a concept: the engine is written against it.
@@ -67,15 +96,15 @@ class SelfCommunicator final : public Communicator {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   std::string describe() const override { return name_ + " (a group of one)"; }
-  void all_gather(const at::Tensor& out, const at::Tensor& in) override {
+  void all_gather(const at::Tensor& out, const at::Tensor& in, const char* = nullptr) override {
     if (!out.is_same(in)) out.copy_(in);
   }
-  void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce) override {
+  void reduce_scatter(const at::Tensor& out, const at::Tensor& in, Reduce, const char* = nullptr) override {
     if (!out.is_same(in)) out.copy_(in);
   }
-  void all_reduce(const at::Tensor&, Reduce) override {}
-  void broadcast(const at::Tensor&, int) override {}
-  void barrier() override {}
+  void all_reduce(const at::Tensor&, Reduce, const char* = nullptr) override {}
+  void broadcast(const at::Tensor&, int, const char* = nullptr) override {}
+  void barrier(const char* = nullptr) override {}
 
  private:
   std::string name_;

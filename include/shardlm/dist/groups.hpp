@@ -62,6 +62,12 @@ class ProcessGroups {
     const int G = shard_size_;
     shard_ = G == W ? world_ : make(detail::cat("shard", env.rank / G), env.rank % G, G);
     replicate_ = G == 1 ? world_ : make(detail::cat("replicate", env.rank % G), env.rank / G, W / G);
+    // Messages (hang reports) name global ranks.
+    std::vector<int> shard_members, replicate_members;
+    for (int i = 0; i < G; ++i) shard_members.push_back(env.rank / G * G + i);
+    for (int i = 0; i < W / G; ++i) replicate_members.push_back(env.rank % G + i * G);
+    if (G != W) shard_->set_members(shard_members);
+    if (G != 1) replicate_->set_members(replicate_members);
   }
 
   Communicator& world() { return *world_; }

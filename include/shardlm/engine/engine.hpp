@@ -187,7 +187,7 @@ class Engine {
     }
     if (!P::offload && last_micro_batch && groups_.replicate().size() > 1) {
       streams_.on_comm([&] {
-        for (auto& unit : units_) groups_.replicate().all_reduce(unit.grad(), dist::Reduce::Sum);
+        for (auto& unit : units_) groups_.replicate().all_reduce(unit.grad(), dist::Reduce::Sum, unit.name().c_str());
       });
     }
     streams_.join();
@@ -216,7 +216,7 @@ class Engine {
     }
     if (groups_.shard().size() > 1) {
       sq = sq.to(device_);  // offloaded gradients are on the host; NCCL reduces device tensors
-      groups_.shard().all_reduce(sq, dist::Reduce::Sum);
+      groups_.shard().all_reduce(sq, dist::Reduce::Sum, "grad norm");
     }
     const double norm = std::sqrt(sq.item<double>());
     clip_coef_ = max_norm > 0 && std::isfinite(norm) && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;

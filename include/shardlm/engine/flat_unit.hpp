@@ -120,7 +120,7 @@ class FlatUnit {
       gathered_.copy_(source);
     } else {
       const auto send = source.scalar_type() == gathered_.scalar_type() ? source : source.to(gathered_.scalar_type());
-      shard_group.all_gather(gathered_, send);
+      shard_group.all_gather(gathered_, send, name_.c_str());
     }
   }
 
@@ -164,13 +164,13 @@ class FlatUnit {
     at::Tensor part = flat;
     if (shard_group.size() > 1) {
       part = at::empty({shard_}, flat.options());
-      shard_group.reduce_scatter(part, flat, dist::Reduce::Sum);
+      shard_group.reduce_scatter(part, flat, dist::Reduce::Sum, name_.c_str());
     }
     if (!offloaded()) {
       grad_.add_(part);
       return;
     }
-    if (replicas.size() > 1) replicas.all_reduce(part, dist::Reduce::Sum);
+    if (replicas.size() > 1) replicas.all_reduce(part, dist::Reduce::Sum, name_.c_str());
     if (sq) sq->add_(at::linalg_vector_norm(part, 2, std::nullopt, false, at::kFloat).square());
     if (first_micro_batch) {
       grad_.copy_(part, /*non_blocking=*/true);
@@ -191,7 +191,7 @@ class FlatUnit {
   NamedTensors full_master(dist::Communicator& shard_group) const {
     const auto local = master_.to(gathered_.device());  // from the host when offloaded
     auto full = at::empty({padded_}, local.options());
-    shard_group.all_gather(full, local);
+    shard_group.all_gather(full, local, name_.c_str());
     NamedTensors out;
     for (const auto& s : slots_) out.emplace_back(s.name, full.narrow(0, s.offset, s.numel).view(s.param.sizes()));
     return out;

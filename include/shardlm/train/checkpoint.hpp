@@ -5,17 +5,24 @@
 //   meta.json                     step, optimizer steps, world and shard group size, policies, and per unit
 //                                 its name, element count and padded size
 //   COMMITTED                     written by rank 0 last, after every rank's files are durable (a barrier)
-// A directory without COMMITTED is never loaded. Loading re-slices: a rank reads, for each unit, the parts of
-// the saved shards that overlap its own shard, so a run resumes on another world size or shard group size.
+// A directory without COMMITTED is never loaded, and never removed by --keep-last (a save may be in progress).
+// Loading re-slices: a rank reads, for each unit, the parts of the saved shards that overlap its own shard, so a
+// run resumes on another world size or shard group size.
 // Training state beyond this is derived: data order and learning rate follow from the step.
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "shardlm/core/compat.hpp"
 #include "shardlm/core/errors.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/dist/groups.hpp"
@@ -32,18 +39,57 @@ inline fs::path checkpoint_path(const fs::path& dir, int64_t step) {
   return dir / name;
 }
 
-/// The newest committed checkpoint under `dir`, if any.
-inline std::optional<fs::path> latest_checkpoint(const fs::path& dir) {
-  std::optional<fs::path> best;
-  int64_t best_step = -1;
-  if (!fs::is_directory(dir)) return best;
+/// The committed checkpoints under `dir`, oldest first, as (step, directory).
+inline std::vector<std::pair<int64_t, fs::path>> committed_checkpoints(const fs::path& dir) {
+  std::vector<std::pair<int64_t, fs::path>> out;
+  if (!fs::is_directory(dir)) return out;
   for (const auto& entry : fs::directory_iterator(dir)) {
     const auto name = entry.path().filename().string();
     if (name.rfind("step-", 0) != 0 || !fs::exists(entry.path() / "COMMITTED")) continue;
-    const int64_t step = std::atoll(name.c_str() + 5);
-    if (step > best_step) best_step = step, best = entry.path();
+    out.emplace_back(std::atoll(name.c_str() + 5), entry.path());
   }
-  return best;
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+/// The newest committed checkpoint under `dir`, if any.
+inline std::optional<fs::path> latest_checkpoint(const fs::path& dir) {
+  const auto all = committed_checkpoints(dir);
+  if (all.empty()) return std::nullopt;
+  return all.back().second;
+}
+
+/// --keep-last K (K > 0), by rank 0 right after the checkpoint of step `newest` committed: removes the committed
+/// checkpoints older than it beyond the newest K, counting it. Left alone: every directory without COMMITTED (a save
+/// in progress, of this run or another process, or one that died: nothing is ever loaded from them), and committed
+/// checkpoints of later steps (another run's, e.g. before --resume none). A checkpoint is first renamed out of the
+/// step-* names, so that a removal cut short leaves nothing --resume could pick; such leftovers are removed here too.
+/// Returns the removed directories; failures are warnings, not errors (training goes on).
+inline std::vector<fs::path> prune_checkpoints(const fs::path& dir, int64_t newest, int64_t keep) {
+  std::vector<fs::path> removed;
+  if (keep <= 0) return removed;
+  std::vector<fs::path> older;
+  for (const auto& [step, path] : committed_checkpoints(dir))
+    if (step < newest) older.push_back(path);
+  const size_t drop = older.size() > static_cast<size_t>(keep - 1) ? older.size() - static_cast<size_t>(keep - 1) : 0;
+  std::error_code ec;
+  for (size_t i = 0; i < drop; ++i) {
+    const auto doomed = dir / (".removing-" + older[i].filename().string());
+    fs::rename(older[i], doomed, ec);
+    if (ec) {
+      log::warn("--keep-last: cannot remove ", older[i].string(), ": ", ec.message());
+      continue;
+    }
+    removed.push_back(older[i]);
+  }
+  std::vector<fs::path> leftovers;
+  for (const auto& entry : fs::directory_iterator(dir, ec))
+    if (entry.path().filename().string().rfind(".removing-step-", 0) == 0) leftovers.push_back(entry.path());
+  for (const auto& path : leftovers) {
+    compat::remove_all(path);
+    if (fs::exists(path)) log::warn("--keep-last: cannot remove all of ", path.string());
+  }
+  return removed;
 }
 
 /// Writes `text` to `path` through a temporary file, fsynced, then renamed.
@@ -60,45 +106,86 @@ inline void write_file_atomically(const fs::path& path, const std::string& text)
   if (std::rename(tmp.c_str(), path.c_str()) != 0) fail<IoError>(path.string(), ": cannot rename the temporary file into place");
 }
 
-/// Saves the engine's state at `step` under `dir` (a collective: every rank calls it).
-template <class Engine>
-fs::path save_checkpoint(Engine& engine, dist::ProcessGroups& groups, const fs::path& dir, int64_t step,
-                         const nlohmann::json& run_info) {
+/// The parts of a save, shared by the synchronous one (save_checkpoint) and the asynchronous one
+/// (train/async_save.hpp):
+///   begin_checkpoint     a collective: rank 0 creates the directory (refusing a committed one), every rank waits
+///   checkpoint_meta      meta.json's content, taken when the state is (the optimizer step count moves on)
+///   shard_tensors        this rank's shard file: views of the engine's state, or nothing outside replica 0
+///   write_shard          writes the file (fsynced, renamed into place)
+///   commit_checkpoint    rank 0, once every rank's file is in place: meta.json, then COMMITTED, then --keep-last
+struct ShardFile {
+  fs::path path;                                           ///< empty: this rank writes no file (a replica)
+  std::vector<std::pair<std::string, at::Tensor>> tensors; ///< u<u>.master, u<u>.exp_avg, u<u>.exp_avg_sq
+};
+
+inline fs::path begin_checkpoint(dist::ProcessGroups& groups, const fs::path& dir, int64_t step) {
   const auto path = checkpoint_path(dir, step);
-  auto& shard = groups.shard();
   if (groups.rank() == 0) {
     if (fs::exists(path / "COMMITTED")) fail<IoError>(path.string(), ": a committed checkpoint of this step exists already");
     fs::create_directories(path);
   }
-  groups.world().barrier();
-  if (groups.replicate().rank() == 0) {
-    std::vector<std::pair<std::string, at::Tensor>> tensors;
-    for (size_t u = 0; u < engine.num_units(); ++u) {
-      const auto& unit = engine.unit(u);
-      const auto tag = "u" + std::to_string(u) + ".";
-      tensors.emplace_back(tag + "master", unit.master().cpu());
-      tensors.emplace_back(tag + "exp_avg", unit.exp_avg().cpu());
-      tensors.emplace_back(tag + "exp_avg_sq", unit.exp_avg_sq().cpu());
-    }
-    io::save_safetensors(path / detail::cat("shard-", shard.rank(), "-of-", shard.size(), ".safetensors"), tensors);
+  groups.world().barrier("checkpoint directory");
+  return path;
+}
+
+template <class Engine>
+nlohmann::json checkpoint_meta(const Engine& engine, dist::ProcessGroups& groups, int64_t step, const nlohmann::json& run_info) {
+  nlohmann::json meta = run_info;
+  meta["format"] = 1;
+  meta["step"] = step;
+  meta["optimizer_steps"] = engine.optimizer_steps();
+  meta["world_size"] = groups.size();
+  meta["shard_group_size"] = groups.shard().size();
+  meta["units"] = nlohmann::json::array();
+  for (size_t u = 0; u < engine.num_units(); ++u) {
+    const auto& unit = engine.unit(u);
+    meta["units"].push_back({{"name", unit.name()}, {"numel", unit.numel()}, {"padded", unit.padded()}});
   }
-  groups.world().barrier();  // every shard file is durable (save_safetensors fsyncs and renames)
-  if (groups.rank() == 0) {
-    nlohmann::json meta = run_info;
-    meta["format"] = 1;
-    meta["step"] = step;
-    meta["optimizer_steps"] = engine.optimizer_steps();
-    meta["world_size"] = groups.size();
-    meta["shard_group_size"] = shard.size();
-    meta["units"] = nlohmann::json::array();
-    for (size_t u = 0; u < engine.num_units(); ++u) {
-      const auto& unit = engine.unit(u);
-      meta["units"].push_back({{"name", unit.name()}, {"numel", unit.numel()}, {"padded", unit.padded()}});
-    }
-    write_file_atomically(path / "meta.json", meta.dump(2) + "\n");
-    write_file_atomically(path / "COMMITTED", "");
+  return meta;
+}
+
+template <class Engine>
+ShardFile shard_tensors(Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
+  ShardFile file;
+  if (groups.replicate().rank() != 0) return file;
+  file.path = path / detail::cat("shard-", groups.shard().rank(), "-of-", groups.shard().size(), ".safetensors");
+  for (size_t u = 0; u < engine.num_units(); ++u) {
+    auto& unit = engine.unit(u);
+    const auto tag = "u" + std::to_string(u) + ".";
+    file.tensors.emplace_back(tag + "master", unit.master());
+    file.tensors.emplace_back(tag + "exp_avg", unit.exp_avg());
+    file.tensors.emplace_back(tag + "exp_avg_sq", unit.exp_avg_sq());
   }
-  groups.world().barrier();
+  return file;
+}
+
+/// Fault injection for tests: SHARDLM_INJECT_SAVE_DELAY_MS=N makes every rank wait N ms after its shard file is in
+/// place, before the commit (a window in which to kill a job mid-save).
+inline void write_shard(const ShardFile& file) {
+  if (!file.path.empty()) io::save_safetensors(file.path, file.tensors);
+  if (const char* ms = std::getenv("SHARDLM_INJECT_SAVE_DELAY_MS"))
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(ms)));
+}
+
+/// Rank 0, once every rank's shard file is durable: meta.json, then the COMMITTED marker, then --keep-last
+/// (`keep_last` > 0) removes older checkpoints.
+inline void commit_checkpoint(const fs::path& path, const nlohmann::json& meta, int64_t keep_last) {
+  write_file_atomically(path / "meta.json", meta.dump(2) + "\n");
+  write_file_atomically(path / "COMMITTED", "");
+  for (const auto& old : prune_checkpoints(path.parent_path(), meta.at("step").get<int64_t>(), keep_last))
+    log::info("shardlm: removed ", old.string(), " (--keep-last ", keep_last, ")");
+}
+
+/// Saves the engine's state at `step` under `dir` and waits until it is committed (a collective: every rank calls
+/// it). `keep_last` > 0 then keeps only the newest that many committed checkpoints.
+template <class Engine>
+fs::path save_checkpoint(Engine& engine, dist::ProcessGroups& groups, const fs::path& dir, int64_t step,
+                         const nlohmann::json& run_info, int64_t keep_last = 0) {
+  const auto path = begin_checkpoint(groups, dir, step);
+  write_shard(shard_tensors(engine, groups, path));  // views of the state: written before training goes on
+  groups.world().barrier("checkpoint shards");      // every shard file is durable (save_safetensors fsyncs and renames)
+  if (groups.rank() == 0) commit_checkpoint(path, checkpoint_meta(engine, groups, step, run_info), keep_last);
+  groups.world().barrier("checkpoint commit");
   return path;
 }
 

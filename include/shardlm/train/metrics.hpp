@@ -19,6 +19,7 @@ struct StepMetrics {
   double step_s = 0, data_s = 0, forward_s = 0, backward_s = 0, optimizer_s = 0;
   double mem_alloc_gb = 0, mem_reserved_gb = 0;
   int64_t tokens = 0;
+  double save_s = 0;         ///< seconds the training thread was blocked by checkpointing after (or within) this step
   bool skipped = false;      ///< non-finite gradients: no update
   bool stop_requested = false;  ///< some rank got SIGTERM/SIGUSR1 (not in the JSON)
 
@@ -27,7 +28,7 @@ struct StepMetrics {
             {"mfu", mfu < 0 ? nlohmann::json(nullptr) : nlohmann::json(mfu)}, {"step_s", step_s}, {"data_s", data_s},
             {"forward_s", forward_s}, {"backward_s", backward_s}, {"optimizer_s", optimizer_s},
             {"mem_alloc_gb", mem_alloc_gb}, {"mem_reserved_gb", mem_reserved_gb}, {"tokens", tokens},
-            {"skipped", skipped}};
+            {"save_s", save_s}, {"skipped", skipped}};
   }
 
   std::string line(int64_t total_steps) const {
@@ -35,10 +36,11 @@ struct StepMetrics {
     const auto ms = [](double s) { return static_cast<int>(s * 1e3 + 0.5); };
     std::snprintf(buf, sizeof buf,
                   "step %lld/%lld | loss %.4f | grad_norm %.3f | lr %.2e | %.0f tok/s | mfu %s | data/fwd/bwd/opt "
-                  "%d/%d/%d/%d ms | mem %.2f/%.2f GB%s",
+                  "%d/%d/%d/%d ms | mem %.2f/%.2f GB%s%s",
                   static_cast<long long>(step), static_cast<long long>(total_steps), loss, grad_norm, lr, tokens_per_s,
                   mfu < 0 ? "n/a" : detail::cat(static_cast<int>(mfu * 1000) / 10.0, "%").c_str(), ms(data_s),
                   ms(forward_s), ms(backward_s), ms(optimizer_s), mem_alloc_gb, mem_reserved_gb,
+                  save_s > 0 ? detail::cat(" | save stall ", ms(save_s), " ms").c_str() : "",
                   skipped ? " | SKIPPED (non-finite grad)" : "");
     return buf;
   }

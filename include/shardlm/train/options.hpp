@@ -38,11 +38,13 @@ struct TrainOptions {
   std::string checkpointing = "none";    ///< shardlm_train only: picks the compiled policy
   std::string offload = "none";          ///< shardlm_train only: picks the compiled policy
   int64_t shard_group_size = 0;          ///< HybridShard: ranks per shard group (0: the ranks of one node)
-  int64_t dist_timeout = 300;            ///< seconds to wait for every rank at rendezvous and group setup
+  int64_t dist_timeout = 300;            ///< seconds to wait for every rank at rendezvous, group setup and each collective
   std::string save_final;                ///< write the trained weights (HF names, safetensors) here at the end
   std::string checkpoint_dir;            ///< sharded training checkpoints go here (train/checkpoint.hpp)
   int64_t save_every = 0;                ///< checkpoint every N steps (0: only at the end); needs checkpoint_dir
   std::string resume = "auto";           ///< auto (newest committed checkpoint, if any), none, or a checkpoint path
+  int64_t keep_last = 0;                 ///< after each commit keep only the newest K committed checkpoints (0: all)
+  bool async_save = false;               ///< write checkpoints in a background thread from a host snapshot
   int64_t max_bad_steps = 10;            ///< stop with an error after this many non-finite steps in a row (0: never)
   /// Text used as the dataset when --data is not given (the examples' embedded corpus).
   std::string_view builtin_text;
@@ -66,7 +68,10 @@ struct TrainOptions {
     positive(dist_timeout, "dist-timeout");
     if (save_every < 0) fail<ConfigError>("--save-every must be >= 0, got ", save_every);
     if (max_bad_steps < 0) fail<ConfigError>("--max-bad-steps must be >= 0, got ", max_bad_steps);
+    if (keep_last < 0) fail<ConfigError>("--keep-last must be >= 0, got ", keep_last);
     if (save_every > 0 && checkpoint_dir.empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
+    if (keep_last > 0 && checkpoint_dir.empty()) fail<ConfigError>("--keep-last needs --checkpoint-dir");
+    if (async_save && checkpoint_dir.empty()) fail<ConfigError>("--async-save needs --checkpoint-dir");
     if (resume != "auto" && resume != "none" && checkpoint_dir.empty() && !std::filesystem::exists(resume))
       fail<ConfigError>("--resume ", resume, ": no such checkpoint directory");
     if (data.empty() && builtin_text.empty() && needs_data)
@@ -112,11 +117,14 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("log-every", "print a log line every N steps", s(o.log_every))
     ("peak-tflops", "peak TFLOP/s for MFU (0: 989 on CUDA, none on CPU)", s(o.peak_tflops))
     ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.shard_group_size))
-    ("dist-timeout", "seconds to wait for every rank to join", s(o.dist_timeout))
+    ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist_timeout))
     ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(o.save_final))
     ("checkpoint-dir", "write sharded training checkpoints under this directory", s(o.checkpoint_dir))
     ("save-every", "checkpoint every N steps (0: only at the end of the run)", s(o.save_every))
     ("resume", "auto (newest committed checkpoint in --checkpoint-dir), none, or a checkpoint directory", s(o.resume))
+    ("keep-last", "after each checkpoint commits, remove older committed ones beyond the newest K (0: keep all)", s(o.keep_last))
+    ("async-save", "write checkpoints in a background thread from a host copy of the shards (needs that much host memory)",
+     cxxopts::value<bool>()->default_value(o.async_save ? "true" : "false"))
     ("max-bad-steps", "stop with an error after N steps in a row with a non-finite gradient norm (0: never)", s(o.max_bad_steps))
     ("h,help", "print this help");
   if (policy_flags)
@@ -157,6 +165,8 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
   o.checkpoint_dir = r["checkpoint-dir"].as<std::string>();
   o.save_every = r["save-every"].as<int64_t>();
   o.resume = r["resume"].as<std::string>();
+  o.keep_last = r["keep-last"].as<int64_t>();
+  o.async_save = r["async-save"].as<bool>();
   o.max_bad_steps = r["max-bad-steps"].as<int64_t>();
   if (policy_flags) {
     o.precision = r["precision"].as<std::string>();

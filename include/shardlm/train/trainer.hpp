@@ -26,6 +26,7 @@
 #include "shardlm/model/ops.hpp"
 #include "shardlm/optim/schedule.hpp"
 #include "shardlm/policy/policies.hpp"
+#include "shardlm/train/async_save.hpp"
 #include "shardlm/train/checkpoint.hpp"
 #include "shardlm/train/memory_plan.hpp"
 #include "shardlm/train/metrics.hpp"
@@ -129,6 +130,7 @@ class Trainer {
                                        engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay});
     if (ckpt && rank() == 0) io::warn_unused(*ckpt, used);
     resume();
+    if (o.async_save) async_ = std::make_unique<AsyncCheckpointWriter>(device_);
     peak_flops_ = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : (device_.is_cuda() ? 989e12 : -1);
     // Fault injection for tests: SHARDLM_INJECT_NAN_STEPS=3,5 makes the loss of those (1-based) steps NaN.
     if (const char* steps = std::getenv("SHARDLM_INJECT_NAN_STEPS")) {
@@ -136,6 +138,8 @@ class Trainer {
       for (std::string item; std::getline(in, item, ',');)
         if (!item.empty()) nan_steps_.insert(std::stoll(item));
     }
+    // SHARDLM_INJECT_HANG=S makes rank 1 stop before the collectives of step S (a hang, for the timeout reports).
+    if (const char* step = std::getenv("SHARDLM_INJECT_HANG")) hang_step_ = std::atoll(step);
   }
 
   /// One optimizer step over the global batch (grad_accum micro-batches of micro_batch samples per rank).
@@ -150,8 +154,13 @@ class Trainer {
     const int64_t global = B * options_.grad_accum * W;
     const double global_tokens = static_cast<double>(global * T);
     const auto t_start = clock::now();
+    if (m.step == hang_step_ && rank() == 1) {
+      log::warn("SHARDLM_INJECT_HANG: rank 1 hangs before step ", m.step);
+      std::this_thread::sleep_for(std::chrono::hours(24));
+    }
     engine_->begin_step();
-    auto loss_sum = at::zeros({2}, at::TensorOptions().device(device_).dtype(at::kFloat));  // [loss, stop]
+    // [loss, stop, ranks still writing an asynchronous checkpoint, ranks whose write failed]
+    auto loss_sum = at::zeros({4}, at::TensorOptions().device(device_).dtype(at::kFloat));
     for (int64_t a = 0; a < options_.grad_accum; ++a) {
       auto t0 = clock::now();
       auto [ids, targets] = batch(step_ * global + (a * W + rank()) * B);  // [B, T] each
@@ -173,16 +182,27 @@ class Trainer {
     m.grad_norm = engine_->clip_grad_norm(options_.grad_clip);
     m.lr = schedule_.at(step_);
     if (std::isfinite(m.grad_norm)) {
+      if (async_) async_->before_update();  // the snapshot of a save in flight is copied before the update
       engine_->optimizer_step(m.lr);
     } else {
       m.skipped = true;
       log::warn("step ", m.step, ": gradient norm is not finite; the update is skipped");
     }
     if (StopSignals::received()) loss_sum.narrow(0, 1, 1).fill_(1.0);  // a stop request travels with the loss
-    groups_->world().all_reduce(loss_sum, dist::Reduce::Sum);
+    if (async_ && async_->in_flight()) {  // so does the state of an asynchronous save
+      const auto [writing, failed] = async_->votes();
+      loss_sum.narrow(0, 2, 1).fill_(writing), loss_sum.narrow(0, 3, 1).fill_(failed);
+    }
+    groups_->world().all_reduce(loss_sum, dist::Reduce::Sum, "loss");
     const auto reduced = loss_sum.cpu();
     m.loss = reduced[0].item<double>() / global_tokens;
     m.stop_requested = reduced[1].item<double>() > 0;
+    if (async_ && async_->in_flight()) {
+      const auto t0 = clock::now();
+      if (async_->settle(*groups_, reduced[2].item<double>(), reduced[3].item<double>(), options_.keep_last) && rank() == 0)
+        log::info("shardlm: checkpoint ", async_->path().string(), " committed (written in the background)");
+      m.save_s += secs(t0, clock::now());
+    }
     sync();
     const auto t_end = clock::now();
     m.optimizer_s = secs(t_opt, t_end);
@@ -195,12 +215,33 @@ class Trainer {
     return m;
   }
 
-  /// Writes a sharded checkpoint of the current step under --checkpoint-dir (a collective).
-  std::filesystem::path save_checkpoint() {
-    return train::save_checkpoint(*engine_, *groups_, options_.checkpoint_dir, step_,
-                                  {{"sharding", Recipe::Sharding::name}, {"precision", Precision::name},
-                                   {"layers", config_.num_layers}, {"hidden_size", config_.hidden_size},
-                                   {"seed", options_.seed}, {"global_batch", options_.micro_batch * options_.grad_accum * groups_->size()}});
+  /// Checkpoints the current step under --checkpoint-dir (a collective). With --async-save the files are written in
+  /// the background and committed at a later step boundary, except for the run's `last` save (at the end, or on a
+  /// stop), which returns once it and any save before it are committed. Returns the seconds the training thread
+  /// was blocked.
+  double save_checkpoint(bool last) {
+    const auto start = std::chrono::steady_clock::now();
+    const auto blocked_ms = [&] {
+      return static_cast<int64_t>(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    };
+    const nlohmann::json info = {{"sharding", Recipe::Sharding::name}, {"precision", Precision::name},
+                                 {"layers", config_.num_layers}, {"hidden_size", config_.hidden_size}, {"seed", options_.seed},
+                                 {"global_batch", options_.micro_batch * options_.grad_accum * groups_->size()}};
+    if (async_) {
+      if (async_->finish(*groups_, options_.keep_last) && rank() == 0)
+        log::info("shardlm: checkpoint ", async_->path().string(), " committed (written in the background)");
+      if (!last) {
+        async_->start(*engine_, *groups_, options_.checkpoint_dir, step_, info);
+        if (rank() == 0)
+          log::info("shardlm: checkpoint ", async_->path().string(), ": writing in the background (training blocked ",
+                    blocked_ms(), " ms)");
+        return blocked_ms() / 1e3;
+      }
+    }
+    const auto path =
+        train::save_checkpoint(*engine_, *groups_, options_.checkpoint_dir, step_, info, options_.keep_last);
+    if (rank() == 0) log::info("shardlm: checkpoint ", path.string(), " (training blocked ", blocked_ms(), " ms)");
+    return blocked_ms() / 1e3;
   }
   /// The checkpoint this run resumed from (empty when it started fresh).
   const std::filesystem::path& resumed_from() const { return resumed_from_; }
@@ -282,7 +323,9 @@ class Trainer {
   optim::CosineSchedule schedule_;
   std::unique_ptr<Engine> engine_;
   std::filesystem::path resumed_from_;
+  std::unique_ptr<AsyncCheckpointWriter> async_;  // --async-save
   std::set<int64_t> nan_steps_;  // SHARDLM_INJECT_NAN_STEPS
+  int64_t hang_step_ = -1;       // SHARDLM_INJECT_HANG
   double peak_flops_ = -1;
   int64_t step_ = 0;
 };
@@ -321,11 +364,18 @@ int run_trainer(const TrainOptions& o) {
     return 0;
   }
   int64_t bad_in_a_row = 0;
+  double save_stall = 0;
   for (int64_t s = start; s < o.steps; ++s) {
-    const auto m = trainer.step();
-    metrics.write(m);
+    auto m = trainer.step();
     bad_in_a_row = m.skipped ? bad_in_a_row + 1 : 0;
-    if (o.max_bad_steps > 0 && bad_in_a_row >= o.max_bad_steps)
+    const bool too_many_bad = o.max_bad_steps > 0 && bad_in_a_row >= o.max_bad_steps;
+    const bool stop = m.stop_requested && m.step < o.steps;
+    if (!too_many_bad && !o.checkpoint_dir.empty() &&
+        ((o.save_every > 0 && m.step % o.save_every == 0) || m.step == o.steps || stop))
+      m.save_s += trainer.save_checkpoint(/*last=*/m.step == o.steps || stop);
+    save_stall += m.save_s;
+    metrics.write(m);
+    if (too_many_bad)
       fail<Error>(bad_in_a_row, " steps in a row (", m.step - bad_in_a_row + 1, "..", m.step,
                   ") had a non-finite gradient norm and were skipped (--max-bad-steps ", o.max_bad_steps,
                   "): stopping; the weights are those of step ", m.step - bad_in_a_row,
@@ -333,12 +383,6 @@ int run_trainer(const TrainOptions& o) {
     if (s == start) first_loss = m.loss;
     last_loss = m.loss;
     if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) log::info(m.line(o.steps));
-    const bool stop = m.stop_requested && m.step < o.steps;
-    if (!o.checkpoint_dir.empty() &&
-        ((o.save_every > 0 && m.step % o.save_every == 0) || m.step == o.steps || stop)) {
-      const auto path = trainer.save_checkpoint();
-      if (lead) log::info("shardlm: checkpoint ", path.string());
-    }
     if (stop) {
       if (o.checkpoint_dir.empty()) {
         if (lead) log::warn("stopping after step ", m.step, " on a signal, without --checkpoint-dir: nothing was saved");
@@ -354,7 +398,8 @@ int run_trainer(const TrainOptions& o) {
   }
   if (lead)
     log::info("shardlm: trained ", o.steps - start, " steps (", start + 1, "..", o.steps, "): loss ", first_loss, " -> ",
-              last_loss);
+              last_loss, o.checkpoint_dir.empty() ? std::string()
+                                                  : detail::cat("; checkpoints blocked training ", std::round(save_stall * 1e3) / 1e3, " s in all"));
   return 0;
 }
 
