@@ -16,8 +16,12 @@
 #           checkpointing, 4 layers offloaded on one GPU; one run traced unit by unit (SHARDLM_MEMORY_TRACE=1)
 #   l405    Llama3-405B dims with 2 and 4 layers on N GPUs with the seed recipe (FullShard, EveryBlock, CPU
 #           offload, PureBF16, seq 4096, batch 1): per-layer time and memory from the difference
+#   ckpt    checkpoint save and load times: Llama3-8B dims with 4 layers on N GPUs (FullShard, MixedBF16),
+#           saves every 3 steps, synchronous then --async-save (the training thread's stall per save), then a
+#           resume (load time)
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
-# TARGETS: what the build phase builds (default: every program the phases run).
+# TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
+# policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +69,7 @@ nccl() {
   tail -4 "$OUT/test_dist.log"
   echo "{\"check\": \"test_dist (NCCL case)\", \"result\": \"$(grep -q 'Status: SUCCESS' "$OUT/test_dist.log" && echo PASS || echo FAIL)\"}" >>"$RESULTS"
   [ "$NGPU" -ge 4 ] || { echo "nccl: needs 4 GPUs, have $NGPU"; return 0; }
-  for policy in full hybrid none; do
+  for policy in ${NCCL_POLICIES:-full hybrid none}; do
     local extra=""; [ $policy = hybrid ] && extra="--shard-group-size 2"
     python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
       --sharding $policy $extra --splits 1x4,2x2,4x1 --train-args "--device cuda" --workdir "$OUT/eq_$policy" 2>&1 | tail -4
@@ -115,6 +119,11 @@ offload_ours() {  # the 4-layer pair of the offload phase alone
   ours "ours_4L_1gpu_offload" 1 $common --layers 4 --steps 5 --offload cpu
 }
 
+bench4() {  # the 8-layer run at N GPUs alone
+  ours "ours_8L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 8 --seq-len 4096 --micro-batch 2 --steps 10 \
+    --precision mixed-bf16 --sharding full
+}
+
 memory() {
   local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full"
   SHARDLM_MEMORY_TRACE=1 ours "mem_8L_${NGPU}gpu_trace" "$NGPU" $common --layers 8 --steps 1
@@ -131,6 +140,25 @@ l405() {
   local common="--preset llama3-405b --seq-len 4096 --micro-batch 1 --precision pure-bf16 --sharding full --checkpointing every-block --offload cpu"
   ours "l405_2L_${NGPU}gpu" "$NGPU" $common --layers 2 --steps 2
   ours "l405_4L_${NGPU}gpu" "$NGPU" $common --layers 4 --steps 2
+}
+
+ckpt() {
+  local dir=${CKPT_DIR:-/tmp/shardlm-ckpt}
+  python3 -c "import numpy as np; np.random.default_rng(0).integers(0, 128256, size=1 << 24, dtype=np.uint32).tofile('$OUT/tokens.bin')"
+  local common="--preset llama3-8b --layers 4 --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --device cuda
+    --data $OUT/tokens.bin --lr 1e-5 --log-every 1 --save-every 3 --keep-last 1"
+  for mode in sync async; do
+    rm -rf "$dir"
+    local extra=""; [ $mode = async ] && extra="--async-save"
+    echo "-- $mode saves"
+    "$BUILD/bin/shardlm_launch" --nproc-per-node "$NGPU" -- "$BUILD/bin/shardlm_train" $common --steps 6 \
+      --checkpoint-dir "$dir" $extra 2>&1 | grep "rank 0" | grep -E "checkpoint|save stall|trained" | sed 's/^\[rank 0\] //'
+  done
+  echo "-- load"
+  "$BUILD/bin/shardlm_launch" --nproc-per-node "$NGPU" -- "$BUILD/bin/shardlm_train" $common --steps 7 \
+    --checkpoint-dir "$dir" 2>&1 | grep "rank 0" | grep -E "resumed|trained" | sed 's/^\[rank 0\] //'
+  du -sh "$dir"/step-* 2>/dev/null
+  rm -rf "$dir"
 }
 
 h100() {

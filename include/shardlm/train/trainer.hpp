@@ -290,7 +290,9 @@ class Trainer {
       from = std::filesystem::path(options_.resume);
     }
     if (!from) return;
+    const auto t0 = std::chrono::steady_clock::now();
     const nlohmann::json meta = load_checkpoint(*engine_, *groups_, *from);
+    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     step_ = meta.at("step").get<int64_t>();
     const int64_t global = options_.micro_batch * options_.grad_accum * groups_->size();
     if (meta.contains("global_batch") && meta["global_batch"].get<int64_t>() != global && rank() == 0)
@@ -299,7 +301,7 @@ class Trainer {
     resumed_from_ = *from;
     if (rank() == 0)
       log::info("shardlm: resumed from ", from->string(), " (step ", step_, ", saved by ", meta.at("world_size").get<int>(),
-                " rank(s))");
+                " rank(s); loaded in ", std::round(load_s * 1e3) / 1e3, " s)");
   }
 
   /// Samples k .. k + B - 1 of the run as (inputs, next-token targets), each [B, T] on the device.
