@@ -30,23 +30,7 @@ class HfCheckpoint {
     const auto index = dir_ / "model.safetensors.index.json";
     const auto single = dir_ / "model.safetensors";
     if (std::filesystem::exists(index)) {
-      std::ifstream in(index);
-      if (!in) fail<IoError>(index.string(), ": cannot open");
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(in);
-      } catch (const nlohmann::json::parse_error& e) {
-        fail<IoError>(index.string(), ": not valid JSON (", e.what(), ")");
-      }
-      if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-        fail<IoError>(index.string(), ": missing object 'weight_map'");
-      for (const auto& [name, file] : j["weight_map"].items()) {
-        if (!file.is_string()) fail<IoError>(index.string(), ": weight_map entry of '", name, "' is not a file name");
-        const auto f = file.get<std::string>();
-        if (f.find('/') != std::string::npos || f == ".." || f.empty())
-          fail<IoError>(index.string(), ": weight_map file '", f, "' of '", name, "' must be a plain file name in the directory");
-        file_of_[name] = f;
-      }
+      file_of_ = read_weight_map(index);
     } else if (std::filesystem::exists(single)) {
       auto& file = open("model.safetensors");
       for (const auto& t : file.tensors()) file_of_[t.name] = "model.safetensors";
@@ -93,7 +77,7 @@ std::set<std::string> load_parameters(NamedParams&& params, HfCheckpoint& ckpt) 
     if (info->shape != param.sizes().vec())
       fail<IoError>(file->path().string(), ": tensor '", name, "' has shape ", c10::IntArrayRef(info->shape),
                     " but the config needs ", param.sizes());
-    if (at::isIntegralType(info->scalar_type, /*includeBool=*/true))
+    if (at::isIntegralType(scalar_type_of(*info), /*includeBool=*/true))
       fail<IoError>(file->path().string(), ": tensor '", name, "' has integer dtype ", info->dtype,
                     ": expected a floating-point weight");
     param.copy_(file->read(name));
