@@ -302,7 +302,10 @@ TEST_CASE("progress: a line per 10% off a terminal, a bar on one") {
   Progress q("exporting", 100, true, 1, &bar);
   q.add(100);
   q.finish();
-  CHECK(bar.str().find("\rshardlm: exporting [##############################] 0.00 of 0.00 GB") != std::string::npos);
+  CHECK(bar.str().find("\rshardlm: exporting [##############################] 0.00 of 0.00 MB, ") != std::string::npos);
+  Progress big("loading", 3000000000, true, 1, &bar);
+  big.add(1500000000);
+  CHECK(bar.str().find("[###############...............] 1.50 of 3.00 GB, ") != std::string::npos);
   std::ostringstream quiet;
   Progress off("loading", 100, false, 0, &quiet);
   off.add(100);

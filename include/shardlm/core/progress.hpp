@@ -52,7 +52,7 @@ class Progress {
     finished_ = true;
     const double s = seconds(clock::now());
     char buf[160];
-    std::snprintf(buf, sizeof buf, "shardlm: %s: %.3f GB in %.1f s (%.2f GB/s)", what_.c_str(), done_ / 1e9, s,
+    std::snprintf(buf, sizeof buf, "shardlm: %s: %.3f GB in %.2f s (%.2f GB/s)", what_.c_str(), done_ / 1e9, s,
                   s > 0 ? done_ / 1e9 / s : 0.0);
     emit(terminal_ ? "\r" + bar(clock::now()) + "\x1b[K\n" + buf : std::string(buf), true);
   }
@@ -64,13 +64,15 @@ class Progress {
 
  private:
   double seconds(clock::time_point now) const { return std::chrono::duration<double>(now - start_).count(); }
-  /// "12.3 of 45.6 GB, 1.23 GB/s, ETA 0:27"
+  /// "12.30 of 45.60 GB, 1.23 GB/s, ETA 0:27" (MB below a gigabyte in all)
   std::string figures(clock::time_point now) const {
     const double s = seconds(now), rate = s > 0 ? done_ / s : 0;
     const double eta = rate > 0 ? (total_ - done_) / rate : 0;
+    const bool gb = total_ >= 1000000000;
+    const double unit = gb ? 1e9 : 1e6;
     char buf[120];
-    std::snprintf(buf, sizeof buf, "%.2f of %.2f GB, %.2f GB/s, ETA %d:%02d", done_ / 1e9, total_ / 1e9, rate / 1e9,
-                  static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+    std::snprintf(buf, sizeof buf, "%.2f of %.2f %s, %.2f GB/s, ETA %d:%02d", done_ / unit, total_ / unit, gb ? "GB" : "MB",
+                  rate / 1e9, static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
     return buf;
   }
   std::string bar(clock::time_point now) const {
