@@ -57,6 +57,7 @@ def main() -> None:
         "bad_past_end": raw({"w": dict(w, shape=[4], data_offsets=[0, 16])}, bytes(8)),
         "bad_size": raw({"w": dict(w, shape=[3])}, bytes(8)),
         "bad_overflow": raw({"w": dict(w, shape=[4294967296, 4294967296, 16])}, bytes(8)),
+        "valid_huge_zero": raw({"w": dict(w, shape=[4611686018427387904, 3, 0], data_offsets=[0, 0])}, b""),
         "bad_overlap": raw({"w": w, "v": dict(w, data_offsets=[4, 12])}, bytes(12)),
         "bad_hole": raw({"w": dict(w, data_offsets=[4, 12])}, bytes(12)),
         "bad_trailing": raw({"w": w}, bytes(12)),

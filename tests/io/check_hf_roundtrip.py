@@ -78,6 +78,9 @@ def check_run(args, src, sharding, ranks, reference_logits, input_ids):
         assert got[name][3] == data, f"{out}: {name}: bytes differ from {src}"
     files = sorted({f for f, *_ in got.values()})
     assert len(files) > 1, f"{out}: expected several files at --export-max-file-gb 5e-5, got {files}"
+    for f in files:
+        with safe_open(os.path.join(out, f), framework="pt") as st:
+            assert st.metadata() == {"format": "pt"}, f"{out}/{f}: metadata {st.metadata()}"
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert index["metadata"]["total_size"] == sum(len(d) for *_, d in got.values()), f"{out}: wrong total_size"
     assert open(os.path.join(out, "config.json")).read() == open(os.path.join(src, "config.json")).read()

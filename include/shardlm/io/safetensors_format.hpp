@@ -54,9 +54,9 @@ struct TensorInfo {
   uint64_t nbytes() const { return end - begin; }
   uint64_t element_size() const { return safetensors_dtype_size(dtype); }
   int64_t numel() const {
-    int64_t n = 1;
-    for (auto d : shape) n *= d;  // cannot overflow: validated against the byte size
-    return n;
+    uint64_t n = 1;  // partial products were checked to fit 64 unsigned bits; the product is <= the byte size
+    for (auto d : shape) n *= static_cast<uint64_t>(d);
+    return static_cast<int64_t>(n);
   }
 };
 
