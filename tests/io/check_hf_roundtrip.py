@@ -10,7 +10,8 @@ and 2 ranks of NoShard, whose replicas must not both write) runs
 (each rank reads only its shards' byte ranges; each writes only its shards' bytes) and checks that OUT holds every
 tensor of SRC with the same dtype, shape and bytes, in several files listed by a consistent
 model.safetensors.index.json (also checked by shardlm_inspect), with SRC's config.json, that transformers loads it
-and gives SRC's logits exactly, and that rank 0 reported the load and the export.
+and gives SRC's logits exactly, and that rank 0 reported the load and the export. Then a preset trained two
+steps and exported in bf16 (one file, config.json written by shardlm) must hold --save-final's weights in bf16.
 """
 import argparse
 import json
@@ -94,6 +95,29 @@ def check_run(args, src, sharding, ranks, reference_logits, input_ids):
           f"transformers logits identical")
 
 
+def check_preset(args):
+    """A preset trained 2 steps on 2 ranks, exported in bf16 to one file with a written config.json: the export
+    holds --save-final's fp32 weights rounded to bf16, and transformers loads it."""
+    out, final = os.path.join(args.workdir, "preset-export"), os.path.join(args.workdir, "preset-final.safetensors")
+    cmd = [args.launch, "--nproc-per-node", "2", "--", args.train, "--preset", "llama3-debug", "--layers", "2",
+           "--data", args.data, "--steps", "2", "--seq-len", "16", "--micro-batch", "1", "--dist-timeout", "60",
+           "--save-final", final, "--export-dir", out]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert run.returncode == 0, f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout}{run.stderr}"
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"], os.listdir(out)
+    got = tensors_of(out)
+    with safe_open(final, framework="pt") as st:
+        assert set(st.keys()) == set(got), f"{out}: tensors differ from --save-final's"
+        for name in st.keys():
+            want = st.get_tensor(name).to(torch.bfloat16).contiguous()
+            assert got[name][1:3] == (torch.bfloat16, tuple(want.shape)), f"{out}: {name} is {got[name][1:3]}"
+            assert got[name][3] == want.view(torch.uint8).numpy().tobytes(), f"{out}: {name} is not the bf16 weights"
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    model = load_checkpoint(out)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 512, model.config
+    print(f"preset-export: {len(got)} tensors = --save-final rounded to bf16, config.json loaded by transformers")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("--launch", "--train", "--inspect", "--data", "--workdir"):
@@ -109,6 +133,7 @@ def main():
             reference_logits = source(input_ids=input_ids).logits
         for sharding, ranks in RUNS:
             check_run(args, src, sharding, ranks, reference_logits, input_ids)
+    check_preset(args)
     print("check_hf_roundtrip: all exports byte-identical")
 
 

@@ -237,9 +237,11 @@ void export_hf(Engine& engine, dist::ProcessGroups& groups, const ExportOptions&
     }
     const char* torch_name = o.dtype == at::kFloat ? "float32" : o.dtype == at::kHalf ? "float16" : "bfloat16";
     if (!o.source_dir.empty() && fs::exists(o.source_dir / "config.json")) {
-      for (const char* extra : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+      if (!fs::equivalent(o.source_dir, o.dir))  // exported over the model it was loaded from: keep its files
+        for (const char* extra : {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                                 "special_tokens_map.json"})
-        if (fs::exists(o.source_dir / extra)) fs::copy_file(o.source_dir / extra, o.dir / extra, fs::copy_options::overwrite_existing);
+          if (fs::exists(o.source_dir / extra))
+            fs::copy_file(o.source_dir / extra, o.dir / extra, fs::copy_options::overwrite_existing);
     } else {
       hf_export::write_file_atomically(o.dir / "config.json", model::config_to_json(o.config, torch_name).dump(2) + "\n");
     }
