@@ -297,7 +297,7 @@ TEST_CASE("progress: a line per 10% off a terminal, a bar on one") {
   const auto text = lines.str();
   for (int pct = 10; pct < 100; pct += 10) CHECK(text.find("loading: " + std::to_string(pct) + "% (") != std::string::npos);
   CHECK(std::count(text.begin(), text.end(), '\n') == 10);  // 10% .. 90%, then the summary
-  CHECK(text.find("loading: 0.000 GB in") != std::string::npos);
+  CHECK(text.find("loading: 0.001 MB in") != std::string::npos);  // 1000 bytes
   CHECK(text.find("GB/s, ETA") != std::string::npos);
   Progress q("exporting", 100, true, 1, &bar);
   q.add(100);

@@ -9,6 +9,7 @@
 #include <iostream>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "shardlm/core/log.hpp"
 
@@ -51,8 +52,9 @@ class Progress {
     std::lock_guard<std::mutex> lock(mutex_);
     finished_ = true;
     const double s = seconds(clock::now());
+    const auto [unit, name] = unit_of(total_);
     char buf[160];
-    std::snprintf(buf, sizeof buf, "shardlm: %s: %.3f GB in %.2f s (%.2f GB/s)", what_.c_str(), done_ / 1e9, s,
+    std::snprintf(buf, sizeof buf, "shardlm: %s: %.3f %s in %.2f s (%.2f GB/s)", what_.c_str(), done_ / unit, name, s,
                   s > 0 ? done_ / 1e9 / s : 0.0);
     emit(terminal_ ? "\r" + bar(clock::now()) + "\x1b[K\n" + buf : std::string(buf), true);
   }
@@ -64,14 +66,17 @@ class Progress {
 
  private:
   double seconds(clock::time_point now) const { return std::chrono::duration<double>(now - start_).count(); }
-  /// "12.30 of 45.60 GB, 1.23 GB/s, ETA 0:27" (MB below a gigabyte in all)
+  /// Sizes in GB, or MB below a gigabyte in all.
+  static std::pair<double, const char*> unit_of(uint64_t total) {
+    return total >= 1000000000 ? std::pair(1e9, "GB") : std::pair(1e6, "MB");
+  }
+  /// "12.30 of 45.60 GB, 1.23 GB/s, ETA 0:27"
   std::string figures(clock::time_point now) const {
     const double s = seconds(now), rate = s > 0 ? done_ / s : 0;
     const double eta = rate > 0 ? (total_ - done_) / rate : 0;
-    const bool gb = total_ >= 1000000000;
-    const double unit = gb ? 1e9 : 1e6;
+    const auto [unit, name] = unit_of(total_);
     char buf[120];
-    std::snprintf(buf, sizeof buf, "%.2f of %.2f %s, %.2f GB/s, ETA %d:%02d", done_ / unit, total_ / unit, gb ? "GB" : "MB",
+    std::snprintf(buf, sizeof buf, "%.2f of %.2f %s, %.2f GB/s, ETA %d:%02d", done_ / unit, total_ / unit, name,
                   rate / 1e9, static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
     return buf;
   }
