@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
     const auto input_path = args["input"].as<std::string>();
     shardlm::io::SafetensorsFile input(input_path);
     const auto& info = input.info("input_ids");
-    if (info.scalar_type != at::kLong || info.shape.size() != 2)
+    if (shardlm::io::scalar_type_of(info) != at::kLong || info.shape.size() != 2)
       shardlm::fail<shardlm::IoError>(input_path, ": input_ids must be int64 [B, T], got ", info.dtype, " of rank ",
                                       info.shape.size());
     const auto ids = input.read("input_ids");

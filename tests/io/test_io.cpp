@@ -6,6 +6,7 @@
 #include <shardlm/shardlm.hpp>
 
 #include <fstream>
+#include <sstream>
 
 #include "../test_util.hpp"
 
@@ -222,4 +223,116 @@ TEST_CASE("loading a Hugging Face directory: errors name the file, tensor and ex
     CHECK(load_err().find("the index lists tensor") != std::string::npos);
   }
   compat::remove_all(dir);
+}
+
+TEST_CASE("header length: over the cap, or past the end of the file") {
+  unsigned char len[8] = {};
+  const uint64_t over = io::max_safetensors_header_bytes + 8;
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((over >> (8 * i)) & 0xff);
+  CHECK_THROWS_WITH_AS(io::safetensors_header_length(len, over + 100, "f.safetensors"),
+                       doctest::Contains("f.safetensors: header length 104857608 is over the limit"), IoError);
+  CHECK_THROWS_WITH_AS(io::safetensors_header_length(len, 1000, "f.safetensors"),
+                       doctest::Contains("runs past the end of the file (1000 bytes)"), IoError);
+  // The in-memory form (what the fuzzer drives) refuses the same files.
+  const std::string text = io::detail::header_length_bytes(4) + "{}  ";
+  CHECK(io::parse_safetensors(text.data(), text.size(), "m").tensors.empty());
+  CHECK_THROWS_WITH_AS(io::parse_safetensors(text.data(), 9, "m"), doctest::Contains("runs past the end"), IoError);
+}
+
+TEST_CASE("reading slices: byte ranges of tensors, converted to the destination dtype, on several threads") {
+  const auto dir = test::temp_dir("slices");
+  at::manual_seed(3);
+  const auto a = at::randn({37, 29}).to(at::kBFloat16), b = at::randn({1000}), h = at::randn({5, 7}).to(at::kHalf);
+  io::save_safetensors(dir / "model.safetensors", {{"model.a", a}, {"model.b", b}, {"model.h", h}});
+  io::HfCheckpoint ckpt(dir);
+  auto flat = [](const at::Tensor& t) { return t.reshape(-1); };
+  struct Case {
+    int threads;
+    uint64_t chunk;
+  };
+  for (const auto c : {Case{1, 64ull << 20}, Case{3, 64}, Case{8, 6}, Case{2, 1}}) {
+    CAPTURE(c.threads);
+    CAPTURE(c.chunk);
+    auto da = at::full({517}, -1.0f), db = at::full({400}, -1.0f), dh = at::full({35}, -1.0, at::kDouble);
+    auto db_same = at::full({3}, -1.0f);  // file dtype on the host: read in place
+    std::vector<io::TensorSlice> slices = {{"model.a", {37, 29}, 123, 517, da},
+                                           {"model.b", {1000}, 600, 400, db},
+                                           {"model.h", {5, 7}, 0, 35, dh},
+                                           {"model.b", {1000}, 0, 3, db_same},
+                                           {"model.a", {37, 29}, 5, 0, at::empty({0})}};
+    std::ostringstream log;
+    Progress progress("reading", io::check_slices(ckpt, slices), true, 0, &log);
+    CHECK(io::check_slices(ckpt, slices) == 517 * 2 + 400 * 4 + 35 * 2 + 3 * 4);
+    io::read_slices(ckpt, slices, {c.threads, c.chunk}, &progress);
+    CHECK(progress.done() == io::check_slices(ckpt, slices));
+    CHECK(at::equal(da, flat(a).narrow(0, 123, 517).to(at::kFloat)));
+    CHECK(at::equal(db, flat(b).narrow(0, 600, 400)));
+    CHECK(at::equal(dh, flat(h).to(at::kDouble)));
+    CHECK(at::equal(db_same, flat(b).narrow(0, 0, 3)));
+  }
+  SUBCASE("errors name the file and tensor") {
+    std::vector<io::TensorSlice> wrong_shape = {{"model.a", {29, 37}, 0, 1, at::empty({1})}};
+    CHECK_THROWS_WITH_AS(io::read_slices(ckpt, wrong_shape),
+                         doctest::Contains("model.safetensors: tensor 'model.a' has shape [37, 29] but the config needs [29, 37]"),
+                         IoError);
+    std::vector<io::TensorSlice> missing = {{"model.z", {1}, 0, 1, at::empty({1})}};
+    CHECK_THROWS_WITH_AS(io::read_slices(ckpt, missing), doctest::Contains("has no tensor 'model.z'"), IoError);
+  }
+  SUBCASE("a file truncated after validation: the read error reaches the caller from a worker thread") {
+    REQUIRE(::truncate((dir / "model.safetensors").c_str(), static_cast<off_t>(fs::file_size(dir / "model.safetensors") - 100)) == 0);
+    auto dst = at::empty({35}, at::kHalf);
+    std::vector<io::TensorSlice> tail = {{"model.h", {5, 7}, 0, 35, dst}};
+    CHECK_THROWS_WITH_AS(io::read_slices(ckpt, tail, {4, 8}), doctest::Contains("truncated"), IoError);
+  }
+  compat::remove_all(dir);
+}
+
+TEST_CASE("progress: a line per 10% off a terminal, a bar on one") {
+  std::ostringstream lines, bar;
+  {
+    Progress p("loading", 1000, true, 0, &lines);
+    for (int i = 0; i < 40; ++i) p.add(25);
+    p.finish();
+  }
+  const auto text = lines.str();
+  for (int pct = 10; pct < 100; pct += 10) CHECK(text.find("loading: " + std::to_string(pct) + "% (") != std::string::npos);
+  CHECK(std::count(text.begin(), text.end(), '\n') == 10);  // 10% .. 90%, then the summary
+  CHECK(text.find("loading: 0.001 MB in") != std::string::npos);  // 1000 bytes
+  CHECK(text.find("GB/s, ETA") != std::string::npos);
+  Progress q("exporting", 100, true, 1, &bar);
+  q.add(100);
+  q.finish();
+  CHECK(bar.str().find("\rshardlm: exporting [##############################] 0.00 of 0.00 MB, ") != std::string::npos);
+  Progress big("loading", 3000000000, true, 1, &bar);
+  big.add(1500000000);
+  CHECK(bar.str().find("[###############...............] 1.50 of 3.00 GB, ") != std::string::npos);
+  std::ostringstream quiet;
+  Progress off("loading", 100, false, 0, &quiet);
+  off.add(100);
+  off.finish();
+  CHECK(quiet.str().empty());
+}
+
+TEST_CASE("config_to_json: read back, it gives the config it was made from") {
+  for (const auto& c : {model::preset("llama3-debug"), parse(v4_config), parse(v5_config)}) {
+    const auto j = model::config_to_json(c, "bfloat16");
+    CHECK(j["dtype"] == "bfloat16");
+    const auto back = model::config_from_json(nlohmann::json::parse(j.dump()), "config.json");
+    CHECK(back.vocab_size == c.vocab_size);
+    CHECK(back.hidden_size == c.hidden_size);
+    CHECK(back.intermediate_size == c.intermediate_size);
+    CHECK(back.num_layers == c.num_layers);
+    CHECK(back.num_heads == c.num_heads);
+    CHECK(back.num_kv_heads == c.num_kv_heads);
+    CHECK(back.head_dim == c.head_dim);
+    CHECK(back.max_position_embeddings == c.max_position_embeddings);
+    CHECK(back.rms_norm_eps == c.rms_norm_eps);
+    CHECK(back.tie_word_embeddings == c.tie_word_embeddings);
+    CHECK(back.rope.type == c.rope.type);
+    CHECK(back.rope.theta == c.rope.theta);
+    CHECK(back.rope.factor == c.rope.factor);
+    CHECK(back.rope.low_freq_factor == c.rope.low_freq_factor);
+    CHECK(back.rope.high_freq_factor == c.rope.high_freq_factor);
+    CHECK(back.rope.original_max_position_embeddings == c.rope.original_max_position_embeddings);
+  }
 }

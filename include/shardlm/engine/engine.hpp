@@ -48,6 +48,20 @@ struct AdamWHyper {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
 };
 
+/// How the engine fills each unit u: `params(u, params)` fills the unit's parameters, materialized on the device in
+/// the master dtype, before this rank keeps its shard (random initialization); or `shard(u, unit, master_shard)`
+/// fills this rank's master shard directly, so the whole unit is never materialized (a checkpoint read by ranges).
+struct UnitInit {
+  std::function<void(size_t, NamedTensors&)> params;
+  std::function<void(size_t, const FlatUnit&, at::Tensor&)> shard;
+  template <class F>
+    requires std::invocable<F&, size_t, NamedTensors&>
+  UnitInit(F f) : params(std::move(f)) {}
+  template <class F>
+    requires std::invocable<F&, size_t, const FlatUnit&, at::Tensor&>
+  UnitInit(F f) : shard(std::move(f)) {}
+};
+
 template <class Recipe>
 struct EnginePolicy {
   using Sharding = typename Recipe::Sharding;
@@ -73,10 +87,9 @@ class Engine {
   using Precision = typename P::Precision;
 
  public:
-  /// Builds the flat units of `model`, whose parameters are placeholders (uninitialized): `init(u, params)` fills
-  /// unit u's parameters, materialized on `device` in the master dtype, before this rank keeps its shard.
-  Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device,
-         const std::function<void(size_t, NamedTensors&)>& init, AdamWHyper hyper)
+  /// Builds the flat units of `model`, whose parameters are placeholders (uninitialized), filled by `init`
+  /// (UnitInit: the unit's parameters materialized, or this rank's shard directly).
+  Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device, const UnitInit& init, AdamWHyper hyper)
       : model_(model), groups_(groups), device_(device), streams_(device), hyper_(hyper) {
     const size_t n = model_.num_units();
     for (size_t u = 0; u < n; ++u)
@@ -84,13 +97,20 @@ class Engine {
     auto master = at::TensorOptions().device(device).dtype(Precision::master);
     for (size_t u = 0; u < n; ++u) {
       auto params = model_.unit_parameters(u);
-      {
-        at::NoGradGuard no_grad;
-        for (auto& [name, p] : params) p.set_data(at::empty(p.sizes(), master));
+      if (init.shard) {
+        units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
+        auto& unit = units_.back();
+        unit.shard_with(master, Precision::compute, Precision::reduce, P::offload,
+                        [&](at::Tensor& shard) { init.shard(u, unit, shard); });
+      } else {
+        {
+          at::NoGradGuard no_grad;
+          for (auto& [name, p] : params) p.set_data(at::empty(p.sizes(), master));
+        }
+        init.params(u, params);
+        units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
+        units_.back().shard_from_params(master, Precision::compute, Precision::reduce, P::offload);
       }
-      init(u, params);
-      units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
-      units_.back().shard_from_params(master, Precision::compute, Precision::reduce, P::offload);
       ready_.emplace_back();
     }
     // The optimizer's tensor lists: views of every shard, split into runs with and without weight decay, each

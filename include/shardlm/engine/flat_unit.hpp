@@ -80,21 +80,40 @@ class FlatUnit {
     return out;
   }
 
+  /// Calls f(slot, first element in the parameter, first element in the shard, count) for each part of a
+  /// parameter inside this rank's shard, in order.
+  template <class F>
+  void for_each_in_shard(F&& f) const {
+    const int64_t lo = shard_ * group_rank_;
+    for (const auto& s : slots_) {
+      const int64_t a = std::max(lo, s.offset), b = std::min(lo + shard_, s.offset + s.numel);
+      if (a < b) f(s, a - s.offset, a - lo, b - a);
+    }
+  }
+
   /// Takes this rank's slice of the unit's full weights (the module's parameters, materialized) as the master
   /// shard, sets up gradient and optimizer state, and points the parameters at the gathered buffer (released).
   /// With `offload`, master weights, gradients and optimizer state live in host memory (pinned when the device
   /// is a GPU) and the device keeps only this rank's shard in the compute dtype, which gathers read.
   void shard_from_params(const at::TensorOptions& master, at::ScalarType compute, at::ScalarType reduce,
                          bool offload = false) {
+    shard_with(master, compute, reduce, offload, [&](at::Tensor& shard) {
+      for_each_in_shard([&](const Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
+        shard.narrow(0, in_shard, n).copy_(s.param.detach().reshape(-1).narrow(0, in_param, n));
+      });
+    });
+  }
+
+  /// As shard_from_params, with the master shard (zeros: the padding stays zero) filled by `fill(master_shard)`
+  /// instead: the module's parameters are never materialized (a checkpoint read by byte ranges).
+  template <class Fill>
+  void shard_with(const at::TensorOptions& master, at::ScalarType compute, at::ScalarType reduce, bool offload,
+                  Fill&& fill) {
     at::NoGradGuard no_grad;
     const auto device_opts = master;
     const auto state = offload ? master.device(at::kCPU).pinned_memory(master.device().is_cuda()) : master;
     master_ = at::zeros({shard_}, state);
-    const int64_t lo = shard_ * group_rank_;
-    for (const auto& s : slots_) {
-      const int64_t a = std::max(lo, s.offset), b = std::min(lo + shard_, s.offset + s.numel);
-      if (a < b) master_.narrow(0, a - lo, b - a).copy_(s.param.detach().reshape(-1).narrow(0, a - s.offset, b - a));
-    }
+    fill(master_);
     grad_ = at::zeros({shard_}, state.dtype(reduce));
     exp_avg_ = at::zeros_like(master_);  // never copied: pageable host memory is enough
     exp_avg_sq_ = at::zeros_like(master_);

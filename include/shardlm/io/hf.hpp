@@ -1,16 +1,22 @@
 #pragma once
 // Hugging Face model directories: config.json plus model.safetensors or a set of shards listed by
-// model.safetensors.index.json. Maps our parameter names to the checkpoint's.
+// model.safetensors.index.json. Maps our parameter names to the checkpoint's, and reads tensors or parts of
+// tensors (a rank's shard) with parallel preads.
 #include <torch/nn/module.h>
 
+#include <atomic>
+#include <exception>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "shardlm/core/log.hpp"
+#include "shardlm/core/progress.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/config.hpp"
 
@@ -30,23 +36,7 @@ class HfCheckpoint {
     const auto index = dir_ / "model.safetensors.index.json";
     const auto single = dir_ / "model.safetensors";
     if (std::filesystem::exists(index)) {
-      std::ifstream in(index);
-      if (!in) fail<IoError>(index.string(), ": cannot open");
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(in);
-      } catch (const nlohmann::json::parse_error& e) {
-        fail<IoError>(index.string(), ": not valid JSON (", e.what(), ")");
-      }
-      if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-        fail<IoError>(index.string(), ": missing object 'weight_map'");
-      for (const auto& [name, file] : j["weight_map"].items()) {
-        if (!file.is_string()) fail<IoError>(index.string(), ": weight_map entry of '", name, "' is not a file name");
-        const auto f = file.get<std::string>();
-        if (f.find('/') != std::string::npos || f == ".." || f.empty())
-          fail<IoError>(index.string(), ": weight_map file '", f, "' of '", name, "' must be a plain file name in the directory");
-        file_of_[name] = f;
-      }
+      file_of_ = read_weight_map(index);
     } else if (std::filesystem::exists(single)) {
       auto& file = open("model.safetensors");
       for (const auto& t : file.tensors()) file_of_[t.name] = "model.safetensors";
@@ -81,24 +71,110 @@ class HfCheckpoint {
   std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
 };
 
+/// Part of one checkpoint tensor to read: elements [first, first + count) of the flattened tensor, into `dst`.
+struct TensorSlice {
+  std::string name;            ///< checkpoint name
+  std::vector<int64_t> shape;  ///< the shape the model needs (checked against the file's)
+  int64_t first = 0, count = 0;
+  at::Tensor dst;              ///< `count` contiguous elements of a floating dtype, on any device
+};
+
+/// How read_slices reads: worker threads, each holding one buffer of at most `chunk_bytes`.
+struct ReadOptions {
+  int threads = 8;
+  uint64_t chunk_bytes = 64ull << 20;
+};
+
+/// Checks that every slice's tensor exists with the shape the model needs and a floating-point dtype (errors name
+/// the file and tensor); returns the number of file bytes the slices cover.
+inline uint64_t check_slices(HfCheckpoint& ckpt, const std::vector<TensorSlice>& slices) {
+  uint64_t bytes = 0;
+  for (const auto& s : slices) {
+    auto [file, info] = ckpt.locate(s.name);
+    if (info->shape != s.shape)
+      fail<IoError>(file->path().string(), ": tensor '", s.name, "' has shape ", c10::IntArrayRef(info->shape),
+                    " but the config needs ", c10::IntArrayRef(s.shape));
+    if (at::isIntegralType(scalar_type_of(*info), /*includeBool=*/true))
+      fail<IoError>(file->path().string(), ": tensor '", s.name, "' has integer dtype ", info->dtype,
+                    ": expected a floating-point weight");
+    SHARDLM_ASSERT(s.first >= 0 && s.count >= 0 && s.first + s.count <= info->numel(), "slice outside tensor ", s.name);
+    bytes += static_cast<uint64_t>(s.count) * info->element_size();
+  }
+  return bytes;
+}
+
+/// Reads the slices (after check_slices) with preads on `opts.threads` threads, in chunks of at most
+/// `opts.chunk_bytes`, converting the file's dtype to each destination's on the way: nothing larger than one
+/// chunk per thread is held besides the destinations. A destination on the host in the file's dtype is read into
+/// directly. `progress` is told of every chunk.
+inline void read_slices(HfCheckpoint& ckpt, const std::vector<TensorSlice>& slices, const ReadOptions& opts = {},
+                        Progress* progress = nullptr) {
+  check_slices(ckpt, slices);
+  struct Chunk {
+    const SafetensorsFile* file;
+    const TensorInfo* info;
+    uint64_t offset, bytes;  // within the tensor's data
+    at::Tensor dst;
+  };
+  std::vector<Chunk> chunks;
+  for (const auto& s : slices) {
+    auto [file, info] = ckpt.locate(s.name);
+    SHARDLM_ASSERT(s.dst.numel() == s.count && s.dst.is_contiguous(), "destination of ", s.name, " is not ", s.count,
+                   " contiguous elements");
+    const uint64_t element = info->element_size();
+    const int64_t per_chunk = static_cast<int64_t>(std::max<uint64_t>(1, opts.chunk_bytes / element));
+    for (int64_t k = 0; k < s.count; k += per_chunk) {
+      const int64_t n = std::min(per_chunk, s.count - k);
+      chunks.push_back({file, info, static_cast<uint64_t>(s.first + k) * element, static_cast<uint64_t>(n) * element,
+                        s.dst.view(-1).narrow(0, k, n)});
+    }
+  }
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&] {
+    at::NoGradGuard no_grad;  // thread-local: the destinations may be parameters
+    std::vector<char> buffer;
+    for (size_t i; !failed && (i = next++) < chunks.size();) {
+      try {
+        const auto& c = chunks[i];
+        const auto type = scalar_type_of(*c.info);
+        if (c.dst.is_cpu() && c.dst.scalar_type() == type) {
+          c.file->read_bytes(*c.info, c.offset, c.bytes, c.dst.data_ptr());
+        } else {
+          buffer.resize(std::max<size_t>(buffer.size(), c.bytes));
+          c.file->read_bytes(*c.info, c.offset, c.bytes, buffer.data());
+          c.dst.copy_(at::from_blob(buffer.data(), {c.dst.numel()}, at::TensorOptions().dtype(type)));
+        }
+        if (progress) progress->add(c.bytes);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        failed = true;
+      }
+    }
+  };
+  const size_t threads = std::min<size_t>(std::max(1, opts.threads), chunks.size());
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
 /// Copies named parameters (model names) from the checkpoint, converting dtype; returns the checkpoint names read.
 /// Missing tensors and shape mismatches are errors naming the tensor and file.
 template <class NamedParams>
-std::set<std::string> load_parameters(NamedParams&& params, HfCheckpoint& ckpt) {
-  at::NoGradGuard no_grad;
+std::set<std::string> load_parameters(NamedParams&& params, HfCheckpoint& ckpt, const ReadOptions& opts = {}) {
+  std::vector<TensorSlice> slices;
   std::set<std::string> used;
   for (auto&& [key, param] : params) {
-    const auto name = hf_name(key);
-    auto [file, info] = ckpt.locate(name);
-    if (info->shape != param.sizes().vec())
-      fail<IoError>(file->path().string(), ": tensor '", name, "' has shape ", c10::IntArrayRef(info->shape),
-                    " but the config needs ", param.sizes());
-    if (at::isIntegralType(info->scalar_type, /*includeBool=*/true))
-      fail<IoError>(file->path().string(), ": tensor '", name, "' has integer dtype ", info->dtype,
-                    ": expected a floating-point weight");
-    param.copy_(file->read(name));
-    used.insert(name);
+    SHARDLM_ASSERT(param.is_contiguous(), "parameter ", key, " is not contiguous");
+    slices.push_back({hf_name(key), param.sizes().vec(), 0, param.numel(), param.detach().view(-1)});
+    used.insert(slices.back().name);
   }
+  read_slices(ckpt, slices, opts);
   return used;
 }
 

@@ -190,6 +190,25 @@ inline ModelConfig config_from_json(const nlohmann::json& j, const std::string& 
   return c;
 }
 
+/// A Hugging Face config.json (transformers v5 form) for `c`, with `dtype` the weights' dtype ("bfloat16", ...):
+/// what an export from a preset writes. config_from_json reads it back to `c`.
+inline nlohmann::ordered_json config_to_json(const ModelConfig& c, const std::string& dtype) {
+  nlohmann::ordered_json rope = {{"rope_type", c.rope.type}, {"rope_theta", c.rope.theta}};
+  if (c.rope.type != "default") rope["factor"] = c.rope.factor;
+  if (c.rope.type == "llama3") {
+    rope["low_freq_factor"] = c.rope.low_freq_factor;
+    rope["high_freq_factor"] = c.rope.high_freq_factor;
+    rope["original_max_position_embeddings"] = c.rope.original_max_position_embeddings;
+  }
+  return {{"architectures", {"LlamaForCausalLM"}}, {"model_type", c.model_type}, {"hidden_act", "silu"},
+          {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
+          {"num_hidden_layers", c.num_layers}, {"num_attention_heads", c.num_heads},
+          {"num_key_value_heads", c.num_kv_heads}, {"head_dim", c.head_dim},
+          {"max_position_embeddings", c.max_position_embeddings}, {"rms_norm_eps", c.rms_norm_eps},
+          {"initializer_range", c.initializer_range}, {"tie_word_embeddings", c.tie_word_embeddings},
+          {"attention_bias", c.attention_bias}, {"mlp_bias", c.mlp_bias}, {"rope_parameters", rope}, {"dtype", dtype}};
+}
+
 /// Reads `path` (a config.json file, or a model directory holding one).
 inline ModelConfig load_config(std::filesystem::path path) {
   if (!std::filesystem::exists(path))

@@ -40,6 +40,8 @@ struct TrainOptions {
   int64_t shard_group_size = 0;          ///< HybridShard: ranks per shard group (0: the ranks of one node)
   int64_t dist_timeout = 300;            ///< seconds to wait for every rank at rendezvous, group setup and each collective
   std::string save_final;                ///< write the trained weights (HF names, safetensors) here at the end
+  std::string export_dir;                ///< export the trained model as a Hugging Face checkpoint here at the end
+  double export_max_file_gb = 5;         ///< export: the size at which weight files are cut
   std::string checkpoint_dir;            ///< sharded training checkpoints go here (train/checkpoint.hpp)
   int64_t save_every = 0;                ///< checkpoint every N steps (0: only at the end); needs checkpoint_dir
   std::string resume = "auto";           ///< auto (newest committed checkpoint, if any), none, or a checkpoint path
@@ -57,7 +59,7 @@ struct TrainOptions {
     positive(seq_len, "seq-len");
     positive(micro_batch, "micro-batch");
     positive(grad_accum, "grad-accum");
-    positive(steps, "steps");
+    if (steps < 0) fail<ConfigError>("--steps must be >= 0, got ", steps);
     positive(log_every, "log-every");
     if (!(lr > 0)) fail<ConfigError>("--lr must be positive, got ", lr);
     if (warmup_steps < 0) fail<ConfigError>("--warmup-steps must be >= 0, got ", warmup_steps);
@@ -67,6 +69,7 @@ struct TrainOptions {
     if (shard_group_size < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", shard_group_size);
     positive(dist_timeout, "dist-timeout");
     if (save_every < 0) fail<ConfigError>("--save-every must be >= 0, got ", save_every);
+    if (!(export_max_file_gb > 0)) fail<ConfigError>("--export-max-file-gb must be positive, got ", export_max_file_gb);
     if (max_bad_steps < 0) fail<ConfigError>("--max-bad-steps must be >= 0, got ", max_bad_steps);
     if (keep_last < 0) fail<ConfigError>("--keep-last must be >= 0, got ", keep_last);
     if (save_every > 0 && checkpoint_dir.empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
@@ -103,7 +106,7 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("seq-len", "tokens per sample", s(o.seq_len))
     ("micro-batch", "samples per micro-batch", s(o.micro_batch))
     ("grad-accum", "micro-batches per optimizer step", s(o.grad_accum))
-    ("steps", "optimizer steps", s(o.steps))
+    ("steps", "optimizer steps (0: load, then save or export only)", s(o.steps))
     ("lr", "peak learning rate", s(o.lr))
     ("warmup-steps", "linear warmup steps", s(o.warmup_steps))
     ("min-lr-ratio", "cosine decay ends at this fraction of --lr", s(o.min_lr_ratio))
@@ -119,6 +122,8 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.shard_group_size))
     ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist_timeout))
     ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(o.save_final))
+    ("export-dir", "export the trained model here as a Hugging Face checkpoint (sharded safetensors + index, config.json)", s(o.export_dir))
+    ("export-max-file-gb", "--export-dir: cut weight files at this size", s(o.export_max_file_gb))
     ("checkpoint-dir", "write sharded training checkpoints under this directory", s(o.checkpoint_dir))
     ("save-every", "checkpoint every N steps (0: only at the end of the run)", s(o.save_every))
     ("resume", "auto (newest committed checkpoint in --checkpoint-dir), none, or a checkpoint directory", s(o.resume))
@@ -162,6 +167,8 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
   o.shard_group_size = r["shard-group-size"].as<int64_t>();
   o.dist_timeout = r["dist-timeout"].as<int64_t>();
   o.save_final = r["save-final"].as<std::string>();
+  o.export_dir = r["export-dir"].as<std::string>();
+  o.export_max_file_gb = r["export-max-file-gb"].as<double>();
   o.checkpoint_dir = r["checkpoint-dir"].as<std::string>();
   o.save_every = r["save-every"].as<int64_t>();
   o.resume = r["resume"].as<std::string>();

@@ -29,6 +29,7 @@
 #include "shardlm/train/async_save.hpp"
 #include "shardlm/train/checkpoint.hpp"
 #include "shardlm/train/memory_plan.hpp"
+#include "shardlm/train/hf_shards.hpp"
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
 #include "shardlm/train/preemption.hpp"
@@ -116,19 +117,20 @@ class Trainer {
       if (Recipe::Offload::to_host && rank() == 0)
         log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
     }
-    std::unique_ptr<io::HfCheckpoint> ckpt;
-    std::set<std::string> used;
-    if (!o.model_dir.empty()) ckpt = std::make_unique<io::HfCheckpoint>(o.model_dir);
+    // --model-dir: each rank reads only its shards' byte ranges (train/hf_shards.hpp).
+    std::unique_ptr<HfShardLoader<typename Model::ContainedType>> loader;
+    if (!o.model_dir.empty())
+      loader = std::make_unique<HfShardLoader<typename Model::ContainedType>>(
+          o.model_dir, *model_, groups_->shard().size(), groups_->shard().rank(), rank() == 0,
+          io::ReadOptions{read_threads(env_.local_world_size)});
     auto init = [&](size_t u, engine::NamedTensors& params) {
-      if (ckpt) {
-        for (auto& name : io::load_parameters(params, *ckpt)) used.insert(name);
-      } else {  // one seeded generator per unit: the same weights whatever the world size
-        model::init_parameters(params, config_.initializer_range, o.seed + 0x9E3779B97F4A7C15ull * (u + 1));
-      }
+      // one seeded generator per unit: the same weights whatever the world size
+      model::init_parameters(params, config_.initializer_range, o.seed + 0x9E3779B97F4A7C15ull * (u + 1));
     };
-    engine_ = std::make_unique<Engine>(*model_, *groups_, device_, init,
+    engine_ = std::make_unique<Engine>(*model_, *groups_, device_,
+                                       loader ? engine::UnitInit(loader->filler()) : engine::UnitInit(init),
                                        engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay});
-    if (ckpt && rank() == 0) io::warn_unused(*ckpt, used);
+    if (loader && rank() == 0) io::warn_unused(loader->checkpoint(), loader->used());
     resume();
     if (o.async_save) async_ = std::make_unique<AsyncCheckpointWriter>(device_);
     peak_flops_ = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : (device_.is_cuda() ? 989e12 : -1);
@@ -265,6 +267,14 @@ class Trainer {
     return out;
   }
 
+  /// Writes the model as a Hugging Face checkpoint to `dir` from the shards, in the --model-dir checkpoint's
+  /// dtype (bf16 for a preset); a collective: every rank calls it.
+  void export_hf(const std::filesystem::path& dir) {
+    train::export_hf(*engine_, *groups_,
+                     {dir, checkpoint_dtype(options_.model_dir), static_cast<uint64_t>(options_.export_max_file_gb * 1e9),
+                      options_.model_dir, config_});
+  }
+
   /// The master weights in unit order (one tensor per parameter).
   std::vector<at::Tensor> master_weights() {
     std::vector<at::Tensor> out;
@@ -361,10 +371,7 @@ int run_trainer(const TrainOptions& o) {
   train::MetricsWriter metrics(lead ? o.metrics : std::string(), /*append=*/!trainer.resumed_from().empty());
   double first_loss = 0, last_loss = 0;
   const int64_t start = trainer.steps_done();
-  if (start >= o.steps) {
-    if (lead) log::info("shardlm: nothing to train: the run is at step ", start, " of --steps ", o.steps);
-    return 0;
-  }
+  if (start >= o.steps && lead) log::info("shardlm: nothing to train: the run is at step ", start, " of --steps ", o.steps);
   int64_t bad_in_a_row = 0;
   double save_stall = 0;
   for (int64_t s = start; s < o.steps; ++s) {
@@ -398,7 +405,8 @@ int run_trainer(const TrainOptions& o) {
     auto weights = trainer.full_weights();
     if (lead) io::save_safetensors(o.save_final, weights);
   }
-  if (lead)
+  if (!o.export_dir.empty()) trainer.export_hf(o.export_dir);
+  if (lead && o.steps > start)
     log::info("shardlm: trained ", o.steps - start, " steps (", start + 1, "..", o.steps, "): loss ", first_loss, " -> ",
               last_loss, o.checkpoint_dir.empty() ? std::string()
                                                   : detail::cat("; checkpoints blocked training ", std::round(save_stall * 1e3) / 1e3, " s in all"));
