@@ -93,9 +93,9 @@ peer() {  # peer LABEL NPROC ARGS...
 }
 
 bench() {
-  local common="--preset llama3-8b --layers 8 --seq-len 4096 --micro-batch 2 --steps 10 --precision mixed-bf16 --sharding full"
-  ours "ours_8L_${NGPU}gpu" "$NGPU" $common
-  ours "ours_8L_1gpu" 1 $common
+  bench4
+  ours "ours_8L_1gpu" 1 --preset llama3-8b --layers 8 --seq-len 4096 --micro-batch 2 --steps 10 --precision mixed-bf16 \
+    --sharding full
   peer "peer_8L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 8 --seq 4096 --batch 2
   peer "peer_8L_1gpu" 1 --preset llama3-8b --layers 8 --seq 4096 --batch 2
 }

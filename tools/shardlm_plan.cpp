@@ -12,26 +12,18 @@ int main(int argc, char** argv) {
   return shardlm::guarded_main("shardlm_plan", [&] {
     int64_t world = 1, gpus_per_node = 8;
     double gpu_gib = 79.6;
-    shardlm::cli::ExtraFlags extra{
-        [&](cxxopts::Options& o) {
-          o.add_options()("world-size", "ranks (GPUs) in the job", cxxopts::value<int64_t>()->default_value("1"))(
-              "gpus-per-node", "GPUs per host (the hybrid shard group, and whose offloaded state a host holds)",
-              cxxopts::value<int64_t>()->default_value("8"))(
-              "gpu-memory-gib", "memory of one GPU in GiB, for the verdict (an 80 GB H100: 79.6)",
-              cxxopts::value<double>()->default_value("79.6"));
-        },
-        [&](const cxxopts::ParseResult& r) {
-          world = r["world-size"].as<int64_t>();
-          gpus_per_node = r["gpus-per-node"].as<int64_t>();
-          gpu_gib = r["gpu-memory-gib"].as<double>();
-        }};
+    const shardlm::cli::ExtraFlags extra = [&](cxxopts::Options& o) {
+      o.add_options()("world-size", "ranks (GPUs) in the job", cxxopts::value(world)->default_value("1"))(
+          "gpus-per-node", "GPUs per host (the hybrid shard group, and whose offloaded state a host holds)",
+          cxxopts::value(gpus_per_node)->default_value("8"))(
+          "gpu-memory-gib", "memory of one GPU in GiB, for the verdict (an 80 GB H100: 79.6)",
+          cxxopts::value(gpu_gib)->default_value("79.6"));
+    };
     shardlm::TrainOptions defaults;
     defaults.needs_data = false;
     const auto o = shardlm::cli::parse(argc, argv, defaults, /*policy_flags=*/true, extra);
     shardlm::plan::PlanInput in;
-    in.model = o.model_dir.empty() ? shardlm::model::preset(o.preset, o.layers)
-                                   : shardlm::model::load_config(o.model_dir);
-    if (!o.model_dir.empty() && o.layers > 0) in.model.num_layers = o.layers;
+    in.model = shardlm::train::resolve_config(o);
     in.sharding = o.sharding, in.precision = o.precision, in.checkpointing = o.checkpointing, in.offload = o.offload;
     in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.shard_group_size;
     in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;

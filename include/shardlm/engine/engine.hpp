@@ -21,6 +21,7 @@
 #include <functional>
 #include <optional>
 #include <set>
+#include <string_view>
 #include <vector>
 
 #include "shardlm/core/compat.hpp"
@@ -114,22 +115,21 @@ class Engine {
       ready_.emplace_back();
     }
     // The optimizer's tensor lists: views of every shard, split into runs with and without weight decay, each
-    // with its own step count (the fused kernel takes one per tensor).
-    // Offloaded units also keep their own lists: the host steps them one by one, each unit's copy to the device
-    // starting while the next is stepped.
+    // with its own step count (the fused kernel takes one per tensor). On the device one pair of lists covers
+    // every unit (two launches); offloaded, each unit has its own pair: the host steps the units one by one,
+    // each unit's copy to the device starting while the next is stepped.
     for (auto& unit : units_) {
-      auto& own = unit_runs_.emplace_back();
-      auto add = [&](Runs& g, Runs& mine, int64_t a, int64_t b) {
-        auto p = unit.master().narrow(0, a, b - a), gr = unit.grad().narrow(0, a, b - a);
-        auto m = unit.exp_avg().narrow(0, a, b - a), v = unit.exp_avg_sq().narrow(0, a, b - a);
-        auto step = at::zeros({}, unit.master().options().dtype(at::kFloat).pinned_memory(false));
-        for (auto* r : {&g, &mine})
-          r->params.push_back(p), r->grads.push_back(gr), r->exp_avg.push_back(m), r->exp_avg_sq.push_back(v),
-              r->steps.push_back(step);  // one step tensor, shared by both lists
+      if (runs_.empty() || P::offload) runs_.emplace_back();
+      auto add = [&](Runs& r, int64_t a, int64_t b) {
+        r.params.push_back(unit.master().narrow(0, a, b - a)), r.grads.push_back(unit.grad().narrow(0, a, b - a));
+        r.exp_avg.push_back(unit.exp_avg().narrow(0, a, b - a));
+        r.exp_avg_sq.push_back(unit.exp_avg_sq().narrow(0, a, b - a));
+        r.steps.push_back(at::zeros({}, unit.master().options().dtype(at::kFloat).pinned_memory(false)));
       };
-      for (auto [a, b] : unit.decay_runs()) add(decayed_, own.first, a, b);
-      for (auto [a, b] : unit.plain_runs()) add(plain_, own.second, a, b);
+      for (auto [a, b] : unit.decay_runs()) add(runs_.back().decayed, a, b);
+      for (auto [a, b] : unit.plain_runs()) add(runs_.back().plain, a, b);
     }
+    if constexpr (P::offload) grad_sq_ = at::zeros({}, at::TensorOptions().device(device).dtype(at::kFloat));
     if constexpr (P::params_persist) gather_all();
   }
 
@@ -144,8 +144,9 @@ class Engine {
   /// and refreshes what derives from the masters (device shards under offload, gathered parameters).
   void state_loaded(int64_t optimizer_steps) {
     optimizer_steps_ = optimizer_steps;
-    for (auto* g : {&decayed_, &plain_})
-      for (auto& s : g->steps) s.fill_(static_cast<double>(optimizer_steps));
+    for (auto& pair : runs_)
+      for (auto* r : {&pair.decayed, &pair.plain})
+        for (auto& s : r->steps) s.fill_(static_cast<double>(optimizer_steps));
     if constexpr (P::offload)
       for (auto& u : units_) u.refresh_device_shard();
     if constexpr (P::params_persist) gather_all();
@@ -156,9 +157,8 @@ class Engine {
   /// micro-batch instead).
   void begin_step() {
     first_micro_batch_ = true;
-    micro_batches_ = 0;
-    if constexpr (P::offload) grad_sq_ = at::zeros({}, at::TensorOptions().device(device_).dtype(at::kFloat));
-    if constexpr (!P::offload)
+    if constexpr (P::offload) grad_sq_.zero_();
+    else
       for (auto& u : units_) u.grad().zero_();
   }
 
@@ -189,7 +189,6 @@ class Engine {
   /// unit's gradients into its shard as soon as they are complete. `last_micro_batch` ends the accumulation.
   void backward(const at::Tensor& loss, bool last_micro_batch) {
     const size_t n = units_.size();
-    ++micro_batches_;
     // Offload without accumulation: the device sums the squared gradient slices as they are reduced.
     device_norm_ = P::offload && first_micro_batch_ && last_micro_batch;
     at::Tensor grad_out;
@@ -227,7 +226,7 @@ class Engine {
   /// kernel (no pass of its own). Returns the norm.
   double clip_grad_norm(double max_norm) {
     at::Tensor sq;
-    if (P::offload && device_norm_ && micro_batches_ == 1) {
+    if (device_norm_) {
       sq = grad_sq_.reshape({1});  // summed on the device while the slices were reduced
     } else {
       std::vector<at::Tensor> grads;
@@ -256,17 +255,12 @@ class Engine {
         compat::fused_adamw(g.params, g.grads, g.exp_avg, g.exp_avg_sq, g.steps, lr, hyper_.beta1, hyper_.beta2,
                             weight_decay, hyper_.eps, scale);
     };
-    if constexpr (P::offload) {
-      // Unit by unit on the host; each unit's device shard is refreshed (an asynchronous copy from pinned
-      // memory) while the host steps the next.
-      for (size_t u = 0; u < units_.size(); ++u) {
-        adamw(unit_runs_[u].first, hyper_.weight_decay);
-        adamw(unit_runs_[u].second, 0.0);
-        units_[u].refresh_device_shard();
-      }
-    } else {
-      adamw(decayed_, hyper_.weight_decay);
-      adamw(plain_, 0.0);
+    for (size_t i = 0; i < runs_.size(); ++i) {
+      adamw(runs_[i].decayed, hyper_.weight_decay);
+      adamw(runs_[i].plain, 0.0);
+      // Offloaded: unit i's device shard is refreshed (an asynchronous copy from pinned memory) while the host
+      // steps the next unit.
+      if constexpr (P::offload) units_[i].refresh_device_shard();
     }
     clip_coef_ = 1.0;
     ++optimizer_steps_;
@@ -348,15 +342,16 @@ class Engine {
   struct Runs {
     std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
   };
-  Runs decayed_, plain_;
-  std::vector<std::pair<Runs, Runs>> unit_runs_;  // per unit: (decayed, plain), the same views and steps
-  at::Tensor grad_sq_;                             // offload: squared gradient norm summed on the device
-  bool device_norm_ = false;
-  int micro_batches_ = 0;
+  struct RunPair {
+    Runs decayed, plain;
+  };
+  std::vector<RunPair> runs_;  // one pair for every unit, or (offload) one per unit
+  at::Tensor grad_sq_;         // offload: squared gradient norm summed on the device
+  bool device_norm_ = false;   // this step's backward sums it (offload, one micro-batch)
   double clip_coef_ = 1.0;
   int64_t optimizer_steps_ = 0;
-  bool trace_ = device_.is_cuda() && groups_.world().rank() == 0 && std::getenv("SHARDLM_MEMORY_TRACE") != nullptr &&
-                std::string(std::getenv("SHARDLM_MEMORY_TRACE")) == "1";
+  bool trace_ = device_.is_cuda() && groups_.world().rank() == 0 && std::getenv("SHARDLM_MEMORY_TRACE") &&
+                std::string_view(std::getenv("SHARDLM_MEMORY_TRACE")) == "1";
 };
 
 }  // namespace shardlm::engine

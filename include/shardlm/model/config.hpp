@@ -68,13 +68,16 @@ struct ModelConfig {
                         ") > low_freq_factor(", rope.low_freq_factor, ")");
   }
 
-  /// Parameters (embedding, blocks, final norm, head when untied).
-  int64_t num_params() const {
+  /// Parameters of one block (attention, MLP, two norms).
+  int64_t block_params() const {
     const int64_t c = hidden_size, q = num_heads * head_dim, kv = num_kv_heads * head_dim;
     const int64_t attn = c * q + 2 * c * kv + q * c + (attention_bias ? q + 2 * kv + c : 0);
     const int64_t mlp = 3 * c * intermediate_size + (mlp_bias ? 2 * intermediate_size + c : 0);
-    const int64_t block = attn + mlp + 2 * c;
-    return vocab_size * c * (tie_word_embeddings ? 1 : 2) + num_layers * block + c;
+    return attn + mlp + 2 * c;
+  }
+  /// Parameters (embedding, blocks, final norm, head when untied).
+  int64_t num_params() const {
+    return vocab_size * hidden_size * (tie_word_embeddings ? 1 : 2) + num_layers * block_params() + hidden_size;
   }
   /// Training FLOPs per token: 6 x (parameters less the embedding) + 12 x L x H x head_dim x T for attention
   /// (the count the peer benchmark uses).

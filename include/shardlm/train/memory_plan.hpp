@@ -183,26 +183,24 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
 
   // Units: embedding, blocks, final norm + head (the head reads the embedding when tied: kept gathered).
   const int64_t H = m.hidden_size, L = m.num_layers;
-  const int64_t q = m.num_heads * m.head_dim, kv = m.num_kv_heads * m.head_dim;
-  const int64_t block = H * q + 2 * H * kv + q * H + (m.attention_bias ? q + 2 * kv + H : 0) + 3 * H * m.intermediate_size +
-                        (m.mlp_bias ? 2 * m.intermediate_size + H : 0) + 2 * H;
   std::vector<double> numel{static_cast<double>(m.vocab_size * H)};
-  for (int64_t i = 0; i < L; ++i) numel.push_back(static_cast<double>(block));
+  for (int64_t i = 0; i < L; ++i) numel.push_back(static_cast<double>(m.block_params()));
   numel.push_back(static_cast<double>(H + (m.tie_word_embeddings ? 0 : m.vocab_size * H)));
   const size_t n = numel.size();
   std::vector<double> padded(n), shard(n);
-  double shard_total = 0, padded_total = 0;
+  double shard_total = 0;
   for (size_t u = 0; u < n; ++u) {
     const auto p = static_cast<int64_t>(numel[u]);
     padded[u] = static_cast<double>((p + G - 1) / G * G);
     shard[u] = padded[u] / static_cast<double>(G);
-    shard_total += shard[u], padded_total += padded[u];
+    shard_total += shard[u];
   }
 
   const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
   const double state_per = dt.master * 3 + dt.reduce;  // master, gradient, two moments in the master dtype
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
   const double workspace = 2 * 32.0 * (1 << 20);
+  // Engine::recompute: block u - 1 is recomputed when (u - 1) % every == 0.
   auto recomputed = [&](size_t u) { return every > 0 && u >= 1 && u <= static_cast<size_t>(L) && (u - 1) % every == 0; };
   const double blk_full = detail::block_activation_bytes_per_token(m, c) * tokens;
   const double blk_input = c * static_cast<double>(H) * tokens;
@@ -215,9 +213,8 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   std::vector<bool> gathered(n, false);
   Live peak;
   std::string peak_at = "start";
-  bool first = true;
   auto event = [&](const std::string& what) {
-    if (first || live.total() > peak.total()) peak = live, peak_at = what, first = false;
+    if (live.total() > peak.total()) peak = live, peak_at = what;
   };
   auto gather = [&](size_t u) {
     if (!gathered[u]) gathered[u] = true, live.gathered += padded[u] * c;

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/model/config.hpp"
 
 namespace shardlm {
 
@@ -83,21 +84,31 @@ struct TrainOptions {
   bool needs_data = true;                ///< false for programs that read no data (shardlm_plan)
 };
 
+namespace train {
+/// The model config a run uses: --model-dir's config.json, or the preset (with --layers).
+inline model::ModelConfig resolve_config(const TrainOptions& o) {
+  if (!o.model_dir.empty()) {
+    auto c = model::load_config(o.model_dir);
+    if (o.layers > 0) fail<ConfigError>("--layers cannot change a checkpoint's depth (", c.num_layers, " in ", o.model_dir, ")");
+    return c;
+  }
+  return model::preset(o.preset, o.layers);
+}
+}  // namespace train
+
 namespace cli {
 
-/// Flags a program adds to the trainer's (shardlm_plan's --world-size): declared on the parser, then read from
-/// its result.
-struct ExtraFlags {
-  std::function<void(cxxopts::Options&)> declare;
-  std::function<void(const cxxopts::ParseResult&)> read;
-};
+/// Flags a program adds to the trainer's (shardlm_plan's --world-size), declared bound to its own variables.
+using ExtraFlags = std::function<void(cxxopts::Options&)>;
 
 /// Parses the trainer flags over `defaults`. `--help` prints every flag with its default and exits 0.
 /// With `policy_flags`, also --precision, --sharding, --checkpointing, --offload (the policy-matrix programs).
 inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false,
                           const ExtraFlags& extra = {}) {
   cxxopts::Options opts(argc > 0 ? argv[0] : "shardlm", "shardlm trainer");
-  auto s = [](const auto& v) { return cxxopts::value<std::decay_t<decltype(v)>>()->default_value(detail::cat(v)); };
+  // Each flag is bound to its field of `o`: cxxopts stores the parsed value, or the field's current value (the
+  // default shown by --help) when the flag is absent.
+  auto s = [](auto& v) { return cxxopts::value<std::decay_t<decltype(v)>>(v)->default_value(detail::cat(v)); };
   opts.add_options()
     ("model-dir", "Hugging Face model directory to start from", s(o.model_dir))
     ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b)", s(o.preset))
@@ -129,7 +140,7 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("resume", "auto (newest committed checkpoint in --checkpoint-dir), none, or a checkpoint directory", s(o.resume))
     ("keep-last", "after each checkpoint commits, remove older committed ones beyond the newest K (0: keep all)", s(o.keep_last))
     ("async-save", "write checkpoints in a background thread from a host copy of the shards (needs that much host memory)",
-     cxxopts::value<bool>()->default_value(o.async_save ? "true" : "false"))
+     cxxopts::value<bool>(o.async_save)->default_value(o.async_save ? "true" : "false"))
     ("max-bad-steps", "stop with an error after N steps in a row with a non-finite gradient norm (0: never)", s(o.max_bad_steps))
     ("h,help", "print this help");
   if (policy_flags)
@@ -137,51 +148,13 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
         "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(o.sharding))(
         "checkpointing", "none, every-block or every-2 (recompute blocks in backward)", s(o.checkpointing))(
         "offload", "none or cpu", s(o.offload));
-  if (extra.declare) extra.declare(opts);
+  if (extra) extra(opts);
   const auto r = opts.parse(argc, argv);
   if (!r.unmatched().empty()) fail<ConfigError>("unexpected argument '", r.unmatched().front(), "'");
   if (r.count("help")) {
     std::cout << opts.help() << '\n';
     std::exit(0);
   }
-  o.model_dir = r["model-dir"].as<std::string>();
-  o.preset = r["preset"].as<std::string>();
-  o.layers = r["layers"].as<int64_t>();
-  o.data = r["data"].as<std::string>();
-  o.seq_len = r["seq-len"].as<int64_t>();
-  o.micro_batch = r["micro-batch"].as<int64_t>();
-  o.grad_accum = r["grad-accum"].as<int64_t>();
-  o.steps = r["steps"].as<int64_t>();
-  o.lr = r["lr"].as<double>();
-  o.warmup_steps = r["warmup-steps"].as<int64_t>();
-  o.min_lr_ratio = r["min-lr-ratio"].as<double>();
-  o.weight_decay = r["weight-decay"].as<double>();
-  o.beta1 = r["beta1"].as<double>();
-  o.beta2 = r["beta2"].as<double>();
-  o.grad_clip = r["grad-clip"].as<double>();
-  o.seed = r["seed"].as<uint64_t>();
-  o.device = r["device"].as<std::string>();
-  o.metrics = r["metrics"].as<std::string>();
-  o.log_every = r["log-every"].as<int64_t>();
-  o.peak_tflops = r["peak-tflops"].as<double>();
-  o.shard_group_size = r["shard-group-size"].as<int64_t>();
-  o.dist_timeout = r["dist-timeout"].as<int64_t>();
-  o.save_final = r["save-final"].as<std::string>();
-  o.export_dir = r["export-dir"].as<std::string>();
-  o.export_max_file_gb = r["export-max-file-gb"].as<double>();
-  o.checkpoint_dir = r["checkpoint-dir"].as<std::string>();
-  o.save_every = r["save-every"].as<int64_t>();
-  o.resume = r["resume"].as<std::string>();
-  o.keep_last = r["keep-last"].as<int64_t>();
-  o.async_save = r["async-save"].as<bool>();
-  o.max_bad_steps = r["max-bad-steps"].as<int64_t>();
-  if (policy_flags) {
-    o.precision = r["precision"].as<std::string>();
-    o.sharding = r["sharding"].as<std::string>();
-    o.checkpointing = r["checkpointing"].as<std::string>();
-    o.offload = r["offload"].as<std::string>();
-  }
-  if (extra.read) extra.read(r);
   o.validate();
   return o;
 }

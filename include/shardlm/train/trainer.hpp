@@ -36,16 +36,6 @@
 
 namespace shardlm::train {
 
-/// The model config a run uses: --model-dir's config.json, or the preset (with --layers).
-inline model::ModelConfig resolve_config(const TrainOptions& o) {
-  if (!o.model_dir.empty()) {
-    auto c = model::load_config(o.model_dir);
-    if (o.layers > 0) fail<ConfigError>("--layers cannot change a checkpoint's depth (", c.num_layers, " in ", o.model_dir, ")");
-    return c;
-  }
-  return model::preset(o.preset, o.layers);
-}
-
 /// The device of this rank: --device, with each rank of a multi-rank CUDA job on GPU LOCAL_RANK.
 inline c10::Device rank_device(const TrainOptions& o, const dist::LaunchEnv& env) {
   auto d = parse_device(o.device);
