@@ -16,7 +16,6 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 
 namespace shardlm::data {
 
@@ -181,18 +181,7 @@ inline std::optional<std::string> byte_level_decode(std::string_view text) {
 /// merged: one Tokenizer must not encode from two threads at once (copies are independent).
 class Tokenizer {
  public:
-  static Tokenizer from_file(const std::filesystem::path& path) {
-    const auto name = path.string();
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail<IoError>(name, ": cannot open");
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      fail<IoError>(name, ": not valid JSON: ", e.what());
-    }
-    return from_json(j, name);
-  }
+  static Tokenizer from_file(const std::filesystem::path& path) { return from_json(read_json(path), path.string()); }
 
   /// `name` (the file) is what errors name.
   static Tokenizer from_json(const nlohmann::json& j, const std::string& name) {
