@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 #include "shardlm/data/documents.hpp"
 #include "shardlm/data/shards.hpp"
 #include "shardlm/data/tokenizer.hpp"
@@ -49,21 +50,13 @@ void for_each_line(const std::string& file, F&& line) {
   for (size_t number = 1; std::getline(stream, text); ++number) line(text, (file == "-" ? "stdin" : file) + ":" + std::to_string(number));
 }
 
-json parse_line(const std::string& text, const std::string& where) {
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    fail<IoError>(where, ": malformed JSON: ", e.what());
-  }
-}
-
 int encode_jsonl(const data::Tokenizer& tokenizer, const std::string& file) {
   const auto start = std::chrono::steady_clock::now();
   size_t lines = 0, bytes = 0, tokens = 0;
   std::string out;
   std::vector<uint32_t> ids;
   for_each_line(file, [&](const std::string& text, const std::string& where) {
-    const auto value = parse_line(text, where);
+    const auto value = shardlm::parse_json(text, where);
     if (!value.is_string()) fail<IoError>(where, ": expected a JSON string, got ", value.type_name());
     const auto& s = value.get_ref<const std::string&>();
     ids.clear();
@@ -90,7 +83,7 @@ int encode_jsonl(const data::Tokenizer& tokenizer, const std::string& file) {
 int decode_jsonl(const data::Tokenizer& tokenizer, const std::string& file) {
   std::vector<uint32_t> ids;
   for_each_line(file, [&](const std::string& text, const std::string& where) {
-    const auto value = parse_line(text, where);
+    const auto value = shardlm::parse_json(text, where);
     if (!value.is_array()) fail<IoError>(where, ": expected a JSON array of token ids, got ", value.type_name());
     ids.clear();
     for (const auto& id : value) {
@@ -117,16 +110,10 @@ uint32_t special_token(const data::Tokenizer& tokenizer, const fs::path& tokeniz
     token = args[flag].as<std::string>();
   } else {
     const auto config_path = tokenizer_path.parent_path() / "tokenizer_config.json";
-    std::ifstream in(config_path);
-    if (!in)
+    if (!fs::exists(config_path))
       fail<ConfigError>("--", flag, " not given and no ", config_path.string(), " to read ", config_key,
                         " from: pass --", flag, " TOKEN");
-    json config;
-    try {
-      config = json::parse(in);
-    } catch (const json::exception& e) {
-      fail<IoError>(config_path.string(), ": malformed JSON: ", e.what());
-    }
+    const auto config = shardlm::read_json(config_path);
     const auto it = config.find(config_key);
     if (it != config.end() && it->is_object()) token = it->value("content", "");
     else if (it != config.end() && it->is_string()) token = it->get<std::string>();
@@ -152,6 +139,12 @@ int write_shards(const data::Tokenizer& tokenizer, const fs::path& tokenizer_pat
   std::vector<uint32_t> tokens;
   std::vector<uint8_t> mask;
   size_t documents = 0, bytes = 0, total = 0, counted = 0;
+  // Documents are gathered up to 2^20 tokens per write (a write per short document was measurably slower).
+  const auto flush = [&] {
+    total += tokens.size(), counted += static_cast<size_t>(std::count(mask.begin(), mask.end(), 1));
+    writer.write(tokens, mask);
+    tokens.clear(), mask.clear();
+  };
   for (size_t i = 0; i < inputs.size(); ++i) {
     data::read_documents(inputs[i], formats[i], [&](const data::Document& doc, const std::string& where) {
       try {
@@ -160,17 +153,10 @@ int write_shards(const data::Tokenizer& tokenizer, const fs::path& tokenizer_pat
         fail<IoError>(where, ": ", e.what());
       }
       ++documents, bytes += doc.prompt.size() + doc.response.size();
-      if (tokens.size() >= (1u << 20)) {
-        for (const auto m : mask) counted += m;
-        total += tokens.size();
-        writer.write(tokens, mask);
-        tokens.clear(), mask.clear();
-      }
+      if (tokens.size() >= (1u << 20)) flush();
     });
   }
-  for (const auto m : mask) counted += m;
-  total += tokens.size();
-  writer.write(tokens, mask);
+  flush();
   const auto files = writer.finish();
   const auto s = seconds_since(start);
   std::fprintf(stderr, "%s: %zu documents, %zu bytes -> %zu tokens (%zu in the loss) in %zu shard(s) %s%s, %.2f s (%.1f MB/s)\n",

@@ -4,6 +4,7 @@
 #include "shardlm/core/device.hpp"
 #include "shardlm/core/dtype.hpp"
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/core/main.hpp"
 #include "shardlm/core/progress.hpp"

@@ -138,6 +138,8 @@ TEST_CASE("added tokens in the text are matched leftmost-longest and decode to t
   CHECK(t.token_to_id("ab") == 256u);
   CHECK_FALSE(t.token_to_id("<|nope|>").has_value());
   CHECK(t.vocab_size() == 304);
+  const std::vector<uint32_t> gap = {280};  // below vocab_size, but neither a vocabulary nor an added token
+  CHECK(error_of([&] { t.decode(gap); }) == "token id 280 is not in the vocabulary of t.json");
 }
 
 TEST_CASE("unsupported or broken tokenizer.json files are refused with the field named") {
@@ -170,6 +172,9 @@ TEST_CASE("unsupported or broken tokenizer.json files are refused with the field
   bad = j;
   bad["model"]["vocab"]["a€"] = 400;
   CHECK(message(bad) == "tok.json: model.vocab token 'a€' is not in the byte-level alphabet");
+  bad = j;
+  bad["model"]["vocab"][""] = 400;
+  CHECK(message(bad) == "tok.json: model.vocab has an empty token (id 400)");
   bad = j;
   bad["added_tokens"] = {{{"id", 300}, {"content", "<x>"}, {"lstrip", true}}};
   CHECK(message(bad) == "tok.json: added_tokens[0] ('<x>'): lstrip is not supported");

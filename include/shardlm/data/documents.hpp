@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 #include "shardlm/data/tokenizer.hpp"
 
 namespace shardlm::data {
@@ -99,12 +100,7 @@ void read_documents(const std::filesystem::path& path, DocumentFormat format, F&
   }
   const auto first = (in >> std::ws).peek();
   if (format == DocumentFormat::Alpaca && first == '[') {  // one JSON array of records
-    nlohmann::json records;
-    try {
-      records = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      fail<IoError>(name, ": malformed JSON: ", e.what());
-    }
+    const auto records = parse_json(in, name);
     for (size_t i = 0; i < records.size(); ++i) {
       const auto where = name + ": record " + std::to_string(i + 1);
       on_document(detail::record_document(records[i], format, where), where);
@@ -116,13 +112,7 @@ void read_documents(const std::filesystem::path& path, DocumentFormat format, F&
   for (size_t number = 1; std::getline(in, line); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const auto where = name + ":" + std::to_string(number);
-    nlohmann::json record;
-    try {
-      record = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      fail<IoError>(where, ": malformed JSON: ", e.what());
-    }
-    on_document(detail::record_document(record, format, where), where);
+    on_document(detail::record_document(parse_json(line, where), format, where), where);
   }
 }
 

@@ -16,7 +16,6 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 
 namespace shardlm::data {
 
@@ -181,18 +181,7 @@ inline std::optional<std::string> byte_level_decode(std::string_view text) {
 /// merged: one Tokenizer must not encode from two threads at once (copies are independent).
 class Tokenizer {
  public:
-  static Tokenizer from_file(const std::filesystem::path& path) {
-    const auto name = path.string();
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail<IoError>(name, ": cannot open");
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      fail<IoError>(name, ": not valid JSON: ", e.what());
-    }
-    return from_json(j, name);
-  }
+  static Tokenizer from_file(const std::filesystem::path& path) { return from_json(read_json(path), path.string()); }
 
   /// `name` (the file) is what errors name.
   static Tokenizer from_json(const nlohmann::json& j, const std::string& name) {
@@ -224,7 +213,7 @@ class Tokenizer {
   std::string decode(std::span<const uint32_t> ids) const {
     std::string out;
     for (const auto id : ids) {
-      if (id >= token_bytes_.size() || !known_[id])
+      if (id >= token_bytes_.size() || token_bytes_[id].empty())
         fail<Error>("token id ", id, " is not in the vocabulary of ", name_);
       out += token_bytes_[id];
     }
@@ -324,13 +313,10 @@ class Tokenizer {
     }
   }
 
+  // Tokens are never empty (read_vocab and read_added refuse that), so an empty entry is an id nothing defines.
   void define(uint32_t id, std::string bytes) {
-    if (id >= token_bytes_.size()) {
-      token_bytes_.resize(id + 1);
-      known_.resize(id + 1, false);
-    }
+    if (id >= token_bytes_.size()) token_bytes_.resize(id + 1);
     token_bytes_[id] = std::move(bytes);
-    known_[id] = true;
   }
 
   void read_vocab(const nlohmann::json& vocab) {
@@ -338,6 +324,7 @@ class Tokenizer {
     for (const auto& [token, value] : vocab.items()) {
       const auto id = value.get<int64_t>();
       if (id < 0 || id > int64_t{INT32_MAX}) fail<IoError>(name_, ": model.vocab['", token, "'] = ", id, " is not a valid id");
+      if (token.empty()) fail<IoError>(name_, ": model.vocab has an empty token (id ", id, ")");
       auto bytes = byte_level_decode(token);
       if (!bytes) fail<IoError>(name_, ": model.vocab token '", token, "' is not in the byte-level alphabet");
       vocab_.emplace(*bytes, static_cast<uint32_t>(id));
@@ -430,18 +417,17 @@ class Tokenizer {
     splits_[level].split(text, [&](size_t b, size_t e) { pre_tokenize(text.substr(b, e - b), level + 1, ids); });
   }
 
-  // One hash lookup for most pieces (the cache); the vocabulary (ignore_merges) and the merge loop only for new ones.
+  // One hash lookup for most pieces: the vocabulary (with ignore_merges a whole-token piece is that token, so the
+  // cache never holds a copy of it), else the cache; the merge loop only for pieces not seen before.
   void bpe(std::string_view piece, std::vector<uint32_t>& ids) const {
     if (piece.size() == 1) return ids.push_back(byte_id_[static_cast<unsigned char>(piece[0])]);
+    if (ignore_merges_)
+      if (const auto it = vocab_.find(piece); it != vocab_.end()) return ids.push_back(it->second);
     if (const auto it = cache_.find(piece); it != cache_.end()) {
       ids.insert(ids.end(), it->second.begin(), it->second.end());
       return;
     }
-    std::vector<uint32_t> word;
-    if (const auto it = ignore_merges_ ? vocab_.find(piece) : vocab_.end(); it != vocab_.end())
-      word.push_back(it->second);
-    else
-      word = merge(piece);
+    auto word = merge(piece);
     ids.insert(ids.end(), word.begin(), word.end());
     if (cache_.size() >= kCacheLimit) cache_.clear();
     cache_.emplace(std::string(piece), std::move(word));
@@ -498,8 +484,7 @@ class Tokenizer {
   std::unordered_map<uint64_t, Merge> merges_;         // (left id, right id) -> rank and merged id
   std::array<uint32_t, 256> byte_id_{};                // byte -> its single-byte token
   std::array<AddedSet, 2> added_;                      // [0] matched on the raw text, [1] normalized
-  std::vector<std::string> token_bytes_;               // id -> bytes (vocabulary and added tokens)
-  std::vector<bool> known_;                            // id -> defined
+  std::vector<std::string> token_bytes_;               // id -> bytes (vocabulary and added tokens); empty: undefined
   mutable detail::StringMap<std::vector<uint32_t>> cache_;  // piece -> ids
 };
 
