@@ -3,7 +3,10 @@
 // sanitizer report, another exception, an allocation sized by the input) is a finding.
 #include <shardlm/io/safetensors_format.hpp>
 
+#include <algorithm>
 #include <cstdlib>
+#include <utility>
+#include <vector>
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace shardlm::io;
@@ -13,13 +16,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const shardlm::IoError&) {
     return 0;
   }
-  // Accepted: the tensors tile the data exactly and each size is shape x dtype.
-  uint64_t covered = 0, data_size = size - h.data_start;
+  // Accepted: each size is shape x dtype, and the tensors, in offset order, tile the data exactly.
+  const uint64_t data_size = size - h.data_start();
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (const auto& t : h.tensors) {
-    if (t.begin > t.end || t.end > data_size) std::abort();
-    if (static_cast<uint64_t>(t.numel()) * t.element_size() != t.nbytes()) std::abort();
-    covered += t.nbytes();
+    if (t.begin > t.end || static_cast<uint64_t>(t.numel()) * t.element_size() != t.nbytes()) std::abort();
+    ranges.emplace_back(t.begin, t.end);
   }
-  if (covered != data_size) std::abort();
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t pos = 0;
+  for (const auto& [begin, end] : ranges) {
+    if (begin != pos) std::abort();  // an overlap or a hole
+    pos = end;
+  }
+  if (pos != data_size) std::abort();
   return 0;
 }

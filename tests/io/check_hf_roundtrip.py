@@ -5,7 +5,7 @@
 
 Makes tiny random Llama checkpoints with transformers (fp32 index-sharded with a v4 config, bf16 tied and
 index-sharded, fp16 with biases in one file), then for each and each world size (1, 2 and 3 ranks of FullShard,
-and 2 ranks of NoShard, whose replicas must not both write) runs
+and 2 ranks of NoShard, two replicas of the whole model) runs
     shardlm_launch --nproc-per-node N -- shardlm_train --model-dir SRC --steps 0 --export-dir OUT --export-max-file-gb 5e-5
 (each rank reads only its shards' byte ranges; each writes only its shards' bytes) and checks that OUT holds every
 tensor of SRC with the same dtype, shape and bytes, in several files listed by a consistent

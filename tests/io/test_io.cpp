@@ -314,7 +314,11 @@ TEST_CASE("progress: a line per 10% off a terminal, a bar on one") {
 }
 
 TEST_CASE("config_to_json: read back, it gives the config it was made from") {
-  for (const auto& c : {model::preset("llama3-debug"), parse(v4_config), parse(v5_config)}) {
+  auto plain = nlohmann::json::parse(v4_config);  // default rope, biases, tied, another init scale
+  plain["rope_scaling"] = nullptr, plain["attention_bias"] = true, plain["mlp_bias"] = true;
+  plain["tie_word_embeddings"] = true, plain["initializer_range"] = 0.01;
+  for (const auto& c : {model::preset("llama3-debug"), parse(v4_config), parse(v5_config), parse(plain.dump())}) {
+    CAPTURE(c.rope.type);
     const auto j = model::config_to_json(c, "bfloat16");
     CHECK(j["dtype"] == "bfloat16");
     const auto back = model::config_from_json(nlohmann::json::parse(j.dump()), "config.json");
@@ -327,7 +331,10 @@ TEST_CASE("config_to_json: read back, it gives the config it was made from") {
     CHECK(back.head_dim == c.head_dim);
     CHECK(back.max_position_embeddings == c.max_position_embeddings);
     CHECK(back.rms_norm_eps == c.rms_norm_eps);
+    CHECK(back.initializer_range == c.initializer_range);
     CHECK(back.tie_word_embeddings == c.tie_word_embeddings);
+    CHECK(back.attention_bias == c.attention_bias);
+    CHECK(back.mlp_bias == c.mlp_bias);
     CHECK(back.rope.type == c.rope.type);
     CHECK(back.rope.theta == c.rope.theta);
     CHECK(back.rope.factor == c.rope.factor);

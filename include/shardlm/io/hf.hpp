@@ -85,40 +85,46 @@ struct ReadOptions {
   uint64_t chunk_bytes = 64ull << 20;
 };
 
+namespace detail {
+/// The file and header entry of a slice's tensor, after checking it has the shape the model needs and a
+/// floating-point dtype (errors name the file and tensor).
+inline std::pair<const SafetensorsFile*, const TensorInfo*> checked_slice(HfCheckpoint& ckpt, const TensorSlice& s) {
+  auto [file, info] = ckpt.locate(s.name);
+  if (info->shape != s.shape)
+    fail<IoError>(file->path().string(), ": tensor '", s.name, "' has shape ", c10::IntArrayRef(info->shape),
+                  " but the config needs ", c10::IntArrayRef(s.shape));
+  if (at::isIntegralType(scalar_type_of(*info), /*includeBool=*/true))
+    fail<IoError>(file->path().string(), ": tensor '", s.name, "' has integer dtype ", info->dtype,
+                  ": expected a floating-point weight");
+  SHARDLM_ASSERT(s.first >= 0 && s.count >= 0 && s.first + s.count <= info->numel(), "slice outside tensor ", s.name);
+  return {file, info};
+}
+}  // namespace detail
+
 /// Checks that every slice's tensor exists with the shape the model needs and a floating-point dtype (errors name
 /// the file and tensor); returns the number of file bytes the slices cover.
 inline uint64_t check_slices(HfCheckpoint& ckpt, const std::vector<TensorSlice>& slices) {
   uint64_t bytes = 0;
-  for (const auto& s : slices) {
-    auto [file, info] = ckpt.locate(s.name);
-    if (info->shape != s.shape)
-      fail<IoError>(file->path().string(), ": tensor '", s.name, "' has shape ", c10::IntArrayRef(info->shape),
-                    " but the config needs ", c10::IntArrayRef(s.shape));
-    if (at::isIntegralType(scalar_type_of(*info), /*includeBool=*/true))
-      fail<IoError>(file->path().string(), ": tensor '", s.name, "' has integer dtype ", info->dtype,
-                    ": expected a floating-point weight");
-    SHARDLM_ASSERT(s.first >= 0 && s.count >= 0 && s.first + s.count <= info->numel(), "slice outside tensor ", s.name);
-    bytes += static_cast<uint64_t>(s.count) * info->element_size();
-  }
+  for (const auto& s : slices)
+    bytes += static_cast<uint64_t>(s.count) * detail::checked_slice(ckpt, s).second->element_size();
   return bytes;
 }
 
-/// Reads the slices (after check_slices) with preads on `opts.threads` threads, in chunks of at most
-/// `opts.chunk_bytes`, converting the file's dtype to each destination's on the way: nothing larger than one
+/// Checks the slices as check_slices does, then reads them with preads on `opts.threads` threads, in chunks of at
+/// most `opts.chunk_bytes`, converting the file's dtype to each destination's on the way: nothing larger than one
 /// chunk per thread is held besides the destinations. A destination on the host in the file's dtype is read into
 /// directly. `progress` is told of every chunk.
 inline void read_slices(HfCheckpoint& ckpt, const std::vector<TensorSlice>& slices, const ReadOptions& opts = {},
                         Progress* progress = nullptr) {
-  check_slices(ckpt, slices);
   struct Chunk {
     const SafetensorsFile* file;
     const TensorInfo* info;
     uint64_t offset, bytes;  // within the tensor's data
     at::Tensor dst;
   };
-  std::vector<Chunk> chunks;
+  std::vector<Chunk> chunks;  // every slice is checked before the first read
   for (const auto& s : slices) {
-    auto [file, info] = ckpt.locate(s.name);
+    auto [file, info] = detail::checked_slice(ckpt, s);
     SHARDLM_ASSERT(s.dst.numel() == s.count && s.dst.is_contiguous(), "destination of ", s.name, " is not ", s.count,
                    " contiguous elements");
     const uint64_t element = info->element_size();

@@ -5,7 +5,9 @@
 
 #include <filesystem>
 #include <map>
+#include <iterator>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
@@ -20,6 +22,14 @@ inline constexpr std::pair<const char*, at::ScalarType> safetensors_scalar_types
     {"U8", at::kByte},    {"BOOL", at::kBool},  {"F8_E4M3", at::kFloat8_e4m3fn}, {"F8_E5M2", at::kFloat8_e5m2},
     {"U16", at::kUInt16}, {"U32", at::kUInt32}, {"U64", at::kUInt64},
 };
+static_assert(
+    [] {
+      if (std::size(safetensors_scalar_types) != std::size(safetensors_dtype_sizes)) return false;
+      for (size_t i = 0; i < std::size(safetensors_scalar_types); ++i)
+        if (std::string_view(safetensors_scalar_types[i].first) != safetensors_dtype_sizes[i].name) return false;
+      return true;
+    }(),
+    "safetensors_scalar_types must list the dtypes of safetensors_dtype_sizes (io/safetensors_format.hpp), in order");
 /// The LibTorch dtype of a validated tensor entry.
 inline at::ScalarType scalar_type_of(const TensorInfo& t) {
   for (const auto& [name, type] : safetensors_scalar_types)

@@ -65,7 +65,7 @@ struct SafetensorsHeader {
   std::vector<TensorInfo> tensors;
   std::map<std::string, std::string> metadata;
   uint64_t header_bytes = 0;  ///< N, the JSON text's length
-  uint64_t data_start = 0;    ///< 8 + N
+  uint64_t data_start() const { return 8 + header_bytes; }
 };
 
 /// The header length N from the first 8 bytes of a file of `file_size` bytes; `path` names the file in errors.
@@ -85,7 +85,6 @@ inline uint64_t safetensors_header_length(const unsigned char (&len_bytes)[8], u
 inline SafetensorsHeader parse_safetensors_header(std::string_view text, uint64_t data_size, const std::string& p) {
   SafetensorsHeader h;
   h.header_bytes = text.size();
-  h.data_start = 8 + text.size();
   std::set<std::string> seen;
   std::string duplicate;
   nlohmann::json j;
@@ -260,7 +259,7 @@ class SafetensorsReader {
   const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
   uint64_t header_bytes() const { return header_.header_bytes; }
-  uint64_t data_start() const { return header_.data_start; }
+  uint64_t data_start() const { return header_.data_start(); }
   uint64_t file_size() const { return file_size_; }
 
   const TensorInfo* find(const std::string& name) const {

@@ -31,6 +31,7 @@
 #include "shardlm/io/hf.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/config.hpp"
+#include "shardlm/train/checkpoint.hpp"  // write_file_atomically
 
 namespace shardlm::train {
 
@@ -125,19 +126,6 @@ struct File {
   std::string header;  // the JSON text, padded
   uint64_t size() const { return 8 + header.size() + (tensors.empty() ? 0 : tensors.back().end); }
 };
-
-/// Writes `text` to `path` through a temporary file renamed into place.
-inline void write_file_atomically(const std::filesystem::path& path, const std::string& text) {
-  const auto tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    if (!out.flush()) fail<IoError>(tmp, ": cannot write");
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) fail<IoError>(path.string(), ": cannot rename from ", tmp, ": ", ec.message());
-}
 }  // namespace hf_export
 
 /// Writes the engine's master weights as a Hugging Face checkpoint (a collective: every rank calls it). No rank
@@ -231,7 +219,7 @@ void export_hf(Engine& engine, dist::ProcessGroups& groups, const ExportOptions&
       auto& map = index["weight_map"];
       for (const auto& f : files)
         for (const auto& t : f.tensors) map[t.name] = f.name;
-      hf_export::write_file_atomically(o.dir / "model.safetensors.index.json", index.dump(2) + "\n");
+      write_file_atomically(o.dir / "model.safetensors.index.json", index.dump(2) + "\n");
     } else {
       fs::remove(o.dir / "model.safetensors.index.json");  // an earlier export's: it would hide model.safetensors
     }
@@ -243,7 +231,7 @@ void export_hf(Engine& engine, dist::ProcessGroups& groups, const ExportOptions&
           if (fs::exists(o.source_dir / extra))
             fs::copy_file(o.source_dir / extra, o.dir / extra, fs::copy_options::overwrite_existing);
     } else {
-      hf_export::write_file_atomically(o.dir / "config.json", model::config_to_json(o.config, torch_name).dump(2) + "\n");
+      write_file_atomically(o.dir / "config.json", model::config_to_json(o.config, torch_name).dump(2) + "\n");
     }
     log::info("shardlm: exported ", total, " bytes in ", files.size(), " file(s) (", dtype, ") to ", o.dir.string());
   }
