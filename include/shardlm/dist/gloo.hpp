@@ -8,7 +8,6 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 
@@ -89,11 +88,10 @@ class GlooCommunicator final : public Communicator {
     } catch (const std::exception& e) {
       const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const double limit = timeout_.count() / 1000.0;
-      const auto wait = std::min<std::chrono::milliseconds>(timeout_, std::chrono::seconds(10));
       fail<Error>(describe(), ", rank ", member(rank_), ": ", describe_collective(state_),
                   waited >= 0.95 * limit ? detail::cat(" did not complete within ", limit, " s (--dist-timeout)")
                                          : detail::cat(" failed after ", waited, " s"),
-                  ": ", hang_report(*store_, name_, *this, state_, wait), " [", first_line(e.what()), "]");
+                  ": ", hang_report(*store_, name_, *this, state_, timeout_), " [", first_line(e.what()), "]");
     }
   }
 

@@ -7,9 +7,9 @@
 // blocked in the same collective time out at about the same moment, so a short wait hears from them.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,30 +28,31 @@ namespace hang_detail {
 inline std::string key(const std::string& group, int group_rank) { return detail::cat("shardlm/hang/", group, "/", group_rank); }
 }  // namespace hang_detail
 
-/// Publishes `mine` (the failed collective of group rank `rank` in `group`) and describes the other ranks of
-/// the group from their reports, waiting at most `wait` for them: e.g. "rank 1 did not arrive (silent: no report
-/// within 5 s: hung outside a collective of this group, or dead)". Never throws: a store that cannot be reached
-/// (rank 0, which serves it, is gone) is said instead.
+/// Publishes `mine` (this rank's failed collective on `comm`, the group named `group`) and describes the other ranks of
+/// the group from their reports, waiting at most min(`timeout`, 10 s) for them: e.g. "rank 1 did not arrive
+/// (silent: no report within 5 s: hung outside a collective of this group, or dead)". Never throws: a store that
+/// cannot be reached (rank 0, which serves it, is gone) is said instead.
 inline std::string hang_report(c10d::Store& store, const std::string& group, const Communicator& comm,
-                               const CollectiveState& mine, std::chrono::milliseconds wait) {
+                               const CollectiveState& mine, std::chrono::milliseconds timeout) {
   const int rank = comm.rank(), size = comm.size();
+  const auto wait = std::min<std::chrono::milliseconds>(timeout, std::chrono::seconds(10));
   try {
-    const std::string value = detail::cat(mine.seq, " ", mine.kind, " ", mine.label ? mine.label : "");
+    // A report is "<seq> <the collective as messages name it>".
+    const std::string value = detail::cat(mine.seq, " ", describe_collective(mine));
     store.set(hang_detail::key(group, rank), std::vector<uint8_t>(value.begin(), value.end()));
     const auto deadline = std::chrono::steady_clock::now() + wait;
-    std::vector<std::optional<CollectiveState>> states(size);
-    std::vector<std::string> kinds(size), labels(size);  // the reported strings live here while the message is made
+    struct Report {
+      int64_t seq;
+      std::string what;
+    };
+    std::vector<std::optional<Report>> states(size);
     for (int missing = size - 1;;) {
       for (int r = 0; r < size; ++r) {
         if (r == rank || states[r] || !store.check({hang_detail::key(group, r)})) continue;
         const auto bytes = store.get(hang_detail::key(group, r));
-        std::istringstream in(std::string(bytes.begin(), bytes.end()));
-        CollectiveState s;
-        in >> s.seq >> kinds[r];
-        std::getline(in >> std::ws, labels[r]);
-        s.kind = kinds[r].c_str();
-        s.label = labels[r].empty() ? nullptr : labels[r].c_str();
-        states[r] = s;
+        const std::string text(bytes.begin(), bytes.end());
+        const auto space = text.find(' ');
+        states[r] = Report{std::stoll(text.substr(0, space)), space == std::string::npos ? "" : text.substr(space + 1)};
         --missing;
       }
       if (missing == 0 || std::chrono::steady_clock::now() >= deadline) break;
@@ -65,8 +66,8 @@ inline std::string hang_report(c10d::Store& store, const std::string& group, con
         silent.push_back(name);
         continue;
       }
-      const CollectiveState& s = *states[r];
-      const auto where = detail::cat(name, " (at ", describe_collective(s), ")");
+      const Report& s = *states[r];
+      const auto where = detail::cat(name, " (at ", s.what, ")");
       if (s.seq < mine.seq) behind.push_back(where);
       else if (s.seq == mine.seq) waiting.push_back(name);
       else ahead.push_back(where);

@@ -148,15 +148,13 @@ class NcclCommunicator final : public Communicator {
   void enqueue(ncclResult_t r, const char* what) {
     if (r == ncclInProgress) wait_ready(std::chrono::steady_clock::now() + timeout_, what);
     else check(r, what);
+    std::lock_guard<std::mutex> lock(mutex_);  // one lock per collective; the watchdog takes it every 100 ms
     cudaEvent_t done = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!free_events_.empty()) done = free_events_.back(), free_events_.pop_back();
-    }
+    if (!free_events_.empty()) done = free_events_.back(), free_events_.pop_back();
     if (!done && cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess)
       fail<Error>(describe(), ", rank ", rank_, ": cannot create a CUDA event for the collective watchdog");
-    cudaEventRecord(done, stream());
-    std::lock_guard<std::mutex> lock(mutex_);
+    if (cudaEventRecord(done, stream()) != cudaSuccess)
+      fail<Error>(describe(), ", rank ", rank_, ": cannot record the collective watchdog's CUDA event");
     pending_.push_back({done, std::chrono::steady_clock::now(), state_});
   }
 
@@ -176,8 +174,7 @@ class NcclCommunicator final : public Communicator {
           late = pending_.front();
       }
       if (late) {
-        const auto wait = std::min<std::chrono::milliseconds>(timeout_, std::chrono::seconds(10));
-        const auto report = hang_report(*store_, name_, *this, late->what, wait);
+        const auto report = hang_report(*store_, name_, *this, late->what, timeout_);
         log::info("shardlm: error: ", describe(), ", rank ", member(rank_), ": ", describe_collective(late->what),
                   " did not complete within ", timeout_.count() / 1000.0, " s (--dist-timeout): ", report,
                   "; aborting the communicator and exiting");

@@ -90,27 +90,28 @@ class AsyncCheckpointWriter {
   }
 
   /// With the sums of every rank's votes: when no rank is still writing, settles the save in flight: rank 0
-  /// commits it (returns true), or, when some rank failed, every rank throws and the checkpoint stays uncommitted.
-  bool settle(dist::ProcessGroups& groups, double writing, double failed, int64_t keep_last) {
-    if (!in_flight_ || writing > 0) return false;
+  /// commits it, or, when some rank failed, every rank throws and the checkpoint stays uncommitted.
+  void settle(dist::ProcessGroups& groups, double writing, double failed, int64_t keep_last) {
+    if (!in_flight_ || writing > 0) return;
     if (thread_.joinable()) thread_.join();  // its file is written: this rank voted 0
     in_flight_ = false;
     if (failed > 0)
       fail<IoError>(path_.string(), ": the asynchronous save failed on ", failed, " rank(s)",
                     error_.empty() ? std::string("; the failing rank's own error says why") : "; on this rank: " + error_,
                     "; the checkpoint stays uncommitted");
-    if (groups.rank() == 0) commit_checkpoint(path_, meta_, keep_last);
-    return true;
+    if (groups.rank() == 0) {
+      commit_checkpoint(path_, meta_, keep_last);
+      log::info("shardlm: checkpoint ", path_.string(), " committed (written in the background)");
+    }
   }
 
   /// Waits for this rank's writer, then settles the save in flight with the others (a collective: one all-reduce).
-  /// Returns whether a save was committed.
-  bool finish(dist::ProcessGroups& groups, int64_t keep_last) {
-    if (!in_flight_) return false;
+  void finish(dist::ProcessGroups& groups, int64_t keep_last) {
+    if (!in_flight_) return;
     if (thread_.joinable()) thread_.join();
     auto failed = at::full({1}, error_.empty() ? 0.f : 1.f, at::TensorOptions().device(device_).dtype(at::kFloat));
     groups.world().all_reduce(failed, dist::Reduce::Sum, "checkpoint writers");
-    return settle(groups, 0, failed.cpu().item<double>(), keep_last);
+    settle(groups, 0, failed.cpu().item<double>(), keep_last);
   }
 
  private:

@@ -6,10 +6,12 @@
 //                                 its name, element count and padded size
 //   COMMITTED                     written by rank 0 last, after every rank's files are durable (a barrier)
 // A directory without COMMITTED is never loaded, and never removed by --keep-last (a save may be in progress).
-// Loading re-slices: a rank reads, for each unit, the parts of the saved shards that overlap its own shard, so a
-// run resumes on another world size or shard group size.
+// Loading re-slices: a rank reads, for each unit, only the byte ranges of the saved shards that overlap its own
+// shard, so a run resumes on another world size or shard group size.
 // Training state beyond this is derived: data order and learning rate follow from the step.
+#include <fcntl.h>
 #include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -17,6 +19,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -220,16 +224,23 @@ nlohmann::json load_checkpoint(Engine& engine, dist::ProcessGroups& groups, cons
                     unit.numel(), " in this model");
     const int64_t saved_shard = padded / saved_group, shard = unit.shard_numel();
     const int64_t lo = shard * groups.shard().rank(), hi = std::min(lo + shard, numel);
-    for (const char* what : {"master", "exp_avg", "exp_avg_sq"}) {
-      auto& dst = std::string(what) == "master" ? unit.master() : std::string(what) == "exp_avg" ? unit.exp_avg() : unit.exp_avg_sq();
-      dst.zero_();
+    for (auto [what, dst] : {std::pair<const char*, at::Tensor*>{"master", &unit.master()},
+                             {"exp_avg", &unit.exp_avg()}, {"exp_avg_sq", &unit.exp_avg_sq()}}) {
+      dst->zero_();
+      const auto name = detail::cat("u", u, ".", what);
       for (int64_t k = lo / saved_shard; k * saved_shard < hi; ++k) {
-        const int64_t a = std::max(lo, k * saved_shard), b = std::min(hi, (k + 1) * saved_shard);
-        const auto name = detail::cat("u", u, ".", what);
-        const auto saved = file(k).read(name);
+        const auto& saved = file(k).info(name);
         if (saved.numel() != saved_shard)
           fail<IoError>(file(k).path().string(), ": tensor '", name, "' has ", saved.numel(), " elements, expected ", saved_shard);
-        dst.narrow(0, a - lo, b - a).copy_(saved.narrow(0, a - k * saved_shard, b - a));
+        // Only the overlap [a, b) of saved shard k and this rank's shard is read: straight into the state when
+        // it is a host tensor of the saved dtype, else through a host buffer of that size.
+        const int64_t a = std::max(lo, k * saved_shard), b = std::min(hi, (k + 1) * saved_shard);
+        auto part = dst->narrow(0, a - lo, b - a);
+        const auto type = io::scalar_type_of(saved);
+        auto host = part.is_cpu() && part.scalar_type() == type ? part : at::empty({b - a}, at::TensorOptions().dtype(type));
+        const uint64_t size = saved.element_size();
+        file(k).read_bytes(saved, (a - k * saved_shard) * size, (b - a) * size, host.data_ptr());
+        if (!host.is_same(part)) part.copy_(host);
       }
     }
   }

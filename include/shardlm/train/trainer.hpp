@@ -124,7 +124,8 @@ class Trainer {
     resume();
     if (o.async_save) async_ = std::make_unique<AsyncCheckpointWriter>(device_);
     peak_flops_ = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : (device_.is_cuda() ? 989e12 : -1);
-    // Fault injection for tests: SHARDLM_INJECT_NAN_STEPS=3,5 makes the loss of those (1-based) steps NaN.
+    // Fault injection for tests: SHARDLM_INJECT_NAN_STEPS=3,5 makes the backward of those (1-based) steps NaN (the
+    // loss scale is NaN; the logged loss stays finite).
     if (const char* steps = std::getenv("SHARDLM_INJECT_NAN_STEPS")) {
       std::stringstream in(steps);
       for (std::string item; std::getline(in, item, ',');)
@@ -186,13 +187,13 @@ class Trainer {
       loss_sum.narrow(0, 2, 1).fill_(writing), loss_sum.narrow(0, 3, 1).fill_(failed);
     }
     groups_->world().all_reduce(loss_sum, dist::Reduce::Sum, "loss");
-    const auto reduced = loss_sum.cpu();
-    m.loss = reduced[0].item<double>() / global_tokens;
-    m.stop_requested = reduced[1].item<double>() > 0;
+    const auto reduced_tensor = loss_sum.cpu();
+    const float* reduced = reduced_tensor.data_ptr<float>();
+    m.loss = reduced[0] / global_tokens;
+    m.stop_requested = reduced[1] > 0;
     if (async_ && async_->in_flight()) {
       const auto t0 = clock::now();
-      if (async_->settle(*groups_, reduced[2].item<double>(), reduced[3].item<double>(), options_.keep_last) && rank() == 0)
-        log::info("shardlm: checkpoint ", async_->path().string(), " committed (written in the background)");
+      async_->settle(*groups_, reduced[2], reduced[3], options_.keep_last);
       m.save_s += secs(t0, clock::now());
     }
     sync();
@@ -213,27 +214,26 @@ class Trainer {
   /// was blocked.
   double save_checkpoint(bool last) {
     const auto start = std::chrono::steady_clock::now();
-    const auto blocked_ms = [&] {
-      return static_cast<int64_t>(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-    };
+    const auto blocked_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
     const nlohmann::json info = {{"sharding", Recipe::Sharding::name}, {"precision", Precision::name},
                                  {"layers", config_.num_layers}, {"hidden_size", config_.hidden_size}, {"seed", options_.seed},
                                  {"global_batch", options_.micro_batch * options_.grad_accum * groups_->size()}};
     if (async_) {
-      if (async_->finish(*groups_, options_.keep_last) && rank() == 0)
-        log::info("shardlm: checkpoint ", async_->path().string(), " committed (written in the background)");
+      async_->finish(*groups_, options_.keep_last);
       if (!last) {
         async_->start(*engine_, *groups_, options_.checkpoint_dir, step_, info);
+        const double s = blocked_s();
         if (rank() == 0)
           log::info("shardlm: checkpoint ", async_->path().string(), ": writing in the background (training blocked ",
-                    blocked_ms(), " ms)");
-        return blocked_ms() / 1e3;
+                    std::lround(s * 1e3), " ms)");
+        return s;
       }
     }
     const auto path =
         train::save_checkpoint(*engine_, *groups_, options_.checkpoint_dir, step_, info, options_.keep_last);
-    if (rank() == 0) log::info("shardlm: checkpoint ", path.string(), " (training blocked ", blocked_ms(), " ms)");
-    return blocked_ms() / 1e3;
+    const double s = blocked_s();
+    if (rank() == 0) log::info("shardlm: checkpoint ", path.string(), " (training blocked ", std::lround(s * 1e3), " ms)");
+    return s;
   }
   /// The checkpoint this run resumed from (empty when it started fresh).
   const std::filesystem::path& resumed_from() const { return resumed_from_; }
