@@ -183,3 +183,80 @@ TEST_CASE("parity with transformers in fp32: logits, loss, gradients") {
     CHECK(grads == static_cast<int64_t>(ref.tensors().size()) - 2);  // every parameter's gradient is compared
   }
 }
+
+// --- LoRA and DoRA: parity with PEFT (tests/golden/make_peft_fixtures.py; directory in SHARDLM_PEFT_GOLDEN_DIR) ---
+
+TEST_CASE("adapters: LoRA adds s B A x; rsLoRA scales by alpha / sqrt(r); DoRA at m = ||W + s B A|| equals LoRA") {
+  auto c = model::preset("llama3-debug", 1);
+  model::AdapterConfig a;
+  a.kind = "lora", a.rank = 4, a.alpha = 8, a.targets = {"q"};
+  CHECK(a.scale() == 2.0);
+  a.rslora = true;
+  CHECK(a.scale() == doctest::Approx(4.0));
+  at::manual_seed(3);
+  model::Linear plain(16, 8, true, at::TensorOptions()), lora(16, 8, true, at::TensorOptions()),
+      dora(16, 8, true, at::TensorOptions());
+  plain->weight.set_data(at::randn({8, 16})), plain->bias.set_data(at::randn({8}));
+  for (auto* l : {&lora, &dora}) {
+    (*l)->add_adapter(4, 0.5, 0.0, l == &dora);
+    (*l)->weight.set_data(plain->weight.detach().clone()), (*l)->bias.set_data(plain->bias.detach().clone());
+    (*l)->lora_A->weight.set_data(at::randn({4, 16})), (*l)->lora_B->weight.set_data(at::randn({8, 4}));
+  }
+  dora->lora_A->weight.set_data(lora->lora_A->weight.detach().clone());
+  dora->lora_B->weight.set_data(lora->lora_B->weight.detach().clone());
+  const auto merged = plain->weight + 0.5 * at::matmul(lora->lora_B->weight, lora->lora_A->weight);  // [8, 16]
+  dora->lora_magnitude_vector.set_data(at::linalg_vector_norm(merged, 2, {1}, false).detach());
+  const auto x = at::randn({2, 3, 16});
+  const auto want = at::linear(x, merged, plain->bias);
+  CHECK(rel_err(lora->forward(x), want) < 1e-6);
+  CHECK(rel_err(dora->forward(x), want) < 1e-6);
+  a.targets = {"gate", "nope"};
+  CHECK_THROWS_WITH_AS(model::Llama3(c)->add_adapters(a), doctest::Contains("'nope' is not a target"), ConfigError);
+}
+
+TEST_CASE("parity with PEFT in fp32: LoRA and DoRA logits, loss and adapter gradients") {
+  const char* root = std::getenv("SHARDLM_PEFT_GOLDEN_DIR");
+  if (!root) {
+    MESSAGE("SHARDLM_PEFT_GOLDEN_DIR is unset: run tests/golden/make_peft_fixtures.py (CTest does)");
+    return;
+  }
+  int variants = 0;
+  for (const auto& e : std::filesystem::directory_iterator(root)) {
+    const auto dir = e.path();
+    if (!std::filesystem::exists(dir / "reference.safetensors")) continue;
+    CAPTURE(dir.filename().string());
+    ++variants;
+    auto m = io::load_hf_model<model::Llama3>(dir / "base", at::kCPU, at::kFloat);
+    const auto adapter = io::read_peft_adapter(dir / "adapter");
+    m->add_adapters(adapter.config);
+    io::load_adapter_weights(*m, adapter, (dir / "adapter").string());
+    for (auto& item : m->named_parameters())
+      if (!model::is_adapter_parameter(item.key())) item.value().requires_grad_(false);  // the frozen base
+    io::SafetensorsFile ref(dir / "reference.safetensors");
+    const auto ids = io::SafetensorsFile(dir / "input.safetensors").read("input_ids");
+    const auto logits = m->forward(ids);
+    const auto loss = model::ops::next_token_loss(logits, ids);
+    const double e_logits = rel_err(logits, ref.read("logits"));
+    const double e_loss = std::abs(loss.item<double>() - ref.read("loss").item<double>()) / ref.read("loss").item<double>();
+    loss.backward();
+    double e_grad = 0;
+    int64_t grads = 0;
+    for (const auto& item : m->named_parameters()) {
+      if (!model::is_adapter_parameter(item.key())) {
+        CHECK_FALSE(item.value().grad().defined());
+        continue;
+      }
+      const auto name = "grad." + io::peft_key(item.key());
+      REQUIRE_MESSAGE(ref.find(name), "reference has no ", name);
+      e_grad = std::max(e_grad, rel_err(item.value().grad(), ref.read(name)));
+      ++grads;
+    }
+    MESSAGE(dir.filename().string(), ": logits rel err ", e_logits, ", loss rel err ", e_loss, ", max adapter grad rel err ",
+            e_grad, " over ", grads, " tensors");
+    CHECK(e_logits < 1e-4);
+    CHECK(e_loss < 1e-4);
+    CHECK(e_grad < 1e-4);
+    CHECK(grads == static_cast<int64_t>(ref.tensors().size()) - 2);
+  }
+  CHECK(variants >= 3);
+}

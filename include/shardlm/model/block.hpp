@@ -3,12 +3,15 @@
 // math; parallelism, recompute and precision are applied from outside (engine/, train/).
 #include <torch/nn/modules/container/modulelist.h>
 
+#include <algorithm>
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "shardlm/model/adapter.hpp"
 #include "shardlm/model/layers.hpp"
 
 namespace shardlm::model {
@@ -109,6 +112,28 @@ class DecoderImpl : public torch::nn::Module {
     return head(x);
   }
 
+  /// Adds the adapter to every Linear of the blocks whose name is a target (q_proj for q, ...), as PEFT does;
+  /// each target must name some layer of this model.
+  void add_adapters(const AdapterConfig& a) {
+    a.validate();
+    adapter_ = a;
+    if (!a.active()) return;
+    const auto names = a.target_modules();
+    std::set<std::string> found;
+    for (auto& layer : layers)
+      for (const auto& item : layer->named_modules("", /*include_self=*/false)) {
+        const auto& key = item.key();
+        const auto leaf = key.substr(key.rfind('.') + 1);
+        auto* linear = dynamic_cast<LinearImpl*>(item.value().get());
+        if (!linear || std::find(names.begin(), names.end(), leaf) == names.end()) continue;
+        linear->add_adapter(a.rank, a.scale(), a.dropout, a.dora());
+        found.insert(leaf);
+      }
+    for (const auto& n : names)
+      if (!found.count(n)) fail<ConfigError>("--lora-targets: this model has no linear layer named ", n);
+  }
+  const AdapterConfig& adapter() const { return adapter_; }
+
   const ModelConfig& config() const { return config_; }
 
   Embedding embed_tokens;
@@ -118,6 +143,7 @@ class DecoderImpl : public torch::nn::Module {
 
  private:
   ModelConfig config_;
+  AdapterConfig adapter_;
   at::Tensor inv_freq_;  // [D/2], fp32, CPU
   std::map<std::tuple<int64_t, std::string, at::ScalarType>, ops::Rope> rope_cache_;
 };

@@ -7,6 +7,7 @@
 #include <torch/nn/module.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -44,6 +45,24 @@ void init_parameters(NamedParams&& params, double std, uint64_t seed) {
           flat.narrow(0, c * init_chunk, len).copy_(at::normal(0.0, std, {len}, g, f32));
         }
       });
+    }
+  }
+}
+
+/// Initializes adapter parameters as PEFT does: A kaiming-uniform (a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))), B zeros
+/// (the adapted model starts as the base), a DoRA magnitude ones (the trainer then sets it to the base's row norms).
+template <class NamedParams>
+void init_adapter_parameters(NamedParams&& params, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::NoGradGuard no_grad;
+  for (auto&& [name, p] : params) {
+    if (name.find(".lora_A.") != std::string::npos) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(p.size(1)));
+      p.copy_(at::empty(p.sizes(), at::kFloat).uniform_(-bound, bound, gen));
+    } else if (name.find(".lora_B.") != std::string::npos) {
+      p.zero_();
+    } else {
+      p.fill_(1.0);
     }
   }
 }

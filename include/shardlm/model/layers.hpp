@@ -4,20 +4,53 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <memory>
+
 #include "shardlm/model/config.hpp"
 #include "shardlm/model/ops.hpp"
 
 namespace shardlm::model {
 
-/// y = x W^T (+ b), W: [out, in].
+/// y = x W^T (+ b), W: [out, in]; with an adapter (add_adapter), LoRA or DoRA on top (model/adapter.hpp).
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias, const at::TensorOptions& opts)
       : weight(register_parameter("weight", at::empty({out, in}, opts))) {
     if (bias) this->bias = register_parameter("bias", at::empty({out}, opts));
   }
-  at::Tensor forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+
+  at::Tensor forward(const at::Tensor& x) {
+    auto y = at::linear(x, weight, bias);
+    if (!lora_A) return y;
+    const bool drop = is_training() && dropout_ > 0;
+    const auto xd = drop ? at::dropout(x, dropout_, /*train=*/true) : x;
+    const auto lora = lora_B->forward(lora_A->forward(xd));  // [..., out]
+    if (!lora_magnitude_vector.defined()) return y + scale_ * lora;
+    // DoRA, as PEFT computes it: the row norm of W + s B A is a constant for autograd.
+    const auto delta = at::matmul(lora_B->weight, lora_A->weight).detach();                   // [out, in]
+    const auto norm = at::linalg_vector_norm(weight.detach() + scale_ * delta, 2, {1}, false);  // [out]
+    const auto g = lora_magnitude_vector / norm;                                                // [out]
+    const auto base = drop ? at::linear(xd, weight) : bias.defined() ? y - bias : y;           // x W^T
+    return y + (g - 1) * base + g * (scale_ * lora);
+  }
+
+  /// Adds LoRA (A [r, in], B [out, r]) and with DoRA the magnitude m [out], uninitialized; `scale` is s.
+  void add_adapter(int64_t rank, double scale, double dropout, bool dora) {
+    const auto opts = weight.options();
+    const int64_t out = weight.size(0), in = weight.size(1);
+    if (dora) lora_magnitude_vector = register_parameter("lora_magnitude_vector", at::empty({out}, opts));
+    lora_A = register_module("lora_A", std::make_shared<LinearImpl>(in, rank, false, opts));
+    lora_B = register_module("lora_B", std::make_shared<LinearImpl>(rank, out, false, opts));
+    scale_ = scale, dropout_ = dropout;
+  }
+  bool has_adapter() const { return lora_A != nullptr; }
+
   at::Tensor weight, bias;
+  at::Tensor lora_magnitude_vector;             // DoRA only
+  std::shared_ptr<LinearImpl> lora_A, lora_B;   // with an adapter only
+
+ private:
+  double scale_ = 0, dropout_ = 0;
 };
 TORCH_MODULE(Linear);
 
@@ -56,8 +89,8 @@ class GroupedQueryAttentionImpl : public torch::nn::Module {
   static constexpr const char* hf_name = "self_attn";
 
   at::Tensor forward(const at::Tensor& x, const ops::Rope& rope) {
-    return ops::attention(x, q_proj->weight, k_proj->weight, v_proj->weight, o_proj->weight, rope, num_heads_,
-                          num_kv_heads_, head_dim_, q_proj->bias, k_proj->bias, v_proj->bias, o_proj->bias);
+    return o_proj->forward(ops::attention_heads(q_proj->forward(x), k_proj->forward(x), v_proj->forward(x), rope,
+                                                num_heads_, num_kv_heads_, head_dim_));
   }
   Linear q_proj, k_proj, v_proj, o_proj;
 
@@ -76,8 +109,7 @@ class SwiGLUImpl : public torch::nn::Module {
   static constexpr const char* hf_name = "mlp";
 
   at::Tensor forward(const at::Tensor& x) {
-    return ops::swiglu(x, gate_proj->weight, up_proj->weight, down_proj->weight, gate_proj->bias, up_proj->bias,
-                       down_proj->bias);
+    return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
   }
   Linear gate_proj, up_proj, down_proj;
 };

@@ -54,20 +54,29 @@ inline at::Tensor apply_rope(const at::Tensor& x, const Rope& rope) {
   return x * rope.cos + rotated * rope.sin;
 }
 
+/// Causal grouped-query attention of projected queries [B, T, H*D], keys and values [B, T, Hkv*D]:
+/// rotary positions, then softmax attention; returns [B, T, H*D] (before the output projection).
+inline at::Tensor attention_heads(const at::Tensor& q_proj, const at::Tensor& k_proj, const at::Tensor& v_proj,
+                                  const Rope& rope, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  const int64_t B = q_proj.size(0), T = q_proj.size(1);
+  auto q = q_proj.view({B, T, num_heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
+  auto k = k_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
+  auto v = v_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
+  q = apply_rope(q, rope);
+  k = apply_rope(k, rope);
+  const auto y = compat::causal_attention(q, k, v);                       // [B, H, T, D]
+  return y.transpose(1, 2).reshape({B, T, num_heads * head_dim});         // [B, T, H*D]
+}
+
 /// Causal grouped-query attention over x [B, T, C] with projection weights in the [out, in] layout.
 /// Biases may be undefined tensors.
 inline at::Tensor attention(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
                             const at::Tensor& wo, const Rope& rope, int64_t num_heads, int64_t num_kv_heads,
                             int64_t head_dim, const at::Tensor& bq = {}, const at::Tensor& bk = {},
                             const at::Tensor& bv = {}, const at::Tensor& bo = {}) {
-  const int64_t B = x.size(0), T = x.size(1);
-  auto q = at::linear(x, wq, bq).view({B, T, num_heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
-  auto k = at::linear(x, wk, bk).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
-  auto v = at::linear(x, wv, bv).view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
-  q = apply_rope(q, rope);
-  k = apply_rope(k, rope);
-  const auto y = compat::causal_attention(q, k, v);                                      // [B, H, T, D]
-  return at::linear(y.transpose(1, 2).reshape({B, T, num_heads * head_dim}), wo, bo);   // [B, T, C]
+  const auto y = attention_heads(at::linear(x, wq, bq), at::linear(x, wk, bk), at::linear(x, wv, bv), rope, num_heads,
+                                 num_kv_heads, head_dim);  // [B, T, H*D]
+  return at::linear(y, wo, bo);                            // [B, T, C]
 }
 
 /// SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
