@@ -19,6 +19,9 @@
 #   ckpt    checkpoint save and load times: Llama3-8B dims with 4 layers on N GPUs (FullShard, MixedBF16),
 #           saves every 3 steps, synchronous then --async-save (the training thread's stall per save), then a
 #           resume (load time)
+#   lora    LoRA and DoRA on GPUs: tests/dist/check_equivalence.py --adapter lora|dora over NCCL (1x2, 2x1 against one
+#           GPU without sharding), then the step benchmark on Llama3-8B dims with 8 layers (FullShard, MixedBF16)
+#           with --adapter none, lora and dora (tokens/s and memory of the frozen base against full fine-tuning)
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
@@ -104,6 +107,20 @@ full8b() {
   ours "ours_32L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 32 --seq-len 4096 --micro-batch 2 --steps 6 --precision mixed-bf16 --sharding full
   ours "ours_32L_${NGPU}gpu_ac" "$NGPU" --preset llama3-8b --layers 32 --seq-len 4096 --micro-batch 2 --steps 6 --precision mixed-bf16 --sharding full --checkpointing every-block
   peer "peer_32L_${NGPU}gpu" "$NGPU" --preset llama3-8b --layers 32 --seq 4096 --batch 2 --steps 6
+}
+
+lora() {
+  if [ "$NGPU" -ge 2 ]; then
+    for adapter in lora dora; do
+      python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
+        --sharding full --adapter $adapter --splits 1x2,2x1 --train-args "--device cuda" --workdir "$OUT/eq_$adapter" 2>&1 | tail -4
+      echo "{\"check\": \"nccl equivalence $adapter\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+    done
+  fi
+  for adapter in none lora dora; do
+    ours "ours_8L_${NGPU}gpu_$adapter" "$NGPU" --preset llama3-8b --layers 8 --seq-len 4096 --micro-batch 2 --steps 10 \
+      --precision mixed-bf16 --sharding full --adapter $adapter --lora-rank 16 --lora-alpha 32
+  done
 }
 
 offload() {

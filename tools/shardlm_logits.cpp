@@ -1,6 +1,8 @@
-// shardlm_logits --model DIR --input IN.safetensors --output OUT.safetensors [--device cpu|cuda] [--dtype fp32|bf16]
-// Runs the forward of a Hugging Face checkpoint on `input_ids` (int64 [B, T]) and writes `logits` (fp32
-// [B, T, V]) and `loss` (mean next-token cross-entropy with labels = input_ids, as transformers reports it).
+// shardlm_logits --model DIR --input IN.safetensors --output OUT.safetensors [--adapter DIR] [--device cpu|cuda]
+//                [--dtype fp32|bf16]
+// Runs the forward of a Hugging Face checkpoint (with a PEFT LoRA/DoRA adapter on it) on `input_ids` (int64
+// [B, T]) and writes `logits` (fp32 [B, T, V]) and `loss` (mean next-token cross-entropy with labels = input_ids,
+// as transformers reports it).
 #include <shardlm/shardlm.hpp>
 
 int main(int argc, char** argv) {
@@ -9,6 +11,7 @@ int main(int argc, char** argv) {
     opts.add_options()("model", "Hugging Face model directory", cxxopts::value<std::string>())(
         "input", "safetensors file holding input_ids (int64 [B, T])", cxxopts::value<std::string>())(
         "output", "safetensors file to write logits and loss to", cxxopts::value<std::string>())(
+        "adapter", "PEFT adapter directory (LoRA or DoRA) applied to the model", cxxopts::value<std::string>())(
         "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
         "dtype", "compute dtype: fp32 or bf16", cxxopts::value<std::string>()->default_value("fp32"))("h,help", "this help");
     const auto args = opts.parse(argc, argv);
@@ -30,6 +33,13 @@ int main(int argc, char** argv) {
     const auto ids = input.read("input_ids");
 
     auto model = shardlm::io::load_hf_model<shardlm::model::Llama3>(args["model"].as<std::string>(), device, dtype);
+    if (args.count("adapter")) {
+      const auto dir = args["adapter"].as<std::string>();
+      const auto adapter = shardlm::io::read_peft_adapter(dir);
+      model->add_adapters(adapter.config);
+      shardlm::io::load_adapter_weights(*model, adapter, dir);
+    }
+    model->eval();
     const auto vocab = model->config().vocab_size;
     if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= vocab))
       shardlm::fail<shardlm::IoError>(input_path, ": input_ids must lie in [0, ", vocab, ")");

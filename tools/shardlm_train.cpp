@@ -1,5 +1,6 @@
 // shardlm_train: the policy-matrix program. Picks a compiled policy combination from flags (--sharding,
-// --precision, --checkpointing, --offload) and trains with the common trainer flags (--help lists them all),
+// --precision, --checkpointing, --offload) and trains with the common trainer flags (--help lists them all; --adapter
+// lora|dora is a run-time choice of every recipe: docs/adapters.md),
 // on one process or as one rank of a job started by shardlm_launch, torchrun or srun.
 #include <shardlm/shardlm.hpp>
 

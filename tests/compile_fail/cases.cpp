@@ -13,6 +13,8 @@ using Recipe = Policies<sharding::FullShard, sharding::NoShard>;
 using Recipe = Policies<precision::FP32, sharding::FullShard, precision::MixedBF16>;
 #elif defined(SHARDLM_CASE_not_a_policy)
 using Recipe = Policies<sharding::FullShard, int>;
+#elif defined(SHARDLM_CASE_two_adapter)
+using Recipe = Policies<adapter::LoRA, sharding::FullShard, adapter::DoRA>;
 #elif defined(SHARDLM_CASE_every_zero)
 using Recipe = Policies<checkpointing::EveryNth<0>>;
 #else

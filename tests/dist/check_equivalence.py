@@ -10,6 +10,8 @@ losses of every step and the final parameters must agree within --tol (relative:
 
 With --hf-tied the runs start from a tiny Hugging Face checkpoint made here by transformers, with the LM head tied
 to the embedding (the head unit reads the embedding unit's parameters), instead of the llama3-debug preset.
+With --adapter lora|dora every run trains that adapter on the frozen base, and the adapters exported with
+--export-adapter (PEFT format) are compared instead of the full weights.
 """
 import argparse
 import json
@@ -39,12 +41,16 @@ def make_tied_checkpoint(path):
 def run(args, workdir, tag, ranks, accum, sharding, extra):
     """One run under shardlm_launch; returns (losses, final weights, seconds)."""
     metrics, weights = workdir / f"{tag}.jsonl", workdir / f"{tag}.safetensors"
+    save = ["--save-final", str(weights)]
+    if args.adapter != "none":
+        weights = workdir / f"{tag}_adapter" / "adapter_model.safetensors"
+        save = ["--adapter", args.adapter, "--lora-rank", "4", "--lora-alpha", "8", "--export-adapter", str(weights.parent)]
     model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", "llama3-debug", "--layers", "2"]
     cmd = [args.launch, "--nproc-per-node", str(ranks), "--", args.train, "--sharding", sharding,
            "--data", str(workdir / "corpus.txt"), *model, "--seq-len", "32",
            "--micro-batch", str(args.micro_batch), "--grad-accum", str(accum), "--steps", str(args.steps),
            "--lr", "1e-3", "--warmup-steps", "1", "--seed", "7", "--dist-timeout", "60",
-           "--metrics", str(metrics), "--save-final", str(weights), *args.train_args.split(), *extra]
+           "--metrics", str(metrics), *save, *args.train_args.split(), *extra]
     start = time.time()
     # One thread per rank in every run (the launcher's default for several ranks), so that kernels reduce in the
     # same order everywhere and only the cross-rank summation differs.
@@ -77,6 +83,8 @@ def main():
     ap.add_argument("--test-args", default="", help="more trainer flags for the runs checked, not the reference "
                     "(e.g. '--offload cpu')")
     ap.add_argument("--hf-tied", action="store_true", help="start from a tied-embedding HF checkpoint made here")
+    ap.add_argument("--adapter", default="none", choices=["none", "lora", "dora"],
+                    help="train this adapter on the frozen base and compare the exported adapters")
     ap.add_argument("--workdir", required=True)
     args = ap.parse_args()
     workdir = pathlib.Path(args.workdir)

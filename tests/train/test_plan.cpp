@@ -4,6 +4,8 @@
 
 #include <shardlm/train/memory_plan.hpp>
 
+#include <cmath>
+
 using namespace shardlm;
 
 namespace {
@@ -117,4 +119,26 @@ TEST_CASE("planner: NoShard keeps every unit gathered; errors name the flag") {
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--checkpointing 'every-0'"), ConfigError);
   in.checkpointing = "none", in.sharding = "hybrid", in.shard_group_size = 3;
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("not divisible by the shard group size 3"), ConfigError);
+}
+
+TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the compute dtype, counted by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 8;
+  in.adapter = "lora", in.lora_rank = 4, in.lora_targets = {"q", "v"};
+  const auto p = plan::plan_memory(in);
+  // per block: q 4 (64 + 64) + v 4 (64 + 32) = 896 adapter parameters; 448 per rank, fp32 master, grad, 2 moments
+  CHECK(item(p.gpu, "sharded state") == 2 * 448 * 16.0);
+  const double bp = static_cast<double>(in.model.block_params());
+  const double frozen = 1000 * 64 / 2 + 2 * std::ceil(bp / 2) + (64 + 1000 * 64) / 2;  // elements per rank
+  CHECK(item(p.gpu, "frozen base (sharded)") == frozen * 2);
+  in.adapter = "dora";
+  CHECK(item(plan::plan_memory(in).gpu, "sharded state") == 2 * 496 * 16.0);  // + m of q and v: (64 + 32) / 2 per rank
+  in.offload = "cpu";
+  const auto off = plan::plan_memory(in);
+  CHECK(item(off.gpu, "frozen base (sharded)") == 0);
+  CHECK(item(off.host, "frozen base (pinned)") == 2 * frozen * 2);
+  in.adapter = "qlora";
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--adapter 'qlora'"), ConfigError);
 }

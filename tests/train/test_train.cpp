@@ -1,5 +1,6 @@
 // Trainer tests: AdamW against its formula, the LR schedule, clipping, token data and sampler, gradient
-// accumulation equivalence, precision dtypes, loss going down, metrics keys, command-line errors.
+// accumulation equivalence, precision dtypes, loss going down, metrics keys, command-line errors, the frozen group
+// and LoRA/DoRA runs.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -245,4 +246,105 @@ TEST_CASE("command line: defaults, overrides and errors that name the flag") {
   const char* no_data[] = {"prog"};
   CHECK_THROWS_WITH_AS(cli::parse(1, no_data), doctest::Contains("--data is required"), ConfigError);
   CHECK_THROWS_WITH_AS(parse_device("tpu"), doctest::Contains("--device 'tpu'"), ConfigError);
+}
+
+TEST_CASE("frozen unit: row-interleaved bytes sharded over 3 ranks, rows cut by shard boundaries, gathered back") {
+  // A codec of 4 cols + 1 bytes per row (fp32 values and a marker byte), so that rows straddle the shards.
+  engine::FrozenCodec codec{"test",
+                            [](int64_t cols) { return 4 * cols + 1; },
+                            [](const at::Tensor& rows) {
+                              const auto values = rows.to(at::kFloat).contiguous().view(at::kByte);  // [n, 4 cols]
+                              return at::cat({values, at::full({rows.size(0), 1}, 0x7f, values.options())}, 1);
+                            },
+                            [](const at::Tensor& bytes, int64_t cols, const at::Tensor& out) {
+                              REQUIRE(bytes.select(1, 4 * cols).eq(0x7f).all().item<bool>());
+                              out.copy_(bytes.narrow(1, 0, 4 * cols).contiguous().view(at::kFloat));
+                            }};
+  const auto pick = [&](const std::string&, const at::Tensor&) { return codec; };
+  at::manual_seed(4);
+  const std::vector<at::Tensor> values = {at::randn({7, 5}), at::randn({3}), at::randn({2, 3, 4})};
+  auto params = [&] {
+    return engine::NamedTensors{{"a", values[0].clone()}, {"norm", values[1].clone()}, {"c", values[2].clone()}};
+  };
+  std::vector<at::Tensor> shards;
+  for (int r = 0; r < 3; ++r) {
+    engine::FrozenUnit unit("u", params(), 3, r, pick);
+    CHECK(unit.padded_bytes() % 48 == 0);
+    unit.store(unit.rows_from_params(), at::kCPU, at::kFloat, /*offload=*/false);
+    shards.push_back(unit.shard());
+  }
+  auto own = params();
+  engine::FrozenUnit whole("u", own, 1, 0, pick);
+  whole.store(whole.rows_from_params(), at::kCPU, at::kFloat, false);
+  const auto joined = at::cat(shards);
+  CHECK(at::equal(joined.narrow(0, 0, whole.padded_bytes()), whole.shard()));  // the 3 shards are the one buffer
+  for (const auto& [name, p] : own) CHECK_FALSE(p.requires_grad());
+  dist::SelfCommunicator self;
+  whole.allocate();
+  whole.gather(self);
+  for (size_t i = 0; i < values.size(); ++i) CHECK(at::equal(own[i].second, values[i]));
+  whole.release();
+  CHECK(own[0].second.storage().nbytes() == 0);  // released in place: the parameters are views of the values buffer
+}
+
+TEST_CASE("LoRA and DoRA runs: the base is frozen, only adapters train and are checkpointed; resume is exact") {
+  const auto corpus = text_corpus();
+  auto o = tiny(corpus);
+  o.lora_rank = 4, o.lora_targets = "q,v,down";
+  SUBCASE("LoRA: B starts at zero, the frozen base never changes") {
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> t(o, train::open_dataset(o));
+    const auto before = t.full_weights();
+    CHECK(before.size() == 2 * 3 * 2);  // 2 layers x 3 targets x (A, B)
+    std::vector<at::Tensor> base;
+    for (size_t u = 0; u < t.engine().num_units(); ++u) base.push_back(t.engine().frozen(u).shard().clone());
+    for (const auto& [name, w] : before)
+      if (name.find("lora_B") != std::string::npos) CHECK(w.abs().max().item<double>() == 0);
+    const auto m = t.step();
+    CHECK(std::isfinite(m.loss));
+    t.step();
+    const auto after = t.full_weights();
+    for (size_t i = 0; i < after.size(); ++i) CHECK_FALSE(at::equal(after[i].second, before[i].second));
+    for (size_t u = 0; u < base.size(); ++u) CHECK(at::equal(t.engine().frozen(u).shard(), base[u]));
+    CHECK(t.engine().unit(0).empty());  // the embedding has no adapter: nothing trains there
+  }
+  SUBCASE("DoRA: each magnitude starts at its base weight's row norms") {
+    train::Trainer<model::Llama3, Policies<adapter::DoRA>> t(o, train::open_dataset(o));
+    auto& layer = *t.model()->layers[1]->attn->q_proj;  // NoShard: the parameters stay gathered
+    int found = 0;
+    for (const auto& [name, w] : t.full_weights())
+      if (name == "model.layers.1.self_attn.q_proj.lora_magnitude_vector") {
+        CHECK(test::rel_err(w, at::linalg_vector_norm(layer.weight.to(at::kFloat), 2, {1}, false)) < 1e-6);
+        ++found;
+      }
+    CHECK(found == 1);
+    CHECK(std::isfinite(t.step().loss));
+  }
+  SUBCASE("a checkpoint holds the adapters and their AdamW state only; resuming gives the same next step") {
+    const auto dir = test::temp_dir("lora-ckpt");
+    o.steps = 3;
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> straight(o, train::open_dataset(o));
+    double third = 0;
+    for (int s = 0; s < 3; ++s) third = straight.step().loss;
+    auto first = o;
+    first.checkpoint_dir = dir.string(), first.steps = 2;
+    {
+      train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> t(first, train::open_dataset(first));
+      t.step(), t.step();
+      t.save_checkpoint(/*last=*/true);
+    }
+    int64_t saved = 0;
+    for (const auto& e : fs::recursive_directory_iterator(dir))
+      if (e.path().extension() == ".safetensors")
+        for (const auto& info : io::SafetensorsFile(e.path()).tensors())
+          if (info.name.find("master") != std::string::npos) saved += info.numel();
+    CHECK(saved == 2 * (4 * (128 + 128) + 4 * (128 + 64) + 4 * (384 + 128)));  // q, v, down adapters of 2 layers
+    auto second = first;
+    second.steps = 3;
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> resumed(second, train::open_dataset(second));
+    CHECK(resumed.steps_done() == 2);
+    CHECK(resumed.step().loss == third);
+    const auto a = resumed.full_weights(), b = straight.full_weights();
+    for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i].second, b[i].second));
+    fs::remove_all(dir);
+  }
 }

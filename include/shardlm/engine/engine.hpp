@@ -11,6 +11,9 @@
 //                         reduce-scatter grads(i) on the communication stream (accumulating); release(i)
 //   step:     all-reduce over replicas (DDP / HybridShard), global grad norm (one all-reduce), clip, AdamW
 //
+// A unit's frozen parameters (the base under LoRA or DoRA, FrozenSpec) form a second group, a FrozenUnit: gathered
+// and released with the unit, never reduced or stepped.
+//
 // Sharding decides gather/release/reduce, checkpointing what is kept, precision the dtypes of gather (compute),
 // reduction and master state. The engine never sees a model flavor: only the UnitModel interface.
 #include <torch/csrc/autograd/autograd.h>
@@ -19,6 +22,7 @@
 #include <cstdlib>
 #include <concepts>
 #include <functional>
+#include <map>
 #include <optional>
 #include <set>
 #include <string_view>
@@ -28,6 +32,7 @@
 #include "shardlm/core/log.hpp"
 #include "shardlm/dist/groups.hpp"
 #include "shardlm/engine/flat_unit.hpp"
+#include "shardlm/engine/frozen_unit.hpp"
 #include "shardlm/engine/streams.hpp"
 #include "shardlm/optim/clip.hpp"
 #include "shardlm/policy/policies.hpp"
@@ -49,9 +54,10 @@ struct AdamWHyper {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
 };
 
-/// How the engine fills each unit u: `params(u, params)` fills the unit's parameters, materialized on the device in
-/// the master dtype, before this rank keeps its shard (random initialization); or `shard(u, unit, master_shard)`
-/// fills this rank's master shard directly, so the whole unit is never materialized (a checkpoint read by ranges).
+/// How the engine fills each unit u's trainable group: `params(u, params)` fills the unit's parameters, materialized
+/// on the device in the master dtype, before this rank keeps its shard (random initialization); or
+/// `shard(u, unit, master_shard)` fills this rank's master shard directly, so the whole unit is never materialized
+/// (a checkpoint read by ranges). `params` gets the frozen parameters too unless FrozenSpec::rows reads them.
 struct UnitInit {
   std::function<void(size_t, NamedTensors&)> params;
   std::function<void(size_t, const FlatUnit&, at::Tensor&)> shard;
@@ -90,28 +96,40 @@ class Engine {
  public:
   /// Builds the flat units of `model`, whose parameters are placeholders (uninitialized), filled by `init`
   /// (UnitInit: the unit's parameters materialized, or this rank's shard directly).
-  Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device, const UnitInit& init, AdamWHyper hyper)
+  /// `frozen` says which parameters are frozen (none by default), how they are stored and where they come from.
+  Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device, const UnitInit& init, AdamWHyper hyper,
+         const FrozenSpec& frozen = {})
       : model_(model), groups_(groups), device_(device), streams_(device), hyper_(hyper) {
     const size_t n = model_.num_units();
     for (size_t u = 0; u < n; ++u)
       for (auto r : model_.unit_reads(u)) pinned_.insert(r);
     auto master = at::TensorOptions().device(device).dtype(Precision::master);
+    auto codec = frozen.codec;
+    if (!codec) codec = [](const std::string&, const at::Tensor&) { return plain_codec(Precision::compute); };
     for (size_t u = 0; u < n; ++u) {
       auto params = model_.unit_parameters(u);
+      NamedTensors trained, kept;
+      for (auto& item : params) (frozen.is_frozen && frozen.is_frozen(item.first) ? kept : trained).push_back(item);
+      frozen_.emplace_back(unit_name(u), kept, groups.shard().size(), groups.shard().rank(), codec);
+      auto& fixed = frozen_.back();
+      SHARDLM_ASSERT(fixed.empty() || frozen.rows || !init.shard, "frozen parameters need FrozenSpec::rows here");
       if (init.shard) {
-        units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
+        units_.emplace_back(unit_name(u), trained, groups.shard().size(), groups.shard().rank());
         auto& unit = units_.back();
         unit.shard_with(master, Precision::compute, Precision::reduce, P::offload,
                         [&](at::Tensor& shard) { init.shard(u, unit, shard); });
       } else {
+        auto& materialized = frozen.rows ? trained : params;
         {
           at::NoGradGuard no_grad;
-          for (auto& [name, p] : params) p.set_data(at::empty(p.sizes(), master));
+          for (auto& [name, p] : materialized) p.set_data(at::empty(p.sizes(), master));
         }
-        init.params(u, params);
-        units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
+        init.params(u, materialized);
+        units_.emplace_back(unit_name(u), trained, groups.shard().size(), groups.shard().rank());
         units_.back().shard_from_params(master, Precision::compute, Precision::reduce, P::offload);
       }
+      if (!fixed.empty())
+        fixed.store(frozen.rows ? frozen.rows(u, fixed) : fixed.rows_from_params(), device, Precision::compute, P::offload);
       ready_.emplace_back();
     }
     // The optimizer's tensor lists: views of every shard, split into runs with and without weight decay, each
@@ -136,6 +154,35 @@ class Engine {
   size_t num_units() const { return units_.size(); }
   const FlatUnit& unit(size_t u) const { return units_.at(u); }
   FlatUnit& unit(size_t u) { return units_.at(u); }
+  /// Unit u's frozen group (empty when nothing is frozen).
+  const FrozenUnit& frozen(size_t u) const { return frozen_.at(u); }
+
+  /// Runs f() with unit u gathered (its trainable and frozen parameters hold their values), then releases it unless
+  /// the policy keeps it.
+  template <class F>
+  void with_gathered(size_t u, F&& f) {
+    ensure_gathered(u);
+    f();
+    if (!P::params_persist && !pinned_.count(u)) release(u);
+  }
+
+  /// Sets trainable parameters of unit u to full values (name -> tensor of the parameter's shape; parameters not
+  /// named keep theirs): this rank copies its slices into its master shard. Every rank passes the same values.
+  void set_trainable(size_t u, const std::map<std::string, at::Tensor>& values) {
+    at::NoGradGuard no_grad;
+    auto& unit = units_.at(u);
+    unit.for_each_in_shard([&](const Slot& s, int64_t in_param, int64_t in_shard, int64_t count) {
+      const auto it = values.find(s.name);
+      if (it == values.end()) return;
+      SHARDLM_ASSERT(it->second.numel() == s.numel, "value of ", s.name, " has ", it->second.numel(), " elements");
+      unit.master().narrow(0, in_shard, count).copy_(it->second.reshape({-1}).narrow(0, in_param, count));
+    });
+    unit.refresh_device_shard();
+    if (unit.is_gathered()) {
+      streams_.on_comm([&] { unit.gather(groups_.shard()); });
+      streams_.join();
+    }
+  }
 
   /// Optimizer steps taken (the AdamW step count of every shard).
   int64_t optimizer_steps() const { return optimizer_steps_; }
@@ -167,6 +214,7 @@ class Engine {
     const size_t n = units_.size();
     x_in_.assign(n, at::Tensor());
     out_.assign(n, at::Tensor());
+    rng_.assign(n, at::Tensor());
     at::Tensor x = input;
     for (size_t u = 0; u < n; ++u) {
       ensure_gathered(u);
@@ -174,6 +222,7 @@ class Engine {
       x_in_[u] = u == 0 ? x : x.detach().requires_grad_(true);
       if (recompute(u)) {
         at::NoGradGuard no_grad;
+        rng_[u] = generator().get_state();  // the recompute draws the same dropout masks
         x = model_.forward_unit(u, x_in_[u]);
       } else {
         x = model_.forward_unit(u, x_in_[u]);
@@ -195,9 +244,15 @@ class Engine {
     for (size_t u = n; u-- > 0;) {
       ensure_gathered(u);
       if (u > 0) prefetch(u - 1);
-      if (recompute(u)) out_[u] = model_.forward_unit(u, x_in_[u]);
+      if (recompute(u)) {
+        auto gen = generator();
+        const auto now = gen.get_state();
+        gen.set_state(rng_[u]);
+        out_[u] = model_.forward_unit(u, x_in_[u]);
+        gen.set_state(now);
+      }
       if (u + 1 == n) torch::autograd::backward({loss});
-      else torch::autograd::backward({out_[u]}, {grad_out});
+      else if (out_[u].requires_grad()) torch::autograd::backward({out_[u]}, {grad_out});  // not: a frozen embedding
       grad_out = u > 0 ? x_in_[u].grad() : at::Tensor();
       out_[u] = at::Tensor(), x_in_[u] = at::Tensor();
       reduce(u);
@@ -206,7 +261,8 @@ class Engine {
     }
     if (!P::offload && last_micro_batch && groups_.replicate().size() > 1) {
       streams_.on_comm([&] {
-        for (auto& unit : units_) groups_.replicate().all_reduce(unit.grad(), dist::Reduce::Sum, unit.name().c_str());
+        for (auto& unit : units_)
+          if (!unit.empty()) groups_.replicate().all_reduce(unit.grad(), dist::Reduce::Sum, unit.name().c_str());
       });
     }
     streams_.join();
@@ -294,9 +350,14 @@ class Engine {
   /// Starts gathering unit u on the communication stream (allocating on compute) unless it is there or coming.
   void prefetch(size_t u) {
     auto& unit = units_[u];
+    auto& fixed = frozen_[u];
     if (unit.is_gathered()) return;
     unit.allocate();
-    streams_.on_comm([&] { unit.gather(groups_.shard()); });
+    fixed.allocate();
+    streams_.on_comm([&] {
+      unit.gather(groups_.shard());
+      fixed.gather(groups_.shard());
+    });
     ready_[u] = streams_.mark_comm();
   }
 
@@ -307,15 +368,23 @@ class Engine {
   }
 
   void release(size_t u) {
-    if (units_[u].is_gathered()) units_[u].release();
+    if (units_[u].is_gathered()) units_[u].release(), frozen_[u].release();
   }
+
+  at::Generator generator() const { return at::globalContext().defaultGenerator(device_); }
 
   /// Gathers every unit again from the master shards (the persistent policies, after each update).
   void gather_all() {
     for (size_t u = 0; u < units_.size(); ++u) {
       auto& unit = units_[u];
+      auto& fixed = frozen_[u];  // gathered once: it never changes
       if (!unit.is_gathered()) unit.allocate();
-      streams_.on_comm([&] { unit.gather(groups_.shard()); });
+      const bool frozen_too = !fixed.is_gathered();
+      if (frozen_too) fixed.allocate();
+      streams_.on_comm([&] {
+        unit.gather(groups_.shard());
+        if (frozen_too) fixed.gather(groups_.shard());
+      });
     }
     streams_.join();
   }
@@ -335,9 +404,10 @@ class Engine {
   Streams streams_;
   AdamWHyper hyper_;
   std::vector<FlatUnit> units_;
+  std::vector<FrozenUnit> frozen_;
   std::vector<Streams::Marker> ready_;
   std::set<size_t> pinned_;
-  std::vector<at::Tensor> x_in_, out_;
+  std::vector<at::Tensor> x_in_, out_, rng_;  // rng_: generator state before a recomputed unit's forward
   bool first_micro_batch_ = true;
   struct Runs {
     std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;

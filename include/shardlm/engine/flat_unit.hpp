@@ -123,16 +123,22 @@ class FlatUnit {
     release();
   }
 
-  bool is_gathered() const { return gathered_.storage().nbytes() > 0; }
+  bool is_gathered() const { return gathered_flag_; }
+  /// A unit without parameters of this group (a LoRA run's embedding): nothing to gather, reduce or step.
+  bool empty() const { return padded_ == 0; }
 
   /// Allocates the gathered buffer (on the current stream): call before gather() on the compute stream.
-  void allocate() { resize_storage(gathered_, static_cast<size_t>(padded_) * gathered_.element_size()); }
+  void allocate() {
+    resize_storage(gathered_, static_cast<size_t>(padded_) * gathered_.element_size());
+    gathered_flag_ = true;
+  }
 
   bool offloaded() const { return device_shard_.defined(); }
 
   /// Fills the gathered buffer from every rank's shard (on the current stream): the master shard cast to the
   /// compute dtype, or with offload the device's compute-dtype copy of it.
   void gather(dist::Communicator& shard_group) {
+    if (empty()) return;
     at::NoGradGuard no_grad;
     const auto& source = offloaded() ? device_shard_ : master_;
     if (shard_group.size() == 1) {
@@ -150,7 +156,10 @@ class FlatUnit {
     device_shard_.copy_(master_.to(device_shard_.device(), /*non_blocking=*/true));
   }
 
-  void release() { resize_storage(gathered_, 0); }
+  void release() {
+    resize_storage(gathered_, 0);
+    gathered_flag_ = false;
+  }
 
   /// The parameters' gradients as one [padded] buffer in dtype `reduce` (zeros where a parameter got none);
   /// the parameters' own gradients are dropped. `keep` is told of every gradient read.
@@ -180,6 +189,7 @@ class FlatUnit {
   /// to it on the device, so that the host need not read the gradients for the norm.
   void reduce_into_shard(dist::Communicator& shard_group, const at::Tensor& flat, dist::Communicator& replicas,
                          bool first_micro_batch, at::Tensor* sq = nullptr) {
+    if (empty()) return;
     at::Tensor part = flat;
     if (shard_group.size() > 1) {
       part = at::empty({shard_}, flat.options());
@@ -208,6 +218,7 @@ class FlatUnit {
 
   /// The unit's full master weights, gathered from the shard group: (name, tensor) on the master's device.
   NamedTensors full_master(dist::Communicator& shard_group) const {
+    if (empty()) return {};
     const auto local = master_.to(gathered_.device());  // from the host when offloaded
     auto full = at::empty({padded_}, local.options());
     shard_group.all_gather(full, local, name_.c_str());
@@ -234,6 +245,7 @@ class FlatUnit {
   at::Tensor master_, grad_, exp_avg_, exp_avg_sq_, gathered_;
   at::Tensor device_shard_, staging_;  // offload only
   bool staged_ = false;
+  bool gathered_flag_ = false;
 };
 
 }  // namespace shardlm::engine

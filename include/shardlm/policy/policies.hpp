@@ -79,6 +79,15 @@ struct PureBF16 {
 };
 }  // namespace precision
 
+namespace adapter {
+/// Full fine-tuning: every parameter trained.
+struct None { static constexpr std::string_view name = "none"; };
+/// LoRA on a frozen base (rank, alpha, dropout, rsLoRA and targets are run-time options).
+struct LoRA { static constexpr std::string_view name = "lora"; };
+/// DoRA: LoRA plus a trained magnitude per output row.
+struct DoRA { static constexpr std::string_view name = "dora"; };
+}  // namespace adapter
+
 namespace detail {
 template <class T, template <class> class IsFamily, class Default, class... Ps>
 struct pick;
@@ -95,28 +104,44 @@ template <> struct is_checkpointing<checkpointing::EveryBlock> : std::true_type 
 template <int K> struct is_checkpointing<checkpointing::EveryNth<K>> : std::true_type {};
 template <class P> struct is_offload : std::bool_constant<std::is_same_v<P, offload::None> || std::is_same_v<P, offload::Cpu>> {};
 template <class P> struct is_precision : std::bool_constant<std::is_same_v<P, precision::FP32> || std::is_same_v<P, precision::MixedBF16> || std::is_same_v<P, precision::PureBF16>> {};
-template <class P> struct is_policy : std::bool_constant<is_sharding<P>::value || is_checkpointing<P>::value || is_offload<P>::value || is_precision<P>::value> {};
+template <class P> struct is_adapter : std::bool_constant<std::is_same_v<P, adapter::None> || std::is_same_v<P, adapter::LoRA> || std::is_same_v<P, adapter::DoRA>> {};
+template <class P> struct is_policy : std::bool_constant<is_sharding<P>::value || is_checkpointing<P>::value || is_offload<P>::value || is_precision<P>::value || is_adapter<P>::value> {};
 template <template <class> class IsFamily, class... Ps>
 inline constexpr int count_of = (0 + ... + int(IsFamily<Ps>::value));
 }  // namespace detail
 
 /// A recipe: one tag per family, in any order; missing families default to
-/// NoShard, checkpointing::None, offload::None, FP32.
+/// NoShard, checkpointing::None, offload::None, FP32, adapter::None.
+/// The adapter changes which parameters train, not the engine's code: a recipe with an adapter runs the engine of
+/// the same recipe without it (`Recipe::WithoutAdapter`), so adapters add no instantiations.
 template <class... Ps>
 struct Policies {
   static_assert((detail::is_policy<Ps>::value && ...),
-                "Policies<...> takes only policy tags: sharding::*, checkpointing::*, offload::*, precision::*");
+                "Policies<...> takes only policy tags: sharding::*, checkpointing::*, offload::*, precision::*, adapter::*");
   static_assert(detail::count_of<detail::is_sharding, Ps...> <= 1, "Policies<...> names two sharding policies: keep one");
   static_assert(detail::count_of<detail::is_checkpointing, Ps...> <= 1, "Policies<...> names two checkpointing policies: keep one");
   static_assert(detail::count_of<detail::is_offload, Ps...> <= 1, "Policies<...> names two offload policies: keep one");
   static_assert(detail::count_of<detail::is_precision, Ps...> <= 1, "Policies<...> names two precision policies: keep one");
+  static_assert(detail::count_of<detail::is_adapter, Ps...> <= 1, "Policies<...> names two adapter policies: keep one");
   using Sharding = typename detail::pick<void, detail::is_sharding, sharding::NoShard, Ps...>::type;
   using Checkpointing = typename detail::pick<void, detail::is_checkpointing, checkpointing::None, Ps...>::type;
   using Offload = typename detail::pick<void, detail::is_offload, offload::None, Ps...>::type;
   using Precision = typename detail::pick<void, detail::is_precision, precision::FP32, Ps...>::type;
+  using Adapter = typename detail::pick<void, detail::is_adapter, adapter::None, Ps...>::type;
+  /// The recipe the trainer and engine are instantiated with: this one without its adapter.
+  using WithoutAdapter = Policies<Sharding, Checkpointing, Offload, Precision>;
   // Completes the chosen tags, so that their own checks (EveryNth<k>'s k >= 1) fire with the recipe.
   static_assert(sizeof(Sharding) + sizeof(Checkpointing) + sizeof(Offload) + sizeof(Precision) > 0);
 };
+
+/// A recipe's adapter policy (adapter::None for a recipe type that names none).
+template <class Recipe>
+struct adapter_of { using type = adapter::None; };
+template <class Recipe>
+  requires requires { typename Recipe::Adapter; }
+struct adapter_of<Recipe> { using type = typename Recipe::Adapter; };
+template <class Recipe>
+using adapter_of_t = typename adapter_of<Recipe>::type;
 
 /// What the engine refuses, with the message that its static_assert and shardlm_train's run-time dispatch give.
 #define SHARDLM_OFFLOAD_NEEDS_SHARDING                                                                   \

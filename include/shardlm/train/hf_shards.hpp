@@ -28,6 +28,7 @@
 #include "shardlm/core/progress.hpp"
 #include "shardlm/dist/groups.hpp"
 #include "shardlm/engine/flat_unit.hpp"
+#include "shardlm/engine/frozen_unit.hpp"
 #include "shardlm/io/hf.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/config.hpp"
@@ -40,27 +41,37 @@ inline int read_threads(int ranks_per_node) {
   return std::clamp(static_cast<int>(std::thread::hardware_concurrency()) / std::max(1, ranks_per_node), 2, 16);
 }
 
-/// Fills the engine's master shards from a Hugging Face checkpoint directory (engine::UnitInit's `shard`).
+/// Fills the engine's master shards from a Hugging Face checkpoint directory (engine::UnitInit's `shard`), or with
+/// `frozen` (FrozenSpec with is_frozen and codec) the rows of the frozen groups' shards (FrozenSpec::rows).
 template <class UnitModel>
 class HfShardLoader {
  public:
-  /// Checks every tensor of the model against the checkpoint (name, shape, floating dtype: every rank sees the
+  /// Checks every tensor the loader reads against the checkpoint (name, shape, floating dtype: every rank sees the
   /// same errors) and sizes this rank's reads for the progress report (shown when `report`).
   HfShardLoader(const std::filesystem::path& dir, UnitModel& model, int group_size, int group_rank, bool report,
-                io::ReadOptions read = {})
-      : ckpt_(dir), read_(read), units_(model.num_units()) {
+                io::ReadOptions read = {}, const engine::FrozenSpec& frozen = {})
+      : ckpt_(dir), read_(read), units_(model.num_units()), frozen_(static_cast<bool>(frozen.is_frozen)) {
     uint64_t total = 0;
     for (size_t u = 0; u < units_; ++u) {
-      const engine::FlatUnit layout("layout", model.unit_parameters(u), group_size, group_rank);
       std::vector<io::TensorSlice> whole, mine;
-      for (const auto& s : layout.slots()) {
-        whole.push_back({io::hf_name(s.name), s.param.sizes().vec()});
+      engine::NamedTensors params;
+      for (auto& item : model.unit_parameters(u))
+        if (!frozen_ || frozen.is_frozen(item.first)) params.push_back(item);
+      for (const auto& [name, p] : params) {
+        whole.push_back({io::hf_name(name), p.sizes().vec()});
         used_.insert(whole.back().name);
       }
       io::check_slices(ckpt_, whole);
-      layout.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
-        mine.push_back({io::hf_name(s.name), s.param.sizes().vec(), in_param, n});
-      });
+      if (frozen_) {
+        const engine::FrozenUnit layout("layout", params, group_size, group_rank, frozen.codec);
+        for (const auto& [s, row0, rows] : layout.shard_parts())
+          mine.push_back({io::hf_name(s->name), s->param.sizes().vec(), row0 * s->cols, rows * s->cols});
+      } else {
+        const engine::FlatUnit layout("layout", params, group_size, group_rank);
+        layout.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
+          mine.push_back({io::hf_name(s.name), s.param.sizes().vec(), in_param, n});
+        });
+      }
       total += io::check_slices(ckpt_, mine);
     }
     progress_ = std::make_unique<Progress>("loading " + dir.string(), total, report);
@@ -79,6 +90,25 @@ class HfShardLoader {
     return [this](size_t u, const engine::FlatUnit& unit, at::Tensor& shard) { fill(u, unit, shard); };
   }
 
+  /// Reads the rows of unit u's frozen shard (engine::FrozenUnit::shard_parts), in the checkpoint's dtype, on the host.
+  std::vector<at::Tensor> frozen_rows(size_t u, const engine::FrozenUnit& unit) {
+    SHARDLM_ASSERT(frozen_, "the loader was not made for frozen groups");
+    std::vector<io::TensorSlice> slices;
+    std::vector<at::Tensor> out;
+    for (const auto& [s, row0, rows] : unit.shard_parts()) {
+      const auto name = io::hf_name(s->name);
+      const auto dtype = io::scalar_type_of(*ckpt_.locate(name).second);
+      out.push_back(at::empty({rows, s->cols}, at::TensorOptions().dtype(dtype)));
+      slices.push_back({name, s->param.sizes().vec(), row0 * s->cols, rows * s->cols, out.back().view({-1})});
+    }
+    io::read_slices(ckpt_, slices, read_, progress_.get());
+    if (u + 1 == units_) progress_->finish();
+    return out;
+  }
+  auto frozen_filler() {
+    return [this](size_t u, const engine::FrozenUnit& unit) { return frozen_rows(u, unit); };
+  }
+
   io::HfCheckpoint& checkpoint() { return ckpt_; }
   /// Every checkpoint tensor the model uses.
   const std::set<std::string>& used() const { return used_; }
@@ -87,6 +117,7 @@ class HfShardLoader {
   io::HfCheckpoint ckpt_;
   io::ReadOptions read_;
   size_t units_;
+  bool frozen_;
   std::set<std::string> used_;
   std::unique_ptr<Progress> progress_;
 };

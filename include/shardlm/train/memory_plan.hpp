@@ -14,7 +14,12 @@
 //   workspace            cuBLAS workspaces of the two streams
 // Counted per host: the offloaded state of the host's GPUs (pinned master and gradients, pageable moments,
 // staging for gradient accumulation).
+// With an adapter (LoRA, DoRA) the sharded state, the gradients and the optimizer are the adapters' only; the frozen
+// base is a sharded copy in the compute dtype (on the host with offload) and is gathered like the parameters.
+// The adapters' own activations (r values per token and target) are not counted.
 #include <algorithm>
+#include <cmath>
+#include <utility>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -38,6 +43,9 @@ struct PlanInput {
   int64_t micro_batch = 1;
   int64_t seq_len = 4096;
   int64_t grad_accum = 1;
+  std::string adapter = "none";          ///< none | lora | dora
+  int64_t lora_rank = 16;
+  std::vector<std::string> lora_targets = {"q", "k", "v", "o", "gate", "up", "down"};
 };
 
 struct PlanItem {
@@ -146,6 +154,23 @@ inline double block_backward_extra_per_token(const model::ModelConfig& m, double
   return c * static_cast<double>(m.hidden_size) + 3 * c * static_cast<double>(m.intermediate_size);
 }
 
+/// Adapter parameters of one block: r (in + out) per target Linear, plus out for DoRA's magnitude.
+inline double block_adapter_params(const PlanInput& in) {
+  if (in.adapter == "none") return 0;
+  if (in.adapter != "lora" && in.adapter != "dora") fail<ConfigError>("--adapter '", in.adapter, "': use none, lora or dora");
+  const auto& m = in.model;
+  const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
+  const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
+  const double r = static_cast<double>(in.lora_rank), dora = in.adapter == "dora" ? 1 : 0;
+  double total = 0;
+  for (const auto& t : in.lora_targets) {
+    const auto [a, b] = t == "q" ? std::pair{H, Hq} : t == "k" || t == "v" ? std::pair{H, Hkv} : t == "o" ? std::pair{Hq, H}
+                        : t == "down" ? std::pair{I, H} : std::pair{H, I};
+    total += r * (a + b) + dora * b;
+  }
+  return total;
+}
+
 }  // namespace detail
 
 /// Predicts the memory of one training step (the engine's schedule replayed on byte counts).
@@ -187,18 +212,29 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   for (int64_t i = 0; i < L; ++i) numel.push_back(static_cast<double>(m.block_params()));
   numel.push_back(static_cast<double>(H + (m.tie_word_embeddings ? 0 : m.vocab_size * H)));
   const size_t n = numel.size();
-  std::vector<double> padded(n), shard(n);
-  double shard_total = 0;
+  // With an adapter: trained[u] the adapters' elements (the FlatUnit), numel[u] - trained[u] the frozen base.
+  const double adapter_block = detail::block_adapter_params(in);
+  std::vector<double> trained(n, 0), padded(n), shard(n);
+  double shard_total = 0, frozen_shard_total = 0;
   for (size_t u = 0; u < n; ++u) {
-    const auto p = static_cast<int64_t>(numel[u]);
-    padded[u] = static_cast<double>((p + G - 1) / G * G);
-    shard[u] = padded[u] / static_cast<double>(G);
+    if (adapter_block > 0) {
+      trained[u] = u >= 1 && u <= static_cast<size_t>(L) ? adapter_block : 0;
+      frozen_shard_total += std::ceil(numel[u] / static_cast<double>(G));
+      numel[u] += trained[u];
+    } else {
+      trained[u] = numel[u];
+    }
+    const auto p = static_cast<int64_t>(trained[u]);
+    const double pad = static_cast<double>((p + G - 1) / G * G);
+    shard[u] = pad / static_cast<double>(G);
     shard_total += shard[u];
+    padded[u] = numel[u] - trained[u] + pad;  // gathered: the frozen values and the adapters
   }
 
   const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
   const double state_per = dt.master * 3 + dt.reduce;  // master, gradient, two moments in the master dtype
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
+  const double frozen_bytes = frozen_shard_total * c;
   const double workspace = 2 * 32.0 * (1 << 20);
   // Engine::recompute: block u - 1 is recomputed when (u - 1) % every == 0.
   auto recomputed = [&](size_t u) { return every > 0 && u >= 1 && u <= static_cast<size_t>(L) && (u - 1) % every == 0; };
@@ -264,7 +300,8 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     live.acts -= kept[u];
     // The unit's parameter gradients (compute dtype), copied into a flat buffer in the reduce dtype, whose
     // reduce-scatter leaves a shard slice.
-    live.grads += numel[u] * c + padded[u] * dt.reduce + (G > 1 ? shard[u] * dt.reduce : 0);
+    const double flat = shard[u] * static_cast<double>(G);
+    live.grads += trained[u] * c + flat * dt.reduce + (G > 1 ? shard[u] * dt.reduce : 0);
     event(u == 0 ? std::string("the embedding's gradient reduction")
                  : u == head ? std::string("the head's gradient reduction")
                              : "gradient reduction of block " + std::to_string(u - 1));
@@ -274,6 +311,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
 
   plan.peak_at = peak_at;
   plan.gpu = {{"sharded state", state_gpu},
+              {"frozen base (sharded)", offload ? 0.0 : frozen_bytes},
               {"gathered parameters", peak.gathered},
               {"activations", peak.acts},
               {"logits and loss", peak.logits},
@@ -283,6 +321,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     const double gpus = static_cast<double>(node);
     plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + dt.reduce)},
                  {"AdamW moments", gpus * shard_total * 2 * dt.master}};
+    if (frozen_bytes > 0) plan.host.push_back({"frozen base (pinned)", gpus * frozen_bytes});
     if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * dt.reduce});
   }
   return plan;

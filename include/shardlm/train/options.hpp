@@ -10,6 +10,7 @@
 #include <string>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/model/adapter.hpp"
 #include "shardlm/model/config.hpp"
 
 namespace shardlm {
@@ -49,6 +50,15 @@ struct TrainOptions {
   int64_t keep_last = 0;                 ///< after each commit keep only the newest K committed checkpoints (0: all)
   bool async_save = false;               ///< write checkpoints in a background thread from a host snapshot
   int64_t max_bad_steps = 10;            ///< stop with an error after this many non-finite steps in a row (0: never)
+  std::string adapter = "none";          ///< none (full fine-tuning), lora or dora: the base frozen (model/adapter.hpp)
+  int64_t lora_rank = 16;
+  double lora_alpha = 16;
+  double lora_dropout = 0;
+  bool use_rslora = false;               ///< scale alpha / sqrt(rank) instead of alpha / rank
+  std::string lora_targets = "q,k,v,o,gate,up,down";
+  std::string load_adapter;              ///< start the adapter from this PEFT adapter directory
+  std::string export_adapter;            ///< write the trained adapter here at the end (PEFT format)
+  std::string quant = "none";            ///< storage of the frozen base: none (int4, fp8: not built yet)
   /// Text used as the dataset when --data is not given (the examples' embedded corpus).
   std::string_view builtin_text;
   std::string builtin_name = "embedded corpus";
@@ -78,10 +88,20 @@ struct TrainOptions {
     if (async_save && checkpoint_dir.empty()) fail<ConfigError>("--async-save needs --checkpoint-dir");
     if (resume != "auto" && resume != "none" && checkpoint_dir.empty() && !std::filesystem::exists(resume))
       fail<ConfigError>("--resume ", resume, ": no such checkpoint directory");
+    adapter_config().validate();
+    if (quant != "none")
+      fail<ConfigError>("--quant '", quant, "': only none is built (the frozen base is stored in the compute dtype)");
     if (data.empty() && builtin_text.empty() && needs_data)
       fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
   }
   bool needs_data = true;                ///< false for programs that read no data (shardlm_plan)
+
+  model::AdapterConfig adapter_config() const {
+    model::AdapterConfig a;
+    a.kind = adapter, a.rank = lora_rank, a.alpha = lora_alpha, a.dropout = lora_dropout, a.rslora = use_rslora;
+    a.targets = model::split_targets(lora_targets);
+    return a;
+  }
 };
 
 namespace train {
@@ -142,6 +162,15 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("async-save", "write checkpoints in a background thread from a host copy of the shards (needs that much host memory)",
      cxxopts::value<bool>(o.async_save)->default_value(o.async_save ? "true" : "false"))
     ("max-bad-steps", "stop with an error after N steps in a row with a non-finite gradient norm (0: never)", s(o.max_bad_steps))
+    ("adapter", "none (full fine-tuning), lora or dora (the base frozen; docs/adapters.md)", s(o.adapter))
+    ("lora-rank", "LoRA rank r", s(o.lora_rank))
+    ("lora-alpha", "LoRA alpha: the update is scaled by alpha / r", s(o.lora_alpha))
+    ("lora-dropout", "dropout on the adapter's input", s(o.lora_dropout))
+    ("use-rslora", "scale by alpha / sqrt(r) (rsLoRA)", cxxopts::value<bool>(o.use_rslora)->default_value(o.use_rslora ? "true" : "false"))
+    ("lora-targets", "layers that get an adapter, among q,k,v,o,gate,up,down", s(o.lora_targets))
+    ("load-adapter", "start the adapter from this PEFT adapter directory", s(o.load_adapter))
+    ("export-adapter", "write the trained adapter here at the end (PEFT: adapter_config.json, adapter_model.safetensors)", s(o.export_adapter))
+    ("quant", "storage of the frozen base: none (int4 and fp8 are not built yet)", s(o.quant))
     ("h,help", "print this help");
   if (policy_flags)
     opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision))(

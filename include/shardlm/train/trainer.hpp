@@ -21,6 +21,7 @@
 #include "shardlm/dist/groups.hpp"
 #include "shardlm/engine/engine.hpp"
 #include "shardlm/io/hf.hpp"
+#include "shardlm/io/peft.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/init.hpp"
 #include "shardlm/model/ops.hpp"
@@ -65,6 +66,24 @@ std::unique_ptr<dist::ProcessGroups> make_groups(const TrainOptions& o, const di
   return std::make_unique<dist::ProcessGroups>(env, G, d, std::chrono::seconds(o.dist_timeout));
 }
 
+/// The adapter of a run: the flags, with a recipe's adapter policy as the default (a different --adapter is an error).
+template <class Recipe>
+model::AdapterConfig resolve_adapter(const TrainOptions& o) {
+  auto a = o.adapter_config();
+  using Tag = adapter_of_t<Recipe>;
+  if constexpr (!std::is_same_v<Tag, adapter::None>) {
+    if (a.kind == "none") a.kind = Tag::name;
+    else if (a.kind != Tag::name) fail<ConfigError>("--adapter ", a.kind, ": the recipe's adapter policy is ", Tag::name);
+  }
+  a.validate();
+  if (!a.active() && (!o.export_adapter.empty() || !o.load_adapter.empty()))
+    fail<ConfigError>(o.export_adapter.empty() ? "--load-adapter" : "--export-adapter", " needs --adapter lora or dora");
+  if (a.active() && (!o.export_dir.empty() || !o.save_final.empty()))
+    fail<ConfigError>(o.export_dir.empty() ? "--save-final" : "--export-dir", " writes full weights: with --adapter ", a.kind,
+                      " use --export-adapter DIR, and shardlm_merge for a merged checkpoint");
+  return a;
+}
+
 /// The memory planner's input (train/memory_plan.hpp) for a run of `Recipe` in `env`.
 template <class Recipe>
 plan::PlanInput plan_input(const TrainOptions& o, const model::ModelConfig& c, const dist::LaunchEnv& env) {
@@ -74,6 +93,7 @@ plan::PlanInput plan_input(const TrainOptions& o, const model::ModelConfig& c, c
   in.checkpointing = Recipe::Checkpointing::name, in.offload = Recipe::Offload::name;
   in.world_size = env.world_size, in.gpus_per_node = env.local_world_size, in.shard_group_size = o.shard_group_size;
   in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;
+  in.adapter = resolve_adapter<Recipe>(o).kind, in.lora_rank = o.lora_rank, in.lora_targets = model::split_targets(o.lora_targets);
   return in;
 }
 
@@ -96,6 +116,7 @@ class Trainer {
         // Uninitialized host tensors whose pages are never touched: the engine replaces each unit's parameters
         // by device tensors before filling them (autograd cannot re-point a meta parameter at real data).
         model_(config_, at::TensorOptions().device(at::kCPU).dtype(Precision::master)),
+        adapter_(resolve_adapter<Recipe>(o)),
         dataset_(std::move(dataset)),
         sampler_(dataset_.size(), o.seq_len, o.seed, dataset_.name()),
         schedule_{o.lr, o.warmup_steps, o.steps, o.min_lr_ratio} {
@@ -107,20 +128,33 @@ class Trainer {
       if (Recipe::Offload::to_host && rank() == 0)
         log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
     }
+    // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
+    model_->add_adapters(adapter_);
+    engine::FrozenSpec frozen;
+    if (adapter_.active()) {
+      frozen.is_frozen = [](const std::string& name) { return !model::is_adapter_parameter(name); };
+      frozen.codec = [](const std::string&, const at::Tensor&) { return engine::plain_codec(Precision::compute); };
+    }
     // --model-dir: each rank reads only its shards' byte ranges (train/hf_shards.hpp).
     std::unique_ptr<HfShardLoader<typename Model::ContainedType>> loader;
     if (!o.model_dir.empty())
       loader = std::make_unique<HfShardLoader<typename Model::ContainedType>>(
           o.model_dir, *model_, groups_->shard().size(), groups_->shard().rank(), rank() == 0,
-          io::ReadOptions{read_threads(env_.local_world_size)});
+          io::ReadOptions{read_threads(env_.local_world_size)}, frozen);
+    if (loader && adapter_.active()) frozen.rows = loader->frozen_filler();
     auto init = [&](size_t u, engine::NamedTensors& params) {
-      // one seeded generator per unit: the same weights whatever the world size
-      model::init_parameters(params, config_.initializer_range, o.seed + 0x9E3779B97F4A7C15ull * (u + 1));
+      // one seeded generator per unit: the same weights whatever the world size, adapter or not
+      engine::NamedTensors base, adapters;
+      for (auto& item : params) (model::is_adapter_parameter(item.first) ? adapters : base).push_back(item);
+      model::init_parameters(base, config_.initializer_range, o.seed + 0x9E3779B97F4A7C15ull * (u + 1));
+      model::init_adapter_parameters(adapters, o.seed + 0xD1B54A32D192ED03ull * (u + 1));
     };
     engine_ = std::make_unique<Engine>(*model_, *groups_, device_,
-                                       loader ? engine::UnitInit(loader->filler()) : engine::UnitInit(init),
-                                       engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay});
+                                       loader && !adapter_.active() ? engine::UnitInit(loader->filler()) : engine::UnitInit(init),
+                                       engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay}, frozen);
     if (loader && rank() == 0) io::warn_unused(loader->checkpoint(), loader->used());
+    if (adapter_.dora()) init_magnitudes();
+    if (!o.load_adapter.empty()) load_adapter(o.load_adapter);
     resume();
     if (o.async_save) async_ = std::make_unique<AsyncCheckpointWriter>(device_);
     peak_flops_ = o.peak_tflops > 0 ? o.peak_tflops * 1e12 : (device_.is_cuda() ? 989e12 : -1);
@@ -215,7 +249,7 @@ class Trainer {
   double save_checkpoint(bool last) {
     const auto start = std::chrono::steady_clock::now();
     const auto blocked_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
-    const nlohmann::json info = {{"sharding", Recipe::Sharding::name}, {"precision", Precision::name},
+    const nlohmann::json info = {{"sharding", Recipe::Sharding::name}, {"precision", Precision::name}, {"adapter", adapter_.kind},
                                  {"layers", config_.num_layers}, {"hidden_size", config_.hidden_size}, {"seed", options_.seed},
                                  {"global_batch", options_.micro_batch * options_.grad_accum * groups_->size()}};
     if (async_) {
@@ -265,6 +299,18 @@ class Trainer {
                       options_.model_dir, config_});
   }
 
+  /// Writes the trained adapter as a PEFT adapter directory (a collective: every rank calls it; rank 0 writes).
+  void export_adapter(const std::filesystem::path& dir) {
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    for (size_t u = 0; u < engine_->num_units(); ++u)
+      for (auto& [name, t] : engine_->full_master(u)) tensors.emplace_back(name, t.cpu());
+    if (rank() != 0) return;
+    const auto base = !options_.model_dir.empty() ? std::filesystem::absolute(options_.model_dir).string() : options_.preset;
+    io::write_peft_adapter(dir, adapter_, base, tensors);
+    log::info("shardlm: exported the ", adapter_.kind, " adapter (", tensors.size(), " tensors) to ", dir.string());
+  }
+  const model::AdapterConfig& adapter() const { return adapter_; }
+
   /// The master weights in unit order (one tensor per parameter).
   std::vector<at::Tensor> master_weights() {
     std::vector<at::Tensor> out;
@@ -304,6 +350,59 @@ class Trainer {
                 " rank(s); loaded in ", std::round(load_s * 1e3) / 1e3, " s)");
   }
 
+  /// DoRA starts with each magnitude at its base weight's row norms (B = 0: the adapted model is the base).
+  void init_magnitudes() {
+    constexpr std::string_view m = "lora_magnitude_vector";
+    for (size_t u = 0; u < engine_->num_units(); ++u) {
+      std::map<std::string, at::Tensor> weights, norms;
+      std::vector<std::string> magnitudes;
+      for (auto& [name, p] : model_->unit_parameters(u)) {
+        weights[name] = p;
+        if (name.size() > m.size() && name.compare(name.size() - m.size(), m.size(), m) == 0) magnitudes.push_back(name);
+      }
+      if (magnitudes.empty()) continue;
+      engine_->with_gathered(u, [&] {
+        at::NoGradGuard no_grad;
+        for (const auto& name : magnitudes) {
+          const auto& w = weights.at(name.substr(0, name.size() - m.size()) + "weight");  // [out, in]
+          norms[name] = at::linalg_vector_norm(w.to(at::kFloat), 2, {1}, false);       // [out]
+        }
+        engine_->set_trainable(u, norms);
+      });
+    }
+  }
+
+  /// --load-adapter: the adapter's tensors from a PEFT adapter directory with this run's rank, kind and targets.
+  void load_adapter(const std::filesystem::path& dir) {
+    const auto peft = io::read_peft_adapter(dir);
+    const auto& c = peft.config;
+    auto sorted = [](std::vector<std::string> v) { return std::sort(v.begin(), v.end()), v; };
+    if (c.kind != adapter_.kind || c.rank != adapter_.rank || sorted(c.targets) != sorted(adapter_.targets))
+      fail<ConfigError>("--load-adapter ", dir.string(), ": a ", c.kind, " adapter of rank ", c.rank, " on ",
+                        c.target_modules().size(), " target module(s), but this run has --adapter ", adapter_.kind,
+                        " --lora-rank ", adapter_.rank, " --lora-targets ", options_.lora_targets);
+    if (c.alpha != adapter_.alpha || c.rslora != adapter_.rslora)
+      log::warn("--load-adapter ", dir.string(), ": trained with lora_alpha ", c.alpha, (c.rslora ? " (rsLoRA)" : ""),
+                "; this run scales with --lora-alpha ", adapter_.alpha, (adapter_.rslora ? " (rsLoRA)" : ""));
+    size_t used = 0;
+    for (size_t u = 0; u < engine_->num_units(); ++u) {
+      std::map<std::string, at::Tensor> values;
+      for (const auto& s : engine_->unit(u).slots()) {
+        const auto it = peft.tensors.find(s.name);
+        if (it == peft.tensors.end()) fail<IoError>(dir.string(), ": the adapter has no tensor '", io::peft_key(s.name), "'");
+        if (it->second.sizes() != s.param.sizes())
+          fail<IoError>(dir.string(), ": tensor '", io::peft_key(s.name), "' has shape ", it->second.sizes(),
+                        " but the model needs ", s.param.sizes());
+        values[s.name] = it->second.to(engine_->unit(u).master().device());
+      }
+      used += values.size();
+      engine_->set_trainable(u, values);
+    }
+    if (used != peft.tensors.size())
+      fail<IoError>(dir.string(), ": ", peft.tensors.size() - used, " adapter tensor(s) match no layer of the model");
+    if (rank() == 0) log::info("shardlm: adapter loaded from ", dir.string(), " (", used, " tensors)");
+  }
+
   /// Samples k .. k + B - 1 of the run as (inputs, next-token targets), each [B, T] on the device.
   std::pair<at::Tensor, at::Tensor> batch(int64_t first_sample) {
     const int64_t B = options_.micro_batch, T = options_.seq_len;
@@ -320,6 +419,7 @@ class Trainer {
   model::ModelConfig config_;
   std::unique_ptr<dist::ProcessGroups> groups_;
   Model model_;
+  model::AdapterConfig adapter_;
   data::TokenDataset dataset_;
   data::Sampler sampler_;
   optim::CosineSchedule schedule_;
@@ -344,7 +444,14 @@ namespace shardlm {
 /// Trains `Model` with `Recipe` as the options say, on one process or as one rank of a job (launched by
 /// shardlm_launch, torchrun or srun): rank 0 logs every --log-every steps and writes --metrics and --save-final.
 template <class Model, class Recipe>
-int run_trainer(const TrainOptions& o) {
+int run_trainer(const TrainOptions& options) {
+  // The adapter policy is a run-time choice of the engine of the recipe without it: no instantiation of its own.
+  if constexpr (!std::is_same_v<adapter_of_t<Recipe>, adapter::None>) {
+    auto o = options;
+    o.adapter = train::resolve_adapter<Recipe>(options).kind;
+    return run_trainer<Model, typename Recipe::WithoutAdapter>(o);
+  } else {
+  const auto& o = options;
   o.validate();
   train::Trainer<Model, Recipe> trainer(o, train::open_dataset(o));
   train::StopSignals::install();
@@ -354,7 +461,10 @@ int run_trainer(const TrainOptions& o) {
   if (lead)
     log::info("shardlm: ", c.num_layers, " layers, hidden ", c.hidden_size, ", ", c.num_params() / 1e6, "M parameters | ",
               Recipe::Sharding::name, " / ", Recipe::Checkpointing::name, " / ", Recipe::Offload::name, " / ",
-              Recipe::Precision::name, " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",
+              Recipe::Precision::name,
+              trainer.adapter().active() ? detail::cat(" | ", trainer.adapter().kind, " rank ", trainer.adapter().rank, " on ",
+                                                       o.lora_targets) : std::string(),
+              " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",
               g.size() > 1 ? detail::cat(" (", g.env().source, "; shard groups of ", g.shard_group_size(), ")") : std::string(),
               " | global batch ", o.micro_batch * o.grad_accum * g.size(), " x ", o.seq_len, " tokens");
   if (lead && trainer.device().is_cuda()) log::info("shardlm: memory plan (train/memory_plan.hpp): ", trainer.memory_plan().table());
@@ -396,11 +506,13 @@ int run_trainer(const TrainOptions& o) {
     if (lead) io::save_safetensors(o.save_final, weights);
   }
   if (!o.export_dir.empty()) trainer.export_hf(o.export_dir);
+  if (!o.export_adapter.empty()) trainer.export_adapter(o.export_adapter);
   if (lead && o.steps > start)
     log::info("shardlm: trained ", o.steps - start, " steps (", start + 1, "..", o.steps, "): loss ", first_loss, " -> ",
               last_loss, o.checkpoint_dir.empty() ? std::string()
                                                   : detail::cat("; checkpoints blocked training ", std::round(save_stall * 1e3) / 1e3, " s in all"));
   return 0;
+  }
 }
 
 }  // namespace shardlm
