@@ -130,6 +130,8 @@ class Trainer {
     }
     // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
     model_->add_adapters(adapter_);
+    // The default generators draw the adapters' dropout masks: seeded per rank (LibTorch seeds them at random).
+    at::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(rank()));
     engine::FrozenSpec frozen;
     if (adapter_.active()) {
       frozen.is_frozen = [](const std::string& name) { return !model::is_adapter_parameter(name); };
