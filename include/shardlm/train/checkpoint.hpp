@@ -222,6 +222,7 @@ nlohmann::json load_checkpoint(Engine& engine, dist::ProcessGroups& groups, cons
     if (numel != unit.numel())
       fail<IoError>(path.string(), ": unit ", u, " (", unit.name(), ") has ", numel, " elements in the checkpoint and ",
                     unit.numel(), " in this model");
+    if (numel == 0) continue;  // nothing trains in this unit (a LoRA run's embedding)
     const int64_t saved_shard = padded / saved_group, shard = unit.shard_numel();
     const int64_t lo = shard * groups.shard().rank(), hi = std::min(lo + shard, numel);
     for (auto [what, dst] : {std::pair<const char*, at::Tensor*>{"master", &unit.master()},
