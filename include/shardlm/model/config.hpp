@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 
 namespace shardlm::model {
 
@@ -217,15 +218,9 @@ inline ModelConfig load_config(std::filesystem::path path) {
   if (!std::filesystem::exists(path))
     fail<IoError>(path.string(), ": does not exist (expected a model directory or its config.json)");
   if (std::filesystem::is_directory(path)) path /= "config.json";
-  std::ifstream in(path);
-  if (!in) fail<IoError>("cannot open ", path.string(), ": a Hugging Face model directory needs a config.json");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail<ConfigError>(path.string(), ": not valid JSON (", e.what(), ")");
-  }
-  return config_from_json(j, path.string());
+  if (!std::filesystem::exists(path))
+    fail<IoError>("cannot open ", path.string(), ": a Hugging Face model directory needs a config.json");
+  return config_from_json(read_json(path), path.string());
 }
 
 }  // namespace shardlm::model
