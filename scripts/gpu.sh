@@ -20,6 +20,10 @@
 #           saves every 3 steps, synchronous then --async-save (the training thread's stall per save), then a
 #           resume (load time)
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
+#   load    HF checkpoint loading: full Llama3-8B dims (32 layers, bf16, ~16 GB in 4 GB files) written by transformers,
+#           read with a cold page cache (posix_fadvise DONTNEED before each read) by `cat > /dev/null`, then loaded by
+#           shardlm_train --steps 0 on 1 and N ranks (FullShard); then shardlm_logits (bf16 and fp32) on one GPU vs
+#           transformers (bf16 and fp32) on the same GPU, same input
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -165,6 +169,68 @@ h100() {
   ours "h100_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
     --sharding full --layers 32 --steps 2 --offload cpu --checkpointing every-block
   free -g | head -2
+}
+
+load() {
+  local dir=${LOAD_DIR:-/tmp/shardlm-8b-hf}
+  python3 - "$dir" <<'PY' || return 1
+import os, sys, time, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+d = sys.argv[1]
+if not os.path.exists(os.path.join(d, "model.safetensors.index.json")):
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    t = time.time(); m.save_pretrained(d, max_shard_size="4GB"); print(f"written by transformers in {time.time() - t:.1f} s")
+    os.sync()
+PY
+  local files; files=$(ls "$dir"/*.safetensors)
+  local bytes; bytes=$(du -cb $files | tail -1 | cut -f1)
+  echo "checkpoint: $(echo $files | wc -w) files, $bytes bytes"
+  cold() { python3 -c "import os,sys
+for f in sys.argv[1:]:
+    fd = os.open(f, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)" $files; }
+  cold; local t0; t0=$(date +%s.%N); cat $files > /dev/null; local t1; t1=$(date +%s.%N)
+  python3 -c "print(f'cat (cold): {$bytes / 1e9 / ($t1 - $t0):.2f} GB/s, {$t1 - $t0:.2f} s')"
+  cat $files > /dev/null; t0=$(date +%s.%N); cat $files > /dev/null; t1=$(date +%s.%N)
+  python3 -c "print(f'cat (page cache): {$bytes / 1e9 / ($t1 - $t0):.2f} GB/s')"
+  [ -f "$OUT/tokens.bin" ] || python3 -c "import numpy as np; np.random.default_rng(0).integers(0, 128256, size=1 << 24, dtype=np.uint32).tofile('$OUT/tokens.bin')"
+  for n in 1 "$NGPU"; do
+    cold
+    t0=$(date +%s.%N)
+    "$BUILD/bin/shardlm_launch" --nproc-per-node "$n" -- "$BUILD/bin/shardlm_train" --model-dir "$dir" --steps 0 \
+      --data "$OUT/tokens.bin" --device cuda --sharding full --precision mixed-bf16 2>&1 | grep "rank 0" | grep -E "loading|loaded" | tail -2 | sed 's/^\[rank 0\] //'
+    t1=$(date +%s.%N)
+    python3 -c "print(f'shardlm_train --steps 0 on $n rank(s), cold: {$bytes / 1e9 / ($t1 - $t0):.2f} GB/s over the whole process ({$t1 - $t0:.2f} s, start-up included)')"
+  done
+  python3 - "$dir" "$BUILD/bin/shardlm_logits" "$OUT" <<'PY'
+import subprocess, sys, torch
+from safetensors.torch import save_file, load_file
+from transformers import LlamaForCausalLM
+d, exe, out = sys.argv[1:]
+torch.manual_seed(1)
+ids = torch.randint(0, 128256, (1, 512))
+save_file({"input_ids": ids}, f"{out}/ids.safetensors")
+ref = {}
+for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    m = LlamaForCausalLM.from_pretrained(d, dtype=dt, attn_implementation="sdpa").cuda()
+    with torch.no_grad():
+        o = m(ids.cuda(), labels=ids.cuda())
+    ref[name] = (o.logits.float().cpu(), o.loss.item()); del m, o; torch.cuda.empty_cache()
+for name in ("fp32", "bf16"):
+    subprocess.run([exe, "--model", d, "--input", f"{out}/ids.safetensors", "--output", f"{out}/ours_{name}.safetensors",
+                    "--device", "cuda", "--dtype", name], check=True)
+    ours = load_file(f"{out}/ours_{name}.safetensors")
+    for rname in ("fp32", "bf16"):
+        rl, rloss = ref[rname]
+        err = ((ours["logits"] - rl).abs().max() / rl.abs().max()).item()
+        print(f"logits 8B dims: shardlm {name} vs transformers {rname}: max rel err {err:.2e}, loss {ours['loss'].item():.5f} vs {rloss:.5f}")
+rl, _ = ref["fp32"]; bl, _ = ref["bf16"]
+print(f"logits 8B dims: transformers bf16 vs transformers fp32: max rel err {((bl - rl).abs().max() / rl.abs().max()).item():.2e}")
+PY
 }
 
 table() {
