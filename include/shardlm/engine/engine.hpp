@@ -89,9 +89,18 @@ class Engine {
 
  public:
   /// Builds the flat units of `model`, whose parameters are placeholders (uninitialized), filled by `init`
-  /// (UnitInit: the unit's parameters materialized, or this rank's shard directly).
-  Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device, const UnitInit& init, AdamWHyper hyper)
+  /// (UnitInit: the unit's parameters materialized, or this rank's shard directly). `micro_batches`: the
+  /// micro-batches of every optimizer step when it is fixed (0: not known).
+  Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device, const UnitInit& init, AdamWHyper hyper,
+         int micro_batches = 0)
       : model_(model), groups_(groups), device_(device), streams_(device), hyper_(hyper) {
+    // Offloaded on one rank without replicas, one micro-batch per step: the reduction is the identity and nothing
+    // accumulates, so the host gradient keeps the compute dtype with no rounding (mixed-bf16: 2 bytes per
+    // parameter instead of 4, what fits full Llama3-8B in the host memory of a one-GPU machine). The host step
+    // upcasts one unit at a time into grad_upcast_ (the fused CPU kernel takes gradients in the master dtype).
+    if constexpr (P::offload && Precision::compute != Precision::reduce)
+      if (micro_batches == 1 && groups.shard().size() == 1 && groups.replicate().size() == 1)
+        grad_dtype_ = Precision::compute;
     const size_t n = model_.num_units();
     for (size_t u = 0; u < n; ++u)
       for (auto r : model_.unit_reads(u)) pinned_.insert(r);
@@ -101,7 +110,7 @@ class Engine {
       if (init.shard) {
         units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
         auto& unit = units_.back();
-        unit.shard_with(master, Precision::compute, Precision::reduce, P::offload,
+        unit.shard_with(master, Precision::compute, grad_dtype_, P::offload,
                         [&](at::Tensor& shard) { init.shard(u, unit, shard); });
       } else {
         {
@@ -110,7 +119,7 @@ class Engine {
         }
         init.params(u, params);
         units_.emplace_back(unit_name(u), params, groups.shard().size(), groups.shard().rank());
-        units_.back().shard_from_params(master, Precision::compute, Precision::reduce, P::offload);
+        units_.back().shard_from_params(master, Precision::compute, grad_dtype_, P::offload);
       }
       ready_.emplace_back();
     }
@@ -118,10 +127,16 @@ class Engine {
     // with its own step count (the fused kernel takes one per tensor). On the device one pair of lists covers
     // every unit (two launches); offloaded, each unit has its own pair: the host steps the units one by one,
     // each unit's copy to the device starting while the next is stepped.
+    if (grad_dtype_ != Precision::reduce) {
+      int64_t most = 0;
+      for (auto& unit : units_) most = std::max(most, unit.shard_numel());
+      grad_upcast_ = at::empty({most}, units_.front().master().options().dtype(Precision::reduce).pinned_memory(false));
+    }
     for (auto& unit : units_) {
       if (runs_.empty() || P::offload) runs_.emplace_back();
+      const auto& grads = grad_upcast_.defined() ? grad_upcast_ : unit.grad();
       auto add = [&](Runs& r, int64_t a, int64_t b) {
-        r.params.push_back(unit.master().narrow(0, a, b - a)), r.grads.push_back(unit.grad().narrow(0, a, b - a));
+        r.params.push_back(unit.master().narrow(0, a, b - a)), r.grads.push_back(grads.narrow(0, a, b - a));
         r.exp_avg.push_back(unit.exp_avg().narrow(0, a, b - a));
         r.exp_avg_sq.push_back(unit.exp_avg_sq().narrow(0, a, b - a));
         r.steps.push_back(at::zeros({}, unit.master().options().dtype(at::kFloat).pinned_memory(false)));
@@ -256,6 +271,7 @@ class Engine {
                             weight_decay, hyper_.eps, scale);
     };
     for (size_t i = 0; i < runs_.size(); ++i) {
+      if (grad_upcast_.defined()) grad_upcast_.narrow(0, 0, units_[i].shard_numel()).copy_(units_[i].grad());
       adamw(runs_[i].decayed, hyper_.weight_decay);
       adamw(runs_[i].plain, 0.0);
       // Offloaded: unit i's device shard is refreshed (an asynchronous copy from pinned memory) while the host
@@ -323,7 +339,7 @@ class Engine {
   void reduce(size_t u) {
     auto& unit = units_[u];
     streams_.on_comm([&] {
-      const auto flat = unit.take_grads(Precision::reduce, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
+      const auto flat = unit.take_grads(grad_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
       unit.reduce_into_shard(groups_.shard(), flat, groups_.replicate(), first_micro_batch_,
                              device_norm_ ? &grad_sq_ : nullptr);
     });
@@ -347,6 +363,8 @@ class Engine {
   };
   std::vector<RunPair> runs_;  // one pair for every unit, or (offload) one per unit
   at::Tensor grad_sq_;         // offload: squared gradient norm summed on the device
+  at::ScalarType grad_dtype_ = Precision::reduce;  // of the gradient shards (see the constructor)
+  at::Tensor grad_upcast_;     // the host step's master-dtype copy of one unit's gradient shard, when they differ
   bool device_norm_ = false;   // this step's backward sums it (offload, one micro-batch)
   double clip_coef_ = 1.0;
   int64_t optimizer_steps_ = 0;

@@ -197,6 +197,10 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   }
 
   const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
+  // Engine(): offloaded on one rank without replicas and one micro-batch per step, gradients stay in the compute
+  // dtype (the reduction is the identity), on the device and in the host's shard.
+  const bool compute_grads = offload && in.world_size == 1 && in.grad_accum == 1 && c < dt.reduce;
+  const double grad_bytes = compute_grads ? c : dt.reduce;
   const double state_per = dt.master * 3 + dt.reduce;  // master, gradient, two moments in the master dtype
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
   const double workspace = 2 * 32.0 * (1 << 20);
@@ -264,7 +268,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     live.acts -= kept[u];
     // The unit's parameter gradients (compute dtype), copied into a flat buffer in the reduce dtype, whose
     // reduce-scatter leaves a shard slice.
-    live.grads += numel[u] * c + padded[u] * dt.reduce + (G > 1 ? shard[u] * dt.reduce : 0);
+    live.grads += numel[u] * c + padded[u] * grad_bytes + (G > 1 ? shard[u] * grad_bytes : 0);
     event(u == 0 ? std::string("the embedding's gradient reduction")
                  : u == head ? std::string("the head's gradient reduction")
                              : "gradient reduction of block " + std::to_string(u - 1));
@@ -281,8 +285,10 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
               {"workspace", workspace}};
   if (offload) {
     const double gpus = static_cast<double>(node);
-    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + dt.reduce)},
+    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + grad_bytes)},
                  {"AdamW moments", gpus * shard_total * 2 * dt.master}};
+    if (compute_grads)
+      plan.host.push_back({"gradient upcast (one unit)", *std::max_element(shard.begin(), shard.end()) * dt.reduce});
     if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * dt.reduce});
   }
   return plan;

@@ -119,7 +119,7 @@ class Trainer {
     };
     engine_ = std::make_unique<Engine>(*model_, *groups_, device_,
                                        loader ? engine::UnitInit(loader->filler()) : engine::UnitInit(init),
-                                       engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay});
+                                       engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay}, static_cast<int>(o.grad_accum));
     if (loader && rank() == 0) io::warn_unused(loader->checkpoint(), loader->used());
     resume();
     if (o.async_save) async_ = std::make_unique<AsyncCheckpointWriter>(device_);
@@ -273,7 +273,7 @@ class Trainer {
   }
 
   /// This rank's gradient shards of the last step, reduced, one per unit (after the optimizer step: clipped,
-  /// since the fused kernel scales them in place).
+  /// since the fused kernel scales them in place; not so when offloaded in the compute dtype, Engine()).
   std::vector<at::Tensor> gradient_shards() {
     std::vector<at::Tensor> out;
     for (size_t u = 0; u < engine_->num_units(); ++u) out.push_back(engine_->unit(u).grad());
