@@ -20,6 +20,8 @@
 #           saves every 3 steps, synchronous then --async-save (the training thread's stall per save), then a
 #           resume (load time)
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
+#   quant   the int4/fp8 dequantization kernels (NVRTC) against the CPU reference bit for bit, their GB/s on a 405B
+#           weight [16384, 53248] next to the ATen-op path, and the time to quantize one 405B layer on the GPU
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -41,7 +43,7 @@ build() {
     -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; return 1; }
   grep "shardlm:" "$OUT/cmake.log"
-  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist} >"$OUT/build.log" 2>&1 \
+  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist quant_benchmark} >"$OUT/build.log" 2>&1 \
     || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
 }
 
@@ -165,6 +167,12 @@ h100() {
   ours "h100_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
     --sharding full --layers 32 --steps 2 --offload cpu --checkpointing every-block
   free -g | head -2
+}
+
+quant() {
+  "$BUILD/bin/quant_benchmark" 2>&1 | tee "$OUT/quant.log"
+  local rc=${PIPESTATUS[0]}
+  echo "{\"check\": \"quant kernels == cpu reference\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
 }
 
 table() {
