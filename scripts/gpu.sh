@@ -24,6 +24,8 @@
 #           read with a cold page cache (posix_fadvise DONTNEED before each read) by `cat > /dev/null`, then loaded by
 #           shardlm_train --steps 0 on 1 and N ranks (FullShard); then shardlm_logits (bf16 and fp32) on one GPU vs
 #           transformers (bf16 and fp32) on the same GPU, same input
+#   quant   the int4/fp8 dequantization kernels (NVRTC) against the CPU reference bit for bit, their GB/s on a 405B
+#           weight [16384, 53248] next to the ATen-op path, and the time to quantize one 405B layer on the GPU
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -45,7 +47,7 @@ build() {
     -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; return 1; }
   grep "shardlm:" "$OUT/cmake.log"
-  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist} >"$OUT/build.log" 2>&1 \
+  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist quant_benchmark} >"$OUT/build.log" 2>&1 \
     || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
 }
 
@@ -231,6 +233,12 @@ for name in ("fp32", "bf16"):
 rl, _ = ref["fp32"]; bl, _ = ref["bf16"]
 print(f"logits 8B dims: transformers bf16 vs transformers fp32: max rel err {((bl - rl).abs().max() / rl.abs().max()).item():.2e}")
 PY
+}
+
+quant() {
+  "$BUILD/bin/quant_benchmark" 2>&1 | tee "$OUT/quant.log"
+  local rc=${PIPESTATUS[0]}
+  echo "{\"check\": \"quant kernels == cpu reference\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
 }
 
 table() {
