@@ -110,11 +110,10 @@ TEST_CASE("planner: offloaded on one GPU with one micro-batch, gradients stay in
   in.sharding = "full", in.precision = "mixed-bf16", in.offload = "cpu", in.world_size = 1, in.gpus_per_node = 1;
   in.micro_batch = 2, in.seq_len = 8;
   auto p = plan::plan_memory(in);
-  // One shard of 202048 elements (64000 + 2 x 36992 + 64064): pinned master 4 + bf16 gradient 2, moments 8, and an
-  // fp32 copy of the largest unit's gradient (the head, 64064) for the host step.
+  // One shard of 202048 elements (64000 + 2 x 36992 + 64064): pinned master 4 + bf16 gradient 2, moments 8.
   CHECK(item(p.host, "master weights and gradients (pinned)") == 202048.0 * 6);
   CHECK(item(p.host, "AdamW moments") == 202048.0 * 8);
-  CHECK(item(p.host, "gradient upcast (one unit)") == 64064.0 * 4);
+  CHECK(p.host.size() == 2);
   // With accumulation the gradients are summed in fp32.
   in.grad_accum = 2;
   p = plan::plan_memory(in);

@@ -57,6 +57,44 @@ TEST_CASE("the fused AdamW's gradient scale divides the gradients, in place (how
   CHECK(test::rel_err(run(g, std::nullopt), divided) > 1e-6);  // the scale does change the result
 }
 
+TEST_CASE("host AdamW (offload): the fused kernel's update, from fp32 or bf16 gradients and state") {
+  at::manual_seed(2);
+  const int64_t n = 100003;  // not a multiple of any vector width or grain
+  const double lr = 1e-2, wd = 0.1, coef = 0.5;
+  auto run = [&](at::ScalarType state, at::ScalarType grad_dtype, bool host) {
+    at::manual_seed(3);
+    auto p = at::randn({n}).to(state), m = at::zeros({n}, state), v = at::zeros({n}, state), step = at::zeros({});
+    for (int i = 1; i <= 3; ++i) {
+      const auto g = at::randn({n}).to(grad_dtype);
+      if (host) {
+        optim::host_adamw(p, g, m, v, optim::AdamWStep{lr, 0.9, 0.95, wd, 1e-8, i, coef});
+      } else {  // the reference: LibTorch's fused kernel, clipping as its gradient scale, gradients in the state dtype
+        compat::fused_adamw({p}, {g.to(state)}, {m}, {v}, {step}, lr, 0.9, 0.95, wd, 1e-8, at::full({}, 1 / coef));
+      }
+    }
+    return std::array<at::Tensor, 3>{p.to(at::kFloat), m.to(at::kFloat), v.to(at::kFloat)};
+  };
+  SUBCASE("fp32 state, fp32 and bf16 gradients") {
+    for (auto gd : {at::kFloat, at::kBFloat16}) {
+      const auto ours = run(at::kFloat, gd, true), ref = run(at::kFloat, gd, false);
+      for (int k = 0; k < 3; ++k) CHECK(test::rel_err(ours[k], ref[k]) < 1e-6);
+    }
+  }
+  SUBCASE("bf16 state (pure-bf16), bf16 gradients: within bf16 rounding") {
+    const auto ours = run(at::kBFloat16, at::kBFloat16, true), ref = run(at::kBFloat16, at::kBFloat16, false);
+    at::manual_seed(3);
+    const auto p0 = at::randn({n}).to(at::kBFloat16).to(at::kFloat);
+    // the moments to bf16 precision; the parameters' change (~3 lr = 0.03, a few bf16 steps of p) to a few %
+    CHECK(test::rel_err(ours[1], ref[1]) < 1e-2);
+    CHECK(test::rel_err(ours[2], ref[2]) < 1e-2);
+    CHECK(test::rel_err(ours[0] - p0, ref[0] - p0) < 5e-2);
+  }
+  SUBCASE("dtypes it does not take are named") {
+    auto p = at::zeros({4}, at::kDouble);
+    CHECK_THROWS_WITH_AS(optim::host_adamw(p, p, p, p, {}), doctest::Contains("host AdamW"), ConfigError);
+  }
+}
+
 TEST_CASE("cosine schedule: linear warmup, cosine to min_ratio") {
   optim::CosineSchedule s{1.0, 10, 110, 0.1};
   CHECK(s.at(0) == doctest::Approx(0.1));
@@ -214,14 +252,22 @@ TEST_CASE("offloaded on one rank: bf16 host gradients train exactly as fp32 devi
   using MixedOffload = Policies<sharding::FullShard, precision::MixedBF16, offload::Cpu>;
   train::Trainer<model::Llama3, Mixed> ref(o, train::open_dataset(o));
   train::Trainer<model::Llama3, MixedOffload> off(o, train::open_dataset(o));
-  for (int s = 0; s < 4; ++s) {
-    const auto a = ref.step(), b = off.step();
-    CHECK(std::abs(a.loss - b.loss) <= 1e-6 * a.loss);
-    CHECK(std::abs(a.grad_norm - b.grad_norm) <= 1e-6 * a.grad_norm);
-    for (const auto& g : off.gradient_shards()) CHECK((g.scalar_type() == at::kBFloat16));
-  }
-  const auto wa = ref.master_weights(), wb = off.master_weights();
+  // Step 1 from the same weights: the same gradients (bf16 on the host, exactly the fp32 ones rounded from bf16)
+  // and, through the host AdamW, master weights within fp32 rounding of the fused kernel's.
+  auto a = ref.step(), b = off.step();
+  CHECK(a.loss == b.loss);
+  CHECK(std::abs(a.grad_norm - b.grad_norm) <= 1e-6 * a.grad_norm);
+  for (const auto& g : off.gradient_shards()) CHECK((g.scalar_type() == at::kBFloat16));
+  auto wa = ref.master_weights(), wb = off.master_weights();
   for (size_t i = 0; i < wa.size(); ++i) CHECK(test::rel_err(wb[i], wa[i]) < 1e-6);
+  // Later steps: fp32 rounding differences flip the bf16 rounding of a few compute weights, so mixed-bf16's
+  // tolerance (that of dist_policy_matrix).
+  for (int s = 1; s < 4; ++s) {
+    a = ref.step(), b = off.step();
+    CHECK(std::abs(a.loss - b.loss) <= 1e-4 * a.loss);
+  }
+  wa = ref.master_weights(), wb = off.master_weights();
+  for (size_t i = 0; i < wa.size(); ++i) CHECK(test::rel_err(wb[i], wa[i]) < 1e-3);
   // With accumulation the host sums in fp32.
   o.grad_accum = 2;
   train::Trainer<model::Llama3, MixedOffload> accum(o, train::open_dataset(o));

@@ -30,6 +30,7 @@
 #include "shardlm/engine/flat_unit.hpp"
 #include "shardlm/engine/streams.hpp"
 #include "shardlm/optim/clip.hpp"
+#include "shardlm/optim/host_adamw.hpp"
 #include "shardlm/policy/policies.hpp"
 
 namespace shardlm::engine {
@@ -96,8 +97,8 @@ class Engine {
       : model_(model), groups_(groups), device_(device), streams_(device), hyper_(hyper) {
     // Offloaded on one rank without replicas, one micro-batch per step: the reduction is the identity and nothing
     // accumulates, so the host gradient keeps the compute dtype with no rounding (mixed-bf16: 2 bytes per
-    // parameter instead of 4, what fits full Llama3-8B in the host memory of a one-GPU machine). The host step
-    // upcasts one unit at a time into grad_upcast_ (the fused CPU kernel takes gradients in the master dtype).
+    // parameter instead of 4, what fits full Llama3-8B in the host memory of a one-GPU machine). The host
+    // AdamW (optim/host_adamw.hpp) reads bf16 gradients beside fp32 master weights directly.
     if constexpr (P::offload && Precision::compute != Precision::reduce)
       if (micro_batches == 1 && groups.shard().size() == 1 && groups.replicate().size() == 1)
         grad_dtype_ = Precision::compute;
@@ -127,16 +128,10 @@ class Engine {
     // with its own step count (the fused kernel takes one per tensor). On the device one pair of lists covers
     // every unit (two launches); offloaded, each unit has its own pair: the host steps the units one by one,
     // each unit's copy to the device starting while the next is stepped.
-    if (grad_dtype_ != Precision::reduce) {
-      int64_t most = 0;
-      for (auto& unit : units_) most = std::max(most, unit.shard_numel());
-      grad_upcast_ = at::empty({most}, units_.front().master().options().dtype(Precision::reduce).pinned_memory(false));
-    }
     for (auto& unit : units_) {
       if (runs_.empty() || P::offload) runs_.emplace_back();
-      const auto& grads = grad_upcast_.defined() ? grad_upcast_ : unit.grad();
       auto add = [&](Runs& r, int64_t a, int64_t b) {
-        r.params.push_back(unit.master().narrow(0, a, b - a)), r.grads.push_back(grads.narrow(0, a, b - a));
+        r.params.push_back(unit.master().narrow(0, a, b - a)), r.grads.push_back(unit.grad().narrow(0, a, b - a));
         r.exp_avg.push_back(unit.exp_avg().narrow(0, a, b - a));
         r.exp_avg_sq.push_back(unit.exp_avg_sq().narrow(0, a, b - a));
         r.steps.push_back(at::zeros({}, unit.master().options().dtype(at::kFloat).pinned_memory(false)));
@@ -257,21 +252,28 @@ class Engine {
     return norm;
   }
 
-  /// AdamW on this rank's shards: two fused launches, runs with decoupled weight decay (matrices and
-  /// embeddings) and runs without; clipping enters as the kernel's gradient scale. Then the device shards of
-  /// an offloaded run and the parameters of the persistent policies are refreshed.
+  /// AdamW on this rank's shards: two fused launches (LibTorch's kernel, on the device or the host), runs with
+  /// decoupled weight decay (matrices and embeddings) and runs without; clipping enters as the kernel's gradient
+  /// scale. Offloaded bf16 gradients beside fp32 master weights (see the constructor) go through the host AdamW
+  /// of optim/host_adamw.hpp instead, which reads them as they are. Then the device shards of an offloaded run
+  /// and the parameters of the persistent policies are refreshed.
   void optimizer_step(double lr) {
     at::NoGradGuard no_grad;
     std::optional<at::Tensor> scale;
     if (clip_coef_ != 1.0)  // the kernel divides gradients by the scale
       scale = at::full({}, 1.0 / clip_coef_, units_.front().master().options().dtype(at::kFloat).pinned_memory(false));
     auto adamw = [&](Runs& g, double weight_decay) {
-      if (!g.params.empty())
+      if (g.params.empty()) return;
+      if (grad_dtype_ != Precision::master) {
+        const optim::AdamWStep s{lr, hyper_.beta1, hyper_.beta2, weight_decay, hyper_.eps, optimizer_steps_ + 1, clip_coef_};
+        for (size_t k = 0; k < g.params.size(); ++k)
+          optim::host_adamw(g.params[k], g.grads[k], g.exp_avg[k], g.exp_avg_sq[k], s);
+      } else {
         compat::fused_adamw(g.params, g.grads, g.exp_avg, g.exp_avg_sq, g.steps, lr, hyper_.beta1, hyper_.beta2,
                             weight_decay, hyper_.eps, scale);
+      }
     };
     for (size_t i = 0; i < runs_.size(); ++i) {
-      if (grad_upcast_.defined()) grad_upcast_.narrow(0, 0, units_[i].shard_numel()).copy_(units_[i].grad());
       adamw(runs_[i].decayed, hyper_.weight_decay);
       adamw(runs_[i].plain, 0.0);
       // Offloaded: unit i's device shard is refreshed (an asynchronous copy from pinned memory) while the host
@@ -364,7 +366,6 @@ class Engine {
   std::vector<RunPair> runs_;  // one pair for every unit, or (offload) one per unit
   at::Tensor grad_sq_;         // offload: squared gradient norm summed on the device
   at::ScalarType grad_dtype_ = Precision::reduce;  // of the gradient shards (see the constructor)
-  at::Tensor grad_upcast_;     // the host step's master-dtype copy of one unit's gradient shard, when they differ
   bool device_norm_ = false;   // this step's backward sums it (offload, one micro-batch)
   double clip_coef_ = 1.0;
   int64_t optimizer_steps_ = 0;

@@ -287,8 +287,6 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     const double gpus = static_cast<double>(node);
     plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + grad_bytes)},
                  {"AdamW moments", gpus * shard_total * 2 * dt.master}};
-    if (compute_grads)
-      plan.host.push_back({"gradient upcast (one unit)", *std::max_element(shard.begin(), shard.end()) * dt.reduce});
     if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * dt.reduce});
   }
   return plan;

@@ -272,8 +272,8 @@ class Trainer {
     return out;
   }
 
-  /// This rank's gradient shards of the last step, reduced, one per unit (after the optimizer step: clipped,
-  /// since the fused kernel scales them in place; not so when offloaded in the compute dtype, Engine()).
+  /// This rank's gradient shards of the last step, reduced, one per unit (after the optimizer step on the
+  /// device: clipped, since the fused kernel scales them in place; the host AdamW of offload leaves them).
   std::vector<at::Tensor> gradient_shards() {
     std::vector<at::Tensor> out;
     for (size_t u = 0; u < engine_->num_units(); ++u) out.push_back(engine_->unit(u).grad());
