@@ -6,6 +6,8 @@
 #   nccl    test_dist (its NCCL case: collectives, errors, init deadline on 2 GPUs), then the engine over NCCL:
 #           tests/dist/check_equivalence.py with --device cuda (1x4, 2x2, 4x1 ranks x grad-accum against one
 #           GPU without sharding; needs 4 GPUs)
+#   ops     loss masks and evaluation over NCCL: tests/dist/check_equivalence.py --masked --device cuda (1x2, 2x1
+#           ranks x grad-accum; needs 2 GPUs), then one GPU run with --eval-every and --tensorboard, plotted
 #   bench   the step benchmark and the peer (HF transformers + FSDP2, eager), same machine, same call: Llama3-8B
 #           dims with 8 layers at 1 and N GPUs (FullShard, MixedBF16, seq 4096, micro-batch 2), then a table
 #   full8b  full Llama3-8B (32 layers) on N GPUs
@@ -19,8 +21,6 @@
 #   ckpt    checkpoint save and load times: Llama3-8B dims with 4 layers on N GPUs (FullShard, MixedBF16),
 #           saves every 3 steps, synchronous then --async-save (the training thread's stall per save), then a
 #           resume (load time)
-#   ops     loss masks and evaluation over NCCL: tests/dist/check_equivalence.py --masked --device cuda (1x2, 2x1
-#           ranks x grad-accum; needs 2 GPUs), then one GPU run with --eval-every and --tensorboard, plotted
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
@@ -43,7 +43,7 @@ build() {
     -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; return 1; }
   grep "shardlm:" "$OUT/cmake.log"
-  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch shardlm_plot step_benchmark test_dist} >"$OUT/build.log" 2>&1 \
+  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist} >"$OUT/build.log" 2>&1 \
     || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
 }
 
@@ -77,6 +77,17 @@ nccl() {
       --sharding $policy $extra --splits 1x4,2x2,4x1 --train-args "--device cuda" --workdir "$OUT/eq_$policy" 2>&1 | tail -4
     echo "{\"check\": \"nccl equivalence $policy\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
   done
+}
+
+ops() {
+  [ "$NGPU" -ge 2 ] || { echo "ops: needs 2 GPUs, have $NGPU"; return 0; }
+  cmake --build "$BUILD" --target shardlm_plot >>"$OUT/build.log" 2>&1 || return 1
+  python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
+    --sharding full --masked --splits 1x2,2x1 --train-args "--device cuda" --workdir "$OUT/eq_masked" 2>&1 | tail -4
+  echo "{\"check\": \"nccl equivalence masked + eval\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+  "$BUILD/bin/shardlm_train" --device cuda --data examples/data/corpus.txt --seq-len 128 --steps 60 --lr 3e-3 \
+    --eval-fraction 0.05 --eval-every 20 --log-every 20 --metrics "$OUT/ops.jsonl" --tensorboard "$OUT/ops_tb" 2>&1 | tail -6
+  "$BUILD/bin/shardlm_plot" --metrics "$OUT/ops.jsonl" --output "$OUT/ops.png" && ls -l "$OUT"/ops_tb
 }
 
 ours() {  # ours LABEL NPROC ARGS...
@@ -161,16 +172,6 @@ ckpt() {
     --checkpoint-dir "$dir" 2>&1 | grep "rank 0" | grep -E "resumed|trained" | sed 's/^\[rank 0\] //'
   du -sh "$dir"/step-* 2>/dev/null
   rm -rf "$dir"
-}
-
-ops() {
-  [ "$NGPU" -ge 2 ] || { echo "ops: needs 2 GPUs, have $NGPU"; return 0; }
-  python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
-    --sharding full --masked --splits 1x2,2x1 --train-args "--device cuda" --workdir "$OUT/eq_masked" 2>&1 | tail -4
-  echo "{\"check\": \"nccl equivalence masked + eval\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
-  "$BUILD/bin/shardlm_train" --device cuda --data examples/data/corpus.txt --seq-len 128 --steps 60 --lr 3e-3 \
-    --eval-fraction 0.05 --eval-every 20 --log-every 20 --metrics "$OUT/ops.jsonl" --tensorboard "$OUT/ops_tb" 2>&1 | tail -6
-  "$BUILD/bin/shardlm_plot" --metrics "$OUT/ops.jsonl" --output "$OUT/ops.png" && ls -l "$OUT"/ops_tb
 }
 
 h100() {
