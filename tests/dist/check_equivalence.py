@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--weight-tol", type=float, default=None, help="for the final parameters (default: --tol)")
     ap.add_argument("--train-args", default="", help="more trainer flags for every run (e.g. '--device cuda')")
     ap.add_argument("--test-args", default="", help="more trainer flags for the runs checked, not the reference "
                     "(e.g. '--offload cpu')")
@@ -112,13 +113,15 @@ def main():
         if set(weights) != set(ref_weights):
             sys.exit(f"FAIL {tag}: saved tensors differ from the reference: {sorted(set(weights) ^ set(ref_weights))}")
         worst_name, worst = max(((n, rel_err(weights[n], ref_weights[n])) for n in ref_weights), key=lambda t: t[1])
-        ok = loss_err <= args.tol and worst <= args.tol
+        weight_tol = args.tol if args.weight_tol is None else args.weight_tol
+        ok = loss_err <= args.tol and worst <= weight_tol
         failed |= not ok
         print(f"{'ok  ' if ok else 'FAIL'} {tag:>14}: loss rel err {loss_err:.2e}, worst parameter rel err {worst:.2e} "
               f"({worst_name}), {len(weights)} tensors, {secs:.1f} s")
     if failed:
         sys.exit(f"FAIL: --sharding {args.sharding} differs from the reference by more than {args.tol}")
-    print(f"PASS: --sharding {args.sharding} matches the reference within {args.tol} at splits {args.splits}")
+    print(f"PASS: --sharding {args.sharding} matches the reference within {args.tol}"
+          f"{'' if args.weight_tol is None else f' (parameters {args.weight_tol})'} at splits {args.splits}")
 
 
 if __name__ == "__main__":
