@@ -6,6 +6,8 @@
 #   nccl    test_dist (its NCCL case: collectives, errors, init deadline on 2 GPUs), then the engine over NCCL:
 #           tests/dist/check_equivalence.py with --device cuda (1x4, 2x2, 4x1 ranks x grad-accum against one
 #           GPU without sharding; needs 4 GPUs)
+#   ops     loss masks and evaluation over NCCL: tests/dist/check_equivalence.py --masked --device cuda (1x2, 2x1
+#           ranks x grad-accum; needs 2 GPUs), then one GPU run with --eval-every and --tensorboard, plotted
 #   bench   the step benchmark and the peer (HF transformers + FSDP2, eager), same machine, same call: Llama3-8B
 #           dims with 8 layers at 1 and N GPUs (FullShard, MixedBF16, seq 4096, micro-batch 2), then a table
 #   full8b  full Llama3-8B (32 layers) on N GPUs
@@ -81,6 +83,17 @@ nccl() {
       --sharding $policy $extra --splits 1x4,2x2,4x1 --train-args "--device cuda" --workdir "$OUT/eq_$policy" 2>&1 | tail -4
     echo "{\"check\": \"nccl equivalence $policy\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
   done
+}
+
+ops() {
+  [ "$NGPU" -ge 2 ] || { echo "ops: needs 2 GPUs, have $NGPU"; return 0; }
+  cmake --build "$BUILD" --target shardlm_plot >>"$OUT/build.log" 2>&1 || return 1
+  python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
+    --sharding full --masked --splits 1x2,2x1 --train-args "--device cuda" --workdir "$OUT/eq_masked" 2>&1 | tail -4
+  echo "{\"check\": \"nccl equivalence masked + eval\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+  "$BUILD/bin/shardlm_train" --device cuda --data examples/data/corpus.txt --seq-len 128 --steps 60 --lr 3e-3 \
+    --eval-fraction 0.05 --eval-every 20 --log-every 20 --metrics "$OUT/ops.jsonl" --tensorboard "$OUT/ops_tb" 2>&1 | tail -6
+  "$BUILD/bin/shardlm_plot" --metrics "$OUT/ops.jsonl" --output "$OUT/ops.png" && ls -l "$OUT"/ops_tb
 }
 
 ours() {  # ours LABEL NPROC ARGS...

@@ -39,5 +39,6 @@
 #include "shardlm/train/memory_plan.hpp"
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
+#include "shardlm/train/tensorboard.hpp"
 #include "shardlm/train/hf_shards.hpp"
 #include "shardlm/train/trainer.hpp"

@@ -19,16 +19,22 @@ struct StepMetrics {
   double step_s = 0, data_s = 0, forward_s = 0, backward_s = 0, optimizer_s = 0;
   double mem_alloc_gb = 0, mem_reserved_gb = 0;
   int64_t tokens = 0;
+  int64_t loss_tokens = 0;   ///< targets of the global batch in the loss (those the loss mask keeps)
+  double eval_loss = -1;     ///< < 0: no evaluation after this step
+  int64_t eval_tokens = 0;   ///< validation targets the eval loss is the mean over
   double save_s = 0;         ///< seconds the training thread was blocked by checkpointing after (or within) this step
   bool skipped = false;      ///< non-finite gradients: no update
   bool stop_requested = false;  ///< some rank got SIGTERM/SIGUSR1 (not in the JSON)
 
+  /// The JSONL record; eval_loss and eval_tokens only after an evaluation.
   nlohmann::json to_json() const {
-    return {{"step", step}, {"loss", loss}, {"grad_norm", grad_norm}, {"lr", lr}, {"tokens_per_s", tokens_per_s},
+    nlohmann::json j = {{"step", step}, {"loss", loss}, {"grad_norm", grad_norm}, {"lr", lr}, {"tokens_per_s", tokens_per_s},
             {"mfu", mfu < 0 ? nlohmann::json(nullptr) : nlohmann::json(mfu)}, {"step_s", step_s}, {"data_s", data_s},
             {"forward_s", forward_s}, {"backward_s", backward_s}, {"optimizer_s", optimizer_s},
             {"mem_alloc_gb", mem_alloc_gb}, {"mem_reserved_gb", mem_reserved_gb}, {"tokens", tokens},
-            {"save_s", save_s}, {"skipped", skipped}};
+            {"save_s", save_s}, {"skipped", skipped}, {"loss_tokens", loss_tokens}};
+    if (eval_loss >= 0) j["eval_loss"] = eval_loss, j["eval_tokens"] = eval_tokens;
+    return j;
   }
 
   std::string line(int64_t total_steps) const {

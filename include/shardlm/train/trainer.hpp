@@ -4,8 +4,11 @@
 //   norm = engine.clip_grad_norm(); engine.optimizer_step(lr)
 // Data order is defined by the global batch: step s takes samples [s * G, (s + 1) * G), G = micro_batch x
 // grad_accum x world size; rank r's micro-batch a holds samples s * G + (a * W + r) * micro_batch + [0, micro_batch).
-// The same seed and G give the same samples per step at any world size and accumulation split, and the logged
-// loss is the mean over the global batch.
+// The same seed and G give the same samples per step at any world size and accumulation split. The loss is the
+// mean over the targets of the global batch that the token file's loss mask keeps (all of them without a mask):
+// every rank counts those of the whole global batch from the mask, so the normalisation is the same at any
+// world size. Evaluation (--eval-every, on --eval-data or the --eval-fraction split) is the same mean over the
+// first --eval-samples windows of the validation tokens, in file order.
 #include <torch/cuda.h>
 
 #include <chrono>
@@ -16,6 +19,7 @@
 #include <thread>
 
 #include "shardlm/core/device.hpp"
+#include "shardlm/core/progress.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/data/token_dataset.hpp"
 #include "shardlm/dist/groups.hpp"
@@ -33,6 +37,7 @@
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
 #include "shardlm/train/preemption.hpp"
+#include "shardlm/train/tensorboard.hpp"
 
 namespace shardlm::train {
 
@@ -145,8 +150,14 @@ class Trainer {
     m.step = step_ + 1;
     const int64_t B = options_.micro_batch, T = options_.seq_len, W = groups_->size();
     const int64_t global = B * options_.grad_accum * W;
-    const double global_tokens = static_cast<double>(global * T);
     const auto t_start = clock::now();
+    // The targets in the loss of the whole global batch (every rank counts them all: no collective needed).
+    int64_t counted = 0;
+    for (int64_t k = step_ * global; k < (step_ + 1) * global; ++k)
+      counted += dataset_.counted_targets(sampler_.window_start(k), T);
+    if (counted == 0 && rank() == 0) log::warn("step ", m.step, ": the loss mask leaves no target of the global batch in the loss");
+    const double global_tokens = static_cast<double>(std::max<int64_t>(counted, 1));
+    m.loss_tokens = counted;
     if (m.step == hang_step_ && rank() == 1) {
       log::warn("SHARDLM_INJECT_HANG: rank 1 hangs before step ", m.step);
       std::this_thread::sleep_for(std::chrono::hours(24));
@@ -156,7 +167,7 @@ class Trainer {
     auto loss_sum = at::zeros({4}, at::TensorOptions().device(device_).dtype(at::kFloat));
     for (int64_t a = 0; a < options_.grad_accum; ++a) {
       auto t0 = clock::now();
-      auto [ids, targets] = batch(step_ * global + (a * W + rank()) * B);  // [B, T] each
+      auto [ids, targets] = batch(dataset_, step_ * global + (a * W + rank()) * B, -1);  // [B, T] each
       sync();
       auto t1 = clock::now();
       // The logits [B, T, V] go out of scope before backward: nothing there reads them (the loss keeps its
@@ -235,6 +246,35 @@ class Trainer {
     if (rank() == 0) log::info("shardlm: checkpoint ", path.string(), " (training blocked ", std::lround(s * 1e3), " ms)");
     return s;
   }
+  /// Sets the validation tokens evaluate() reads (--eval-data, or the --eval-fraction split of --data).
+  void set_eval_data(data::TokenDataset d) {
+    const int64_t windows = d.size() > options_.seq_len ? (d.size() - 1) / options_.seq_len : 0;
+    if (windows == 0)
+      fail<ConfigError>("validation data ", d.name(), ": ", d.size(), " tokens are too few for one sample of --seq-len ",
+                        options_.seq_len, " (+1)");
+    eval_windows_ = options_.eval_samples > 0 ? std::min(options_.eval_samples, windows) : windows;
+    eval_data_ = std::move(d);
+  }
+  bool has_eval_data() const { return eval_data_.has_value(); }
+
+  /// The mean loss over the validation windows' targets that the mask keeps, and their number (a collective: the
+  /// windows are split over the ranks in micro-batches, the last ones padded). No gradients, no update.
+  std::pair<double, int64_t> evaluate() {
+    SHARDLM_ASSERT(eval_data_, "evaluate() needs set_eval_data()");
+    at::NoGradGuard no_grad;
+    const int64_t B = options_.micro_batch, W = groups_->size();
+    auto sums = at::zeros({2}, at::TensorOptions().device(device_).dtype(at::kDouble));  // [loss sum, targets]
+    for (int64_t j = 0; j * W * B < eval_windows_; ++j) {  // the same number of forwards on every rank
+      auto [ids, targets] = batch(*eval_data_, (j * W + rank()) * B, eval_windows_);
+      sums[0] += model::ops::next_token_loss_sum(engine_->forward(ids), targets).to(at::kDouble);
+      sums[1] += targets.ne(-100).sum().to(at::kDouble);
+    }
+    groups_->world().all_reduce(sums, dist::Reduce::Sum, "eval loss");
+    const auto host = sums.cpu();
+    const auto n = static_cast<int64_t>(host[1].item<double>());
+    return {n > 0 ? host[0].item<double>() / static_cast<double>(n) : std::nan(""), n};
+  }
+
   /// The checkpoint this run resumed from (empty when it started fresh).
   const std::filesystem::path& resumed_from() const { return resumed_from_; }
 
@@ -304,14 +344,20 @@ class Trainer {
                 " rank(s); loaded in ", std::round(load_s * 1e3) / 1e3, " s)");
   }
 
-  /// Samples k .. k + B - 1 of the run as (inputs, next-token targets), each [B, T] on the device.
-  std::pair<at::Tensor, at::Tensor> batch(int64_t first_sample) {
+  /// Samples k .. k + B - 1 as (inputs, next-token targets with masked ones -100), each [B, T] on the device: of
+  /// the run (`eval_samples` < 0: the sampler's order) or windows k.. of `d` in file order, those at or past
+  /// `eval_samples` padded with targets that all are -100.
+  std::pair<at::Tensor, at::Tensor> batch(const data::TokenDataset& d, int64_t first_sample, int64_t eval_samples) {
     const int64_t B = options_.micro_batch, T = options_.seq_len;
-    auto windows = at::empty({B, T + 1}, at::kLong);
-    for (int64_t b = 0; b < B; ++b)
-      windows[b].copy_(dataset_.slice(sampler_.window_start(first_sample + b), T + 1, config_.vocab_size));
-    windows = windows.to(device_);
-    return {windows.narrow(1, 0, T), windows.narrow(1, 1, T)};
+    auto ids = at::empty({B, T}, at::kLong), targets = at::empty({B, T}, at::kLong);
+    for (int64_t b = 0, k = first_sample; b < B; ++b, ++k) {
+      const bool pad = eval_samples >= 0 && k >= eval_samples;
+      const int64_t start = eval_samples < 0 ? sampler_.window_start(k) : (pad ? 0 : k * T);
+      int64_t counted = 0;
+      ids[b].copy_(d.slice(start, T, config_.vocab_size));
+      targets[b].copy_(pad ? at::full({T}, -100, at::kLong) : d.targets(start, T, config_.vocab_size, -100, &counted));
+    }
+    return {ids.to(device_), targets.to(device_)};
   }
 
   TrainOptions options_;
@@ -322,6 +368,8 @@ class Trainer {
   Model model_;
   data::TokenDataset dataset_;
   data::Sampler sampler_;
+  std::optional<data::TokenDataset> eval_data_;
+  int64_t eval_windows_ = 0;
   optim::CosineSchedule schedule_;
   std::unique_ptr<Engine> engine_;
   std::filesystem::path resumed_from_;
@@ -332,10 +380,18 @@ class Trainer {
   int64_t step_ = 0;
 };
 
-/// The dataset of a run: --data, or the program's embedded text.
-inline data::TokenDataset open_dataset(const TrainOptions& o) {
-  return o.data.empty() ? data::TokenDataset::from_bytes(o.builtin_text, o.builtin_name) : data::TokenDataset::open(o.data);
+/// The training and validation data of a run: --data (or the program's embedded text), less its last
+/// --eval-fraction, which is the validation split; or --eval-data. No validation data: nullopt.
+inline std::pair<data::TokenDataset, std::optional<data::TokenDataset>> open_datasets(const TrainOptions& o) {
+  auto all = o.data.empty() ? data::TokenDataset::from_bytes(o.builtin_text, o.builtin_name) : data::TokenDataset::open(o.data);
+  if (!o.eval_data.empty()) return {std::move(all), data::TokenDataset::open(o.eval_data)};
+  if (o.eval_fraction <= 0) return {std::move(all), std::nullopt};
+  const auto held = static_cast<int64_t>(static_cast<double>(all.size()) * o.eval_fraction);
+  auto eval = all.range(all.size() - held, held, detail::cat(all.name(), " (its last ", held, " tokens: --eval-fraction)"));
+  return {all.range(0, all.size() - held, detail::cat(all.name(), " (its first ", all.size() - held, " tokens)")), std::move(eval)};
 }
+/// The training data of a run (see open_datasets).
+inline data::TokenDataset open_dataset(const TrainOptions& o) { return open_datasets(o).first; }
 
 }  // namespace shardlm::train
 
@@ -346,7 +402,9 @@ namespace shardlm {
 template <class Model, class Recipe>
 int run_trainer(const TrainOptions& o) {
   o.validate();
-  train::Trainer<Model, Recipe> trainer(o, train::open_dataset(o));
+  auto [train_data, eval_data] = train::open_datasets(o);
+  train::Trainer<Model, Recipe> trainer(o, std::move(train_data));
+  if (eval_data) trainer.set_eval_data(std::move(*eval_data));
   train::StopSignals::install();
   const bool lead = trainer.rank() == 0;
   const auto& c = trainer.config();
@@ -359,8 +417,12 @@ int run_trainer(const TrainOptions& o) {
               " | global batch ", o.micro_batch * o.grad_accum * g.size(), " x ", o.seq_len, " tokens");
   if (lead && trainer.device().is_cuda()) log::info("shardlm: memory plan (train/memory_plan.hpp): ", trainer.memory_plan().table());
   train::MetricsWriter metrics(lead ? o.metrics : std::string(), /*append=*/!trainer.resumed_from().empty());
+  train::tensorboard::Writer board(lead ? o.tensorboard : std::string());
   double first_loss = 0, last_loss = 0;
   const int64_t start = trainer.steps_done();
+  // A bar with the ETA when rank 0 writes to a terminal (log lines take its place, then it is drawn again).
+  Progress bar("training", static_cast<uint64_t>(std::max<int64_t>(o.steps - start, 0)),
+               lead && ::isatty(STDOUT_FILENO) == 1 && ::isatty(STDERR_FILENO) == 1, 1, nullptr, Progress::Units::steps);
   if (start >= o.steps && lead) log::info("shardlm: nothing to train: the run is at step ", start, " of --steps ", o.steps);
   int64_t bad_in_a_row = 0;
   double save_stall = 0;
@@ -373,7 +435,23 @@ int run_trainer(const TrainOptions& o) {
         ((o.save_every > 0 && m.step % o.save_every == 0) || m.step == o.steps || stop))
       m.save_s += trainer.save_checkpoint(/*last=*/m.step == o.steps || stop);
     save_stall += m.save_s;
+    if (trainer.has_eval_data() && ((o.eval_every > 0 && m.step % o.eval_every == 0) || m.step == o.steps)) {
+      const auto t0 = std::chrono::steady_clock::now();
+      std::tie(m.eval_loss, m.eval_tokens) = trainer.evaluate();
+      bar.clear();
+      if (lead)
+        log::info("eval step ", m.step, " | loss ", m.eval_loss, " | ppl ", std::exp(m.eval_loss), " | ", m.eval_tokens,
+                  " targets | ", std::lround(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3), " ms");
+    }
     metrics.write(m);
+    if (board.enabled()) {
+      std::vector<std::pair<std::string, float>> v = {
+          {"train/loss", m.loss}, {"train/grad_norm", m.grad_norm}, {"train/lr", m.lr}, {"train/tokens_per_s", m.tokens_per_s},
+          {"train/step_s", m.step_s}, {"memory/allocated_gb", m.mem_alloc_gb}, {"memory/reserved_gb", m.mem_reserved_gb}};
+      if (m.mfu >= 0) v.emplace_back("train/mfu", m.mfu);
+      if (m.eval_loss >= 0) v.emplace_back("eval/loss", m.eval_loss);
+      board.scalars(m.step, v);
+    }
     if (too_many_bad)
       fail<Error>(bad_in_a_row, " steps in a row (", m.step - bad_in_a_row + 1, "..", m.step,
                   ") had a non-finite gradient norm and were skipped (--max-bad-steps ", o.max_bad_steps,
@@ -381,8 +459,13 @@ int run_trainer(const TrainOptions& o) {
                   o.checkpoint_dir.empty() ? std::string() : "; --resume auto restarts from the last checkpoint");
     if (s == start) first_loss = m.loss;
     last_loss = m.loss;
-    if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) log::info(m.line(o.steps));
+    if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) {
+      bar.clear();
+      log::info(m.line(o.steps));
+    }
+    bar.add(1);
     if (stop) {
+      bar.clear();
       if (o.checkpoint_dir.empty()) {
         if (lead) log::warn("stopping after step ", m.step, " on a signal, without --checkpoint-dir: nothing was saved");
         return 128 + SIGTERM;
@@ -391,6 +474,7 @@ int run_trainer(const TrainOptions& o) {
       return 0;
     }
   }
+  bar.clear();
   if (!o.save_final.empty()) {
     auto weights = trainer.full_weights();
     if (lead) io::save_safetensors(o.save_final, weights);
