@@ -10,6 +10,8 @@ losses of every step and the final parameters must agree within --tol (relative:
 
 With --hf-tied the runs start from a tiny Hugging Face checkpoint made here by transformers, with the LM head tied
 to the embedding (the head unit reads the embedding unit's parameters), instead of the llama3-debug preset.
+With --preset mixtral-debug the model is a tiny Mixtral (the MoE blocks' router losses pooled over layers through
+the engine's side outputs; the logged loss holds router_aux_loss_coef x aux).
 """
 import argparse
 import json
@@ -39,7 +41,7 @@ def make_tied_checkpoint(path):
 def run(args, workdir, tag, ranks, accum, sharding, extra):
     """One run under shardlm_launch; returns (losses, final weights, seconds)."""
     metrics, weights = workdir / f"{tag}.jsonl", workdir / f"{tag}.safetensors"
-    model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", "llama3-debug", "--layers", "2"]
+    model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", args.preset, "--layers", "2"]
     cmd = [args.launch, "--nproc-per-node", str(ranks), "--", args.train, "--sharding", sharding,
            "--data", str(workdir / "corpus.txt"), *model, "--seq-len", "32",
            "--micro-batch", str(args.micro_batch), "--grad-accum", str(accum), "--steps", str(args.steps),
@@ -76,6 +78,7 @@ def main():
     ap.add_argument("--train-args", default="", help="more trainer flags for every run (e.g. '--device cuda')")
     ap.add_argument("--test-args", default="", help="more trainer flags for the runs checked, not the reference "
                     "(e.g. '--offload cpu')")
+    ap.add_argument("--preset", default="llama3-debug", help="the model when not --hf-tied (llama3-debug, mixtral-debug)")
     ap.add_argument("--hf-tied", action="store_true", help="start from a tied-embedding HF checkpoint made here")
     ap.add_argument("--workdir", required=True)
     args = ap.parse_args()
