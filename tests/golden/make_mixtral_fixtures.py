@@ -14,7 +14,8 @@ For each variant (default: all of VARIANTS) it writes DIR/NAME/ holding
                                               router_aux_loss_coef x aux_loss when output_router_logits)
                          aux_loss   fp32 []   load_balancing_loss_func over every layer's router logits
                          grad.NAME  fp32 [...] d loss / d NAME (transformers' own names: the fused layout)
-Everything is fp32 on CPU, attn_implementation="sdpa", a fixed seed per variant; each checkpoint is reloaded by
+Everything is fp32 on CPU, attn_implementation="sdpa", experts_implementation="eager" (the per-expert loop:
+transformers' default grouped_mm needs 16-byte strides on the CPU), a fixed seed per variant; each checkpoint is reloaded by
 transformers and must give bit-identical logits. check_mixtral_logits.py imports the helpers here.
 """
 import argparse
@@ -46,7 +47,7 @@ VARIANTS = {
 
 def build_model(config_kwargs, seed):
     """A random fp32 Mixtral: every parameter ~ N(0, 0.1), except norm weights = 1 + 0.1 * N(0, 1)."""
-    config = MixtralConfig(**config_kwargs, attn_implementation="sdpa")
+    config = MixtralConfig(**config_kwargs, attn_implementation="sdpa", experts_implementation="eager")
     torch.manual_seed(seed)
     model = MixtralForCausalLM(config).to(torch.float32).eval()
     with torch.no_grad():
@@ -73,7 +74,8 @@ def save_checkpoint(model, model_dir, layout, form, max_shard_size=None):
 
 
 def load_checkpoint(model_dir):
-    return MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                              experts_implementation="eager").eval()
 
 
 def forward(model, input_ids):
