@@ -70,6 +70,9 @@ inline at::Tensor pinned_empty(int64_t numel, at::ScalarType dtype) {
   return at::from_blob(ptr, {numel}, [](void* p) { (void)cudaFreeHost(p); }, at::TensorOptions().dtype(dtype));
 #else
   return at::empty({numel}, dtype);
+#endif
+}
+
 /// Whether at::_grouped_mm (2.8+) serves a [M, K] x [G, K, N] product of `dtype` on `device` with these inner
 /// sizes: bf16 on an sm90/sm100 GPU, every row stride a multiple of 16 bytes.
 inline bool has_grouped_mm(const at::Device& device, at::ScalarType dtype, std::initializer_list<int64_t> sizes) {
