@@ -28,6 +28,10 @@
 #           transformers (bf16 and fp32) on the same GPU, same input
 #   quant   the int4/fp8 dequantization kernels (NVRTC) against the CPU reference bit for bit, their GB/s on a 405B
 #           weight [16384, 53248] next to the ATen-op path, and the time to quantize one 405B layer on the GPU
+#   moe     Mixtral: bf16 on CUDA, shardlm_logits on the tiny Mixtral fixtures vs transformers fp32 with each expert
+#           kernel (grouped = at::_grouped_mm, padded = batched bmm, loop) and the kernels against each other, random
+#           tiny Mixtral checkpoints, then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
+#           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -252,6 +256,39 @@ quant() {
   "$BUILD/bin/quant_benchmark" 2>&1 | tee "$OUT/quant.log"
   local rc=${PIPESTATUS[0]}
   echo "{\"check\": \"quant kernels == cpu reference\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+}
+
+moe() {
+  python3 tests/golden/make_mixtral_fixtures.py --out "$OUT/golden_moe" >/dev/null
+  local ok=PASS
+  for d in "$OUT"/golden_moe/*/; do
+    for kernel in grouped padded loop; do
+      SHARDLM_MOE_KERNEL=$kernel "$BUILD/bin/shardlm_logits" --model "$d" --input "$d/input.safetensors" \
+        --output "$d/cuda_bf16_$kernel.safetensors" --device cuda --dtype bf16 || ok=FAIL
+    done
+    python3 - "$d" <<'PY' || ok=FAIL
+import sys
+from safetensors.torch import load_file
+d = sys.argv[1]; ref = load_file(d + "/reference.safetensors"); bad = False
+rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+out = {k: load_file(f"{d}/cuda_bf16_{k}.safetensors") for k in ("grouped", "padded", "loop")}
+for k, o in out.items():
+    err, loss, aux = rel(o["logits"], ref["logits"]), abs(o["loss"] - ref["loss"]).item(), abs(o["aux_loss"] - ref["aux_loss"]).item()
+    print(f"{d.rstrip('/').split('/')[-1]} {k}: cuda bf16 logits rel err {err:.2e}, loss err {loss:.2e}, aux err {aux:.2e}")
+    bad |= err > 2e-2 or loss > 5e-2 or aux > 5e-2
+print(f"  grouped vs padded logits rel err {rel(out['grouped']['logits'], out['padded']['logits']):.2e}, "
+      f"padded vs loop {rel(out['padded']['logits'], out['loop']['logits']):.2e}")
+bad |= rel(out["grouped"]["logits"], out["padded"]["logits"]) > 2e-2
+sys.exit(1 if bad else 0)
+PY
+  done
+  python3 tests/golden/check_mixtral_logits.py --tool "$BUILD/bin/shardlm_logits" --tool-args "--device cuda --dtype bf16" \
+    --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --workdir "$OUT/random_moe" | tail -5 || ok=FAIL
+  echo "{\"check\": \"mixtral bf16 parity and expert kernels\", \"result\": \"$ok\"}" >>"$RESULTS"
+  local common="--preset mixtral-8x7b --layers 4 --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
+  ours "moe_ours_4L_${NGPU}gpu" "$NGPU" $common
+  SHARDLM_MOE_KERNEL=padded ours "moe_ours_4L_${NGPU}gpu_padded" "$NGPU" $common
+  peer "moe_peer_4L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers 4 --seq 4096 --batch 1
 }
 
 table() {

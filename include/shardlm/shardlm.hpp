@@ -13,6 +13,8 @@
 #include "shardlm/model/config.hpp"
 #include "shardlm/model/ops.hpp"
 #include "shardlm/model/llama.hpp"
+#include "shardlm/model/moe.hpp"
+#include "shardlm/model/mixtral.hpp"
 #include "shardlm/io/safetensors_format.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/io/hf.hpp"

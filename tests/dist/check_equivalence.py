@@ -13,6 +13,8 @@ to the embedding (the head unit reads the embedding unit's parameters), instead 
 With --masked the data is a token file with a loss mask that leaves runs of targets out (as shardlm_tokenize's
 prompts), and every run also evaluates a --eval-fraction split every 2 steps: the losses (normalised by the kept
 targets of the global batch) and the eval losses must agree too.
+With --preset mixtral-debug the model is a tiny Mixtral (the MoE blocks' router losses pooled over layers through
+the engine's side outputs; the logged loss holds router_aux_loss_coef x aux).
 """
 import argparse
 import json
@@ -44,7 +46,7 @@ def run(args, workdir, tag, ranks, accum, sharding, extra):
     metrics, weights = workdir / f"{tag}.jsonl", workdir / f"{tag}.safetensors"
     data = ["--data", str(workdir / "corpus.bin"), "--eval-fraction", "0.1", "--eval-every", "2"] if args.masked \
         else ["--data", str(workdir / "corpus.txt")]
-    model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", "llama3-debug", "--layers", "2"]
+    model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", args.preset, "--layers", "2"]
     cmd = [args.launch, "--nproc-per-node", str(ranks), "--", args.train, "--sharding", sharding,
            *data, *model, "--seq-len", "32",
            "--micro-batch", str(args.micro_batch), "--grad-accum", str(accum), "--steps", str(args.steps),
@@ -83,6 +85,7 @@ def main():
     ap.add_argument("--train-args", default="", help="more trainer flags for every run (e.g. '--device cuda')")
     ap.add_argument("--test-args", default="", help="more trainer flags for the runs checked, not the reference "
                     "(e.g. '--offload cpu')")
+    ap.add_argument("--preset", default="llama3-debug", help="the model when not --hf-tied (llama3-debug, mixtral-debug)")
     ap.add_argument("--hf-tied", action="store_true", help="start from a tied-embedding HF checkpoint made here")
     ap.add_argument("--masked", action="store_true", help="a .bin token file with a loss mask, and evaluation")
     ap.add_argument("--workdir", required=True)

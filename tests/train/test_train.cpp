@@ -226,6 +226,76 @@ TEST_CASE("checkpointing policies: recomputed blocks give the gradients of kept 
   CHECK(checkpointing::EveryNth<12>::name == "every-12");
 }
 
+TEST_CASE("Mixtral through the engine: gradients of CE + coef x aux equal plain autograd, kept or recomputed") {
+  const auto corpus = text_corpus();
+  auto o = tiny(corpus);
+  o.preset = "mixtral-debug", o.micro_batch = 2, o.grad_accum = 2, o.grad_clip = 0;
+  const auto run = [&]<class Recipe>(Recipe) {
+    train::Trainer<model::Mixtral, Recipe> t(o, train::open_dataset(o));
+    auto weights = t.full_weights();  // before the step
+    const auto m = t.step();
+    return std::tuple{std::move(weights), m, t.gradient_shards()};
+  };
+  const auto [weights, kept, grads] = run(Policies<sharding::NoShard>{});
+  const auto [weights_ac, recomputed, grads_ac] = run(Policies<sharding::FullShard, checkpointing::EveryBlock>{});
+
+  // The same step by plain autograd: each micro-batch's mean CE + coef x aux, averaged over the micro-batches.
+  const auto c = train::resolve_config(o);
+  model::Mixtral ref(c);
+  {
+    std::map<std::string, at::Tensor> by_name;
+    for (auto& [name, t] : weights) by_name[name.rfind("model.", 0) == 0 ? name.substr(6) : name] = t;
+    at::NoGradGuard no_grad;
+    for (auto& item : ref->named_parameters()) item.value().copy_(by_name.at(item.key()));
+  }
+  auto dataset = train::open_dataset(o);
+  data::Sampler sampler(dataset.size(), o.seq_len, o.seed, dataset.name());
+  const auto reference = [&](bool with_router) {
+    for (auto& p : ref->parameters()) p.mutable_grad() = at::Tensor();
+    double loss = 0, aux = 0;
+    for (int64_t a = 0; a < o.grad_accum; ++a) {
+      auto windows = at::empty({o.micro_batch, o.seq_len + 1}, at::kLong);
+      for (int64_t b = 0; b < o.micro_batch; ++b)
+        windows[b].copy_(dataset.slice(sampler.window_start(a * o.micro_batch + b), o.seq_len + 1, c.vocab_size));
+      std::vector<at::Tensor> stats;
+      const auto logits = ref->forward(windows.narrow(1, 0, o.seq_len), &stats);
+      const auto router = model::router_loss(stats, c);
+      const auto ce = model::ops::next_token_loss_sum(logits, windows.narrow(1, 1, o.seq_len)) /
+                      static_cast<double>(o.micro_batch * o.seq_len);
+      const auto micro = (with_router ? ce + router.total : ce) / static_cast<double>(o.grad_accum);
+      micro.backward();
+      loss += micro.item<double>(), aux += router.aux.item<double>() / static_cast<double>(o.grad_accum);
+    }
+    std::vector<at::Tensor> out;  // every parameter's gradient, in unit order
+    for (size_t u = 0; u < ref->num_units(); ++u)
+      for (auto& [name, p] : ref->unit_parameters(u)) out.push_back(p.grad().clone());
+    return std::tuple{loss, aux, out};
+  };
+  const auto [ce_only_loss, ce_only_aux, ce_only] = reference(false);
+  const auto [loss, aux, expected] = reference(true);
+  CHECK(kept.loss == doctest::Approx(loss).epsilon(1e-5));
+  CHECK(kept.aux_loss == doctest::Approx(aux).epsilon(1e-5));
+  CHECK(recomputed.loss == doctest::Approx(loss).epsilon(1e-5));
+  // Parameter by parameter (the routers' gradients hold the aux term): the engine's flat gradients, unit by unit.
+  double worst = 0, worst_ac = 0, aux_effect = 0;
+  for (size_t u = 0, i = 0; u < grads.size(); ++u) {
+    int64_t offset = 0;
+    for (auto& [name, p] : ref->unit_parameters(u)) {
+      const int64_t n = p.numel();
+      const auto want = expected[i].reshape({-1});
+      worst = std::max(worst, test::rel_err(grads[u].narrow(0, offset, n), want));
+      worst_ac = std::max(worst_ac, test::rel_err(grads_ac[u].narrow(0, offset, n), want));
+      if (name.find("mlp.gate.") != std::string::npos) aux_effect = std::max(aux_effect, test::rel_err(ce_only[i], expected[i]));
+      offset += n, ++i;
+    }
+  }
+  MESSAGE("loss ", kept.loss, " (aux ", kept.aux_loss, "): max grad rel err kept ", worst, ", recomputed ", worst_ac,
+          "; the aux term moves the router gradients by ", aux_effect);
+  CHECK(aux_effect > 1e-2);  // the comparison below would see a missing aux gradient
+  CHECK(worst < 1e-4);
+  CHECK(worst_ac < 1e-4);
+}
+
 TEST_CASE("precision policies set the dtypes of master weights and compute weights") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);

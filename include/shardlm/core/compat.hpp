@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <initializer_list>
 #include <optional>
 
 #if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 11)
@@ -69,6 +70,24 @@ inline at::Tensor pinned_empty(int64_t numel, at::ScalarType dtype) {
   return at::from_blob(ptr, {numel}, [](void* p) { (void)cudaFreeHost(p); }, at::TensorOptions().dtype(dtype));
 #else
   return at::empty({numel}, dtype);
+#endif
+}
+
+/// Whether at::_grouped_mm (2.8+) serves a [M, K] x [G, K, N] product of `dtype` on `device` with these inner
+/// sizes: bf16 on an sm90/sm100 GPU, every row stride a multiple of 16 bytes.
+inline bool has_grouped_mm(const at::Device& device, at::ScalarType dtype, std::initializer_list<int64_t> sizes) {
+#if SHARDLM_HAVE_CUDA && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 8)
+  if (!device.is_cuda() || dtype != at::kBFloat16) return false;
+  for (auto n : sizes)
+    if (n * 2 % 16 != 0) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.has_index() ? device.index() : 0) !=
+      cudaSuccess)
+    return false;
+  return major == 9 || major == 10;
+#else
+  (void)device, (void)dtype, (void)sizes;
+  return false;
 #endif
 }
 

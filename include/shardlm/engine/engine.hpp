@@ -9,6 +9,11 @@
 //   backward: for unit i reversed: wait gathered(i); prefetch gather(i-1); recompute if needed
 //                         autograd::backward(out_i, grad_out); grad_out = x_in[i].grad()
 //                         reduce-scatter grads(i) on the communication stream (accumulating); release(i)
+//   side outputs: a unit may leave a small side tensor (a MoE block's router statistics) whose loss depends on
+//             every unit's (a load-balancing loss pooled over layers): forward keeps each unit's side (values in
+//             side_outputs()); the caller computes their gradients after the forward and passes them to
+//             backward(), which back-propagates autograd::backward({out_i, side_i}, {grad_out, side_grad_i})
+//             (a recomputed unit recomputes its side too).
 //   step:     all-reduce over replicas (DDP / HybridShard), global grad norm (one all-reduce), clip, AdamW
 //
 // Sharding decides gather/release/reduce, checkpointing what is kept, precision the dtypes of gather (compute),
@@ -44,6 +49,12 @@ concept UnitModel = requires(M& m, size_t u, const at::Tensor& x) {
   { m.unit_reads(u) } -> std::same_as<std::vector<size_t>>;
   { m.forward_unit(u, x) } -> std::same_as<at::Tensor>;
   { m.is_block(u) } -> std::convertible_to<bool>;
+};
+
+/// A UnitModel whose units may leave a side output after each forward_unit (undefined when a unit has none).
+template <class M>
+concept SideOutputModel = requires(M& m, size_t u) {
+  { m.take_side(u) } -> std::same_as<at::Tensor>;
 };
 
 struct AdamWHyper {
@@ -177,6 +188,8 @@ class Engine {
     const size_t n = units_.size();
     x_in_.assign(n, at::Tensor());
     out_.assign(n, at::Tensor());
+    side_.assign(n, at::Tensor());
+    side_values_.assign(n, at::Tensor());
     at::Tensor x = input;
     for (size_t u = 0; u < n; ++u) {
       ensure_gathered(u);
@@ -185,9 +198,12 @@ class Engine {
       if (recompute(u)) {
         at::NoGradGuard no_grad;
         x = model_.forward_unit(u, x_in_[u]);
+        side_values_[u] = take_side(u);
       } else {
         x = model_.forward_unit(u, x_in_[u]);
         if (u + 1 < n) out_[u] = x;  // the last unit's backward starts from the loss, not from its output
+        side_[u] = take_side(u);
+        if (side_[u].defined()) side_values_[u] = side_[u].detach();
       }
       trace("forward", u);
       if (P::reshard_after_forward && u + 1 < n && !pinned_.count(u)) release(u);
@@ -195,9 +211,15 @@ class Engine {
     return x;
   }
 
+  /// Every unit's side output of the last forward (detached; undefined for units without one).
+  const std::vector<at::Tensor>& side_outputs() const { return side_values_; }
+
   /// Backward from `loss` (a scalar of the last unit's graph, already scaled) through every unit; reduces each
   /// unit's gradients into its shard as soon as they are complete. `last_micro_batch` ends the accumulation.
-  void backward(const at::Tensor& loss, bool last_micro_batch) {
+  /// `side_grads` (empty, or one per unit, undefined where none): the gradients of the side outputs.
+  void backward(const at::Tensor& loss, bool last_micro_batch, const std::vector<at::Tensor>& side_grads = {}) {
+    SHARDLM_ASSERT(side_grads.empty() || side_grads.size() == units_.size(), "side_grads has ", side_grads.size(),
+                   " entries for ", units_.size(), " units");
     const size_t n = units_.size();
     // Offload without accumulation: the device sums the squared gradient slices as they are reduced.
     device_norm_ = P::offload && first_micro_batch_ && last_micro_batch;
@@ -205,11 +227,16 @@ class Engine {
     for (size_t u = n; u-- > 0;) {
       ensure_gathered(u);
       if (u > 0) prefetch(u - 1);
-      if (recompute(u)) out_[u] = model_.forward_unit(u, x_in_[u]);
-      if (u + 1 == n) torch::autograd::backward({loss});
-      else torch::autograd::backward({out_[u]}, {grad_out});
+      if (recompute(u)) {
+        out_[u] = model_.forward_unit(u, x_in_[u]);
+        side_[u] = take_side(u);
+      }
+      std::vector<at::Tensor> outputs{u + 1 == n ? loss : out_[u]}, grads{u + 1 == n ? at::ones_like(loss) : grad_out};
+      if (u < side_grads.size() && side_grads[u].defined() && side_[u].defined() && side_[u].requires_grad())
+        outputs.push_back(side_[u]), grads.push_back(side_grads[u]);
+      torch::autograd::backward(outputs, grads);
       grad_out = u > 0 ? x_in_[u].grad() : at::Tensor();
-      out_[u] = at::Tensor(), x_in_[u] = at::Tensor();
+      out_[u] = at::Tensor(), x_in_[u] = at::Tensor(), side_[u] = at::Tensor();
       reduce(u);
       trace("backward", u);
       if (!P::params_persist && (P::reshard_after_forward || last_micro_batch)) release(u);
@@ -303,6 +330,11 @@ class Engine {
               mem.peak_allocated / gib, " GiB");
   }
 
+  at::Tensor take_side(size_t u) {
+    if constexpr (SideOutputModel<Model>) return model_.take_side(u);
+    else return {};
+  }
+
   bool recompute(size_t u) const {
     constexpr int every = P::Checkpointing::every;
     if constexpr (every == 0) return false;
@@ -356,6 +388,7 @@ class Engine {
   std::vector<Streams::Marker> ready_;
   std::set<size_t> pinned_;
   std::vector<at::Tensor> x_in_, out_;
+  std::vector<at::Tensor> side_, side_values_;  // each unit's side output: with its graph, and detached
   bool first_micro_batch_ = true;
   struct Runs {
     std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;

@@ -53,13 +53,14 @@ class HfShardLoader {
     for (size_t u = 0; u < units_; ++u) {
       const engine::FlatUnit layout("layout", model.unit_parameters(u), group_size, group_rank);
       std::vector<io::TensorSlice> whole, mine;
-      for (const auto& s : layout.slots()) {
-        whole.push_back({io::hf_name(s.name), s.param.sizes().vec()});
-        used_.insert(whole.back().name);
-      }
+      for (const auto& s : layout.slots())
+        for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), 0, s.param.numel())) {
+          used_.insert(slice.name);
+          whole.push_back(std::move(slice));
+        }
       io::check_slices(ckpt_, whole);
       layout.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
-        mine.push_back({io::hf_name(s.name), s.param.sizes().vec(), in_param, n});
+        for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n)) mine.push_back(std::move(slice));
       });
       total += io::check_slices(ckpt_, mine);
     }
@@ -70,7 +71,8 @@ class HfShardLoader {
   void fill(size_t u, const engine::FlatUnit& unit, at::Tensor& shard) {
     std::vector<io::TensorSlice> slices;
     unit.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
-      slices.push_back({io::hf_name(s.name), s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)});
+      for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)))
+        slices.push_back(std::move(slice));
     });
     io::read_slices(ckpt_, slices, read_, progress_.get());
     if (u + 1 == units_) progress_->finish();

@@ -108,12 +108,15 @@ inline int recompute_every(const std::string& checkpointing) {
 /// (c H); flash attention saves rotated q, k, v and its output (c (2 Hq + 2 Hkv)) and the fp32 log-sum-exp
 /// (4 heads); the output projection saves the re-laid-out attention output (c Hq); RMSNorm 2 saves its fp32
 /// input and output (4 H + c H); the MLP saves its input (c H), gate, up, silu(gate) and their product (4 c I).
+/// A MoE block instead saves its input, per pick (k per token) the sorted input and the expert output (2 c H) and
+/// the expert's intermediates (4 c I), and the router's logits and fp32 probabilities (c E + 8 E).
 inline double block_activation_bytes_per_token(const model::ModelConfig& m, double c) {
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
   const double norm1 = (c == 4 ? 0 : 4 * H) + c * H, norm2 = 4 * H + c * H;
-  return c * H + norm1 + c * H + c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads) + c * Hq + norm2 +
-         c * H + 4 * c * I;
+  const double k = static_cast<double>(m.num_experts_per_tok), E = static_cast<double>(m.num_experts);
+  const double mlp = m.is_moe() ? c * H + k * (2 * c * H + 4 * c * I) + (c + 8) * E : c * H + 4 * c * I;
+  return c * H + norm1 + c * H + c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads) + c * Hq + norm2 + mlp;
 }
 
 /// Bytes per token the head keeps for backward besides the loss: the final RMSNorm (as in a block) and the
@@ -141,9 +144,10 @@ inline double head_forward_transient_per_token(const model::ModelConfig& m, doub
 }
 
 /// Extra bytes per token while a block's backward starts: the incoming gradient (c H) and the first gradients
-/// of the MLP's intermediate (the product's, then silu's and up's: 3 c I).
+/// of the MLP's intermediate (the product's, then silu's and up's: 3 c I; k times for a MoE block's k picks).
 inline double block_backward_extra_per_token(const model::ModelConfig& m, double c) {
-  return c * static_cast<double>(m.hidden_size) + 3 * c * static_cast<double>(m.intermediate_size);
+  const double picks = m.is_moe() ? static_cast<double>(m.num_experts_per_tok) : 1.0;
+  return c * static_cast<double>(m.hidden_size) + 3 * c * picks * static_cast<double>(m.intermediate_size);
 }
 
 }  // namespace detail

@@ -22,6 +22,7 @@ struct TrainOptions {
   std::string model_dir;                 ///< Hugging Face directory to start from (instead of a preset)
   std::string preset = "llama3-debug";   ///< model preset when no model_dir
   int64_t layers = 0;                    ///< override the number of layers (0: keep)
+  int64_t vocab_size = 0;                ///< override a preset's vocabulary size (0: keep)
   std::string data;                      ///< token file (.bin uint32) or text (.txt, bytes as tokens)
   int64_t seq_len = 256;
   int64_t micro_batch = 8;
@@ -100,14 +101,18 @@ struct TrainOptions {
 };
 
 namespace train {
-/// The model config a run uses: --model-dir's config.json, or the preset (with --layers).
+/// The model config a run uses: --model-dir's config.json, or the preset (with --layers, --vocab-size).
 inline model::ModelConfig resolve_config(const TrainOptions& o) {
   if (!o.model_dir.empty()) {
     auto c = model::load_config(o.model_dir);
     if (o.layers > 0) fail<ConfigError>("--layers cannot change a checkpoint's depth (", c.num_layers, " in ", o.model_dir, ")");
+    if (o.vocab_size > 0) fail<ConfigError>("--vocab-size cannot change a checkpoint's vocabulary (", c.vocab_size, " in ", o.model_dir, ")");
     return c;
   }
-  return model::preset(o.preset, o.layers);
+  auto c = model::preset(o.preset, o.layers);
+  if (o.vocab_size < 0) fail<ConfigError>("--vocab-size must be positive, got ", o.vocab_size);
+  if (o.vocab_size > 0) c.vocab_size = o.vocab_size;
+  return c;
 }
 }  // namespace train
 
@@ -126,8 +131,9 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
   opts.add_options()
     ("config", "read flags from this JSON object (keys: flag names without --); flags given on the command line win", s(config))
     ("model-dir", "Hugging Face model directory to start from", s(o.model_dir))
-    ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b)", s(o.preset))
+    ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b, mixtral-debug, mixtral-8x7b, mixtral-8x22b)", s(o.preset))
     ("layers", "override the number of layers (0: the preset's)", s(o.layers))
+    ("vocab-size", "override the preset's vocabulary size (0: the preset's)", s(o.vocab_size))
     ("data", "token file: .bin (uint32 tokens) or .txt (bytes as tokens)", s(o.data))
     ("seq-len", "tokens per sample", s(o.seq_len))
     ("micro-batch", "samples per micro-batch", s(o.micro_batch))

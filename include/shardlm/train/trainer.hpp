@@ -27,6 +27,8 @@
 #include "shardlm/io/hf.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/init.hpp"
+#include "shardlm/model/llama.hpp"
+#include "shardlm/model/mixtral.hpp"
 #include "shardlm/model/ops.hpp"
 #include "shardlm/optim/schedule.hpp"
 #include "shardlm/policy/policies.hpp"
@@ -163,8 +165,9 @@ class Trainer {
       std::this_thread::sleep_for(std::chrono::hours(24));
     }
     engine_->begin_step();
-    // [loss, stop, ranks still writing an asynchronous checkpoint, ranks whose write failed]
-    auto loss_sum = at::zeros({4}, at::TensorOptions().device(device_).dtype(at::kFloat));
+    // [loss, stop, ranks still writing an asynchronous checkpoint, ranks whose write failed, MoE aux loss]
+    auto loss_sum = at::zeros({5}, at::TensorOptions().device(device_).dtype(at::kFloat));
+    bool has_router = false;
     for (int64_t a = 0; a < options_.grad_accum; ++a) {
       auto t0 = clock::now();
       auto [ids, targets] = batch(dataset_, step_ * global + (a * W + rank()) * B, -1);  // [B, T] each
@@ -176,8 +179,16 @@ class Trainer {
       sync();
       auto t2 = clock::now();
       const double scale = nan_steps_.count(m.step) ? std::nan("") : 1.0 / global_tokens;
-      engine_->backward(sum * scale, a + 1 == options_.grad_accum);
+      // MoE: the router loss of this micro-batch enters the global loss as its mean over micro-batches and ranks
+      // (each rank's own tokens, as data-parallel transformers training averages the per-device losses).
+      const auto router = router_loss(scale * global_tokens / static_cast<double>(options_.grad_accum * W));
+      engine_->backward(sum * scale, a + 1 == options_.grad_accum, router.side_grads);
       loss_sum.narrow(0, 0, 1) += sum.detach();
+      if (router.loss.total.defined()) {
+        has_router = true;
+        loss_sum.narrow(0, 0, 1) += router.loss.total.detach() * static_cast<double>(B * T);
+        loss_sum.narrow(0, 4, 1) += router.loss.aux.detach() * static_cast<double>(B * T);
+      }
       sync();
       auto t3 = clock::now();
       m.data_s += secs(t0, t1), m.forward_s += secs(t1, t2), m.backward_s += secs(t2, t3);
@@ -201,6 +212,7 @@ class Trainer {
     const auto reduced_tensor = loss_sum.cpu();
     const float* reduced = reduced_tensor.data_ptr<float>();
     m.loss = reduced[0] / global_tokens;
+    if (has_router) m.aux_loss = reduced[4] / global_tokens;
     m.stop_requested = reduced[1] > 0;
     if (async_ && async_->in_flight()) {
       const auto t0 = clock::now();
@@ -321,6 +333,28 @@ class Trainer {
   }
 
  private:
+  /// The router loss of the last forward (model/moe.hpp) and the gradients of each unit's side output for
+  /// `scale` x its total term; empty when the model has no router.
+  struct RouterTerms {
+    model::RouterLoss loss;
+    std::vector<at::Tensor> side_grads;
+  };
+  RouterTerms router_loss(double scale) {
+    const auto& sides = engine_->side_outputs();
+    std::vector<at::Tensor> leaves;
+    for (const auto& s : sides) leaves.push_back(s.defined() ? s.detach().requires_grad_(true) : at::Tensor());
+    RouterTerms out{model::router_loss(leaves, config_), {}};
+    if (!out.loss.total.defined() || !out.loss.total.requires_grad()) return out;
+    std::vector<at::Tensor> inputs;
+    for (const auto& l : leaves)
+      if (l.defined()) inputs.push_back(l);
+    const auto grads = torch::autograd::grad({out.loss.total * scale}, inputs, {}, std::nullopt, false, /*allow_unused=*/true);
+    out.side_grads.resize(sides.size());
+    for (size_t u = 0, i = 0; u < sides.size(); ++u)
+      if (leaves[u].defined()) out.side_grads[u] = grads[i++];
+    return out;
+  }
+
   /// --resume: auto takes the newest committed checkpoint under --checkpoint-dir (none: a fresh start).
   void resume() {
     std::optional<std::filesystem::path> from;
@@ -396,6 +430,31 @@ inline data::TokenDataset open_dataset(const TrainOptions& o) { return open_data
 }  // namespace shardlm::train
 
 namespace shardlm {
+
+/// The recipes the policy-matrix programs (shardlm_train, step_benchmark) compile Mixtral for, to keep their build
+/// humane: fp32 or mixed-bf16, no checkpointing or every block, every sharding, CPU offload with full sharding.
+/// A main of its own instantiates Mixtral with any recipe (examples/02_mixtral_8x7b.cpp).
+template <class Recipe>
+inline constexpr bool mixtral_compiled =
+    !std::is_same_v<typename Recipe::Precision, precision::PureBF16> && Recipe::Checkpointing::every <= 1 &&
+    (!Recipe::Offload::to_host || std::is_same_v<typename Recipe::Sharding, sharding::FullShard>);
+
+/// Calls f(model::Llama3{nullptr}) or f(model::Mixtral{nullptr}) as config `c` names (a type tag: f builds the
+/// model). Mixtral only where mixtral_compiled<Recipe>; elsewhere an error names the recipe.
+template <class Recipe, class F>
+decltype(auto) with_model(const model::ModelConfig& c, F&& f) {
+  if (!c.is_moe()) return f(model::Llama3{nullptr});
+  if constexpr (mixtral_compiled<Recipe>) {
+    return f(model::Mixtral{nullptr});
+  } else {
+    fail<ConfigError>("Mixtral is compiled into this program for --precision fp32 or mixed-bf16, --checkpointing none ",
+                      "or every-block, and --offload cpu with --sharding full only (this run: --precision ",
+                      Recipe::Precision::name, " --checkpointing ", Recipe::Checkpointing::name, " --offload ",
+                      Recipe::Offload::name, " --sharding ", Recipe::Sharding::name,
+                      "): build a main for this recipe (examples/02_mixtral_8x7b.cpp shows how)");
+    return f(model::Llama3{nullptr});  // not reached; gives both branches one return type
+  }
+}
 
 /// Trains `Model` with `Recipe` as the options say, on one process or as one rank of a job (launched by
 /// shardlm_launch, torchrun or srun): rank 0 logs every --log-every steps and writes --metrics and --save-final.
