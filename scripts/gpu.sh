@@ -32,6 +32,7 @@
 #           kernel (grouped = at::_grouped_mm, padded = batched bmm, loop) and the kernels against each other, random
 #           tiny Mixtral checkpoints, then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
 #           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
+#   moe_bench  that step benchmark (grouped) and the peer alone
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -285,9 +286,13 @@ PY
   python3 tests/golden/check_mixtral_logits.py --tool "$BUILD/bin/shardlm_logits" --tool-args "--device cuda --dtype bf16" \
     --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --workdir "$OUT/random_moe" | tail -5 || ok=FAIL
   echo "{\"check\": \"mixtral bf16 parity and expert kernels\", \"result\": \"$ok\"}" >>"$RESULTS"
-  local common="--preset mixtral-8x7b --layers 4 --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
-  ours "moe_ours_4L_${NGPU}gpu" "$NGPU" $common
-  SHARDLM_MOE_KERNEL=padded ours "moe_ours_4L_${NGPU}gpu_padded" "$NGPU" $common
+  moe_bench
+  SHARDLM_MOE_KERNEL=padded ours "moe_ours_4L_${NGPU}gpu_padded" "$NGPU" $MOE_COMMON
+}
+
+MOE_COMMON="--preset mixtral-8x7b --layers 4 --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
+moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped expert GEMM where it applies)
+  ours "moe_ours_4L_${NGPU}gpu" "$NGPU" $MOE_COMMON
   peer "moe_peer_4L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers 4 --seq 4096 --batch 1
 }
 
