@@ -89,7 +89,7 @@ std::vector<std::string> read_hostfile(const std::string& path) {
 }
 
 // `text` quoted for a POSIX shell.
-std::string quoted(std::string_view text) {
+std::string shell_quoted(std::string_view text) {
   std::string out = "'";
   for (const char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return out + "'";
@@ -280,19 +280,19 @@ std::vector<std::string> node_command(const Options& o, int node) {
   char self[4096] = {}, cwd[4096] = {};
   if (::readlink("/proc/self/exe", self, sizeof self - 1) < 0) fail("readlink /proc/self/exe: ", std::strerror(errno));
   if (!::getcwd(cwd, sizeof cwd)) fail("getcwd: ", std::strerror(errno));
-  std::string remote = "cd " + quoted(cwd) + " && exec env";
+  std::string remote = "cd " + shell_quoted(cwd) + " && exec env";
   for (char** e = environ; *e; ++e) {
     const std::string_view var = *e, name = var.substr(0, var.find('='));
     const bool pass = name.starts_with("NCCL_") || name.starts_with("GLOO_") || name.starts_with("TORCH_") ||
                       (name.starts_with("SHARDLM_") && name != "SHARDLM_SSH") || name == "OMP_NUM_THREADS" ||
                       name == "CUDA_VISIBLE_DEVICES" || name == "LD_LIBRARY_PATH";
-    if (pass && name.size() < var.size()) remote += " " + std::string(name) + "=" + quoted(var.substr(name.size() + 1));
+    if (pass && name.size() < var.size()) remote += " " + std::string(name) + "=" + shell_quoted(var.substr(name.size() + 1));
   }
-  remote += " " + quoted(self) + " --nproc-per-node " + std::to_string(o.nproc) + " --nnodes " + std::to_string(o.nnodes) +
-            " --node-rank " + std::to_string(node) + " --master-addr " + quoted(o.master_addr) + " --master-port " +
+  remote += " " + shell_quoted(self) + " --nproc-per-node " + std::to_string(o.nproc) + " --nnodes " + std::to_string(o.nnodes) +
+            " --node-rank " + std::to_string(node) + " --master-addr " + shell_quoted(o.master_addr) + " --master-port " +
             std::to_string(o.master_port) + " --grace-seconds " + std::to_string(o.grace_seconds) + " --";
   for (const char* arg : o.command)
-    if (arg) remote += " " + quoted(arg);
+    if (arg) remote += " " + shell_quoted(arg);
   std::vector<std::string> argv = o.ssh;
   argv.push_back(o.hosts[static_cast<std::size_t>(node)]);
   argv.push_back(remote);
