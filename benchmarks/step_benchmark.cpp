@@ -1,18 +1,20 @@
-// The training-step benchmark: the trainer on random tokens for a preset (with --layers), on one process or
-// as every rank of a job (shardlm_launch / torchrun), printing from rank 0 one JSON line with the median step
-// time, tokens/s per GPU, MFU (6N + attention FLOPs over 989 TFLOP/s, the peer's count), the
+// The training-step benchmark: the trainer on random tokens for a preset (with --layers, --vocab-size), on one
+// process or as every rank of a job (shardlm_launch / torchrun), printing from rank 0 one JSON line with the median
+// step time, tokens/s per GPU, MFU (6N + attention FLOPs over 989 TFLOP/s, the peer's count; N the active
+// parameters for Mixtral: the router and top-k experts), the
 // forward/backward/optimizer split and peak memory. scripts/gpu.sh runs it next to the peer (HF transformers +
 // FSDP2) in the same call.
 #include <shardlm/shardlm.hpp>
 
 #include <algorithm>
+#include <cstdlib>
 #include <iostream>
 #include <random>
 
 using namespace shardlm;
 
 namespace {
-template <class Recipe>
+template <class Model, class Recipe>
 nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   const auto config = train::resolve_config(o);
   const auto env = dist::LaunchEnv::from_environment();
@@ -21,7 +23,7 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   auto tokens = std::make_shared<std::vector<uint32_t>>(n);
   std::mt19937 rng(o.seed);
   for (auto& t : *tokens) t = rng() % static_cast<uint32_t>(config.vocab_size);
-  train::Trainer<model::Llama3, Recipe> trainer(o, data::TokenDataset::from_tokens(tokens, "random tokens"));
+  train::Trainer<Model, Recipe> trainer(o, data::TokenDataset::from_tokens(tokens, "random tokens"));
   std::vector<train::StepMetrics> steps;
   for (int64_t s = 0; s < warmup + o.steps; ++s) {
     auto m = trainer.step();
@@ -43,11 +45,13 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   return {{"impl", "shardlm"}, {"preset", o.preset}, {"layers", config.num_layers}, {"seq", o.seq_len},
           {"batch", o.micro_batch}, {"world", trainer.groups().size()}, {"sharding", Recipe::Sharding::name},
           {"checkpointing", Recipe::Checkpointing::name}, {"precision", Recipe::Precision::name}, {"device", o.device},
-          {"params", config.num_params()}, {"step_s", step_s},
+          {"params", config.num_params()}, {"vocab", config.vocab_size}, {"step_s", step_s},
           {"fwd_bwd_opt_s", {median(&M::forward_s), median(&M::backward_s), median(&M::optimizer_s)}},
           {"tokens_per_s_per_gpu", tps}, {"mfu", tps * config.flops_per_token(o.seq_len) / peak},
           {"peak_alloc_gb", alloc}, {"peak_reserved_gb", reserved}, {"plan_gb", plan.gpu_peak() / plan.gib},
           {"plan_peak_at", plan.peak_at}, {"plan_host_gb", plan.host_total() / plan.gib}, {"loss", steps.back().loss},
+          {"aux_loss", steps.back().aux_loss < 0 ? nlohmann::json() : nlohmann::json(steps.back().aux_loss)},
+          {"expert_kernel", std::getenv("SHARDLM_MOE_KERNEL") ? std::getenv("SHARDLM_MOE_KERNEL") : "auto"},
           {"rank", trainer.rank()}};
 }
 }  // namespace
@@ -67,7 +71,11 @@ int main(int argc, char** argv) {
     const int64_t warmup = 3;  // steps not measured (fewer when --steps is smaller)
     const auto o = cli::parse(argc, argv, defaults, /*policy_flags=*/true);
     const auto r = dispatch_recipe(o.sharding, o.precision, o.checkpointing, o.offload,
-                                   [&]<class Recipe>(Recipe) { return measure<Recipe>(o, std::min(warmup, o.steps)); });
+                                   [&]<class Recipe>(Recipe) {
+                                     return with_model<Recipe>(train::resolve_config(o), [&]<class Model>(Model) {
+                                       return measure<Model, Recipe>(o, std::min(warmup, o.steps));
+                                     });
+                                   });
     if (r["rank"] == 0) std::cout << r.dump() << std::endl;
     return 0;
   });

@@ -6,6 +6,8 @@
 #   nccl    test_dist (its NCCL case: collectives, errors, init deadline on 2 GPUs), then the engine over NCCL:
 #           tests/dist/check_equivalence.py with --device cuda (1x4, 2x2, 4x1 ranks x grad-accum against one
 #           GPU without sharding; needs 4 GPUs)
+#   ops     loss masks and evaluation over NCCL: tests/dist/check_equivalence.py --masked --device cuda (1x2, 2x1
+#           ranks x grad-accum; needs 2 GPUs), then one GPU run with --eval-every and --tensorboard, plotted
 #   bench   the step benchmark and the peer (HF transformers + FSDP2, eager), same machine, same call: Llama3-8B
 #           dims with 8 layers at 1 and N GPUs (FullShard, MixedBF16, seq 4096, micro-batch 2), then a table
 #   full8b  full Llama3-8B (32 layers) on N GPUs
@@ -23,6 +25,17 @@
 #           GPU without sharding), then the step benchmark on Llama3-8B dims with 8 layers (FullShard, MixedBF16)
 #           with --adapter none, lora and dora (tokens/s and memory of the frozen base against full fine-tuning)
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
+#   load    HF checkpoint loading: full Llama3-8B dims (32 layers, bf16, ~16 GB in 4 GB files) written by transformers,
+#           read with a cold page cache (posix_fadvise DONTNEED before each read) by `cat > /dev/null`, then loaded by
+#           shardlm_train --steps 0 on 1 and N ranks (FullShard); then shardlm_logits (bf16 and fp32) on one GPU vs
+#           transformers (bf16 and fp32) on the same GPU, same input
+#   quant   the int4/fp8 dequantization kernels (NVRTC) against the CPU reference bit for bit, their GB/s on a 405B
+#           weight [16384, 53248] next to the ATen-op path, and the time to quantize one 405B layer on the GPU
+#   moe     Mixtral: bf16 on CUDA, shardlm_logits on the tiny Mixtral fixtures vs transformers fp32 with each expert
+#           kernel (grouped = at::_grouped_mm, padded = batched bmm, loop) and the kernels against each other, random
+#           tiny Mixtral checkpoints, then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
+#           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
+#   moe_bench  that step benchmark (grouped) and the peer alone
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -44,7 +57,7 @@ build() {
     -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; return 1; }
   grep "shardlm:" "$OUT/cmake.log"
-  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist} >"$OUT/build.log" 2>&1 \
+  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist quant_benchmark} >"$OUT/build.log" 2>&1 \
     || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
 }
 
@@ -78,6 +91,17 @@ nccl() {
       --sharding $policy $extra --splits 1x4,2x2,4x1 --train-args "--device cuda" --workdir "$OUT/eq_$policy" 2>&1 | tail -4
     echo "{\"check\": \"nccl equivalence $policy\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
   done
+}
+
+ops() {
+  [ "$NGPU" -ge 2 ] || { echo "ops: needs 2 GPUs, have $NGPU"; return 0; }
+  cmake --build "$BUILD" --target shardlm_plot >>"$OUT/build.log" 2>&1 || return 1
+  python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
+    --sharding full --masked --splits 1x2,2x1 --train-args "--device cuda" --workdir "$OUT/eq_masked" 2>&1 | tail -4
+  echo "{\"check\": \"nccl equivalence masked + eval\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+  "$BUILD/bin/shardlm_train" --device cuda --data examples/data/corpus.txt --seq-len 128 --steps 60 --lr 3e-3 \
+    --eval-fraction 0.05 --eval-every 20 --log-every 20 --metrics "$OUT/ops.jsonl" --tensorboard "$OUT/ops_tb" 2>&1 | tail -6
+  "$BUILD/bin/shardlm_plot" --metrics "$OUT/ops.jsonl" --output "$OUT/ops.png" && ls -l "$OUT"/ops_tb
 }
 
 ours() {  # ours LABEL NPROC ARGS...
@@ -182,6 +206,111 @@ h100() {
   ours "h100_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
     --sharding full --layers 32 --steps 2 --offload cpu --checkpointing every-block
   free -g | head -2
+}
+
+load() {
+  local dir=${LOAD_DIR:-/tmp/shardlm-8b-hf}
+  python3 - "$dir" <<'PY' || return 1
+import os, sys, time, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+d = sys.argv[1]
+if not os.path.exists(os.path.join(d, "model.safetensors.index.json")):
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    t = time.time(); m.save_pretrained(d, max_shard_size="4GB"); print(f"written by transformers in {time.time() - t:.1f} s")
+    os.sync()
+PY
+  local files; files=$(ls "$dir"/*.safetensors)
+  local bytes; bytes=$(du -cb $files | tail -1 | cut -f1)
+  echo "checkpoint: $(echo $files | wc -w) files, $bytes bytes"
+  cold() { python3 -c "import os,sys
+for f in sys.argv[1:]:
+    fd = os.open(f, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)" $files; }
+  cold; local t0; t0=$(date +%s.%N); cat $files > /dev/null; local t1; t1=$(date +%s.%N)
+  python3 -c "print(f'cat (cold): {$bytes / 1e9 / ($t1 - $t0):.2f} GB/s, {$t1 - $t0:.2f} s')"
+  cat $files > /dev/null; t0=$(date +%s.%N); cat $files > /dev/null; t1=$(date +%s.%N)
+  python3 -c "print(f'cat (page cache): {$bytes / 1e9 / ($t1 - $t0):.2f} GB/s')"
+  [ -f "$OUT/tokens.bin" ] || python3 -c "import numpy as np; np.random.default_rng(0).integers(0, 128256, size=1 << 24, dtype=np.uint32).tofile('$OUT/tokens.bin')"
+  for n in 1 "$NGPU"; do
+    cold
+    t0=$(date +%s.%N)
+    "$BUILD/bin/shardlm_launch" --nproc-per-node "$n" -- "$BUILD/bin/shardlm_train" --model-dir "$dir" --steps 0 \
+      --data "$OUT/tokens.bin" --device cuda --sharding full --precision mixed-bf16 2>&1 | grep "rank 0" | grep -E "loading|loaded" | tail -2 | sed 's/^\[rank 0\] //'
+    t1=$(date +%s.%N)
+    python3 -c "print(f'shardlm_train --steps 0 on $n rank(s), cold: {$bytes / 1e9 / ($t1 - $t0):.2f} GB/s over the whole process ({$t1 - $t0:.2f} s, start-up included)')"
+  done
+  python3 - "$dir" "$BUILD/bin/shardlm_logits" "$OUT" <<'PY'
+import subprocess, sys, torch
+from safetensors.torch import save_file, load_file
+from transformers import LlamaForCausalLM
+d, exe, out = sys.argv[1:]
+torch.manual_seed(1)
+ids = torch.randint(0, 128256, (1, 512))
+save_file({"input_ids": ids}, f"{out}/ids.safetensors")
+ref = {}
+for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    m = LlamaForCausalLM.from_pretrained(d, dtype=dt, attn_implementation="sdpa").cuda()
+    with torch.no_grad():
+        o = m(ids.cuda(), labels=ids.cuda())
+    ref[name] = (o.logits.float().cpu(), o.loss.item()); del m, o; torch.cuda.empty_cache()
+for name in ("fp32", "bf16"):
+    subprocess.run([exe, "--model", d, "--input", f"{out}/ids.safetensors", "--output", f"{out}/ours_{name}.safetensors",
+                    "--device", "cuda", "--dtype", name], check=True)
+    ours = load_file(f"{out}/ours_{name}.safetensors")
+    for rname in ("fp32", "bf16"):
+        rl, rloss = ref[rname]
+        err = ((ours["logits"] - rl).abs().max() / rl.abs().max()).item()
+        print(f"logits 8B dims: shardlm {name} vs transformers {rname}: max rel err {err:.2e}, loss {ours['loss'].item():.5f} vs {rloss:.5f}")
+rl, _ = ref["fp32"]; bl, _ = ref["bf16"]
+print(f"logits 8B dims: transformers bf16 vs transformers fp32: max rel err {((bl - rl).abs().max() / rl.abs().max()).item():.2e}")
+PY
+}
+
+quant() {
+  "$BUILD/bin/quant_benchmark" 2>&1 | tee "$OUT/quant.log"
+  local rc=${PIPESTATUS[0]}
+  echo "{\"check\": \"quant kernels == cpu reference\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+}
+
+moe() {
+  python3 tests/golden/make_mixtral_fixtures.py --out "$OUT/golden_moe" >/dev/null
+  local ok=PASS
+  for d in "$OUT"/golden_moe/*/; do
+    for kernel in grouped padded loop; do
+      SHARDLM_MOE_KERNEL=$kernel "$BUILD/bin/shardlm_logits" --model "$d" --input "$d/input.safetensors" \
+        --output "$d/cuda_bf16_$kernel.safetensors" --device cuda --dtype bf16 || ok=FAIL
+    done
+    python3 - "$d" <<'PY' || ok=FAIL
+import sys
+from safetensors.torch import load_file
+d = sys.argv[1]; ref = load_file(d + "/reference.safetensors"); bad = False
+rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+out = {k: load_file(f"{d}/cuda_bf16_{k}.safetensors") for k in ("grouped", "padded", "loop")}
+for k, o in out.items():
+    err, loss, aux = rel(o["logits"], ref["logits"]), abs(o["loss"] - ref["loss"]).item(), abs(o["aux_loss"] - ref["aux_loss"]).item()
+    print(f"{d.rstrip('/').split('/')[-1]} {k}: cuda bf16 logits rel err {err:.2e}, loss err {loss:.2e}, aux err {aux:.2e}")
+    bad |= err > 2e-2 or loss > 5e-2 or aux > 5e-2
+print(f"  grouped vs padded logits rel err {rel(out['grouped']['logits'], out['padded']['logits']):.2e}, "
+      f"padded vs loop {rel(out['padded']['logits'], out['loop']['logits']):.2e}")
+bad |= rel(out["grouped"]["logits"], out["padded"]["logits"]) > 2e-2
+sys.exit(1 if bad else 0)
+PY
+  done
+  python3 tests/golden/check_mixtral_logits.py --tool "$BUILD/bin/shardlm_logits" --tool-args "--device cuda --dtype bf16" \
+    --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --workdir "$OUT/random_moe" | tail -5 || ok=FAIL
+  echo "{\"check\": \"mixtral bf16 parity and expert kernels\", \"result\": \"$ok\"}" >>"$RESULTS"
+  moe_bench
+  SHARDLM_MOE_KERNEL=padded ours "moe_ours_4L_${NGPU}gpu_padded" "$NGPU" $MOE_COMMON
+}
+
+MOE_COMMON="--preset mixtral-8x7b --layers 4 --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
+moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped expert GEMM where it applies)
+  ours "moe_ours_4L_${NGPU}gpu" "$NGPU" $MOE_COMMON
+  peer "moe_peer_4L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers 4 --seq 4096 --batch 1
 }
 
 table() {

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(build-essential cmake ninja-build python3-venv doctest-dev librange-v3-dev libcxxopts-dev nlohmann-json3-dev
-      libbenchmark-dev libgtest-dev libpcre2-dev libgloo-dev
+      libbenchmark-dev libgtest-dev libpcre2-dev libgloo-dev zlib1g-dev
       clang libclang-rt-14-dev)  # clang + libFuzzer: the safetensors fuzz test (tests/fuzz)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

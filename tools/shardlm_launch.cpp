@@ -1,6 +1,8 @@
 // shardlm_launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P] -- PROG ARGS...
+// shardlm_launch --nproc-per-node N --hostfile FILE [--ssh-command CMD] -- PROG ARGS...
 // Runs N local ranks of PROG with the torchrun environment, prints their output line by line prefixed with
-// `[rank R] `, and stops every rank as soon as one fails. Plain POSIX, no LibTorch (see docs/launch.md).
+// `[rank R] `, and stops every rank as soon as one fails. With --hostfile, starts itself on every host of the file
+// over ssh (one node each, in file order) instead. Plain POSIX, no LibTorch (see docs/launch.md).
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -18,7 +20,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <cxxopts.hpp>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -60,8 +64,36 @@ void write_all(int fd, std::string_view text) {
 struct Options {
   int nproc = 0, nnodes = 1, node_rank = 0, master_port = 0, grace_seconds = 5;
   std::string master_addr = "127.0.0.1";
-  std::vector<char*> command;  // PROG ARGS..., null-terminated for execvp
+  std::vector<char*> command;       // PROG ARGS..., null-terminated for execvp
+  std::vector<std::string> hosts;   // --hostfile: one node per host
+  std::vector<std::string> ssh;     // --ssh-command, split at spaces
 };
+
+// The hosts of a hostfile: one per line; blank lines and '#' comments are skipped.
+std::vector<std::string> read_hostfile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail<ConfigError>("--hostfile ", path, ": cannot open");
+  std::vector<std::string> hosts;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    line = line.substr(0, line.find('#'));
+    std::istringstream words(line);
+    std::string host, extra;
+    if (!(words >> host)) continue;
+    if (words >> extra)
+      fail<ConfigError>("--hostfile ", path, ":", n, ": '", extra, "' after the host name: one host per line (ranks per host: --nproc-per-node)");
+    hosts.push_back(host);
+  }
+  if (hosts.empty()) fail<ConfigError>("--hostfile ", path, ": no hosts");
+  return hosts;
+}
+
+// `text` quoted for a POSIX shell.
+std::string shell_quoted(std::string_view text) {
+  std::string out = "'";
+  for (const char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
 
 int int_flag(const cxxopts::ParseResult& args, const std::string& name, int lo, int hi) {
   const auto text = args[name].as<std::string>();
@@ -118,7 +150,11 @@ std::optional<Options> parse(int argc, char** argv) {
       "master-port", "rendezvous port (default: a free one when nnodes == 1; required when nnodes > 1)",
       cxxopts::value<std::string>())(
       "grace-seconds", "seconds between SIGTERM and SIGKILL when stopping ranks",
-      cxxopts::value<std::string>()->default_value("5"))("h,help", "this help");
+      cxxopts::value<std::string>()->default_value("5"))(
+      "hostfile", "start one node on each host of this file (one per line) over ssh, node ranks in file order",
+      cxxopts::value<std::string>())(
+      "ssh-command", "--hostfile: the command that runs a command on a host, as `CMD HOST COMMAND` "
+      "(default: $SHARDLM_SSH, or ssh)", cxxopts::value<std::string>())("h,help", "this help");
   const auto args = opts.parse(split, argv);
   if (args.count("help")) {
     std::cout << opts.help() << '\n';
@@ -135,7 +171,21 @@ std::optional<Options> parse(int argc, char** argv) {
   if (o.node_rank >= o.nnodes)
     fail<ConfigError>("--node-rank (", o.node_rank, ") must be less than --nnodes (", o.nnodes, ")");
   o.grace_seconds = int_flag(args, "grace-seconds", 0, 3600);
-  if (o.nnodes > 1)
+  if (args.count("hostfile")) {
+    for (const char* local : {"nnodes", "node-rank"})
+      if (args.count(local)) fail<ConfigError>("--", local, " comes from --hostfile (one node per host): leave it out");
+    o.hosts = read_hostfile(args["hostfile"].as<std::string>());
+    const char* env_ssh = std::getenv("SHARDLM_SSH");
+    std::istringstream ssh(args.count("ssh-command") ? args["ssh-command"].as<std::string>()
+                                                     : env_ssh && *env_ssh ? env_ssh : "ssh");
+    for (std::string word; ssh >> word;) o.ssh.push_back(word);
+    if (o.ssh.empty()) fail<ConfigError>("--ssh-command must not be empty");
+    o.nnodes = static_cast<int>(o.hosts.size());
+    o.master_addr = args.count("master-addr") ? args["master-addr"].as<std::string>() : o.hosts.front();
+  } else if (args.count("ssh-command")) {
+    fail<ConfigError>("--ssh-command needs --hostfile");
+  }
+  if (o.nnodes > 1 && o.hosts.empty())
     for (const char* required : {"master-addr", "master-port"})
       if (!args.count(required)) fail<ConfigError>("--", required, " is required when --nnodes > 1");
   if (args.count("master-addr")) o.master_addr = args["master-addr"].as<std::string>();
@@ -154,6 +204,7 @@ struct Stream {
 
 struct Rank {
   int rank = 0;
+  std::string label, prefix;  // "rank 3" and "[rank 3] " (a node over ssh: "node 1 (host b)", no prefix)
   pid_t pid = -1;
   bool running = false;
   Stream out, err;
@@ -161,7 +212,7 @@ struct Rank {
 
 // Prints every complete line with the rank prefix, one write() per line so lines never interleave.
 void print_lines(const Rank& r, Stream& s, bool final) {
-  const std::string prefix = "[rank " + std::to_string(r.rank) + "] ";
+  const std::string& prefix = r.prefix;
   std::size_t start = 0;
   for (auto nl = s.pending.find('\n'); nl != std::string::npos; nl = s.pending.find('\n', start)) {
     write_all(s.out_fd, prefix + s.pending.substr(start, nl + 1 - start));
@@ -193,11 +244,11 @@ void read_stream(const Rank& r, Stream& s, bool final) {
   }
 }
 
-void spawn(Rank& r, int local_rank, const Options& o) {
+// Starts `command` (null-terminated) with `env` added, its output read through pipes.
+void spawn(Rank& r, const std::vector<char*>& command, const std::vector<std::pair<std::string, std::string>>& env) {
   int out[2], err[2];
   if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) fail("pipe: ", std::strerror(errno));
-  const std::string rank = std::to_string(r.rank), local = std::to_string(local_rank);
-  const std::string exec_error = std::string(kProgram) + ": cannot run '" + o.command[0] + "': ";
+  const std::string exec_error = std::string(kProgram) + ": cannot run '" + command[0] + "': ";
   const pid_t launcher = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) fail("fork: ", std::strerror(errno));
@@ -208,9 +259,8 @@ void spawn(Rank& r, int local_rank, const Options& o) {
     ::setsid();
     ::dup2(out[1], 1);
     ::dup2(err[1], 2);
-    ::setenv("RANK", rank.c_str(), 1);
-    ::setenv("LOCAL_RANK", local.c_str(), 1);
-    ::execvp(o.command[0], o.command.data());
+    for (const auto& [name, value] : env) ::setenv(name.c_str(), value.c_str(), 1);
+    ::execvp(command[0], command.data());
     write_all(2, exec_error + std::strerror(errno) + "\n");
     ::_exit(127);
   }
@@ -221,6 +271,32 @@ void spawn(Rank& r, int local_rank, const Options& o) {
   r.running = true;
   r.out = {out[0], 1, {}};
   r.err = {err[0], 2, {}};
+}
+
+// The command that starts node `node` of a --hostfile job on its host: this launcher (same path on every host),
+// in this directory, with the variables NCCL_*, GLOO_*, TORCH_*, SHARDLM_*, OMP_NUM_THREADS,
+// CUDA_VISIBLE_DEVICES and LD_LIBRARY_PATH of this environment (ssh passes no environment).
+std::vector<std::string> node_command(const Options& o, int node) {
+  char self[4096] = {}, cwd[4096] = {};
+  if (::readlink("/proc/self/exe", self, sizeof self - 1) < 0) fail("readlink /proc/self/exe: ", std::strerror(errno));
+  if (!::getcwd(cwd, sizeof cwd)) fail("getcwd: ", std::strerror(errno));
+  std::string remote = "cd " + shell_quoted(cwd) + " && exec env";
+  for (char** e = environ; *e; ++e) {
+    const std::string_view var = *e, name = var.substr(0, var.find('='));
+    const bool pass = name.starts_with("NCCL_") || name.starts_with("GLOO_") || name.starts_with("TORCH_") ||
+                      (name.starts_with("SHARDLM_") && name != "SHARDLM_SSH") || name == "OMP_NUM_THREADS" ||
+                      name == "CUDA_VISIBLE_DEVICES" || name == "LD_LIBRARY_PATH";
+    if (pass && name.size() < var.size()) remote += " " + std::string(name) + "=" + shell_quoted(var.substr(name.size() + 1));
+  }
+  remote += " " + shell_quoted(self) + " --nproc-per-node " + std::to_string(o.nproc) + " --nnodes " + std::to_string(o.nnodes) +
+            " --node-rank " + std::to_string(node) + " --master-addr " + shell_quoted(o.master_addr) + " --master-port " +
+            std::to_string(o.master_port) + " --grace-seconds " + std::to_string(o.grace_seconds) + " --";
+  for (const char* arg : o.command)
+    if (arg) remote += " " + shell_quoted(arg);
+  std::vector<std::string> argv = o.ssh;
+  argv.push_back(o.hosts[static_cast<std::size_t>(node)]);
+  argv.push_back(remote);
+  return argv;
 }
 
 int launch(const Options& o) {
@@ -242,10 +318,24 @@ int launch(const Options& o) {
   ::sigemptyset(&action.sa_mask);
   for (const int sig : kHandledSignals) ::sigaction(sig, &action, nullptr);
 
-  std::vector<Rank> ranks(static_cast<std::size_t>(o.nproc));
-  for (int i = 0; i < o.nproc; ++i) {
-    ranks[i].rank = o.node_rank * o.nproc + i;
-    spawn(ranks[i], i, o);
+  // Locally: one child per rank. With --hostfile: one per node, each the launcher on its host (over ssh), whose
+  // lines already carry their ranks.
+  std::vector<Rank> ranks(static_cast<std::size_t>(o.hosts.empty() ? o.nproc : o.nnodes));
+  for (int i = 0; i < static_cast<int>(ranks.size()); ++i) {
+    auto& r = ranks[static_cast<std::size_t>(i)];
+    if (o.hosts.empty()) {
+      r.rank = o.node_rank * o.nproc + i;
+      r.label = "rank " + std::to_string(r.rank), r.prefix = "[" + r.label + "] ";
+      spawn(r, o.command, {{"RANK", std::to_string(r.rank)}, {"LOCAL_RANK", std::to_string(i)}});
+    } else {
+      r.rank = i;
+      r.label = "node " + std::to_string(i) + " (" + o.hosts[static_cast<std::size_t>(i)] + ")";
+      auto words = node_command(o, i);
+      std::vector<char*> argv;
+      for (auto& w : words) argv.push_back(w.data());
+      argv.push_back(nullptr);
+      spawn(r, argv, {});
+    }
   }
 
   std::size_t running = ranks.size();
@@ -305,10 +395,10 @@ int launch(const Options& o) {
       const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
       if (ok || exit_code || interrupted || kill_at) continue;
       exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      std::cerr << kProgram << ": rank " << it->rank << " (pid " << pid << ") ";
+      std::cerr << kProgram << ": " << it->label << " (pid " << pid << ") ";
       if (WIFEXITED(status)) std::cerr << "exited with code " << WEXITSTATUS(status);
       else std::cerr << "was killed by signal " << WTERMSIG(status) << " (" << ::strsignal(WTERMSIG(status)) << ")";
-      std::cerr << (running > 0 ? "; stopping the other ranks\n" : "\n");
+      std::cerr << (running > 0 ? (o.hosts.empty() ? "; stopping the other ranks\n" : "; stopping the other nodes\n") : "\n");
       stop_all(SIGTERM);
     }
     if (running > 0 && kill_at && !killed && Clock::now() >= *kill_at) {

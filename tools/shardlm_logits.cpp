@@ -1,8 +1,10 @@
 // shardlm_logits --model DIR --input IN.safetensors --output OUT.safetensors [--adapter DIR] [--device cpu|cuda]
 //                [--dtype fp32|bf16]
-// Runs the forward of a Hugging Face checkpoint (with a PEFT LoRA/DoRA adapter on it) on `input_ids` (int64
-// [B, T]) and writes `logits` (fp32 [B, T, V]) and `loss` (mean next-token cross-entropy with labels = input_ids,
-// as transformers reports it).
+// Runs the forward of a Hugging Face checkpoint (Llama or Mixtral, by config.json's model_type; a Llama with a
+// PEFT LoRA/DoRA adapter on it) on `input_ids` (int64 [B, T]) and writes `logits` (fp32 [B, T, V]) and `loss`
+// (mean next-token cross-entropy with labels = input_ids, as transformers reports it). For Mixtral also `aux_loss`
+// (the load-balancing loss), and `loss` adds router_aux_loss_coef x aux_loss when the config's
+// output_router_logits is true, as transformers does.
 #include <shardlm/shardlm.hpp>
 
 int main(int argc, char** argv) {
@@ -32,22 +34,35 @@ int main(int argc, char** argv) {
                                       info.shape.size());
     const auto ids = input.read("input_ids");
 
-    auto model = shardlm::io::load_hf_model<shardlm::model::Llama3>(args["model"].as<std::string>(), device, dtype);
-    if (args.count("adapter")) {
-      const auto dir = args["adapter"].as<std::string>();
-      const auto adapter = shardlm::io::read_peft_adapter(dir);
-      model->add_adapters(adapter.config);
-      shardlm::io::load_adapter_weights(*model, adapter, dir);
-    }
-    model->eval();
-    const auto vocab = model->config().vocab_size;
-    if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= vocab))
-      shardlm::fail<shardlm::IoError>(input_path, ": input_ids must lie in [0, ", vocab, ")");
-    at::NoGradGuard no_grad;
-    const auto logits = model->forward(ids.to(device));
-    const auto loss = shardlm::model::ops::next_token_loss(logits, ids.to(device));
-    shardlm::io::save_safetensors(args["output"].as<std::string>(),
-                                  {{"logits", logits.to(at::kFloat)}, {"loss", loss.to(at::kFloat)}});
+    const auto run = [&]<class Model>(Model) {
+      auto model = shardlm::io::load_hf_model<Model>(args["model"].as<std::string>(), device, dtype);
+      const auto& config = model->config();
+      if (args.count("adapter")) {
+        const auto dir = args["adapter"].as<std::string>();
+        if (config.is_moe())
+          shardlm::fail<shardlm::ConfigError>("--adapter ", dir, ": adapters are built for Llama models only (",
+                                              args["model"].as<std::string>(), " is a ", config.model_type, ")");
+        const auto adapter = shardlm::io::read_peft_adapter(dir);
+        model->add_adapters(adapter.config);
+        shardlm::io::load_adapter_weights(*model, adapter, dir);
+      }
+      model->eval();
+      if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= config.vocab_size))
+        shardlm::fail<shardlm::IoError>(input_path, ": input_ids must lie in [0, ", config.vocab_size, ")");
+      at::NoGradGuard no_grad;
+      std::vector<at::Tensor> router_stats;
+      const auto logits = model->forward(ids.to(device), &router_stats);
+      auto loss = shardlm::model::ops::next_token_loss(logits, ids.to(device)).to(at::kFloat);
+      std::vector<std::pair<std::string, at::Tensor>> out{{"logits", logits.to(at::kFloat)}};
+      if (const auto router = shardlm::model::router_loss(router_stats, config); router.aux.defined()) {
+        if (config.output_router_logits) loss = loss + config.router_aux_loss_coef * router.aux;
+        out.emplace_back("aux_loss", router.aux);
+      }
+      out.emplace_back("loss", loss);
+      shardlm::io::save_safetensors(args["output"].as<std::string>(), out);
+    };
+    if (shardlm::model::load_config(args["model"].as<std::string>()).is_moe()) run(shardlm::model::Mixtral{nullptr});
+    else run(shardlm::model::Llama3{nullptr});
     return 0;
   });
 }

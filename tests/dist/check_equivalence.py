@@ -12,6 +12,11 @@ With --hf-tied the runs start from a tiny Hugging Face checkpoint made here by t
 to the embedding (the head unit reads the embedding unit's parameters), instead of the llama3-debug preset.
 With --adapter lora|dora every run trains that adapter on the frozen base, and the adapters exported with
 --export-adapter (PEFT format) are compared instead of the full weights.
+With --masked the data is a token file with a loss mask that leaves runs of targets out (as shardlm_tokenize's
+prompts), and every run also evaluates a --eval-fraction split every 2 steps: the losses (normalised by the kept
+targets of the global batch) and the eval losses must agree too.
+With --preset mixtral-debug the model is a tiny Mixtral (the MoE blocks' router losses pooled over layers through
+the engine's side outputs; the logged loss holds router_aux_loss_coef x aux).
 """
 import argparse
 import json
@@ -45,9 +50,11 @@ def run(args, workdir, tag, ranks, accum, sharding, extra):
     if args.adapter != "none":
         weights = workdir / f"{tag}_adapter" / "adapter_model.safetensors"
         save = ["--adapter", args.adapter, "--lora-rank", "4", "--lora-alpha", "8", "--export-adapter", str(weights.parent)]
-    model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", "llama3-debug", "--layers", "2"]
+    data = ["--data", str(workdir / "corpus.bin"), "--eval-fraction", "0.1", "--eval-every", "2"] if args.masked \
+        else ["--data", str(workdir / "corpus.txt")]
+    model = ["--model-dir", str(workdir / "tied")] if args.hf_tied else ["--preset", args.preset, "--layers", "2"]
     cmd = [args.launch, "--nproc-per-node", str(ranks), "--", args.train, "--sharding", sharding,
-           "--data", str(workdir / "corpus.txt"), *model, "--seq-len", "32",
+           *data, *model, "--seq-len", "32",
            "--micro-batch", str(args.micro_batch), "--grad-accum", str(accum), "--steps", str(args.steps),
            "--lr", "1e-3", "--warmup-steps", "1", "--seed", "7", "--dist-timeout", "60",
            "--metrics", str(metrics), *save, *args.train_args.split(), *extra]
@@ -57,9 +64,10 @@ def run(args, workdir, tag, ranks, accum, sharding, extra):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if p.returncode != 0:
         sys.exit(f"FAIL {tag}: exit {p.returncode}\n$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
-    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
-    if len(losses) != args.steps:
-        sys.exit(f"FAIL {tag}: {len(losses)} metric rows, expected {args.steps}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    losses = [r["loss"] for r in rows] + [r["eval_loss"] for r in rows if "eval_loss" in r]
+    if len(rows) != args.steps:
+        sys.exit(f"FAIL {tag}: {len(rows)} metric rows, expected {args.steps}")
     tensors = {name: t.float().numpy() for name, t in load_file(str(weights)).items()}  # bf16 too
     return losses, tensors, time.time() - start
 
@@ -79,17 +87,23 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--weight-tol", type=float, default=None, help="for the final parameters (default: --tol)")
     ap.add_argument("--train-args", default="", help="more trainer flags for every run (e.g. '--device cuda')")
     ap.add_argument("--test-args", default="", help="more trainer flags for the runs checked, not the reference "
                     "(e.g. '--offload cpu')")
+    ap.add_argument("--preset", default="llama3-debug", help="the model when not --hf-tied (llama3-debug, mixtral-debug)")
     ap.add_argument("--hf-tied", action="store_true", help="start from a tied-embedding HF checkpoint made here")
     ap.add_argument("--adapter", default="none", choices=["none", "lora", "dora"],
                     help="train this adapter on the frozen base and compare the exported adapters")
+    ap.add_argument("--masked", action="store_true", help="a .bin token file with a loss mask, and evaluation")
     ap.add_argument("--workdir", required=True)
     args = ap.parse_args()
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "corpus.txt").write_text(CORPUS)
+    tokens = np.frombuffer(CORPUS.encode(), dtype=np.uint8)
+    tokens.astype("<u4").tofile(workdir / "corpus.bin")
+    ((np.arange(len(tokens)) // 13) % 3 != 0).astype(np.uint8).tofile(workdir / "corpus.mask")
     if args.hf_tied:
         make_tied_checkpoint(workdir / "tied")
     splits = [tuple(int(v) for v in s.split("x")) for s in args.splits.split(",")]
@@ -110,13 +124,15 @@ def main():
         if set(weights) != set(ref_weights):
             sys.exit(f"FAIL {tag}: saved tensors differ from the reference: {sorted(set(weights) ^ set(ref_weights))}")
         worst_name, worst = max(((n, rel_err(weights[n], ref_weights[n])) for n in ref_weights), key=lambda t: t[1])
-        ok = loss_err <= args.tol and worst <= args.tol
+        weight_tol = args.tol if args.weight_tol is None else args.weight_tol
+        ok = loss_err <= args.tol and worst <= weight_tol
         failed |= not ok
         print(f"{'ok  ' if ok else 'FAIL'} {tag:>14}: loss rel err {loss_err:.2e}, worst parameter rel err {worst:.2e} "
               f"({worst_name}), {len(weights)} tensors, {secs:.1f} s")
     if failed:
         sys.exit(f"FAIL: --sharding {args.sharding} differs from the reference by more than {args.tol}")
-    print(f"PASS: --sharding {args.sharding} matches the reference within {args.tol} at splits {args.splits}")
+    print(f"PASS: --sharding {args.sharding} matches the reference within {args.tol}"
+          f"{'' if args.weight_tol is None else f' (parameters {args.weight_tol})'} at splits {args.splits}")
 
 
 if __name__ == "__main__":

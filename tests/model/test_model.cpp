@@ -1,5 +1,6 @@
 // Model tests: each op against a direct formula in fp64, presets, and parity with transformers on the
-// golden fixtures (tests/golden/make_llama_fixtures.py; directory in SHARDLM_GOLDEN_DIR).
+// golden fixtures (tests/golden/make_llama_fixtures.py and make_mixtral_fixtures.py; directory in
+// SHARDLM_GOLDEN_DIR). Mixtral: the expert kernels against a dense formula, the router loss, parity.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -181,6 +182,169 @@ TEST_CASE("parity with transformers in fp32: logits, loss, gradients") {
     CHECK(e_loss < 1e-5);
     CHECK(e_grad < 1e-4);
     CHECK(grads == static_cast<int64_t>(ref.tensors().size()) - 2);  // every parameter's gradient is compared
+  }
+}
+
+// --- Mixtral ---------------------------------------------------------------------------------------------
+
+namespace {
+/// The MoE feed-forward written densely: every expert on every token, weighted by the renormalized top-k
+/// router probabilities (zero for experts not picked). x [N, C] -> [N, C].
+at::Tensor dense_moe(const at::Tensor& x, const at::Tensor& w_router, const at::Tensor& gate_up, const at::Tensor& down,
+                     int64_t k) {
+  const int64_t E = gate_up.size(0), I = down.size(2);
+  const auto probs = at::softmax(at::linear(x, w_router), -1);                 // [N, E]
+  const auto [top, idx] = at::topk(probs, k, -1);                              // [N, k]
+  const auto weights = at::zeros_like(probs).scatter(1, idx, top / top.sum(-1, true));  // [N, E]
+  auto y = at::zeros_like(x);
+  for (int64_t e = 0; e < E; ++e) {
+    const auto h = at::linear(x, gate_up[e]);
+    y = y + weights.narrow(1, e, 1) * at::linear(at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I), down[e]);
+  }
+  return y;
+}
+}  // namespace
+
+TEST_CASE("MoE experts: loop, padded and grouped kernels equal the dense formula, with empty and overloaded experts") {
+  auto c = model::preset("mixtral-debug", 1);
+  c.hidden_size = 16, c.intermediate_size = 24, c.num_experts = 4;
+  for (int64_t k : {1, 2}) {
+    c.num_experts_per_tok = k;
+    for (const std::string routing : {"random", "expert 3 never", "all to expert 0"}) {
+      CAPTURE(k);
+      CAPTURE(routing);
+      model::SparseMoe moe(c, at::TensorOptions());
+      model::init_weights(*moe, 0.2, 5);
+      const auto x = at::randn({2, 7, c.hidden_size}).abs();  // positive: a row of +1s in the router wins everywhere
+      {
+        at::NoGradGuard no_grad;
+        if (routing == "expert 3 never") moe->gate->weight[3].fill_(-1.0);
+        if (routing == "all to expert 0") moe->gate->weight[0].fill_(1.0);
+      }
+      const auto flat = x.reshape({-1, c.hidden_size});
+      const auto r = model::ops::route(flat, moe->gate->weight, k);
+      const auto counts = at::bincount(r.experts.reshape({-1}), {}, 4);
+      if (routing == "expert 3 never") CHECK(counts[3].item<int64_t>() == 0);
+      if (routing == "all to expert 0") CHECK(counts[0].item<int64_t>() == flat.size(0));
+      auto params = moe->parameters();
+      const auto grads_of = [&](const at::Tensor& y) {
+        for (auto& p : params) p.mutable_grad() = at::Tensor();
+        (y * at::linspace(-1, 1, y.numel()).view(y.sizes())).sum().backward();
+        std::vector<at::Tensor> g;
+        for (auto& p : params) g.push_back(p.grad().clone());
+        return g;
+      };
+      const auto y_ref = dense_moe(flat, moe->gate->weight, moe->experts->gate_up_proj, moe->experts->down_proj, k);
+      const auto g_ref = grads_of(y_ref);
+      // at::_grouped_mm on the CPU needs 16-byte row strides: the sizes here (16, 24, 48 fp32) have them.
+      for (auto kernel : {model::ExpertKernel::loop, model::ExpertKernel::padded, model::ExpertKernel::grouped}) {
+        moe->kernel = kernel;
+        const auto y = moe->forward(x).reshape({-1, c.hidden_size});
+        CHECK(moe->take_router_stats().defined());
+        const auto g = grads_of(y);
+        double e_grad = 0;
+        for (size_t i = 0; i < g.size(); ++i) e_grad = std::max(e_grad, rel_err(g[i], g_ref[i]));
+        MESSAGE("kernel ", static_cast<int>(kernel), ": output rel err ", rel_err(y, y_ref), ", grad rel err ", e_grad);
+        CHECK(rel_err(y, y_ref) < 1e-5);
+        CHECK(e_grad < 1e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("router loss: transformers' load-balancing formula pooled over layers, and the z-loss") {
+  auto c = model::preset("mixtral-debug", 1);
+  c.num_experts = 4, c.num_experts_per_tok = 2, c.router_aux_loss_coef = 0.5, c.router_z_loss_coef = 0.25;
+  std::vector<at::Tensor> logits{at::randn({6, 4}, at::kDouble).to(at::kFloat), at::randn({6, 4}).mul(3)};
+  std::vector<at::Tensor> stats{model::ops::router_stats(logits[0], 2), at::Tensor(),
+                                model::ops::router_stats(logits[1], 2)};
+  const auto loss = model::router_loss(stats, c);
+  // load_balancing_loss_func: the layers' logits concatenated
+  const auto all = at::cat(logits);                                             // [12, 4]
+  const auto probs = at::softmax(all, -1);
+  const auto picked = at::zeros_like(probs).scatter(1, std::get<1>(at::topk(probs, 2, -1)), 1.0);
+  const double aux = 4 * (picked.mean(0) * probs.mean(0)).sum().item<double>();
+  const double z = at::logsumexp(all, {-1}).square().mean().item<double>();
+  CHECK(loss.aux.item<double>() == doctest::Approx(aux).epsilon(1e-6));
+  CHECK(loss.z.item<double>() == doctest::Approx(z).epsilon(1e-6));
+  CHECK(loss.total.item<double>() == doctest::Approx(0.5 * aux + 0.25 * z).epsilon(1e-6));
+  c.output_router_logits = false;  // as in transformers, the aux term then stays out of the loss
+  CHECK(model::router_loss(stats, c).total.item<double>() == doctest::Approx(0.25 * z).epsilon(1e-6));
+  CHECK_FALSE(model::router_loss({at::Tensor()}, c).total.defined());
+}
+
+TEST_CASE("Mixtral presets and config.json: parameter counts, active parameters, errors that name the field") {
+  const auto c = model::preset("mixtral-8x7b");
+  CHECK(c.num_params() == 46702792704);  // Mixtral-8x7B's published 46.7B
+  CHECK(c.num_params() - c.num_layers * (c.block_params() - c.active_block_params()) == 12879925248);  // 12.9B active
+  model::Mixtral m(c, at::TensorOptions().device(at::kMeta));
+  int64_t n = 0;
+  for (const auto& p : m->parameters()) n += p.numel();
+  CHECK(n == c.num_params());
+  CHECK(model::preset("mixtral-8x22b").num_params() == 140630071296);
+  const auto j = model::config_to_json(model::preset("mixtral-debug"), "float32");
+  const auto back = model::config_from_json(nlohmann::json::parse(j.dump()), "roundtrip");
+  CHECK(back.num_experts == 4);
+  CHECK(back.num_experts_per_tok == 2);
+  CHECK(back.output_router_logits);
+  CHECK(back.router_aux_loss_coef == 0.02);
+  auto bad = nlohmann::json::parse(j.dump());
+  bad["num_experts_per_tok"] = 5;
+  CHECK_THROWS_WITH_AS(model::config_from_json(bad, "cfg"), doctest::Contains("num_experts_per_tok(5) exceeds"), ConfigError);
+  bad = nlohmann::json::parse(j.dump());
+  bad.erase("num_local_experts");
+  CHECK_THROWS_WITH_AS(model::config_from_json(bad, "cfg"), doctest::Contains("missing field 'num_local_experts'"), ConfigError);
+  bad = nlohmann::json::parse(j.dump());
+  bad["sliding_window"] = 4;
+  auto sw = model::config_from_json(bad, "cfg");
+  sw.num_layers = 1;
+  model::Mixtral small(sw);
+  model::init_weights(*small, 0.02, 1);
+  CHECK(small->forward(at::zeros({1, 4}, at::kLong)).size(1) == 4);  // within the window: plain causal attention
+  CHECK_THROWS_WITH_AS(small->forward(at::zeros({1, 5}, at::kLong)), doctest::Contains("exceeds the config's sliding_window(4)"),
+                       ConfigError);
+}
+
+TEST_CASE("Mixtral parity with transformers in fp32: logits, loss, aux loss, gradients (both weight layouts)") {
+  const char* root = std::getenv("SHARDLM_GOLDEN_DIR");
+  if (!root) {
+    MESSAGE("SHARDLM_GOLDEN_DIR is unset: run tests/golden/make_mixtral_fixtures.py (CTest does)");
+    return;
+  }
+  std::vector<std::filesystem::path> dirs;
+  for (const auto& e : std::filesystem::directory_iterator(std::filesystem::path(root) / "mixtral"))
+    if (std::filesystem::exists(e.path() / "reference.safetensors")) dirs.push_back(e.path());
+  std::sort(dirs.begin(), dirs.end());
+  REQUIRE(dirs.size() >= 3);
+  for (const auto& dir : dirs) {
+    CAPTURE(dir.filename().string());
+    auto m = io::load_hf_model<model::Mixtral>(dir, at::kCPU, at::kFloat);
+    const auto& c = m->config();
+    io::SafetensorsFile ref(dir / "reference.safetensors");
+    const auto ids = io::SafetensorsFile(dir / "input.safetensors").read("input_ids");
+    std::vector<at::Tensor> stats;
+    const auto logits = m->forward(ids, &stats);
+    const auto router = model::router_loss(stats, c);
+    const auto loss = model::ops::next_token_loss(logits, ids) + router.total;  // z-loss coefficient 0 here
+    const double e_logits = rel_err(logits, ref.read("logits"));
+    const double e_loss = std::abs(loss.item<double>() - ref.read("loss").item<double>());
+    const double e_aux = std::abs(router.aux.item<double>() - ref.read("aux_loss").item<double>());
+    loss.backward();
+    double e_grad = 0;
+    int64_t grads = 0;
+    for (const auto& item : m->named_parameters()) {
+      const auto name = "grad." + io::hf_name(item.key());
+      REQUIRE_MESSAGE(ref.find(name), "reference has no ", name);
+      e_grad = std::max(e_grad, rel_err(item.value().grad(), ref.read(name)));
+      ++grads;
+    }
+    MESSAGE(dir.filename().string(), ": logits rel err ", e_logits, ", loss err ", e_loss, ", aux err ", e_aux,
+            ", max grad rel err ", e_grad, " over ", grads, " tensors");
+    CHECK(e_logits < 1e-4);
+    CHECK(e_loss < 1e-5);
+    CHECK(e_aux < 1e-5);
+    CHECK(e_grad < 1e-4);
+    CHECK(grads == static_cast<int64_t>(ref.tensors().size()) - 3);
   }
 }
 

@@ -106,6 +106,23 @@ TEST_CASE("planner: offload leaves the compute-dtype shard on the GPU and the st
   CHECK(item(p.host, "gradient staging (pinned)") == 2 * 101024.0 * 4);
 }
 
+TEST_CASE("planner: offloaded on one GPU with one micro-batch, gradients stay in bf16") {
+  plan::PlanInput in;
+  in.model = small();
+  in.sharding = "full", in.precision = "mixed-bf16", in.offload = "cpu", in.world_size = 1, in.gpus_per_node = 1;
+  in.micro_batch = 2, in.seq_len = 8;
+  auto p = plan::plan_memory(in);
+  // One shard of 202048 elements (64000 + 2 x 36992 + 64064): pinned master 4 + bf16 gradient 2, moments 8.
+  CHECK(item(p.host, "master weights and gradients (pinned)") == 202048.0 * 6);
+  CHECK(item(p.host, "AdamW moments") == 202048.0 * 8);
+  CHECK(p.host.size() == 2);
+  // With accumulation the gradients are summed in fp32.
+  in.grad_accum = 2;
+  p = plan::plan_memory(in);
+  CHECK(item(p.host, "master weights and gradients (pinned)") == 202048.0 * 8);
+  CHECK(item(p.host, "gradient staging (pinned)") == 202048.0 * 4);
+}
+
 TEST_CASE("planner: NoShard keeps every unit gathered; errors name the flag") {
   plan::PlanInput in;
   in.model = small();
@@ -141,4 +158,27 @@ TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the co
   CHECK(item(off.host, "frozen base (pinned)") == 2 * frozen * 2);
   in.adapter = "qlora";
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--adapter 'qlora'"), ConfigError);
+}
+
+TEST_CASE("planner: a Mixtral block counts every expert's parameters and the k picks' activations") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.model_type = "mixtral", in.model.num_experts = 4, in.model.num_experts_per_tok = 2;
+  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 8;  // 16 tokens
+  const auto p = plan::plan_memory(in);
+  // Block: attention 12288 + 4 experts x 24576 + router 4 x 64 + norms 128 = 110976; active: 2 experts, 61824.
+  CHECK(in.model.block_params() == 110976);
+  CHECK(in.model.active_block_params() == 61824);
+  CHECK(p.params == 64000 + 2 * 110976 + 64064);
+  // Per token (bf16): the dense block's 2704 less its MLP (input 128 + 4 x 2 x 128 = 1152), plus the MoE's input
+  // 128, per pick (x 2) the sorted input and expert output 256 and the intermediates 1024, router logits and fp32
+  // probabilities (2 + 8) x 4 = 40: 2704 - 1152 + 128 + 2560 + 40 = 4280 bytes, x 16 tokens per block.
+  // The experts make the blocks the largest units: the peak is block 1's gradient reduction, with block 1
+  // and (prefetched) block 0 gathered and block 0's activations still kept.
+  CHECK(p.peak_at == "gradient reduction of block 1");
+  CHECK(item(p.gpu, "gathered parameters") == 2 * 110976.0 * 2);
+  CHECK(item(p.gpu, "activations") == 4280.0 * 16);
+  // FLOPs count the active parameters: 6 x (2 x 61824 + head 64064) + attention 12 x 2 x 4 x 16 x T.
+  CHECK(in.model.flops_per_token(8) == 6.0 * (2 * 61824 + 64064) + 12.0 * 2 * 4 * 16 * 8);
 }

@@ -1,6 +1,7 @@
 // Trainer tests: AdamW against its formula, the LR schedule, clipping, token data and sampler, gradient
-// accumulation equivalence, precision dtypes, loss going down, metrics keys, command-line errors, the frozen group
-// and LoRA/DoRA runs.
+// accumulation equivalence, precision dtypes, loss going down, metrics keys, command-line errors, packing and
+// loss masks, evaluation, resuming the sampler, TensorBoard event files, --config files, the frozen group and
+// LoRA/DoRA runs.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -8,6 +9,8 @@
 
 #include <cmath>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <set>
 
 #include "../test_util.hpp"
@@ -56,6 +59,44 @@ TEST_CASE("the fused AdamW's gradient scale divides the gradients, in place (how
   const auto divided = run(g / 1e3, std::nullopt);
   CHECK(test::rel_err(scaled, divided) < 1e-6);
   CHECK(test::rel_err(run(g, std::nullopt), divided) > 1e-6);  // the scale does change the result
+}
+
+TEST_CASE("host AdamW (offload): the fused kernel's update, from fp32 or bf16 gradients and state") {
+  at::manual_seed(2);
+  const int64_t n = 100003;  // not a multiple of any vector width or grain
+  const double lr = 1e-2, wd = 0.1, coef = 0.5;
+  auto run = [&](at::ScalarType state, at::ScalarType grad_dtype, bool host) {
+    at::manual_seed(3);
+    auto p = at::randn({n}).to(state), m = at::zeros({n}, state), v = at::zeros({n}, state), step = at::zeros({});
+    for (int i = 1; i <= 3; ++i) {
+      const auto g = at::randn({n}).to(grad_dtype);
+      if (host) {
+        optim::host_adamw(p, g, m, v, optim::AdamWStep{lr, 0.9, 0.95, wd, 1e-8, i, coef});
+      } else {  // the reference: LibTorch's fused kernel, clipping as its gradient scale, gradients in the state dtype
+        compat::fused_adamw({p}, {g.to(state)}, {m}, {v}, {step}, lr, 0.9, 0.95, wd, 1e-8, at::full({}, 1 / coef));
+      }
+    }
+    return std::array<at::Tensor, 3>{p.to(at::kFloat), m.to(at::kFloat), v.to(at::kFloat)};
+  };
+  SUBCASE("fp32 state, fp32 and bf16 gradients") {
+    for (auto gd : {at::kFloat, at::kBFloat16}) {
+      const auto ours = run(at::kFloat, gd, true), ref = run(at::kFloat, gd, false);
+      for (int k = 0; k < 3; ++k) CHECK(test::rel_err(ours[k], ref[k]) < 1e-6);
+    }
+  }
+  SUBCASE("bf16 state (pure-bf16), bf16 gradients: within bf16 rounding") {
+    const auto ours = run(at::kBFloat16, at::kBFloat16, true), ref = run(at::kBFloat16, at::kBFloat16, false);
+    at::manual_seed(3);
+    const auto p0 = at::randn({n}).to(at::kBFloat16).to(at::kFloat);
+    // the moments to bf16 precision; the parameters' change (~3 lr = 0.03, a few bf16 steps of p) to a few %
+    CHECK(test::rel_err(ours[1], ref[1]) < 1e-2);
+    CHECK(test::rel_err(ours[2], ref[2]) < 1e-2);
+    CHECK(test::rel_err(ours[0] - p0, ref[0] - p0) < 5e-2);
+  }
+  SUBCASE("dtypes it does not take are named") {
+    auto p = at::zeros({4}, at::kDouble);
+    CHECK_THROWS_WITH_AS(optim::host_adamw(p, p, p, p, {}), doctest::Contains("host AdamW"), ConfigError);
+  }
 }
 
 TEST_CASE("cosine schedule: linear warmup, cosine to min_ratio") {
@@ -186,6 +227,76 @@ TEST_CASE("checkpointing policies: recomputed blocks give the gradients of kept 
   CHECK(checkpointing::EveryNth<12>::name == "every-12");
 }
 
+TEST_CASE("Mixtral through the engine: gradients of CE + coef x aux equal plain autograd, kept or recomputed") {
+  const auto corpus = text_corpus();
+  auto o = tiny(corpus);
+  o.preset = "mixtral-debug", o.micro_batch = 2, o.grad_accum = 2, o.grad_clip = 0;
+  const auto run = [&]<class Recipe>(Recipe) {
+    train::Trainer<model::Mixtral, Recipe> t(o, train::open_dataset(o));
+    auto weights = t.full_weights();  // before the step
+    const auto m = t.step();
+    return std::tuple{std::move(weights), m, t.gradient_shards()};
+  };
+  const auto [weights, kept, grads] = run(Policies<sharding::NoShard>{});
+  const auto [weights_ac, recomputed, grads_ac] = run(Policies<sharding::FullShard, checkpointing::EveryBlock>{});
+
+  // The same step by plain autograd: each micro-batch's mean CE + coef x aux, averaged over the micro-batches.
+  const auto c = train::resolve_config(o);
+  model::Mixtral ref(c);
+  {
+    std::map<std::string, at::Tensor> by_name;
+    for (auto& [name, t] : weights) by_name[name.rfind("model.", 0) == 0 ? name.substr(6) : name] = t;
+    at::NoGradGuard no_grad;
+    for (auto& item : ref->named_parameters()) item.value().copy_(by_name.at(item.key()));
+  }
+  auto dataset = train::open_dataset(o);
+  data::Sampler sampler(dataset.size(), o.seq_len, o.seed, dataset.name());
+  const auto reference = [&](bool with_router) {
+    for (auto& p : ref->parameters()) p.mutable_grad() = at::Tensor();
+    double loss = 0, aux = 0;
+    for (int64_t a = 0; a < o.grad_accum; ++a) {
+      auto windows = at::empty({o.micro_batch, o.seq_len + 1}, at::kLong);
+      for (int64_t b = 0; b < o.micro_batch; ++b)
+        windows[b].copy_(dataset.slice(sampler.window_start(a * o.micro_batch + b), o.seq_len + 1, c.vocab_size));
+      std::vector<at::Tensor> stats;
+      const auto logits = ref->forward(windows.narrow(1, 0, o.seq_len), &stats);
+      const auto router = model::router_loss(stats, c);
+      const auto ce = model::ops::next_token_loss_sum(logits, windows.narrow(1, 1, o.seq_len)) /
+                      static_cast<double>(o.micro_batch * o.seq_len);
+      const auto micro = (with_router ? ce + router.total : ce) / static_cast<double>(o.grad_accum);
+      micro.backward();
+      loss += micro.item<double>(), aux += router.aux.item<double>() / static_cast<double>(o.grad_accum);
+    }
+    std::vector<at::Tensor> out;  // every parameter's gradient, in unit order
+    for (size_t u = 0; u < ref->num_units(); ++u)
+      for (auto& [name, p] : ref->unit_parameters(u)) out.push_back(p.grad().clone());
+    return std::tuple{loss, aux, out};
+  };
+  const auto [ce_only_loss, ce_only_aux, ce_only] = reference(false);
+  const auto [loss, aux, expected] = reference(true);
+  CHECK(kept.loss == doctest::Approx(loss).epsilon(1e-5));
+  CHECK(kept.aux_loss == doctest::Approx(aux).epsilon(1e-5));
+  CHECK(recomputed.loss == doctest::Approx(loss).epsilon(1e-5));
+  // Parameter by parameter (the routers' gradients hold the aux term): the engine's flat gradients, unit by unit.
+  double worst = 0, worst_ac = 0, aux_effect = 0;
+  for (size_t u = 0, i = 0; u < grads.size(); ++u) {
+    int64_t offset = 0;
+    for (auto& [name, p] : ref->unit_parameters(u)) {
+      const int64_t n = p.numel();
+      const auto want = expected[i].reshape({-1});
+      worst = std::max(worst, test::rel_err(grads[u].narrow(0, offset, n), want));
+      worst_ac = std::max(worst_ac, test::rel_err(grads_ac[u].narrow(0, offset, n), want));
+      if (name.find("mlp.gate.") != std::string::npos) aux_effect = std::max(aux_effect, test::rel_err(ce_only[i], expected[i]));
+      offset += n, ++i;
+    }
+  }
+  MESSAGE("loss ", kept.loss, " (aux ", kept.aux_loss, "): max grad rel err kept ", worst, ", recomputed ", worst_ac,
+          "; the aux term moves the router gradients by ", aux_effect);
+  CHECK(aux_effect > 1e-2);  // the comparison below would see a missing aux gradient
+  CHECK(worst < 1e-4);
+  CHECK(worst_ac < 1e-4);
+}
+
 TEST_CASE("precision policies set the dtypes of master weights and compute weights") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
@@ -205,6 +316,37 @@ TEST_CASE("precision policies set the dtypes of master weights and compute weigh
     for (const auto& w : t.master_weights()) CHECK((w.scalar_type() == at::kBFloat16));
     for (const auto& g : t.gradient_shards()) CHECK((g.scalar_type() == at::kBFloat16));
   }
+}
+
+TEST_CASE("offloaded on one rank: bf16 host gradients train exactly as fp32 device gradients") {
+  const auto corpus = text_corpus();
+  auto o = tiny(corpus);
+  o.grad_clip = 0.5;  // clipping active: the norm summed on the device scales the upcast gradients
+  using Mixed = Policies<sharding::FullShard, precision::MixedBF16>;
+  using MixedOffload = Policies<sharding::FullShard, precision::MixedBF16, offload::Cpu>;
+  train::Trainer<model::Llama3, Mixed> ref(o, train::open_dataset(o));
+  train::Trainer<model::Llama3, MixedOffload> off(o, train::open_dataset(o));
+  // Step 1 from the same weights: the same gradients (bf16 on the host, exactly the fp32 ones rounded from bf16)
+  // and, through the host AdamW, master weights within fp32 rounding of the fused kernel's.
+  auto a = ref.step(), b = off.step();
+  CHECK(a.loss == b.loss);
+  CHECK(std::abs(a.grad_norm - b.grad_norm) <= 1e-6 * a.grad_norm);
+  for (const auto& g : off.gradient_shards()) CHECK((g.scalar_type() == at::kBFloat16));
+  auto wa = ref.master_weights(), wb = off.master_weights();
+  for (size_t i = 0; i < wa.size(); ++i) CHECK(test::rel_err(wb[i], wa[i]) < 1e-6);
+  // Later steps: fp32 rounding differences flip the bf16 rounding of a few compute weights, so mixed-bf16's
+  // tolerance (that of dist_policy_matrix).
+  for (int s = 1; s < 4; ++s) {
+    a = ref.step(), b = off.step();
+    CHECK(std::abs(a.loss - b.loss) <= 1e-4 * a.loss);
+  }
+  wa = ref.master_weights(), wb = off.master_weights();
+  for (size_t i = 0; i < wa.size(); ++i) CHECK(test::rel_err(wb[i], wa[i]) < 1e-3);
+  // With accumulation the host sums in fp32.
+  o.grad_accum = 2;
+  train::Trainer<model::Llama3, MixedOffload> accum(o, train::open_dataset(o));
+  accum.step();
+  for (const auto& g : accum.gradient_shards()) CHECK((g.scalar_type() == at::kFloat));
 }
 
 TEST_CASE("the loss goes down, and the metrics JSONL carries every DESIGN.md key") {
@@ -349,4 +491,343 @@ TEST_CASE("LoRA and DoRA runs: the base is frozen, only adapters train and are c
     for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i].second, b[i].second));
     compat::remove_all(dir);
   }
+}
+
+namespace {
+/// Writes `tokens` and `mask` as NAME.bin + NAME.mask (the files shardlm_tokenize writes).
+fs::path write_shard(const fs::path& dir, const std::string& name, const std::vector<uint32_t>& tokens,
+                     const std::vector<uint8_t>& mask) {
+  data::ShardWriter w(dir / name, 0);
+  w.write(tokens, mask);
+  return w.finish().front();
+}
+/// The corpus's bytes as tokens, with a mask that leaves out runs of targets (as prompts would be).
+std::pair<std::vector<uint32_t>, std::vector<uint8_t>> masked_corpus() {
+  const auto text = text_corpus();
+  std::vector<uint32_t> tokens(text.begin(), text.end());
+  std::vector<uint8_t> mask(tokens.size());
+  for (size_t i = 0; i < mask.size(); ++i) mask[i] = (i / 11) % 3 != 0;
+  return {tokens, mask};
+}
+/// The mean next-token loss of the model on windows (start, T + 1) of `d`, over the targets the mask keeps,
+/// computed by the single-device forward (reference for the trainer; NoShard keeps the full parameters in place).
+template <class Model>
+std::pair<double, int64_t> reference_loss(Model& model, const data::TokenDataset& d, const std::vector<int64_t>& starts,
+                                          int64_t T) {
+  at::NoGradGuard no_grad;
+  double sum = 0;
+  int64_t n = 0;
+  for (const auto start : starts) {
+    const auto ids = d.slice(start, T, 1 << 20).unsqueeze(0);
+    const auto logp = at::log_softmax(model->forward(ids).to(at::kDouble), -1)[0];  // [T, V]
+    for (int64_t t = 0; t < T; ++t) {
+      if (d.mask() && !(*d.mask())[start + t + 1]) continue;
+      sum -= logp[t][d[start + t + 1]].template item<double>();
+      ++n;
+    }
+  }
+  return {sum / n, n};
+}
+}  // namespace
+
+TEST_CASE("packing: windows of T + 1 tokens at stride T over the document stream; targets carry the mask") {
+  // Two documents ending with EOS (9), packed: windows cross the boundary, the last partial window is dropped.
+  std::vector<uint32_t> tokens = {1, 2, 3, 9, 4, 5, 6, 7, 9, 8, 8};
+  std::vector<uint8_t> mask = {0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1};
+  const auto dir = test::temp_dir("packing");
+  const auto d = data::TokenDataset::open(write_shard(dir, "docs", tokens, mask));
+  REQUIRE(d.mask());
+  data::Sampler s(d.size(), 4, 0);
+  CHECK(s.num_windows() == 2);  // (11 - 1) / 4: tokens [0, 4] and [4, 8]; 8..10 make no full window
+  std::set<int64_t> starts{s.window_start(0), s.window_start(1)};
+  CHECK(starts == std::set<int64_t>{0, 4});
+  int64_t n = 0;
+  // window 1 = tokens [4, 8]: inputs 4 5 6 7, targets 5 6 7 9 with masks 0 1 1 1 (token 4 is only an input)
+  CHECK(at::equal(d.slice(4, 4, 100), at::tensor({4, 5, 6, 7}, at::kLong)));
+  CHECK(at::equal(d.targets(4, 4, 100, -100, &n), at::tensor({-100, 6, 7, 9}, at::kLong)));
+  CHECK(n == 3);
+  CHECK(d.counted_targets(4, 4) == 3);
+  // window 0 crosses into the second document: targets 2 3 9 4 with masks 1 1 1 0
+  CHECK(at::equal(d.targets(0, 4, 100, -100, &n), at::tensor({2, 3, 9, -100}, at::kLong)));
+  CHECK(n == 3);
+  // a range shares the mapping, mask included
+  const auto r = d.range(4, 7, "tail");
+  CHECK(r.size() == 7);
+  CHECK(r[0] == 4);
+  CHECK(at::equal(r.targets(0, 4, 100, -100, &n), at::tensor({-100, 6, 7, 9}, at::kLong)));
+  // a mask entry that is not 0/1 is named when a window reads it
+  std::vector<uint8_t> bad = mask;
+  bad[6] = 7;
+  const auto b = data::TokenDataset::open(write_shard(dir, "bad", tokens, bad));
+  CHECK_THROWS_WITH_AS(b.targets(4, 4, 100, -100, &n), doctest::Contains("bad.mask: entry 6 is 7, not 0 or 1"), IoError);
+  compat::remove_all(dir);
+}
+
+TEST_CASE("sampler: resuming at sample k gives the batches of the uninterrupted run") {
+  data::Sampler run(1001, 10, 3);
+  std::vector<int64_t> all;
+  for (int64_t k = 0; k < 350; ++k) all.push_back(run.window_start(k));  // three and a half epochs
+  for (int64_t resume_at : {0, 64, 99, 100, 257}) {
+    data::Sampler resumed(1001, 10, 3);  // the state of a run is its sample index: step x global batch
+    for (int64_t k = resume_at; k < 350; ++k) REQUIRE(resumed.window_start(k) == all[static_cast<size_t>(k)]);
+  }
+}
+
+TEST_CASE("loss masks: the loss is the mean over kept targets of the global batch, at any accumulation split") {
+  const auto dir = test::temp_dir("masked");
+  const auto [tokens, mask] = masked_corpus();
+  auto o = tiny("");
+  o.data = write_shard(dir, "corpus", tokens, mask).string();
+  o.grad_clip = 0;
+  std::vector<std::vector<double>> losses;
+  std::vector<std::vector<at::Tensor>> weights, grads;
+  for (auto [micro, accum] : {std::pair{4, 1}, std::pair{1, 4}}) {
+    o.micro_batch = micro, o.grad_accum = accum;
+    train::Trainer<model::Llama3, Policies<sharding::NoShard>> t(o, train::open_dataset(o));
+    REQUIRE(train::open_dataset(o).mask());
+    // The reference: the same 4 windows through the plain forward, kept targets only.
+    data::Sampler sampler(static_cast<int64_t>(tokens.size()), o.seq_len, o.seed);
+    std::vector<int64_t> starts;
+    int64_t kept = 0;
+    for (int64_t k = 0; k < 4; ++k) starts.push_back(sampler.window_start(k));
+    for (auto s : starts)
+      for (int64_t i = 1; i <= o.seq_len; ++i) kept += mask[static_cast<size_t>(s + i)];
+    const auto [ref, n] = reference_loss(t.model(), train::open_dataset(o), starts, o.seq_len);
+    REQUIRE(n == kept);
+    REQUIRE(kept < 4 * o.seq_len);  // the mask does leave targets out
+    losses.emplace_back();
+    const auto m = t.step();
+    MESSAGE("split ", micro, "x", accum, ": loss ", m.loss, " (reference ", ref, "), ", m.loss_tokens, " of ", m.tokens,
+            " targets in the loss");
+    CHECK(m.loss_tokens == kept);
+    CHECK(m.loss == doctest::Approx(ref).epsilon(1e-5));
+    losses.back().push_back(m.loss);
+    grads.push_back(t.gradient_shards());
+    for (int s = 1; s < 3; ++s) losses.back().push_back(t.step().loss);
+    weights.push_back(t.master_weights());
+  }
+  for (size_t s = 0; s < 3; ++s) CHECK(losses[1][s] == doctest::Approx(losses[0][s]).epsilon(1e-5));
+  double worst = 0, worst_grad = 0;
+  for (size_t i = 0; i < weights[0].size(); ++i) worst = std::max(worst, test::rel_err(weights[1][i], weights[0][i]));
+  for (size_t i = 0; i < grads[0].size(); ++i) worst_grad = std::max(worst_grad, test::rel_err(grads[1][i], grads[0][i]));
+  MESSAGE("4x1 vs 1x4: max gradient rel err ", worst_grad, ", max weight rel err after 3 steps ", worst);
+  CHECK(worst_grad < 1e-5);
+  CHECK(worst < 1e-3);  // Adam's sign-like steps show fp32 summation noise at the lr scale (see the test above)
+  compat::remove_all(dir);
+}
+
+TEST_CASE("evaluation: the --eval-fraction split, the eval loss against the plain forward, eval_loss in the JSONL") {
+  const auto dir = test::temp_dir("eval");
+  const auto [tokens, mask] = masked_corpus();
+  auto o = tiny("");
+  o.data = write_shard(dir, "corpus", tokens, mask).string();
+  o.eval_fraction = 0.25;
+  const auto [train_data, eval_data] = train::open_datasets(o);
+  REQUIRE(eval_data);
+  const auto held = static_cast<int64_t>(tokens.size() * 0.25);
+  CHECK(eval_data->size() == held);
+  CHECK(train_data.size() == static_cast<int64_t>(tokens.size()) - held);
+  CHECK((*eval_data)[0] == tokens[tokens.size() - held]);
+  REQUIRE(eval_data->mask());
+  {
+    o.eval_samples = 9;  // not a multiple of micro-batch x world: the last micro-batch is padded
+    train::Trainer<model::Llama3, Policies<sharding::NoShard>> t(o, train_data);
+    t.set_eval_data(*eval_data);
+    t.step();
+    std::vector<int64_t> starts;
+    for (int64_t w = 0; w < 9; ++w) starts.push_back(w * o.seq_len);
+    const auto [ref, n] = reference_loss(t.model(), *eval_data, starts, o.seq_len);
+    const auto [loss, targets] = t.evaluate();
+    MESSAGE("eval loss ", loss, " over ", targets, " targets (reference ", ref, " over ", n, ")");
+    CHECK(targets == n);
+    CHECK(loss == doctest::Approx(ref).epsilon(1e-5));
+    CHECK(t.evaluate().first == loss);  // evaluation changes nothing
+  }
+  // run_trainer evaluates every --eval-every steps and at the end; rows carry eval_loss only then
+  o.eval_samples = 0;
+  o.steps = 5;
+  o.eval_every = 2;
+  o.metrics = (dir / "m.jsonl").string();
+  o.tensorboard = (dir / "tb").string();
+  CHECK(run_trainer<model::Llama3, Policies<sharding::NoShard>>(o) == 0);
+  std::ifstream in(o.metrics);
+  std::vector<int64_t> evaluated;
+  for (std::string line; std::getline(in, line);) {
+    const auto row = nlohmann::json::parse(line);
+    if (row.contains("eval_loss")) {
+      evaluated.push_back(row["step"]);
+      CHECK(std::isfinite(row["eval_loss"].get<double>()));
+      CHECK(row["eval_tokens"].get<int64_t>() > 0);
+    }
+  }
+  CHECK(evaluated == std::vector<int64_t>{2, 4, 5});
+  // --eval-data: the whole training file, and another file (with its mask) for validation
+  auto e = tiny("");
+  e.data = o.data;
+  e.eval_data = write_shard(dir, "valid", {1, 2, 3, 4, 5}, {0, 1, 1, 0, 1}).string();
+  const auto [all, valid] = train::open_datasets(e);
+  CHECK(all.size() == static_cast<int64_t>(tokens.size()));
+  REQUIRE(valid);
+  CHECK(valid->size() == 5);
+  CHECK(valid->counted_targets(0, 4) == 3);  // targets 2 3 4 5: masks 1 1 0 1
+  compat::remove_all(dir);
+}
+
+TEST_CASE("the training progress bar: steps, rate and ETA on a terminal, erased for log lines") {
+  std::ostringstream out;
+  Progress bar("training", 8, /*enabled=*/true, /*terminal=*/1, &out, Progress::Units::steps);
+  bar.add(1);
+  CHECK(out.str().find("shardlm: training [###...........................] 1 of 8 steps, ") != std::string::npos);
+  CHECK(out.str().find(" steps/s, ETA ") != std::string::npos);
+  out.str("");
+  bar.clear();
+  CHECK(out.str() == "\r\x1b[K");
+  out.str("");
+  bar.clear();  // nothing drawn: nothing to erase
+  CHECK(out.str().empty());
+  bar.add(1);  // drawn again at once after a clear
+  CHECK(out.str().find("2 of 8 steps") != std::string::npos);
+}
+
+namespace {
+/// A reader of TensorBoard event files: checks each record's framing and both CRCs, and decodes the Event
+/// fields it meets (wall_time, step, file_version, summary values) from the protocol-buffer wire format.
+struct Event {
+  double wall_time = 0;
+  int64_t step = -1;
+  std::string file_version;
+  std::map<std::string, float> scalars;
+};
+uint64_t read_varint(std::string_view& s) {
+  uint64_t v = 0;
+  for (int shift = 0;; shift += 7) {
+    REQUIRE(!s.empty());
+    const auto b = static_cast<uint8_t>(s[0]);
+    s.remove_prefix(1);
+    v |= uint64_t(b & 0x7F) << shift;
+    if (!(b & 0x80)) return v;
+  }
+}
+template <class T>
+T read_fixed(std::string_view& s) {
+  REQUIRE(s.size() >= sizeof(T));
+  T v;
+  std::memcpy(&v, s.data(), sizeof(T));
+  s.remove_prefix(sizeof(T));
+  return v;
+}
+std::string_view read_bytes(std::string_view& s) {
+  const auto n = read_varint(s);
+  REQUIRE(s.size() >= n);
+  const auto out = s.substr(0, n);
+  s.remove_prefix(n);
+  return out;
+}
+std::vector<Event> read_events(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string_view s = all;
+  std::vector<Event> events;
+  while (!s.empty()) {
+    REQUIRE(s.size() >= 12);
+    const auto header = s.substr(0, 8);
+    const auto length = read_fixed<uint64_t>(s);
+    CHECK(read_fixed<uint32_t>(s) == train::tensorboard::masked_crc(header));
+    REQUIRE(s.size() >= length + 4);
+    std::string_view data = s.substr(0, length);
+    s.remove_prefix(length);
+    CHECK(read_fixed<uint32_t>(s) == train::tensorboard::masked_crc(data));
+    Event e;
+    while (!data.empty()) {
+      const auto key = read_varint(data);
+      switch (key) {
+        case (1 << 3) | 1: e.wall_time = read_fixed<double>(data); break;
+        case (2 << 3) | 0: e.step = static_cast<int64_t>(read_varint(data)); break;
+        case (3 << 3) | 2: e.file_version = read_bytes(data); break;
+        case (5 << 3) | 2: {
+          auto summary = read_bytes(data);
+          while (!summary.empty()) {
+            REQUIRE(read_varint(summary) == ((1 << 3) | 2));
+            auto value = read_bytes(summary);
+            std::string tag;
+            float v = NAN;
+            while (!value.empty()) {
+              const auto k = read_varint(value);
+              if (k == ((1 << 3) | 2)) tag = read_bytes(value);
+              else if (k == ((2 << 3) | 5)) v = read_fixed<float>(value);
+              else FAIL("unexpected field in Summary.Value: ", k);
+            }
+            e.scalars[tag] = v;
+          }
+          break;
+        }
+        default: FAIL("unexpected field in Event: ", key);
+      }
+    }
+    events.push_back(e);
+  }
+  return events;
+}
+}  // namespace
+
+TEST_CASE("TensorBoard event files: CRC32C, record framing and the Event fields, read back") {
+  // CRC32C check values (RFC 3720 B.4): 32 zero bytes, and "123456789"
+  CHECK(train::tensorboard::crc32c(std::string(32, '\0')) == 0x8A9136AAu);
+  CHECK(train::tensorboard::crc32c("123456789") == 0xE3069283u);
+  const auto dir = test::temp_dir("tb");
+  fs::path file;
+  {
+    train::tensorboard::Writer w(dir / "run");
+    file = w.path();
+    w.scalars(1, {{"train/loss", 5.5f}, {"train/lr", 1e-3f}});
+    w.scalars(2, {{"train/loss", 4.25f}, {"eval/loss", 4.5f}});
+  }
+  CHECK(file.filename().string().starts_with("events.out.tfevents."));
+  const auto events = read_events(file);
+  REQUIRE(events.size() == 3);
+  CHECK(events[0].file_version == "brain.Event:2");
+  CHECK(events[0].wall_time > 1.7e9);
+  CHECK(events[1].step == 1);
+  CHECK(events[1].scalars == std::map<std::string, float>{{"train/loss", 5.5f}, {"train/lr", 1e-3f}});
+  CHECK(events[2].step == 2);
+  CHECK(events[2].scalars.at("eval/loss") == 4.5f);
+  CHECK(events[2].wall_time >= events[1].wall_time);
+  compat::remove_all(dir);
+}
+
+TEST_CASE("--config FILE.json: keys are flag names, the command line overrides them, bad keys and values are named") {
+  const auto dir = test::temp_dir("config");
+  const auto file = (dir / "run.json").string();
+  std::ofstream(file) << R"({"steps": 12, "lr": 0.02, "data": "a.bin", "async-save": true, "checkpoint-dir": "ck"})";
+  const std::string config = "--config=" + file;
+  const char* args[] = {"prog", "--steps", "30", config.c_str()};
+  const auto o = cli::parse(4, args);
+  CHECK(o.steps == 30);  // the command line wins, before or after --config
+  CHECK(o.lr == 0.02);
+  CHECK(o.data == "a.bin");
+  CHECK(o.async_save);
+  CHECK(o.seq_len == TrainOptions{}.seq_len);
+  const auto error = [&](const std::string& json) {
+    std::ofstream(file) << json;
+    const char* a[] = {"prog", "--config", file.c_str()};
+    try {
+      cli::parse(3, a);
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(error(R"({"stepz": 3})") == "--config " + file + ": unknown key 'stepz' (keys are flag names without --; --help lists them)");
+  CHECK(error(R"({"steps": "many", "data": "a.bin"})").starts_with("--config " + file + ": key 'steps': "));
+  CHECK(error(R"({"steps": [1, 2]})") == "--config " + file + ": key 'steps': the value must be a string, number or boolean, got array");
+  CHECK(error(R"([1])") == "--config " + file + ": must hold a JSON object of flags, got array");
+  CHECK(error(R"({"steps": )").starts_with("--config " + file + ": malformed JSON"));
+  CHECK(error(R"({"steps": -1, "data": "a.bin"})") == "--steps must be >= 0, got -1");
+  const char* missing[] = {"prog", "--config", "no-such.json"};
+  CHECK_THROWS_WITH_AS(cli::parse(3, missing), "--config no-such.json: cannot open", IoError);
+  const char* eval_alone[] = {"prog", "--data", "a.bin", "--eval-every", "5"};
+  CHECK_THROWS_WITH_AS(cli::parse(5, eval_alone), doctest::Contains("--eval-every needs validation data"), ConfigError);
+  const char* bad_value[] = {"prog", "--data", "a.bin", "--lr", "fast"};
+  CHECK_THROWS_WITH_AS(cli::parse(5, bad_value), doctest::Contains("--lr fast: "), ConfigError);
+  compat::remove_all(dir);
 }

@@ -7,7 +7,9 @@
 #include <ftw.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <initializer_list>
 #include <optional>
 
 #if TORCH_VERSION_MAJOR < 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 11)
@@ -20,6 +22,7 @@
 #define SHARDLM_HAVE_CUDA 1
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime_api.h>
 #else
 #define SHARDLM_HAVE_CUDA 0
 #endif
@@ -48,6 +51,44 @@ inline void fused_adamw(at::TensorList params, at::TensorList grads, at::TensorL
   at::_foreach_add_(steps, 1);
   at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
                     weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, grad_scale, /*found_inf=*/std::nullopt);
+}
+
+/// A 1-D tensor of `numel` elements in page-locked host memory of exactly that size, freed with the tensor. The
+/// caching host allocator behind at::empty(..., pinned_memory(true)) rounds every block up to a power of two
+/// (ATen/core/CachingHostAllocator.h, PowerOf2Ceil), up to twice the bytes asked: for offloaded training state
+/// (the largest use of host memory) that is the difference between fitting a model and the OOM killer. Without
+/// CUDA the tensor is ordinary host memory.
+inline at::Tensor pinned_empty(int64_t numel, at::ScalarType dtype) {
+#if SHARDLM_HAVE_CUDA
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* ptr = nullptr;
+  if (const auto err = cudaHostAlloc(&ptr, std::max<size_t>(bytes, 1), cudaHostAllocDefault); err != cudaSuccess) {
+    (void)cudaGetLastError();
+    TORCH_CHECK(false, "cannot page-lock ", static_cast<double>(bytes) / (1 << 30), " GiB of host memory (",
+                cudaGetErrorString(err), "): the host has too little memory for this run's offloaded state");
+  }
+  return at::from_blob(ptr, {numel}, [](void* p) { (void)cudaFreeHost(p); }, at::TensorOptions().dtype(dtype));
+#else
+  return at::empty({numel}, dtype);
+#endif
+}
+
+/// Whether at::_grouped_mm (2.8+) serves a [M, K] x [G, K, N] product of `dtype` on `device` with these inner
+/// sizes: bf16 on an sm90/sm100 GPU, every row stride a multiple of 16 bytes.
+inline bool has_grouped_mm(const at::Device& device, at::ScalarType dtype, std::initializer_list<int64_t> sizes) {
+#if SHARDLM_HAVE_CUDA && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 8)
+  if (!device.is_cuda() || dtype != at::kBFloat16) return false;
+  for (auto n : sizes)
+    if (n * 2 % 16 != 0) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.has_index() ? device.index() : 0) !=
+      cudaSuccess)
+    return false;
+  return major == 9 || major == 10;
+#else
+  (void)device, (void)dtype, (void)sizes;
+  return false;
+#endif
 }
 
 /// Bytes allocated and reserved by the CUDA caching allocator on `device` (current, peak).

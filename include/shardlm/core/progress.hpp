@@ -1,6 +1,7 @@
 #pragma once
-// A byte-counting progress report for long reads and writes (loading and exporting checkpoints): on a terminal a
-// bar redrawn in place (bytes done of total, GB/s, ETA); otherwise, as in a batch job's log, one line per 10%.
+// A progress report for long reads and writes (loading and exporting checkpoints: bytes) and for training (steps):
+// on a terminal a bar redrawn in place (done of total, rate, ETA); otherwise, as in a batch job's log, one line
+// per 10%.
 #include <unistd.h>
 
 #include <chrono>
@@ -19,11 +20,14 @@ class Progress {
   using clock = std::chrono::steady_clock;
 
  public:
-  /// Reports on `what` (e.g. "loading") out of `total` bytes when `enabled` (rank 0); `terminal` draws a bar
-  /// (default: stderr is a terminal), `out` replaces stderr (tests).
-  Progress(std::string what, uint64_t total, bool enabled, int terminal = -1, std::ostream* out = nullptr)
+  enum class Units { bytes, steps };
+  /// Reports on `what` (e.g. "loading") out of `total` bytes (or steps) when `enabled` (rank 0); `terminal` draws
+  /// a bar (default: stderr is a terminal), `out` replaces stderr (tests).
+  Progress(std::string what, uint64_t total, bool enabled, int terminal = -1, std::ostream* out = nullptr,
+           Units units = Units::bytes)
       : what_(std::move(what)), total_(total), enabled_(enabled),
-        terminal_(terminal < 0 ? ::isatty(STDERR_FILENO) == 1 : terminal > 0), out_(out), start_(clock::now()) {}
+        terminal_(terminal < 0 ? ::isatty(STDERR_FILENO) == 1 : terminal > 0), out_(out), start_(clock::now()),
+        units_(units) {}
   Progress(const Progress&) = delete;
   Progress& operator=(const Progress&) = delete;
 
@@ -37,6 +41,7 @@ class Progress {
       if (now - drawn_ < std::chrono::milliseconds(200) && done_ < total_) return;
       drawn_ = now;
       emit("\r" + bar(now) + "\x1b[K", false);
+      shown_ = true;
     } else if (total_ > 0) {
       const int tenth = static_cast<int>(done_ * 10 / total_);
       if (tenth > tenths_ && done_ < total_) {
@@ -59,10 +64,19 @@ class Progress {
     emit(terminal_ ? "\r" + bar(clock::now()) + "\x1b[K\n" + buf : std::string(buf), true);
   }
   ~Progress() {
-    if (enabled_ && terminal_ && !finished_ && done_ > 0) emit("\n", false);  // leave the bar's line when unwinding
+    if (enabled_ && terminal_ && !finished_ && shown_) emit("\n", false);  // leave the bar's line when unwinding
   }
 
   uint64_t done() const { return done_; }
+
+  /// Erases the bar (on a terminal) so that a log line can take its place; the next add() draws it again.
+  void clear() {
+    if (!enabled_ || !terminal_ || finished_) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (shown_) emit("\r\x1b[K", false);
+    shown_ = false;
+    drawn_ = {};
+  }
 
  private:
   double seconds(clock::time_point now) const { return std::chrono::duration<double>(now - start_).count(); }
@@ -70,14 +84,20 @@ class Progress {
   static std::pair<double, const char*> unit_of(uint64_t total) {
     return total >= 1000000000 ? std::pair(1e9, "GB") : std::pair(1e6, "MB");
   }
-  /// "12.30 of 45.60 GB, 1.23 GB/s, ETA 0:27"
+  /// "12.30 of 45.60 GB, 1.23 GB/s, ETA 0:27", or "12 of 300 steps, 2.50 steps/s, ETA 1:55" (h:mm:ss past an hour)
   std::string figures(clock::time_point now) const {
     const double s = seconds(now), rate = s > 0 ? done_ / s : 0;
-    const double eta = rate > 0 ? (total_ - done_) / rate : 0;
+    const auto eta = static_cast<int64_t>(rate > 0 ? (total_ - done_) / rate : 0);
+    char time[32], buf[120];
+    if (eta >= 3600) std::snprintf(time, sizeof time, "%lld:%02d:%02d", static_cast<long long>(eta / 3600), int(eta / 60 % 60), int(eta % 60));
+    else std::snprintf(time, sizeof time, "%d:%02d", int(eta / 60), int(eta % 60));
+    if (units_ == Units::steps) {
+      std::snprintf(buf, sizeof buf, "%llu of %llu steps, %.2f steps/s, ETA %s", static_cast<unsigned long long>(done_),
+                    static_cast<unsigned long long>(total_), rate, time);
+      return buf;
+    }
     const auto [unit, name] = unit_of(total_);
-    char buf[120];
-    std::snprintf(buf, sizeof buf, "%.2f of %.2f %s, %.2f GB/s, ETA %d:%02d", done_ / unit, total_ / unit, name,
-                  rate / 1e9, static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+    std::snprintf(buf, sizeof buf, "%.2f of %.2f %s, %.2f GB/s, ETA %s", done_ / unit, total_ / unit, name, rate / 1e9, time);
     return buf;
   }
   std::string bar(clock::time_point now) const {
@@ -104,9 +124,10 @@ class Progress {
   std::ostream* out_;
   clock::time_point start_, drawn_{};
   std::mutex mutex_;
+  Units units_;
   uint64_t done_ = 0;
   int tenths_ = 0;
-  bool finished_ = false;
+  bool finished_ = false, shown_ = false;
 };
 
 }  // namespace shardlm

@@ -4,7 +4,15 @@
 //   NAME.mask  the loss mask, one uint8 per token of NAME.bin: 1 = the token counts in the loss as a target,
 //              0 = it does not (a prompt, a BOS). Optional for readers: no mask means every token counts.
 // Torch-free, like the tokenizer.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <memory>
 #include <bit>
 #include <cstdint>
 #include <cstdio>
@@ -93,33 +101,60 @@ class ShardWriter {
   std::vector<std::filesystem::path> files_;
 };
 
-/// The loss mask of a token file (NAME.mask next to NAME.bin), checked against the token count.
+/// The loss mask of a token file (NAME.mask next to NAME.bin), memory-mapped and checked against the token count.
+/// Copies and ranges share the mapping.
 class LossMask {
  public:
-  /// Reads the mask of `bin` (a .bin token file); an IoError if it is missing, of the wrong length or not 0/1.
-  static LossMask open(const std::filesystem::path& bin) {
+  /// Maps the mask of `bin` (a .bin token file); an IoError if it is missing or of the wrong length, or, with
+  /// `check_values`, if an entry is not 0/1 (that reads every page; readers that skip it check what they read).
+  static LossMask open(const std::filesystem::path& bin, bool check_values = true) {
     const auto path = mask_path(bin);
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail<IoError>(path.string(), ": cannot open (the loss mask of ", bin.string(), ")");
-    LossMask m;
-    m.values_.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    const auto p = path.string();
     std::error_code ec;
     const auto bin_bytes = std::filesystem::file_size(bin, ec);
     if (ec) fail<IoError>(bin.string(), ": cannot stat: ", ec.message());
-    if (bin_bytes != 4 * m.values_.size())
-      fail<IoError>(path.string(), ": ", m.values_.size(), " mask entries for ", bin_bytes / 4, " tokens in ", bin.string());
-    for (size_t i = 0; i < m.values_.size(); ++i)
-      if (m.values_[i] > 1) fail<IoError>(path.string(), ": entry ", i, " is ", int(m.values_[i]), ", not 0 or 1");
+    const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail<IoError>(p, ": cannot open (the loss mask of ", bin.string(), "): ", std::strerror(errno));
+    struct stat st {};
+    const bool stat_ok = ::fstat(fd, &st) == 0;
+    const auto size = stat_ok ? static_cast<size_t>(st.st_size) : 0;
+    void* map = stat_ok && size ? ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0) : nullptr;
+    ::close(fd);
+    if (!stat_ok) fail<IoError>(p, ": cannot stat");
+    if (map == MAP_FAILED) fail<IoError>(p, ": mmap failed: ", std::strerror(errno));
+    LossMask m;
+    m.name_ = p;
+    m.mapping_ = std::shared_ptr<void>(map, [size](void* a) { if (a) ::munmap(a, size); });
+    m.data_ = static_cast<const uint8_t*>(map);
+    m.size_ = static_cast<int64_t>(size);
+    if (bin_bytes != 4 * size) fail<IoError>(p, ": ", size, " mask entries for ", bin_bytes / 4, " tokens in ", bin.string());
+    if (check_values) m.check(0, m.size_);
     return m;
   }
 
-  int64_t size() const { return static_cast<int64_t>(values_.size()); }
+  int64_t size() const { return size_; }
+  const std::string& name() const { return name_; }
   /// Whether token i counts in the loss.
-  bool operator[](int64_t i) const { return values_[static_cast<size_t>(i)] != 0; }
-  std::span<const uint8_t> values() const { return values_; }
+  bool operator[](int64_t i) const { return data_[i] != 0; }
+  std::span<const uint8_t> values() const { return {data_, static_cast<size_t>(size_)}; }
+  /// Entries [begin, begin + len) as a mask of their own (sharing the mapping; positions in errors stay the file's).
+  LossMask range(int64_t begin, int64_t len) const {
+    SHARDLM_ASSERT(begin >= 0 && len >= 0 && begin + len <= size_, "range outside ", name_);
+    LossMask m = *this;
+    m.data_ += begin, m.size_ = len, m.offset_ += begin;
+    return m;
+  }
+  /// An IoError naming the first entry of [begin, begin + len) that is not 0 or 1.
+  void check(int64_t begin, int64_t len) const {
+    for (int64_t i = begin; i < begin + len; ++i)
+      if (data_[i] > 1) fail<IoError>(name_, ": entry ", offset_ + i, " is ", int(data_[i]), ", not 0 or 1");
+  }
 
  private:
-  std::vector<uint8_t> values_;
+  std::string name_;
+  std::shared_ptr<void> mapping_;
+  const uint8_t* data_ = nullptr;
+  int64_t size_ = 0, offset_ = 0;
 };
 
 }  // namespace shardlm::data

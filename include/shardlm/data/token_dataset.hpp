@@ -1,16 +1,22 @@
 #pragma once
 // Token streams and the order in which training reads them.
-//   A token file is raw little-endian uint32 tokens (`.bin`), memory-mapped; a `.txt` file is read as bytes
-//   (one token per byte: the byte-level vocabulary of the bundled examples).
-//   Training samples are windows of T + 1 tokens at stride T; an epoch visits every window once in an order
-//   fixed by the seed. Sample k of the run is window perm_{k / n}(k % n): the order depends only on the seed,
-//   so any split of a global batch over ranks and micro-batches reads the same samples.
+//   A token file is raw little-endian uint32 tokens (`.bin`), memory-mapped, with its loss mask (`.mask`, one byte
+//   per token, data/shards.hpp) memory-mapped too when it exists; a `.txt` file is read as bytes (one token per
+//   byte: the byte-level vocabulary of the bundled examples; no mask: every token counts).
+//   Packing: the documents of a token file follow each other, each ending with EOS (shardlm_tokenize), and
+//   training samples are windows of T + 1 tokens at stride T over that stream, crossing document boundaries
+//   (window w is tokens [w T, w T + T]; its inputs are the first T, its targets the last T, whose mask entries
+//   [w T + 1, w T + T] say which targets count in the loss). An epoch visits every window once in an order
+//   fixed by the seed. Sample k of the run is window perm_{k / n}(k % n): the order depends only on the seed
+//   and k, so any split of a global batch over ranks and micro-batches reads the same samples, and a run
+//   resumed at step s (k = s x global batch) reads what the uninterrupted run would have read.
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -18,18 +24,20 @@
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/data/shards.hpp"
 
 namespace shardlm::data {
 
 /// A read-only sequence of tokens, memory-mapped from a file or held in memory.
 class TokenDataset {
  public:
-  /// `.bin`: uint32 tokens, memory-mapped; `.txt`: bytes as tokens.
+  /// `.bin`: uint32 tokens, memory-mapped (with NAME.mask when it exists); `.txt`: bytes as tokens.
   static TokenDataset open(const std::filesystem::path& path) {
     const auto p = path.string();
     if (path.extension() == ".txt") {
@@ -60,6 +68,7 @@ class TokenDataset {
     d.mapping_ = std::shared_ptr<void>(map, [size](void* m) { if (m) ::munmap(m, size); });
     d.tokens_ = static_cast<const uint32_t*>(map);
     d.size_ = static_cast<int64_t>(size / 4);
+    if (std::filesystem::exists(mask_path(path))) d.mask_ = LossMask::open(path, /*check_values=*/false);
     return d;
   }
 
@@ -82,6 +91,37 @@ class TokenDataset {
   int64_t size() const { return size_; }
   const std::string& name() const { return name_; }
   uint32_t operator[](int64_t i) const { return tokens_[i]; }
+  /// The loss mask (null when every token counts).
+  const LossMask* mask() const { return mask_ ? &*mask_ : nullptr; }
+
+  /// Tokens [begin, begin + len) (and their mask) as a dataset of their own, sharing the mapping.
+  TokenDataset range(int64_t begin, int64_t len, std::string name) const {
+    SHARDLM_ASSERT(begin >= 0 && len >= 0 && begin + len <= size_, "range outside ", name_);
+    TokenDataset d = *this;
+    d.name_ = std::move(name), d.tokens_ += begin, d.size_ = len;
+    if (mask_) d.mask_ = mask_->range(begin, len);
+    return d;
+  }
+
+  /// Targets of the window of len + 1 tokens at `start` (tokens [start + 1, start + len]) as int64 [len], with
+  /// those the mask leaves out of the loss set to `ignore_index`; `counted` gets the number of targets that count.
+  at::Tensor targets(int64_t start, int64_t len, int64_t vocab_size, int64_t ignore_index, int64_t* counted) const {
+    auto out = slice(start + 1, len, vocab_size);
+    *counted = len;
+    if (!mask_) return out;
+    auto* dst = out.data_ptr<int64_t>();
+    mask_->check(start + 1, len);
+    for (int64_t i = 0; i < len; ++i)
+      if (!(*mask_)[start + 1 + i]) dst[i] = ignore_index, --*counted;
+    return out;
+  }
+  /// How many targets of the window at `start` count in the loss (all `len` without a mask).
+  int64_t counted_targets(int64_t start, int64_t len) const {
+    if (!mask_) return len;
+    mask_->check(start + 1, len);
+    const auto v = mask_->values().subspan(static_cast<size_t>(start + 1), static_cast<size_t>(len));
+    return std::count_if(v.begin(), v.end(), [](uint8_t b) { return b != 0; });
+  }
 
   /// Tokens [start, start + len) as int64, checked against the vocabulary.
   at::Tensor slice(int64_t start, int64_t len, int64_t vocab_size) const {
@@ -102,6 +142,7 @@ class TokenDataset {
   std::shared_ptr<void> mapping_;
   const uint32_t* tokens_ = nullptr;
   int64_t size_ = 0;
+  std::optional<LossMask> mask_;
 };
 
 /// Deterministic order of training windows (see the top of this file).

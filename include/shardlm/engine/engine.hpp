@@ -9,6 +9,11 @@
 //   backward: for unit i reversed: wait gathered(i); prefetch gather(i-1); recompute if needed
 //                         autograd::backward(out_i, grad_out); grad_out = x_in[i].grad()
 //                         reduce-scatter grads(i) on the communication stream (accumulating); release(i)
+//   side outputs: a unit may leave a small side tensor (a MoE block's router statistics) whose loss depends on
+//             every unit's (a load-balancing loss pooled over layers): forward keeps each unit's side (values in
+//             side_outputs()); the caller computes their gradients after the forward and passes them to
+//             backward(), which back-propagates autograd::backward({out_i, side_i}, {grad_out, side_grad_i})
+//             (a recomputed unit recomputes its side too).
 //   step:     all-reduce over replicas (DDP / HybridShard), global grad norm (one all-reduce), clip, AdamW
 //
 // A unit's frozen parameters (the base under LoRA or DoRA, FrozenSpec) form a second group, a FrozenUnit: gathered
@@ -35,6 +40,7 @@
 #include "shardlm/engine/frozen_unit.hpp"
 #include "shardlm/engine/streams.hpp"
 #include "shardlm/optim/clip.hpp"
+#include "shardlm/optim/host_adamw.hpp"
 #include "shardlm/policy/policies.hpp"
 
 namespace shardlm::engine {
@@ -48,6 +54,12 @@ concept UnitModel = requires(M& m, size_t u, const at::Tensor& x) {
   { m.unit_reads(u) } -> std::same_as<std::vector<size_t>>;
   { m.forward_unit(u, x) } -> std::same_as<at::Tensor>;
   { m.is_block(u) } -> std::convertible_to<bool>;
+};
+
+/// A UnitModel whose units may leave a side output after each forward_unit (undefined when a unit has none).
+template <class M>
+concept SideOutputModel = requires(M& m, size_t u) {
+  { m.take_side(u) } -> std::same_as<at::Tensor>;
 };
 
 struct AdamWHyper {
@@ -95,11 +107,19 @@ class Engine {
 
  public:
   /// Builds the flat units of `model`, whose parameters are placeholders (uninitialized), filled by `init`
-  /// (UnitInit: the unit's parameters materialized, or this rank's shard directly).
-  /// `frozen` says which parameters are frozen (none by default), how they are stored and where they come from.
+  /// (UnitInit: the unit's parameters materialized, or this rank's shard directly). `micro_batches`: the
+  /// micro-batches of every optimizer step when it is fixed (0: not known). `frozen` says which parameters are
+  /// frozen (none by default), how they are stored and where they come from.
   Engine(Model& model, dist::ProcessGroups& groups, const at::Device& device, const UnitInit& init, AdamWHyper hyper,
-         const FrozenSpec& frozen = {})
+         int micro_batches = 0, const FrozenSpec& frozen = {})
       : model_(model), groups_(groups), device_(device), streams_(device), hyper_(hyper) {
+    // Offloaded on one rank without replicas, one micro-batch per step: the reduction is the identity and nothing
+    // accumulates, so the host gradient keeps the compute dtype with no rounding (mixed-bf16: 2 bytes per
+    // parameter instead of 4, what fits full Llama3-8B in the host memory of a one-GPU machine). The host
+    // AdamW (optim/host_adamw.hpp) reads bf16 gradients beside fp32 master weights directly.
+    if constexpr (P::offload && Precision::compute != Precision::reduce)
+      if (micro_batches == 1 && groups.shard().size() == 1 && groups.replicate().size() == 1)
+        grad_dtype_ = Precision::compute;
     const size_t n = model_.num_units();
     for (size_t u = 0; u < n; ++u)
       for (auto r : model_.unit_reads(u)) pinned_.insert(r);
@@ -116,7 +136,7 @@ class Engine {
       if (init.shard) {
         units_.emplace_back(unit_name(u), trained, groups.shard().size(), groups.shard().rank());
         auto& unit = units_.back();
-        unit.shard_with(master, Precision::compute, Precision::reduce, P::offload,
+        unit.shard_with(master, Precision::compute, grad_dtype_, P::offload,
                         [&](at::Tensor& shard) { init.shard(u, unit, shard); });
       } else {
         auto& materialized = frozen.rows ? trained : params;
@@ -126,7 +146,7 @@ class Engine {
         }
         init.params(u, materialized);
         units_.emplace_back(unit_name(u), trained, groups.shard().size(), groups.shard().rank());
-        units_.back().shard_from_params(master, Precision::compute, Precision::reduce, P::offload);
+        units_.back().shard_from_params(master, Precision::compute, grad_dtype_, P::offload);
       }
       if (!fixed.empty())
         fixed.store(frozen.rows ? frozen.rows(u, fixed) : fixed.rows_from_params(), device, Precision::compute, P::offload);
@@ -215,6 +235,8 @@ class Engine {
     x_in_.assign(n, at::Tensor());
     out_.assign(n, at::Tensor());
     rng_.assign(n, at::Tensor());
+    side_.assign(n, at::Tensor());
+    side_values_.assign(n, at::Tensor());
     at::Tensor x = input;
     for (size_t u = 0; u < n; ++u) {
       ensure_gathered(u);
@@ -224,9 +246,12 @@ class Engine {
         at::NoGradGuard no_grad;
         rng_[u] = generator().get_state();  // the recompute draws the same dropout masks
         x = model_.forward_unit(u, x_in_[u]);
+        side_values_[u] = take_side(u);
       } else {
         x = model_.forward_unit(u, x_in_[u]);
         if (u + 1 < n) out_[u] = x;  // the last unit's backward starts from the loss, not from its output
+        side_[u] = take_side(u);
+        if (side_[u].defined()) side_values_[u] = side_[u].detach();
       }
       trace("forward", u);
       if (P::reshard_after_forward && u + 1 < n && !pinned_.count(u)) release(u);
@@ -234,9 +259,15 @@ class Engine {
     return x;
   }
 
+  /// Every unit's side output of the last forward (detached; undefined for units without one).
+  const std::vector<at::Tensor>& side_outputs() const { return side_values_; }
+
   /// Backward from `loss` (a scalar of the last unit's graph, already scaled) through every unit; reduces each
   /// unit's gradients into its shard as soon as they are complete. `last_micro_batch` ends the accumulation.
-  void backward(const at::Tensor& loss, bool last_micro_batch) {
+  /// `side_grads` (empty, or one per unit, undefined where none): the gradients of the side outputs.
+  void backward(const at::Tensor& loss, bool last_micro_batch, const std::vector<at::Tensor>& side_grads = {}) {
+    SHARDLM_ASSERT(side_grads.empty() || side_grads.size() == units_.size(), "side_grads has ", side_grads.size(),
+                   " entries for ", units_.size(), " units");
     const size_t n = units_.size();
     // Offload without accumulation: the device sums the squared gradient slices as they are reduced.
     device_norm_ = P::offload && first_micro_batch_ && last_micro_batch;
@@ -249,12 +280,17 @@ class Engine {
         const auto now = gen.get_state();
         gen.set_state(rng_[u]);
         out_[u] = model_.forward_unit(u, x_in_[u]);
+        side_[u] = take_side(u);
         gen.set_state(now);
       }
-      if (u + 1 == n) torch::autograd::backward({loss});
-      else if (out_[u].requires_grad()) torch::autograd::backward({out_[u]}, {grad_out});  // not: a frozen embedding
+      std::vector<at::Tensor> outputs, grads;
+      if (u + 1 == n) outputs.push_back(loss), grads.push_back(at::ones_like(loss));
+      else if (out_[u].requires_grad()) outputs.push_back(out_[u]), grads.push_back(grad_out);  // not: a frozen embedding
+      if (u < side_grads.size() && side_grads[u].defined() && side_[u].defined() && side_[u].requires_grad())
+        outputs.push_back(side_[u]), grads.push_back(side_grads[u]);
+      if (!outputs.empty()) torch::autograd::backward(outputs, grads);
       grad_out = u > 0 ? x_in_[u].grad() : at::Tensor();
-      out_[u] = at::Tensor(), x_in_[u] = at::Tensor();
+      out_[u] = at::Tensor(), x_in_[u] = at::Tensor(), side_[u] = at::Tensor();
       reduce(u);
       trace("backward", u);
       if (!P::params_persist && (P::reshard_after_forward || last_micro_batch)) release(u);
@@ -298,18 +334,26 @@ class Engine {
     return norm;
   }
 
-  /// AdamW on this rank's shards: two fused launches, runs with decoupled weight decay (matrices and
-  /// embeddings) and runs without; clipping enters as the kernel's gradient scale. Then the device shards of
-  /// an offloaded run and the parameters of the persistent policies are refreshed.
+  /// AdamW on this rank's shards: two fused launches (LibTorch's kernel, on the device or the host), runs with
+  /// decoupled weight decay (matrices and embeddings) and runs without; clipping enters as the kernel's gradient
+  /// scale. Offloaded bf16 gradients beside fp32 master weights (see the constructor) go through the host AdamW
+  /// of optim/host_adamw.hpp instead, which reads them as they are. Then the device shards of an offloaded run
+  /// and the parameters of the persistent policies are refreshed.
   void optimizer_step(double lr) {
     at::NoGradGuard no_grad;
     std::optional<at::Tensor> scale;
     if (clip_coef_ != 1.0)  // the kernel divides gradients by the scale
       scale = at::full({}, 1.0 / clip_coef_, units_.front().master().options().dtype(at::kFloat).pinned_memory(false));
     auto adamw = [&](Runs& g, double weight_decay) {
-      if (!g.params.empty())
+      if (g.params.empty()) return;
+      if (grad_dtype_ != Precision::master) {
+        const optim::AdamWStep s{lr, hyper_.beta1, hyper_.beta2, weight_decay, hyper_.eps, optimizer_steps_ + 1, clip_coef_};
+        for (size_t k = 0; k < g.params.size(); ++k)
+          optim::host_adamw(g.params[k], g.grads[k], g.exp_avg[k], g.exp_avg_sq[k], s);
+      } else {
         compat::fused_adamw(g.params, g.grads, g.exp_avg, g.exp_avg_sq, g.steps, lr, hyper_.beta1, hyper_.beta2,
                             weight_decay, hyper_.eps, scale);
+      }
     };
     for (size_t i = 0; i < runs_.size(); ++i) {
       adamw(runs_[i].decayed, hyper_.weight_decay);
@@ -339,6 +383,11 @@ class Engine {
     constexpr double gib = 1024.0 * 1024.0 * 1024.0;
     log::info("shardlm: memory after ", phase, " of ", unit_name(u), ": allocated ", mem.allocated / gib, " GiB, peak ",
               mem.peak_allocated / gib, " GiB");
+  }
+
+  at::Tensor take_side(size_t u) {
+    if constexpr (SideOutputModel<Model>) return model_.take_side(u);
+    else return {};
   }
 
   bool recompute(size_t u) const {
@@ -392,7 +441,7 @@ class Engine {
   void reduce(size_t u) {
     auto& unit = units_[u];
     streams_.on_comm([&] {
-      const auto flat = unit.take_grads(Precision::reduce, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
+      const auto flat = unit.take_grads(grad_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
       unit.reduce_into_shard(groups_.shard(), flat, groups_.replicate(), first_micro_batch_,
                              device_norm_ ? &grad_sq_ : nullptr);
     });
@@ -408,6 +457,7 @@ class Engine {
   std::vector<Streams::Marker> ready_;
   std::set<size_t> pinned_;
   std::vector<at::Tensor> x_in_, out_, rng_;  // rng_: generator state before a recomputed unit's forward
+  std::vector<at::Tensor> side_, side_values_;  // each unit's side output: with its graph, and detached
   bool first_micro_batch_ = true;
   struct Runs {
     std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
@@ -417,6 +467,7 @@ class Engine {
   };
   std::vector<RunPair> runs_;  // one pair for every unit, or (offload) one per unit
   at::Tensor grad_sq_;         // offload: squared gradient norm summed on the device
+  at::ScalarType grad_dtype_ = Precision::reduce;  // of the gradient shards (see the constructor)
   bool device_norm_ = false;   // this step's backward sums it (offload, one micro-batch)
   double clip_coef_ = 1.0;
   int64_t optimizer_steps_ = 0;

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "shardlm/core/compat.hpp"
 #include "shardlm/core/errors.hpp"
 #include "shardlm/dist/communicator.hpp"
 
@@ -111,10 +112,15 @@ class FlatUnit {
                   Fill&& fill) {
     at::NoGradGuard no_grad;
     const auto device_opts = master;
-    const auto state = offload ? master.device(at::kCPU).pinned_memory(master.device().is_cuda()) : master;
-    master_ = at::zeros({shard_}, state);
+    const auto state = offload ? master.device(at::kCPU) : master;
+    // Offloaded from a GPU: master and gradient shards page-locked (asynchronous copies), exactly sized.
+    const bool pin = offload && master.device().is_cuda();
+    auto zeros = [&](at::ScalarType dtype) {
+      return pin ? compat::pinned_empty(shard_, dtype).zero_() : at::zeros({shard_}, state.dtype(dtype));
+    };
+    master_ = zeros(state.dtype().toScalarType());
     fill(master_);
-    grad_ = at::zeros({shard_}, state.dtype(reduce));
+    grad_ = zeros(reduce);
     exp_avg_ = at::zeros_like(master_);  // never copied: pageable host memory is enough
     exp_avg_sq_ = at::zeros_like(master_);
     if (offload) device_shard_ = master_.to(device_opts.dtype(compute));
@@ -204,7 +210,8 @@ class FlatUnit {
     if (first_micro_batch) {
       grad_.copy_(part, /*non_blocking=*/true);
     } else {
-      if (!staging_.defined()) staging_ = at::empty({shard_}, grad_.options().pinned_memory(grad_.is_pinned()));
+      if (!staging_.defined())
+        staging_ = grad_.is_pinned() ? compat::pinned_empty(shard_, grad_.scalar_type()) : at::empty_like(grad_);
       staging_.copy_(part, /*non_blocking=*/true);
       staged_ = true;
     }

@@ -110,8 +110,9 @@ class FrozenUnit {
     at::NoGradGuard no_grad;
     const auto parts = shard_parts();
     SHARDLM_ASSERT(rows.size() == parts.size(), "one tensor per part of ", name_);
-    const auto host = at::TensorOptions().device(at::kCPU).dtype(at::kByte).pinned_memory(device.is_cuda());
-    shard_bytes_ = at::zeros({shard_}, offload ? host : at::TensorOptions().device(device).dtype(at::kByte));
+    // Offloaded: exactly sized pinned memory (compat::pinned_empty), the frozen base being most of a run's host state.
+    if (offload && device.is_cuda()) shard_bytes_ = compat::pinned_empty(shard_, at::kByte).zero_();
+    else shard_bytes_ = at::zeros({shard_}, at::TensorOptions().device(offload ? at::Device(at::kCPU) : device).dtype(at::kByte));
     const int64_t lo = shard_ * group_rank_;
     for (size_t i = 0; i < parts.size(); ++i) {
       const auto& [s, row0, n] = parts[i];

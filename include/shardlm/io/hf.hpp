@@ -101,6 +101,56 @@ inline std::pair<const SafetensorsFile*, const TensorInfo*> checked_slice(HfChec
 }
 }  // namespace detail
 
+/// The checkpoint slices that make elements [first, first + count) of our parameter `name` (shape `shape`),
+/// read into `dst` (undefined: only for checking). A parameter is one checkpoint tensor (hf_name), except
+/// Mixtral's fused experts when the checkpoint holds the per-expert layout that Mixtral's releases (and
+/// transformers' save_pretrained) use: `mlp.experts.gate_up_proj` [E, 2I, C] is the concatenation of
+/// `block_sparse_moe.experts.e.w1.weight` then `.w3.weight` ([I, C] each) for e = 0..E-1, `down_proj` [E, C, I]
+/// that of `.w2.weight` ([C, I]), and `mlp.gate.weight` is `block_sparse_moe.gate.weight`.
+inline std::vector<TensorSlice> hf_slices(const HfCheckpoint& ckpt, const std::string& name,
+                                          const std::vector<int64_t>& shape, int64_t first, int64_t count,
+                                          const at::Tensor& dst = {}) {
+  const auto whole = hf_name(name);
+  struct Part {
+    std::string name;
+    std::vector<int64_t> shape;
+  };
+  std::vector<Part> parts;
+  const auto ends_with = [&](const std::string& suffix) {
+    return whole.size() >= suffix.size() && whole.compare(whole.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  // "model.layers.i." + "block_sparse_moe." when the checkpoint lacks `whole` but has `probe` there
+  const auto per_expert = [&](const std::string& suffix, const char* probe) {
+    if (!ends_with(suffix) || ckpt.contains(whole)) return std::string();
+    auto base = whole.substr(0, whole.size() - suffix.size()) + "block_sparse_moe.";
+    return ckpt.contains(base + probe) ? base : std::string();
+  };
+  if (const auto base = per_expert("mlp.experts.gate_up_proj", "experts.0.w1.weight"); !base.empty() && shape.size() == 3) {
+    for (int64_t e = 0; e < shape[0]; ++e)
+      for (const char* w : {"w1", "w3"})
+        parts.push_back({shardlm::detail::cat(base, "experts.", e, ".", w, ".weight"), {shape[1] / 2, shape[2]}});
+  } else if (const auto base = per_expert("mlp.experts.down_proj", "experts.0.w2.weight"); !base.empty() && shape.size() == 3) {
+    for (int64_t e = 0; e < shape[0]; ++e)
+      parts.push_back({shardlm::detail::cat(base, "experts.", e, ".w2.weight"), {shape[1], shape[2]}});
+  } else if (const auto base = per_expert("mlp.gate.weight", "gate.weight"); !base.empty()) {
+    parts.push_back({base + "gate.weight", shape});
+  } else {
+    parts.push_back({whole, shape});
+  }
+  std::vector<TensorSlice> out;
+  int64_t begin = 0;  // the part's first element within the parameter
+  for (auto& part : parts) {
+    int64_t numel = 1;
+    for (auto d : part.shape) numel *= d;
+    const int64_t lo = std::max(first, begin), hi = std::min(first + count, begin + numel);
+    if (hi > lo || (count == 0 && numel == 0))
+      out.push_back({std::move(part.name), std::move(part.shape), lo - begin, std::max<int64_t>(hi - lo, 0),
+                     dst.defined() ? dst.narrow(0, lo - first, std::max<int64_t>(hi - lo, 0)) : at::Tensor()});
+    begin += numel;
+  }
+  return out;
+}
+
 /// Checks that every slice's tensor exists with the shape the model needs and a floating-point dtype (errors name
 /// the file and tensor); returns the number of file bytes the slices cover.
 inline uint64_t check_slices(HfCheckpoint& ckpt, const std::vector<TensorSlice>& slices) {
@@ -177,8 +227,10 @@ std::set<std::string> load_parameters(NamedParams&& params, HfCheckpoint& ckpt, 
   std::set<std::string> used;
   for (auto&& [key, param] : params) {
     SHARDLM_ASSERT(param.is_contiguous(), "parameter ", key, " is not contiguous");
-    slices.push_back({hf_name(key), param.sizes().vec(), 0, param.numel(), param.detach().view(-1)});
-    used.insert(slices.back().name);
+    for (auto& s : hf_slices(ckpt, key, param.sizes().vec(), 0, param.numel(), param.detach().view(-1))) {
+      used.insert(s.name);
+      slices.push_back(std::move(s));
+    }
   }
   read_slices(ckpt, slices, opts);
   return used;

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 
 namespace shardlm::io {
 
@@ -288,14 +289,7 @@ class SafetensorsReader {
 /// The weight_map of a model.safetensors.index.json: checkpoint tensor name -> file name (a plain name inside
 /// the index's directory).
 inline std::map<std::string, std::string> read_weight_map(const std::filesystem::path& index) {
-  std::ifstream in(index);
-  if (!in) fail<IoError>(index.string(), ": cannot open");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail<IoError>(index.string(), ": not valid JSON (", e.what(), ")");
-  }
+  const nlohmann::json j = read_json(index);
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
     fail<IoError>(index.string(), ": missing object 'weight_map'");
   std::map<std::string, std::string> out;

@@ -63,6 +63,10 @@ class DecoderImpl : public torch::nn::Module {
 
   /// cos/sin tables for sequences of length T, cached per (T, device, dtype).
   const ops::Rope& rope(int64_t seq_len, const at::Device& device, at::ScalarType dtype) {
+    if (config_.sliding_window > 0 && seq_len > config_.sliding_window)
+      fail<ConfigError>("sequence length ", seq_len, " exceeds the config's sliding_window(", config_.sliding_window,
+                        "): sliding-window attention is not implemented; use sequences of at most ",
+                        config_.sliding_window, " tokens (or a config with sliding_window null)");
     const auto key = std::make_tuple(seq_len, device.str(), dtype);
     auto it = rope_cache_.find(key);
     if (it == rope_cache_.end())
@@ -105,11 +109,24 @@ class DecoderImpl : public torch::nn::Module {
     return head(x);
   }
 
-  at::Tensor forward(const at::Tensor& ids) {  // [B, T] -> logits [B, T, V]
-    auto x = embed(ids);
-    const auto& r = rope(ids.size(1), x.device(), x.scalar_type());
-    for (size_t i = 0; i < layers.size(); ++i) x = block(i, x, r);
-    return head(x);
+  /// Unit u's side output of its last forward, handed over once: a MoE block's router statistics
+  /// (model/moe.hpp), undefined for every other unit. The engine back-propagates a gradient into it.
+  at::Tensor take_side(size_t u) {
+    if constexpr (requires(Block& b) { b->ffn->take_router_stats(); }) {
+      if (is_block(u)) return layers[u - 1]->ffn->take_router_stats();
+    }
+    return {};
+  }
+
+  /// [B, T] -> logits [B, T, V]; with `sides`, every unit's side output (take_side) in unit order.
+  at::Tensor forward(const at::Tensor& ids, std::vector<at::Tensor>* sides = nullptr) {
+    auto x = ids;
+    for (size_t u = 0; u < num_units(); ++u) {
+      x = forward_unit(u, x);
+      auto side = take_side(u);
+      if (sides) sides->push_back(std::move(side));
+    }
+    return x;
   }
 
   /// Adds the adapter to every Linear of the blocks whose name is a target (q_proj for q, ...), as PEFT does;

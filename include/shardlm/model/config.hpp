@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 
 namespace shardlm::model {
 
@@ -23,7 +24,8 @@ struct RopeConfig {
   int64_t original_max_position_embeddings = 8192;  ///< llama3
 };
 
-/// The shape of a decoder-only transformer (Llama 3 family).
+/// The shape of a decoder-only transformer: Llama 3, or Mixtral (`model_type` "mixtral": a sparse mixture of
+/// `num_experts` SwiGLU experts in place of the MLP, `num_experts_per_tok` of them per token).
 struct ModelConfig {
   std::string model_type = "llama";
   int64_t vocab_size = 0;
@@ -40,6 +42,15 @@ struct ModelConfig {
   bool attention_bias = false;
   bool mlp_bias = false;
   RopeConfig rope;
+  // Mixtral (num_experts 0: a dense MLP)
+  int64_t num_experts = 0;            ///< config.json num_local_experts
+  int64_t num_experts_per_tok = 0;    ///< top-k of the router
+  double router_aux_loss_coef = 0.0;  ///< weight of the load-balancing loss in the training loss
+  bool output_router_logits = false;  ///< transformers adds the aux loss to the loss only when this is true
+  double router_z_loss_coef = 0.0;    ///< weight of the router z-loss (shardlm's; transformers' Mixtral has none)
+  int64_t sliding_window = 0;         ///< 0: none; sequences longer than it are rejected (not implemented)
+
+  bool is_moe() const { return num_experts > 0; }
 
   /// Throws ConfigError naming the field when the shape cannot work.
   void validate(const std::string& origin = "config") const {
@@ -66,30 +77,48 @@ struct ModelConfig {
     if (rope.type == "llama3" && !(rope.high_freq_factor > rope.low_freq_factor))
       fail<ConfigError>(origin, ": llama3 rope needs high_freq_factor(", rope.high_freq_factor,
                         ") > low_freq_factor(", rope.low_freq_factor, ")");
+    if (model_type == "mixtral") {
+      positive(num_experts, "num_local_experts");
+      positive(num_experts_per_tok, "num_experts_per_tok");
+      if (num_experts_per_tok > num_experts)
+        fail<ConfigError>(origin, ": num_experts_per_tok(", num_experts_per_tok, ") exceeds num_local_experts(",
+                          num_experts, ")");
+      if (mlp_bias) fail<ConfigError>(origin, ": mlp_bias is not supported for Mixtral experts");
+    } else if (num_experts != 0) {
+      fail<ConfigError>(origin, ": num_local_experts is set but model_type is '", model_type, "' (expected 'mixtral')");
+    }
+    if (sliding_window < 0) fail<ConfigError>(origin, ": sliding_window must be positive or null, got ", sliding_window);
   }
 
-  /// Parameters of one block (attention, MLP, two norms).
-  int64_t block_params() const {
-    const int64_t c = hidden_size, q = num_heads * head_dim, kv = num_kv_heads * head_dim;
-    const int64_t attn = c * q + 2 * c * kv + q * c + (attention_bias ? q + 2 * kv + c : 0);
-    const int64_t mlp = 3 * c * intermediate_size + (mlp_bias ? 2 * intermediate_size + c : 0);
-    return attn + mlp + 2 * c;
-  }
+  /// Parameters of one block (attention, MLP or router and every expert, two norms).
+  int64_t block_params() const { return block_params_with(is_moe() ? num_experts : 1); }
+  /// Parameters one token computes with in a block: for Mixtral the router and num_experts_per_tok experts.
+  int64_t active_block_params() const { return block_params_with(is_moe() ? num_experts_per_tok : 1); }
   /// Parameters (embedding, blocks, final norm, head when untied).
   int64_t num_params() const {
     return vocab_size * hidden_size * (tie_word_embeddings ? 1 : 2) + num_layers * block_params() + hidden_size;
   }
-  /// Training FLOPs per token: 6 x (parameters less the embedding) + 12 x L x H x head_dim x T for attention
-  /// (the count the peer benchmark uses).
+  /// Training FLOPs per token: 6 x (active parameters less the embedding) + 12 x L x H x head_dim x T for
+  /// attention (the count the peer benchmark uses; for Mixtral the router and top-k experts, not every expert).
   double flops_per_token(int64_t seq_len) const {
-    const double matmul_params = static_cast<double>(num_params() - vocab_size * hidden_size) +
+    const int64_t active = num_params() - num_layers * (block_params() - active_block_params());
+    const double matmul_params = static_cast<double>(active - vocab_size * hidden_size) +
                                  (tie_word_embeddings ? static_cast<double>(vocab_size * hidden_size) : 0.0);
     return 6.0 * matmul_params + 12.0 * num_layers * num_heads * head_dim * static_cast<double>(seq_len);
+  }
+
+ private:
+  int64_t block_params_with(int64_t experts) const {
+    const int64_t c = hidden_size, q = num_heads * head_dim, kv = num_kv_heads * head_dim;
+    const int64_t attn = c * q + 2 * c * kv + q * c + (attention_bias ? q + 2 * kv + c : 0);
+    const int64_t mlp = 3 * c * intermediate_size + (mlp_bias ? 2 * intermediate_size + c : 0);
+    const int64_t router = is_moe() ? num_experts * c : 0;
+    return attn + experts * mlp + router + 2 * c;
   }
 };
 
 inline std::vector<std::string> preset_names() {
-  return {"llama3-debug", "llama3-8b", "llama3-70b", "llama3-405b"};
+  return {"llama3-debug", "llama3-8b", "llama3-70b", "llama3-405b", "mixtral-debug", "mixtral-8x7b", "mixtral-8x22b"};
 }
 
 /// A named preset; `layers` > 0 overrides the number of layers.
@@ -110,6 +139,19 @@ inline ModelConfig preset(const std::string& name, int64_t layers = 0) {
     dims(128256, 8192, 28672, 80, 64, 8);
   } else if (name == "llama3-405b") {
     dims(128256, 16384, 53248, 126, 128, 8);
+  } else if (name == "mixtral-debug" || name == "mixtral-8x7b" || name == "mixtral-8x22b") {
+    // As the released config.json files, except output_router_logits: true, so training includes the aux loss.
+    c.model_type = "mixtral", c.rope = {"default", 1000000.0}, c.max_position_embeddings = 32768;
+    c.num_experts = 8, c.num_experts_per_tok = 2, c.router_aux_loss_coef = 0.02, c.output_router_logits = true;
+    if (name == "mixtral-debug") {
+      dims(512, 128, 256, 4, 4, 2);
+      c.num_experts = 4, c.max_position_embeddings = 2048;
+    } else if (name == "mixtral-8x7b") {
+      dims(32000, 4096, 14336, 32, 32, 8);
+    } else {
+      dims(32768, 6144, 16384, 56, 48, 8);
+      c.max_position_embeddings = 65536, c.router_aux_loss_coef = 0.001;
+    }
   } else {
     std::string known;
     for (const auto& n : preset_names()) known += (known.empty() ? "" : ", ") + n;
@@ -161,10 +203,21 @@ inline ModelConfig config_from_json(const nlohmann::json& j, const std::string& 
   if (!j.is_object()) fail<ConfigError>(origin, ": expected a JSON object, got ", j.type_name());
   ModelConfig c;
   c.model_type = field_or<std::string>(j, "model_type", "llama", origin);
-  if (c.model_type != "llama")
-    fail<ConfigError>(origin, ": model_type '", c.model_type, "' is not supported here: expected 'llama'");
+  if (c.model_type != "llama" && c.model_type != "mixtral")
+    fail<ConfigError>(origin, ": model_type '", c.model_type, "' is not supported here: expected 'llama' or 'mixtral'");
   const auto act = field_or<std::string>(j, "hidden_act", "silu", origin);
-  if (act != "silu") fail<ConfigError>(origin, ": hidden_act '", act, "' is not supported: Llama uses 'silu'");
+  if (act != "silu") fail<ConfigError>(origin, ": hidden_act '", act, "' is not supported: Llama and Mixtral use 'silu'");
+  if (c.model_type == "mixtral") {
+    c.num_experts = field<int64_t>(j, "num_local_experts", origin);
+    c.num_experts_per_tok = field<int64_t>(j, "num_experts_per_tok", origin);
+    c.router_aux_loss_coef = field_or<double>(j, "router_aux_loss_coef", 0.001, origin);
+    c.output_router_logits = field_or<bool>(j, "output_router_logits", false, origin);
+    c.router_z_loss_coef = field_or<double>(j, "router_z_loss_coef", 0.0, origin);
+    c.sliding_window = field_or<int64_t>(j, "sliding_window", 0, origin);
+    const double jitter = field_or<double>(j, "router_jitter_noise", 0.0, origin);
+    if (jitter != 0.0)
+      fail<ConfigError>(origin, ": router_jitter_noise ", jitter, " is not supported: set it to 0 (Mixtral's default)");
+  }
   c.vocab_size = field<int64_t>(j, "vocab_size", origin);
   c.hidden_size = field<int64_t>(j, "hidden_size", origin);
   c.intermediate_size = field<int64_t>(j, "intermediate_size", origin);
@@ -203,13 +256,22 @@ inline nlohmann::ordered_json config_to_json(const ModelConfig& c, const std::st
     rope["high_freq_factor"] = c.rope.high_freq_factor;
     rope["original_max_position_embeddings"] = c.rope.original_max_position_embeddings;
   }
-  return {{"architectures", {"LlamaForCausalLM"}}, {"model_type", c.model_type}, {"hidden_act", "silu"},
+  nlohmann::ordered_json j = {{"architectures", {c.is_moe() ? "MixtralForCausalLM" : "LlamaForCausalLM"}},
+          {"model_type", c.model_type}, {"hidden_act", "silu"},
           {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
           {"num_hidden_layers", c.num_layers}, {"num_attention_heads", c.num_heads},
           {"num_key_value_heads", c.num_kv_heads}, {"head_dim", c.head_dim},
           {"max_position_embeddings", c.max_position_embeddings}, {"rms_norm_eps", c.rms_norm_eps},
           {"initializer_range", c.initializer_range}, {"tie_word_embeddings", c.tie_word_embeddings},
           {"attention_bias", c.attention_bias}, {"mlp_bias", c.mlp_bias}, {"rope_parameters", rope}, {"dtype", dtype}};
+  if (c.is_moe()) {
+    j["num_local_experts"] = c.num_experts, j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["router_aux_loss_coef"] = c.router_aux_loss_coef, j["output_router_logits"] = c.output_router_logits;
+    j["router_jitter_noise"] = 0.0;
+    j["sliding_window"] = c.sliding_window > 0 ? nlohmann::ordered_json(c.sliding_window) : nlohmann::ordered_json();
+    if (c.router_z_loss_coef != 0.0) j["router_z_loss_coef"] = c.router_z_loss_coef;
+  }
+  return j;
 }
 
 /// Reads `path` (a config.json file, or a model directory holding one).
@@ -217,15 +279,9 @@ inline ModelConfig load_config(std::filesystem::path path) {
   if (!std::filesystem::exists(path))
     fail<IoError>(path.string(), ": does not exist (expected a model directory or its config.json)");
   if (std::filesystem::is_directory(path)) path /= "config.json";
-  std::ifstream in(path);
-  if (!in) fail<IoError>("cannot open ", path.string(), ": a Hugging Face model directory needs a config.json");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail<ConfigError>(path.string(), ": not valid JSON (", e.what(), ")");
-  }
-  return config_from_json(j, path.string());
+  if (!std::filesystem::exists(path))
+    fail<IoError>("cannot open ", path.string(), ": a Hugging Face model directory needs a config.json");
+  return config_from_json(read_json(path), path.string());
 }
 
 }  // namespace shardlm::model

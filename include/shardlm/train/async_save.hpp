@@ -120,7 +120,8 @@ class AsyncCheckpointWriter {
     if (buffers_.size() != file.tensors.size()) {
       buffers_.clear();
       for (const auto& [name, t] : file.tensors)
-        buffers_.push_back(at::empty(t.sizes(), at::TensorOptions().dtype(t.scalar_type()).pinned_memory(device_.is_cuda())));
+        buffers_.push_back(device_.is_cuda() ? compat::pinned_empty(t.numel(), t.scalar_type()).view(t.sizes())
+                                             : at::empty(t.sizes(), t.scalar_type()));
     }
 #if SHARDLM_HAVE_CUDA
     if (device_.is_cuda()) {

@@ -28,6 +28,7 @@
 
 #include "shardlm/core/compat.hpp"
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/dist/groups.hpp"
 #include "shardlm/engine/flat_unit.hpp"
@@ -198,12 +199,7 @@ template <class Engine>
 nlohmann::json load_checkpoint(Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
   if (!fs::exists(path / "COMMITTED"))
     fail<IoError>(path.string(), ": not a committed checkpoint (no COMMITTED marker: an interrupted save?)");
-  nlohmann::json meta;
-  try {
-    meta = nlohmann::json::parse(std::ifstream(path / "meta.json"));
-  } catch (const std::exception& e) {
-    fail<IoError>((path / "meta.json").string(), ": cannot parse: ", e.what());
-  }
+  const nlohmann::json meta = read_json(path / "meta.json");
   const auto& units = meta.at("units");
   if (units.size() != engine.num_units())
     fail<IoError>(path.string(), ": the checkpoint has ", units.size(), " units, this model ", engine.num_units(),

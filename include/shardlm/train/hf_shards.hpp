@@ -57,19 +57,21 @@ class HfShardLoader {
       engine::NamedTensors params;
       for (auto& item : model.unit_parameters(u))
         if (!frozen_ || frozen.is_frozen(item.first)) params.push_back(item);
-      for (const auto& [name, p] : params) {
-        whole.push_back({io::hf_name(name), p.sizes().vec()});
-        used_.insert(whole.back().name);
-      }
+      for (const auto& [name, p] : params)
+        for (auto& slice : io::hf_slices(ckpt_, name, p.sizes().vec(), 0, p.numel())) {
+          used_.insert(slice.name);
+          whole.push_back(std::move(slice));
+        }
       io::check_slices(ckpt_, whole);
       if (frozen_) {
         const engine::FrozenUnit layout("layout", params, group_size, group_rank, frozen.codec);
         for (const auto& [s, row0, rows] : layout.shard_parts())
-          mine.push_back({io::hf_name(s->name), s->param.sizes().vec(), row0 * s->cols, rows * s->cols});
+          for (auto& slice : io::hf_slices(ckpt_, s->name, s->param.sizes().vec(), row0 * s->cols, rows * s->cols))
+            mine.push_back(std::move(slice));
       } else {
         const engine::FlatUnit layout("layout", params, group_size, group_rank);
         layout.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
-          mine.push_back({io::hf_name(s.name), s.param.sizes().vec(), in_param, n});
+          for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n)) mine.push_back(std::move(slice));
         });
       }
       total += io::check_slices(ckpt_, mine);
@@ -81,7 +83,8 @@ class HfShardLoader {
   void fill(size_t u, const engine::FlatUnit& unit, at::Tensor& shard) {
     std::vector<io::TensorSlice> slices;
     unit.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
-      slices.push_back({io::hf_name(s.name), s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)});
+      for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)))
+        slices.push_back(std::move(slice));
     });
     io::read_slices(ckpt_, slices, read_, progress_.get());
     if (u + 1 == units_) progress_->finish();

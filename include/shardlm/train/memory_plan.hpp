@@ -116,12 +116,15 @@ inline int recompute_every(const std::string& checkpointing) {
 /// (c H); flash attention saves rotated q, k, v and its output (c (2 Hq + 2 Hkv)) and the fp32 log-sum-exp
 /// (4 heads); the output projection saves the re-laid-out attention output (c Hq); RMSNorm 2 saves its fp32
 /// input and output (4 H + c H); the MLP saves its input (c H), gate, up, silu(gate) and their product (4 c I).
+/// A MoE block instead saves its input, per pick (k per token) the sorted input and the expert output (2 c H) and
+/// the expert's intermediates (4 c I), and the router's logits and fp32 probabilities (c E + 8 E).
 inline double block_activation_bytes_per_token(const model::ModelConfig& m, double c) {
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
   const double norm1 = (c == 4 ? 0 : 4 * H) + c * H, norm2 = 4 * H + c * H;
-  return c * H + norm1 + c * H + c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads) + c * Hq + norm2 +
-         c * H + 4 * c * I;
+  const double k = static_cast<double>(m.num_experts_per_tok), E = static_cast<double>(m.num_experts);
+  const double mlp = m.is_moe() ? c * H + k * (2 * c * H + 4 * c * I) + (c + 8) * E : c * H + 4 * c * I;
+  return c * H + norm1 + c * H + c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads) + c * Hq + norm2 + mlp;
 }
 
 /// Bytes per token the head keeps for backward besides the loss: the final RMSNorm (as in a block) and the
@@ -149,9 +152,10 @@ inline double head_forward_transient_per_token(const model::ModelConfig& m, doub
 }
 
 /// Extra bytes per token while a block's backward starts: the incoming gradient (c H) and the first gradients
-/// of the MLP's intermediate (the product's, then silu's and up's: 3 c I).
+/// of the MLP's intermediate (the product's, then silu's and up's: 3 c I; k times for a MoE block's k picks).
 inline double block_backward_extra_per_token(const model::ModelConfig& m, double c) {
-  return c * static_cast<double>(m.hidden_size) + 3 * c * static_cast<double>(m.intermediate_size);
+  const double picks = m.is_moe() ? static_cast<double>(m.num_experts_per_tok) : 1.0;
+  return c * static_cast<double>(m.hidden_size) + 3 * c * picks * static_cast<double>(m.intermediate_size);
 }
 
 /// Adapter parameters of one block: r (in + out) per target Linear, plus out for DoRA's magnitude.
@@ -232,6 +236,10 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   }
 
   const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
+  // Engine(): offloaded on one rank without replicas and one micro-batch per step, gradients stay in the compute
+  // dtype (the reduction is the identity), on the device and in the host's shard.
+  const bool compute_grads = offload && in.world_size == 1 && in.grad_accum == 1 && c < dt.reduce;
+  const double grad_bytes = compute_grads ? c : dt.reduce;
   const double state_per = dt.master * 3 + dt.reduce;  // master, gradient, two moments in the master dtype
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
   const double frozen_bytes = frozen_shard_total * c;
@@ -301,7 +309,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     // The unit's parameter gradients (compute dtype), copied into a flat buffer in the reduce dtype, whose
     // reduce-scatter leaves a shard slice.
     const double flat = shard[u] * static_cast<double>(G);
-    live.grads += trained[u] * c + flat * dt.reduce + (G > 1 ? shard[u] * dt.reduce : 0);
+    live.grads += trained[u] * c + flat * grad_bytes + (G > 1 ? shard[u] * grad_bytes : 0);
     event(u == 0 ? std::string("the embedding's gradient reduction")
                  : u == head ? std::string("the head's gradient reduction")
                              : "gradient reduction of block " + std::to_string(u - 1));
@@ -319,7 +327,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
               {"workspace", workspace}};
   if (offload) {
     const double gpus = static_cast<double>(node);
-    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + dt.reduce)},
+    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + grad_bytes)},
                  {"AdamW moments", gpus * shard_total * 2 * dt.master}};
     if (frozen_bytes > 0) plan.host.push_back({"frozen base (pinned)", gpus * frozen_bytes});
     if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * dt.reduce});

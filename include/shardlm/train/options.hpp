@@ -1,13 +1,17 @@
 #pragma once
 // Trainer options and their command line. Every numeric choice is a run-time option; policies are types.
 #include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "shardlm/core/errors.hpp"
 #include "shardlm/model/adapter.hpp"
@@ -19,6 +23,7 @@ struct TrainOptions {
   std::string model_dir;                 ///< Hugging Face directory to start from (instead of a preset)
   std::string preset = "llama3-debug";   ///< model preset when no model_dir
   int64_t layers = 0;                    ///< override the number of layers (0: keep)
+  int64_t vocab_size = 0;                ///< override a preset's vocabulary size (0: keep)
   std::string data;                      ///< token file (.bin uint32) or text (.txt, bytes as tokens)
   int64_t seq_len = 256;
   int64_t micro_batch = 8;
@@ -59,6 +64,11 @@ struct TrainOptions {
   std::string load_adapter;              ///< start the adapter from this PEFT adapter directory
   std::string export_adapter;            ///< write the trained adapter here at the end (PEFT format)
   std::string quant = "none";            ///< storage of the frozen base: none (int4, fp8: not built yet)
+  std::string eval_data;                 ///< validation token file (instead of an --eval-fraction split)
+  double eval_fraction = 0;              ///< hold out this last fraction of --data's tokens for validation
+  int64_t eval_every = 0;                ///< evaluate every N steps (0: only at the end, when there is validation data)
+  int64_t eval_samples = 0;              ///< windows of --seq-len + 1 tokens evaluated (0: the whole validation data)
+  std::string tensorboard;               ///< write TensorBoard event files (scalars) into this directory
   /// Text used as the dataset when --data is not given (the examples' embedded corpus).
   std::string_view builtin_text;
   std::string builtin_name = "embedded corpus";
@@ -83,6 +93,12 @@ struct TrainOptions {
     if (!(export_max_file_gb > 0)) fail<ConfigError>("--export-max-file-gb must be positive, got ", export_max_file_gb);
     if (max_bad_steps < 0) fail<ConfigError>("--max-bad-steps must be >= 0, got ", max_bad_steps);
     if (keep_last < 0) fail<ConfigError>("--keep-last must be >= 0, got ", keep_last);
+    if (!(eval_fraction >= 0 && eval_fraction < 1)) fail<ConfigError>("--eval-fraction must lie in [0, 1), got ", eval_fraction);
+    if (eval_fraction > 0 && !eval_data.empty()) fail<ConfigError>("--eval-fraction and --eval-data exclude each other");
+    if (eval_every < 0) fail<ConfigError>("--eval-every must be >= 0, got ", eval_every);
+    if (eval_samples < 0) fail<ConfigError>("--eval-samples must be >= 0, got ", eval_samples);
+    if (eval_every > 0 && eval_data.empty() && eval_fraction == 0)
+      fail<ConfigError>("--eval-every needs validation data: --eval-data FILE or --eval-fraction X");
     if (save_every > 0 && checkpoint_dir.empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
     if (keep_last > 0 && checkpoint_dir.empty()) fail<ConfigError>("--keep-last needs --checkpoint-dir");
     if (async_save && checkpoint_dir.empty()) fail<ConfigError>("--async-save needs --checkpoint-dir");
@@ -105,14 +121,18 @@ struct TrainOptions {
 };
 
 namespace train {
-/// The model config a run uses: --model-dir's config.json, or the preset (with --layers).
+/// The model config a run uses: --model-dir's config.json, or the preset (with --layers, --vocab-size).
 inline model::ModelConfig resolve_config(const TrainOptions& o) {
   if (!o.model_dir.empty()) {
     auto c = model::load_config(o.model_dir);
     if (o.layers > 0) fail<ConfigError>("--layers cannot change a checkpoint's depth (", c.num_layers, " in ", o.model_dir, ")");
+    if (o.vocab_size > 0) fail<ConfigError>("--vocab-size cannot change a checkpoint's vocabulary (", c.vocab_size, " in ", o.model_dir, ")");
     return c;
   }
-  return model::preset(o.preset, o.layers);
+  auto c = model::preset(o.preset, o.layers);
+  if (o.vocab_size < 0) fail<ConfigError>("--vocab-size must be positive, got ", o.vocab_size);
+  if (o.vocab_size > 0) c.vocab_size = o.vocab_size;
+  return c;
 }
 }  // namespace train
 
@@ -121,18 +141,19 @@ namespace cli {
 /// Flags a program adds to the trainer's (shardlm_plan's --world-size), declared bound to its own variables.
 using ExtraFlags = std::function<void(cxxopts::Options&)>;
 
-/// Parses the trainer flags over `defaults`. `--help` prints every flag with its default and exits 0.
-/// With `policy_flags`, also --precision, --sharding, --checkpointing, --offload (the policy-matrix programs).
-inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false,
-                          const ExtraFlags& extra = {}) {
-  cxxopts::Options opts(argc > 0 ? argv[0] : "shardlm", "shardlm trainer");
-  // Each flag is bound to its field of `o`: cxxopts stores the parsed value, or the field's current value (the
-  // default shown by --help) when the flag is absent.
-  auto s = [](auto& v) { return cxxopts::value<std::decay_t<decltype(v)>>(v)->default_value(detail::cat(v)); };
+namespace detail {
+/// The trainer's flags bound to the fields of `o` (a parse stores each given value, and each absent flag's
+/// default: the field's value when the options were made, which --help shows).
+inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std::string& config, bool policy_flags,
+                                      const ExtraFlags& extra) {
+  cxxopts::Options opts(program, "shardlm trainer");
+  auto s = [](auto& v) { return cxxopts::value<std::decay_t<decltype(v)>>(v)->default_value(shardlm::detail::cat(v)); };
   opts.add_options()
+    ("config", "read flags from this JSON object (keys: flag names without --); flags given on the command line win", s(config))
     ("model-dir", "Hugging Face model directory to start from", s(o.model_dir))
-    ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b)", s(o.preset))
+    ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b, mixtral-debug, mixtral-8x7b, mixtral-8x22b)", s(o.preset))
     ("layers", "override the number of layers (0: the preset's)", s(o.layers))
+    ("vocab-size", "override the preset's vocabulary size (0: the preset's)", s(o.vocab_size))
     ("data", "token file: .bin (uint32 tokens) or .txt (bytes as tokens)", s(o.data))
     ("seq-len", "tokens per sample", s(o.seq_len))
     ("micro-batch", "samples per micro-batch", s(o.micro_batch))
@@ -171,6 +192,11 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     ("load-adapter", "start the adapter from this PEFT adapter directory", s(o.load_adapter))
     ("export-adapter", "write the trained adapter here at the end (PEFT: adapter_config.json, adapter_model.safetensors)", s(o.export_adapter))
     ("quant", "storage of the frozen base: none (int4 and fp8 are not built yet)", s(o.quant))
+    ("eval-data", "validation token file (.bin with its .mask, or .txt)", s(o.eval_data))
+    ("eval-fraction", "hold out this last fraction of --data's tokens as the validation split", s(o.eval_fraction))
+    ("eval-every", "evaluate on the validation data every N steps (0: at the end only, when there is some)", s(o.eval_every))
+    ("eval-samples", "validation windows of --seq-len + 1 tokens to evaluate (0: all)", s(o.eval_samples))
+    ("tensorboard", "write TensorBoard event files (scalars) into this directory (rank 0)", s(o.tensorboard))
     ("h,help", "print this help");
   if (policy_flags)
     opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision))(
@@ -178,7 +204,91 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
         "checkpointing", "none, every-block or every-2 (recompute blocks in backward)", s(o.checkpointing))(
         "offload", "none or cpu", s(o.offload));
   if (extra) extra(opts);
-  const auto r = opts.parse(argc, argv);
+  return opts;
+}
+
+/// `--config FILE`'s flags as `--key=value` arguments, each checked alone (errors name the file and the key).
+inline std::vector<std::string> config_arguments(const std::string& file, const std::function<void(int, const char**)>& parse_one) {
+  std::ifstream in(file);
+  if (!in) fail<IoError>("--config ", file, ": cannot open");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail<ConfigError>("--config ", file, ": malformed JSON: ", e.what());
+  }
+  if (!j.is_object()) fail<ConfigError>("--config ", file, ": must hold a JSON object of flags, got ", j.type_name());
+  std::vector<std::string> out;
+  for (const auto& [key, value] : j.items()) {
+    if (key == "config" || key == "help" || key == "h") fail<ConfigError>("--config ", file, ": key '", key, "' is not allowed there");
+    std::string text;
+    if (value.is_string()) text = value.get<std::string>();
+    else if (value.is_boolean()) text = value.get<bool>() ? "true" : "false";
+    else if (value.is_number()) text = value.dump();
+    else fail<ConfigError>("--config ", file, ": key '", key, "': the value must be a string, number or boolean, got ", value.type_name());
+    out.push_back("--" + key + "=" + text);
+    const char* argv[] = {"shardlm", out.back().c_str()};
+    try {
+      parse_one(2, argv);
+    } catch (const cxxopts::exceptions::no_such_option&) {
+      fail<ConfigError>("--config ", file, ": unknown key '", key, "' (keys are flag names without --; --help lists them)");
+    } catch (const cxxopts::exceptions::exception& e) {
+      fail<ConfigError>("--config ", file, ": key '", key, "': ", e.what());
+    }
+  }
+  return out;
+}
+}  // namespace detail
+
+/// Parses the trainer flags over `defaults`, after those of `--config FILE` (a JSON object whose keys are flag
+/// names), so the command line overrides the file. `--help` prints every flag with its default and exits 0.
+/// A bad flag or value is a ConfigError naming it.
+/// With `policy_flags`, also --precision, --sharding, --checkpointing, --offload (the policy-matrix programs).
+inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false,
+                          const ExtraFlags& extra = {}) {
+  const char* program = argc > 0 ? argv[0] : "shardlm";
+  const TrainOptions defaults = o;
+  // Each parse below starts from fresh options bound to fresh variables, so nothing leaks between them.
+  const auto try_parse = [&](int n, const char** args) {
+    TrainOptions scratch = defaults;
+    std::string config;
+    auto opts = detail::trainer_flags(program, scratch, config, policy_flags, extra);
+    return opts.parse(n, args).unmatched();
+  };
+  std::vector<const char*> args(argv, argv + argc);
+  if (args.empty()) args.push_back(program);
+  // --config FILE (or --config=FILE), taken out of the command line and replaced, in front, by its flags.
+  std::vector<std::string> from_file;
+  for (size_t i = 1; i < args.size(); ++i) {
+    const std::string_view a = args[i];
+    if (a != "--config" && !a.starts_with("--config=")) continue;
+    if (a == "--config" && i + 1 == args.size()) fail<ConfigError>("--config needs a file");
+    const std::string file = a == "--config" ? args[i + 1] : std::string(a.substr(9));
+    from_file = detail::config_arguments(file, [&](int n, const char** x) { try_parse(n, x); });
+    args.erase(args.begin() + static_cast<std::ptrdiff_t>(i), args.begin() + static_cast<std::ptrdiff_t>(i + (a == "--config" ? 2 : 1)));
+    break;
+  }
+  std::vector<const char*> all{args[0]};
+  for (const auto& f : from_file) all.push_back(f.c_str());
+  all.insert(all.end(), args.begin() + 1, args.end());
+  std::string config;
+  auto opts = detail::trainer_flags(program, o, config, policy_flags, extra);
+  cxxopts::ParseResult r;
+  try {
+    r = opts.parse(static_cast<int>(all.size()), all.data());
+  } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
+    // Name the flag: the shortest prefix of the command line that fails ends with its value.
+    for (size_t n = 2; n <= args.size(); ++n) {
+      try {
+        try_parse(static_cast<int>(n), args.data());
+      } catch (const cxxopts::exceptions::missing_argument&) {
+      } catch (const cxxopts::exceptions::exception&) {
+        const std::string_view flag = args[n - 1][0] == '-' || n == 2 ? "" : args[n - 2];
+        fail<ConfigError>(flag, flag.empty() ? "" : " ", args[n - 1], ": ", e.what());
+      }
+    }
+    throw;
+  }
   if (!r.unmatched().empty()) fail<ConfigError>("unexpected argument '", r.unmatched().front(), "'");
   if (r.count("help")) {
     std::cout << opts.help() << '\n';

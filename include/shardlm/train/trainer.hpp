@@ -4,8 +4,11 @@
 //   norm = engine.clip_grad_norm(); engine.optimizer_step(lr)
 // Data order is defined by the global batch: step s takes samples [s * G, (s + 1) * G), G = micro_batch x
 // grad_accum x world size; rank r's micro-batch a holds samples s * G + (a * W + r) * micro_batch + [0, micro_batch).
-// The same seed and G give the same samples per step at any world size and accumulation split, and the logged
-// loss is the mean over the global batch.
+// The same seed and G give the same samples per step at any world size and accumulation split. The loss is the
+// mean over the targets of the global batch that the token file's loss mask keeps (all of them without a mask):
+// every rank counts those of the whole global batch from the mask, so the normalisation is the same at any
+// world size. Evaluation (--eval-every, on --eval-data or the --eval-fraction split) is the same mean over the
+// first --eval-samples windows of the validation tokens, in file order.
 #include <torch/cuda.h>
 
 #include <chrono>
@@ -16,6 +19,7 @@
 #include <thread>
 
 #include "shardlm/core/device.hpp"
+#include "shardlm/core/progress.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/data/token_dataset.hpp"
 #include "shardlm/dist/groups.hpp"
@@ -24,6 +28,8 @@
 #include "shardlm/io/peft.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/init.hpp"
+#include "shardlm/model/llama.hpp"
+#include "shardlm/model/mixtral.hpp"
 #include "shardlm/model/ops.hpp"
 #include "shardlm/optim/schedule.hpp"
 #include "shardlm/policy/policies.hpp"
@@ -34,6 +40,7 @@
 #include "shardlm/train/metrics.hpp"
 #include "shardlm/train/options.hpp"
 #include "shardlm/train/preemption.hpp"
+#include "shardlm/train/tensorboard.hpp"
 
 namespace shardlm::train {
 
@@ -129,6 +136,9 @@ class Trainer {
         log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
     }
     // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
+    if (adapter_.active() && config_.is_moe())
+      fail<ConfigError>("--adapter ", adapter_.kind, ": adapters are built for Llama models only (this model is a ",
+                        config_.model_type, ")");
     model_->add_adapters(adapter_);
     // The default generators draw the adapters' dropout masks: seeded per rank (LibTorch seeds them at random).
     at::manual_seed(o.seed * 1000003 + static_cast<uint64_t>(rank()));
@@ -153,7 +163,8 @@ class Trainer {
     };
     engine_ = std::make_unique<Engine>(*model_, *groups_, device_,
                                        loader && !adapter_.active() ? engine::UnitInit(loader->filler()) : engine::UnitInit(init),
-                                       engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay}, frozen);
+                                       engine::AdamWHyper{o.beta1, o.beta2, 1e-8, o.weight_decay}, static_cast<int>(o.grad_accum),
+                                       frozen);
     if (loader && rank() == 0) io::warn_unused(loader->checkpoint(), loader->used());
     if (adapter_.dora()) init_magnitudes();
     if (!o.load_adapter.empty()) load_adapter(o.load_adapter);
@@ -181,18 +192,25 @@ class Trainer {
     m.step = step_ + 1;
     const int64_t B = options_.micro_batch, T = options_.seq_len, W = groups_->size();
     const int64_t global = B * options_.grad_accum * W;
-    const double global_tokens = static_cast<double>(global * T);
     const auto t_start = clock::now();
+    // The targets in the loss of the whole global batch (every rank counts them all: no collective needed).
+    int64_t counted = 0;
+    for (int64_t k = step_ * global; k < (step_ + 1) * global; ++k)
+      counted += dataset_.counted_targets(sampler_.window_start(k), T);
+    if (counted == 0 && rank() == 0) log::warn("step ", m.step, ": the loss mask leaves no target of the global batch in the loss");
+    const double global_tokens = static_cast<double>(std::max<int64_t>(counted, 1));
+    m.loss_tokens = counted;
     if (m.step == hang_step_ && rank() == 1) {
       log::warn("SHARDLM_INJECT_HANG: rank 1 hangs before step ", m.step);
       std::this_thread::sleep_for(std::chrono::hours(24));
     }
     engine_->begin_step();
-    // [loss, stop, ranks still writing an asynchronous checkpoint, ranks whose write failed]
-    auto loss_sum = at::zeros({4}, at::TensorOptions().device(device_).dtype(at::kFloat));
+    // [loss, stop, ranks still writing an asynchronous checkpoint, ranks whose write failed, MoE aux loss]
+    auto loss_sum = at::zeros({5}, at::TensorOptions().device(device_).dtype(at::kFloat));
+    bool has_router = false;
     for (int64_t a = 0; a < options_.grad_accum; ++a) {
       auto t0 = clock::now();
-      auto [ids, targets] = batch(step_ * global + (a * W + rank()) * B);  // [B, T] each
+      auto [ids, targets] = batch(dataset_, step_ * global + (a * W + rank()) * B, -1);  // [B, T] each
       sync();
       auto t1 = clock::now();
       // The logits [B, T, V] go out of scope before backward: nothing there reads them (the loss keeps its
@@ -201,8 +219,16 @@ class Trainer {
       sync();
       auto t2 = clock::now();
       const double scale = nan_steps_.count(m.step) ? std::nan("") : 1.0 / global_tokens;
-      engine_->backward(sum * scale, a + 1 == options_.grad_accum);
+      // MoE: the router loss of this micro-batch enters the global loss as its mean over micro-batches and ranks
+      // (each rank's own tokens, as data-parallel transformers training averages the per-device losses).
+      const auto router = router_loss(scale * global_tokens / static_cast<double>(options_.grad_accum * W));
+      engine_->backward(sum * scale, a + 1 == options_.grad_accum, router.side_grads);
       loss_sum.narrow(0, 0, 1) += sum.detach();
+      if (router.loss.total.defined()) {
+        has_router = true;
+        loss_sum.narrow(0, 0, 1) += router.loss.total.detach() * static_cast<double>(B * T);
+        loss_sum.narrow(0, 4, 1) += router.loss.aux.detach() * static_cast<double>(B * T);
+      }
       sync();
       auto t3 = clock::now();
       m.data_s += secs(t0, t1), m.forward_s += secs(t1, t2), m.backward_s += secs(t2, t3);
@@ -226,6 +252,7 @@ class Trainer {
     const auto reduced_tensor = loss_sum.cpu();
     const float* reduced = reduced_tensor.data_ptr<float>();
     m.loss = reduced[0] / global_tokens;
+    if (has_router) m.aux_loss = reduced[4] / global_tokens;
     m.stop_requested = reduced[1] > 0;
     if (async_ && async_->in_flight()) {
       const auto t0 = clock::now();
@@ -271,6 +298,41 @@ class Trainer {
     if (rank() == 0) log::info("shardlm: checkpoint ", path.string(), " (training blocked ", std::lround(s * 1e3), " ms)");
     return s;
   }
+  /// Sets the validation tokens evaluate() reads (--eval-data, or the --eval-fraction split of --data).
+  void set_eval_data(data::TokenDataset d) {
+    const int64_t windows = d.size() > options_.seq_len ? (d.size() - 1) / options_.seq_len : 0;
+    if (windows == 0)
+      fail<ConfigError>("validation data ", d.name(), ": ", d.size(), " tokens are too few for one sample of --seq-len ",
+                        options_.seq_len, " (+1)");
+    eval_windows_ = options_.eval_samples > 0 ? std::min(options_.eval_samples, windows) : windows;
+    eval_data_ = std::move(d);
+  }
+  bool has_eval_data() const { return eval_data_.has_value(); }
+
+  /// The mean loss over the validation windows' targets that the mask keeps, and their number (a collective: the
+  /// windows are split over the ranks in micro-batches, the last ones padded). No gradients, no update.
+  std::pair<double, int64_t> evaluate() {
+    SHARDLM_ASSERT(eval_data_, "evaluate() needs set_eval_data()");
+    at::NoGradGuard no_grad;
+    // Evaluation mode: no adapter dropout (--lora-dropout), so no draws that would shift the training masks.
+    struct EvalMode {
+      Model& m;
+      explicit EvalMode(Model& model) : m(model) { m->eval(); }
+      ~EvalMode() { m->train(); }
+    } eval_mode(model_);
+    const int64_t B = options_.micro_batch, W = groups_->size();
+    auto sums = at::zeros({2}, at::TensorOptions().device(device_).dtype(at::kDouble));  // [loss sum, targets]
+    for (int64_t j = 0; j * W * B < eval_windows_; ++j) {  // the same number of forwards on every rank
+      auto [ids, targets] = batch(*eval_data_, (j * W + rank()) * B, eval_windows_);
+      sums[0] += model::ops::next_token_loss_sum(engine_->forward(ids), targets).to(at::kDouble);
+      sums[1] += targets.ne(-100).sum().to(at::kDouble);
+    }
+    groups_->world().all_reduce(sums, dist::Reduce::Sum, "eval loss");
+    const auto host = sums.cpu();
+    const auto n = static_cast<int64_t>(host[1].item<double>());
+    return {n > 0 ? host[0].item<double>() / static_cast<double>(n) : std::nan(""), n};
+  }
+
   /// The checkpoint this run resumed from (empty when it started fresh).
   const std::filesystem::path& resumed_from() const { return resumed_from_; }
 
@@ -320,8 +382,8 @@ class Trainer {
     return out;
   }
 
-  /// This rank's gradient shards of the last step, reduced, one per unit (after the optimizer step: clipped,
-  /// since the fused kernel scales them in place).
+  /// This rank's gradient shards of the last step, reduced, one per unit (after the optimizer step on the
+  /// device: clipped, since the fused kernel scales them in place; the host AdamW of offload leaves them).
   std::vector<at::Tensor> gradient_shards() {
     std::vector<at::Tensor> out;
     for (size_t u = 0; u < engine_->num_units(); ++u) out.push_back(engine_->unit(u).grad());
@@ -329,6 +391,28 @@ class Trainer {
   }
 
  private:
+  /// The router loss of the last forward (model/moe.hpp) and the gradients of each unit's side output for
+  /// `scale` x its total term; empty when the model has no router.
+  struct RouterTerms {
+    model::RouterLoss loss;
+    std::vector<at::Tensor> side_grads;
+  };
+  RouterTerms router_loss(double scale) {
+    const auto& sides = engine_->side_outputs();
+    std::vector<at::Tensor> leaves;
+    for (const auto& s : sides) leaves.push_back(s.defined() ? s.detach().requires_grad_(true) : at::Tensor());
+    RouterTerms out{model::router_loss(leaves, config_), {}};
+    if (!out.loss.total.defined() || !out.loss.total.requires_grad()) return out;
+    std::vector<at::Tensor> inputs;
+    for (const auto& l : leaves)
+      if (l.defined()) inputs.push_back(l);
+    const auto grads = torch::autograd::grad({out.loss.total * scale}, inputs, {}, std::nullopt, false, /*allow_unused=*/true);
+    out.side_grads.resize(sides.size());
+    for (size_t u = 0, i = 0; u < sides.size(); ++u)
+      if (leaves[u].defined()) out.side_grads[u] = grads[i++];
+    return out;
+  }
+
   /// --resume: auto takes the newest committed checkpoint under --checkpoint-dir (none: a fresh start).
   void resume() {
     std::optional<std::filesystem::path> from;
@@ -405,14 +489,20 @@ class Trainer {
     if (rank() == 0) log::info("shardlm: adapter loaded from ", dir.string(), " (", used, " tensors)");
   }
 
-  /// Samples k .. k + B - 1 of the run as (inputs, next-token targets), each [B, T] on the device.
-  std::pair<at::Tensor, at::Tensor> batch(int64_t first_sample) {
+  /// Samples k .. k + B - 1 as (inputs, next-token targets with masked ones -100), each [B, T] on the device: of
+  /// the run (`eval_samples` < 0: the sampler's order) or windows k.. of `d` in file order, those at or past
+  /// `eval_samples` padded with targets that all are -100.
+  std::pair<at::Tensor, at::Tensor> batch(const data::TokenDataset& d, int64_t first_sample, int64_t eval_samples) {
     const int64_t B = options_.micro_batch, T = options_.seq_len;
-    auto windows = at::empty({B, T + 1}, at::kLong);
-    for (int64_t b = 0; b < B; ++b)
-      windows[b].copy_(dataset_.slice(sampler_.window_start(first_sample + b), T + 1, config_.vocab_size));
-    windows = windows.to(device_);
-    return {windows.narrow(1, 0, T), windows.narrow(1, 1, T)};
+    auto ids = at::empty({B, T}, at::kLong), targets = at::empty({B, T}, at::kLong);
+    for (int64_t b = 0, k = first_sample; b < B; ++b, ++k) {
+      const bool pad = eval_samples >= 0 && k >= eval_samples;
+      const int64_t start = eval_samples < 0 ? sampler_.window_start(k) : (pad ? 0 : k * T);
+      int64_t counted = 0;
+      ids[b].copy_(d.slice(start, T, config_.vocab_size));
+      targets[b].copy_(pad ? at::full({T}, -100, at::kLong) : d.targets(start, T, config_.vocab_size, -100, &counted));
+    }
+    return {ids.to(device_), targets.to(device_)};
   }
 
   TrainOptions options_;
@@ -424,6 +514,8 @@ class Trainer {
   model::AdapterConfig adapter_;
   data::TokenDataset dataset_;
   data::Sampler sampler_;
+  std::optional<data::TokenDataset> eval_data_;
+  int64_t eval_windows_ = 0;
   optim::CosineSchedule schedule_;
   std::unique_ptr<Engine> engine_;
   std::filesystem::path resumed_from_;
@@ -434,14 +526,47 @@ class Trainer {
   int64_t step_ = 0;
 };
 
-/// The dataset of a run: --data, or the program's embedded text.
-inline data::TokenDataset open_dataset(const TrainOptions& o) {
-  return o.data.empty() ? data::TokenDataset::from_bytes(o.builtin_text, o.builtin_name) : data::TokenDataset::open(o.data);
+/// The training and validation data of a run: --data (or the program's embedded text), less its last
+/// --eval-fraction, which is the validation split; or --eval-data. No validation data: nullopt.
+inline std::pair<data::TokenDataset, std::optional<data::TokenDataset>> open_datasets(const TrainOptions& o) {
+  auto all = o.data.empty() ? data::TokenDataset::from_bytes(o.builtin_text, o.builtin_name) : data::TokenDataset::open(o.data);
+  if (!o.eval_data.empty()) return {std::move(all), data::TokenDataset::open(o.eval_data)};
+  if (o.eval_fraction <= 0) return {std::move(all), std::nullopt};
+  const auto held = static_cast<int64_t>(static_cast<double>(all.size()) * o.eval_fraction);
+  auto eval = all.range(all.size() - held, held, detail::cat(all.name(), " (its last ", held, " tokens: --eval-fraction)"));
+  return {all.range(0, all.size() - held, detail::cat(all.name(), " (its first ", all.size() - held, " tokens)")), std::move(eval)};
 }
+/// The training data of a run (see open_datasets).
+inline data::TokenDataset open_dataset(const TrainOptions& o) { return open_datasets(o).first; }
 
 }  // namespace shardlm::train
 
 namespace shardlm {
+
+/// The recipes the policy-matrix programs (shardlm_train, step_benchmark) compile Mixtral for, to keep their build
+/// humane: fp32 or mixed-bf16, no checkpointing or every block, every sharding, CPU offload with full sharding.
+/// A main of its own instantiates Mixtral with any recipe (examples/02_mixtral_8x7b.cpp).
+template <class Recipe>
+inline constexpr bool mixtral_compiled =
+    !std::is_same_v<typename Recipe::Precision, precision::PureBF16> && Recipe::Checkpointing::every <= 1 &&
+    (!Recipe::Offload::to_host || std::is_same_v<typename Recipe::Sharding, sharding::FullShard>);
+
+/// Calls f(model::Llama3{nullptr}) or f(model::Mixtral{nullptr}) as config `c` names (a type tag: f builds the
+/// model). Mixtral only where mixtral_compiled<Recipe>; elsewhere an error names the recipe.
+template <class Recipe, class F>
+decltype(auto) with_model(const model::ModelConfig& c, F&& f) {
+  if (!c.is_moe()) return f(model::Llama3{nullptr});
+  if constexpr (mixtral_compiled<Recipe>) {
+    return f(model::Mixtral{nullptr});
+  } else {
+    fail<ConfigError>("Mixtral is compiled into this program for --precision fp32 or mixed-bf16, --checkpointing none ",
+                      "or every-block, and --offload cpu with --sharding full only (this run: --precision ",
+                      Recipe::Precision::name, " --checkpointing ", Recipe::Checkpointing::name, " --offload ",
+                      Recipe::Offload::name, " --sharding ", Recipe::Sharding::name,
+                      "): build a main for this recipe (examples/02_mixtral_8x7b.cpp shows how)");
+    return f(model::Llama3{nullptr});  // not reached; gives both branches one return type
+  }
+}
 
 /// Trains `Model` with `Recipe` as the options say, on one process or as one rank of a job (launched by
 /// shardlm_launch, torchrun or srun): rank 0 logs every --log-every steps and writes --metrics and --save-final.
@@ -455,7 +580,9 @@ int run_trainer(const TrainOptions& options) {
   } else {
   const auto& o = options;
   o.validate();
-  train::Trainer<Model, Recipe> trainer(o, train::open_dataset(o));
+  auto [train_data, eval_data] = train::open_datasets(o);
+  train::Trainer<Model, Recipe> trainer(o, std::move(train_data));
+  if (eval_data) trainer.set_eval_data(std::move(*eval_data));
   train::StopSignals::install();
   const bool lead = trainer.rank() == 0;
   const auto& c = trainer.config();
@@ -471,8 +598,12 @@ int run_trainer(const TrainOptions& options) {
               " | global batch ", o.micro_batch * o.grad_accum * g.size(), " x ", o.seq_len, " tokens");
   if (lead && trainer.device().is_cuda()) log::info("shardlm: memory plan (train/memory_plan.hpp): ", trainer.memory_plan().table());
   train::MetricsWriter metrics(lead ? o.metrics : std::string(), /*append=*/!trainer.resumed_from().empty());
+  train::tensorboard::Writer board(lead ? o.tensorboard : std::string());
   double first_loss = 0, last_loss = 0;
   const int64_t start = trainer.steps_done();
+  // A bar with the ETA when rank 0 writes to a terminal (log lines take its place, then it is drawn again).
+  Progress bar("training", static_cast<uint64_t>(std::max<int64_t>(o.steps - start, 0)),
+               lead && ::isatty(STDOUT_FILENO) == 1 && ::isatty(STDERR_FILENO) == 1, 1, nullptr, Progress::Units::steps);
   if (start >= o.steps && lead) log::info("shardlm: nothing to train: the run is at step ", start, " of --steps ", o.steps);
   int64_t bad_in_a_row = 0;
   double save_stall = 0;
@@ -485,7 +616,23 @@ int run_trainer(const TrainOptions& options) {
         ((o.save_every > 0 && m.step % o.save_every == 0) || m.step == o.steps || stop))
       m.save_s += trainer.save_checkpoint(/*last=*/m.step == o.steps || stop);
     save_stall += m.save_s;
+    if (trainer.has_eval_data() && ((o.eval_every > 0 && m.step % o.eval_every == 0) || m.step == o.steps)) {
+      const auto t0 = std::chrono::steady_clock::now();
+      std::tie(m.eval_loss, m.eval_tokens) = trainer.evaluate();
+      bar.clear();
+      if (lead)
+        log::info("eval step ", m.step, " | loss ", m.eval_loss, " | ppl ", std::exp(m.eval_loss), " | ", m.eval_tokens,
+                  " targets | ", std::lround(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3), " ms");
+    }
     metrics.write(m);
+    if (board.enabled()) {
+      std::vector<std::pair<std::string, float>> v = {
+          {"train/loss", m.loss}, {"train/grad_norm", m.grad_norm}, {"train/lr", m.lr}, {"train/tokens_per_s", m.tokens_per_s},
+          {"train/step_s", m.step_s}, {"memory/allocated_gb", m.mem_alloc_gb}, {"memory/reserved_gb", m.mem_reserved_gb}};
+      if (m.mfu >= 0) v.emplace_back("train/mfu", m.mfu);
+      if (m.eval_loss >= 0) v.emplace_back("eval/loss", m.eval_loss);
+      board.scalars(m.step, v);
+    }
     if (too_many_bad)
       fail<Error>(bad_in_a_row, " steps in a row (", m.step - bad_in_a_row + 1, "..", m.step,
                   ") had a non-finite gradient norm and were skipped (--max-bad-steps ", o.max_bad_steps,
@@ -493,8 +640,13 @@ int run_trainer(const TrainOptions& options) {
                   o.checkpoint_dir.empty() ? std::string() : "; --resume auto restarts from the last checkpoint");
     if (s == start) first_loss = m.loss;
     last_loss = m.loss;
-    if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) log::info(m.line(o.steps));
+    if (lead && (m.step % o.log_every == 0 || m.step == start + 1 || m.step == o.steps)) {
+      bar.clear();
+      log::info(m.line(o.steps));
+    }
+    bar.add(1);
     if (stop) {
+      bar.clear();
       if (o.checkpoint_dir.empty()) {
         if (lead) log::warn("stopping after step ", m.step, " on a signal, without --checkpoint-dir: nothing was saved");
         return 128 + SIGTERM;
@@ -503,6 +655,7 @@ int run_trainer(const TrainOptions& options) {
       return 0;
     }
   }
+  bar.clear();
   if (!o.save_final.empty()) {
     auto weights = trainer.full_weights();
     if (lead) io::save_safetensors(o.save_final, weights);

@@ -1,0 +1,207 @@
+#pragma once
+// Sparse mixture of experts (Mixtral): a router picks k of E SwiGLU experts per token, as transformers'
+// MixtralSparseMoeBlock does. Shapes: N = tokens (B x T), C = hidden size, E = experts, k = experts per token,
+// I = an expert's intermediate size.
+//
+// The load-balancing loss needs every layer's routing (transformers' load_balancing_loss_func pools all layers'
+// router logits): each MoE layer leaves its router statistics (a small fp32 vector, differentiable in the router
+// probabilities), and router_loss() pools them after the forward. The engine, which runs each block on a local
+// autograd graph, takes them from each block as a side output and back-propagates the gradient router_loss()
+// gives them (engine/engine.hpp).
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "shardlm/core/compat.hpp"
+#include "shardlm/core/errors.hpp"
+#include "shardlm/model/config.hpp"
+#include "shardlm/model/layers.hpp"
+
+namespace shardlm::model {
+
+/// How the experts compute. `loop`: one pair of matmuls per expert that got tokens (a host loop; the CPU
+/// default). `padded`: the tokens sorted by expert into an [E, max count, C] batch, two batched matmuls (one
+/// host sync for the largest count). `grouped`: at::_grouped_mm over the sorted tokens (bf16, sm90/sm100).
+/// `automatic`: grouped where compat::has_grouped_mm says it serves, else padded on a GPU, else loop.
+enum class ExpertKernel { automatic, loop, padded, grouped };
+
+/// SHARDLM_MOE_KERNEL=loop|padded|grouped|auto, read once (unset: auto).
+inline ExpertKernel expert_kernel_from_env() {
+  static const ExpertKernel kernel = [] {
+    const char* v = std::getenv("SHARDLM_MOE_KERNEL");
+    const std::string_view s = v ? v : "auto";
+    if (s == "auto") return ExpertKernel::automatic;
+    if (s == "loop") return ExpertKernel::loop;
+    if (s == "padded") return ExpertKernel::padded;
+    if (s == "grouped") return ExpertKernel::grouped;
+    fail<ConfigError>("SHARDLM_MOE_KERNEL='", s, "': use auto, loop, padded or grouped");
+  }();
+  return kernel;
+}
+
+namespace ops {
+
+/// The router's choice for N tokens.
+struct Routing {
+  at::Tensor logits;   // [N, E] in x's dtype
+  at::Tensor weights;  // [N, k] fp32: the top-k probabilities renormalized to sum to 1 (Mixtral)
+  at::Tensor experts;  // [N, k] int64
+};
+
+/// Router linear, softmax in fp32, top-k, renormalized: transformers' MixtralTopKRouter.
+inline Routing route(const at::Tensor& x, const at::Tensor& w_router, int64_t k) {  // x [N, C], w [E, C]
+  auto logits = at::linear(x, w_router);                              // [N, E]
+  const auto probs = at::softmax(logits.to(at::kFloat), -1);          // [N, E]
+  auto [top, experts] = at::topk(probs, k, -1);                      // [N, k] each
+  return {std::move(logits), top / top.sum(-1, /*keepdim=*/true), std::move(experts)};
+}
+
+/// Layout of a layer's router statistics, one fp32 vector of 2E + 2: the sums over the layer's tokens of the
+/// router probabilities [0, E) and of the squared log-sum-exp of the logits [E] (both differentiable), the
+/// number of top-k picks of each expert [E + 1, 2E + 1) and the number of tokens [2E + 1].
+struct RouterStatsLayout {
+  int64_t E;
+  int64_t size() const { return 2 * E + 2; }
+  at::Tensor prob_sum(const at::Tensor& s) const { return s.narrow(-1, 0, E); }
+  at::Tensor z_sum(const at::Tensor& s) const { return s.narrow(-1, E, 1).squeeze(-1); }
+  at::Tensor counts(const at::Tensor& s) const { return s.narrow(-1, E + 1, E); }
+  at::Tensor rows(const at::Tensor& s) const { return s.narrow(-1, 2 * E + 1, 1).squeeze(-1); }
+};
+
+/// One layer's router statistics from its logits [N, E]. As transformers' aux loss does, the softmax and the
+/// top-k here are taken in the logits' dtype (in fp32 they equal the routing's).
+inline at::Tensor router_stats(const at::Tensor& logits, int64_t k) {
+  const int64_t N = logits.size(0), E = logits.size(1);
+  const auto probs = at::softmax(logits, -1);                                               // [N, E]
+  const auto picked = std::get<1>(at::topk(probs, k, -1)).reshape({-1});                    // [N k]
+  const auto counts = at::bincount(picked, {}, E).to(at::kFloat);                           // [E]
+  const auto z = at::logsumexp(logits.to(at::kFloat), {-1}).square().sum().reshape({1});   // [1]
+  const auto rows = at::full({1}, static_cast<double>(N), counts.options());               // [1]
+  return at::cat({probs.to(at::kFloat).sum(0), z, counts, rows});                          // [2E + 2]
+}
+
+/// y [N, C] = sum over the k picks of weight x expert(x), expert(x) = down(silu(gate(x)) * up(x)) with
+/// gate_up [E, 2I, C] (gate rows first, then up) and down [E, C, I]: transformers' MixtralExperts.
+inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const Routing& r,
+                              ExpertKernel kernel = ExpertKernel::automatic) {
+  const int64_t E = gate_up.size(0), I = down.size(2), C = x.size(1), k = r.experts.size(1);
+  if (kernel == ExpertKernel::automatic)
+    kernel = compat::has_grouped_mm(x.device(), x.scalar_type(), {C, I, 2 * I}) ? ExpertKernel::grouped
+             : x.is_cuda()                                                      ? ExpertKernel::padded
+                                                                                : ExpertKernel::loop;
+  // Tokens sorted by expert: pick p = n k + j of token n goes to expert experts[n, j].
+  const auto flat = r.experts.reshape({-1});                                           // [N k]
+  const auto [sorted, order] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);  // [N k] each
+  const auto token = at::floor_divide(order, k);                                       // [N k]
+  const auto xs = x.index_select(0, token);                                            // [N k, C]
+  const auto counts = at::bincount(flat, {}, E);                                       // [E]
+  const auto swiglu = [&](const at::Tensor& h) { return at::silu(h.narrow(-1, 0, I)) * h.narrow(-1, I, I); };
+  at::Tensor ys;                                                                       // [N k, C]
+  if (kernel == ExpertKernel::grouped) {
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 8
+    const auto offs = at::cumsum(counts, 0).to(at::kInt);                             // [E]
+    const auto h = at::_grouped_mm(xs, gate_up.transpose(1, 2), offs);                // [N k, 2I]
+    ys = at::_grouped_mm(swiglu(h), down.transpose(1, 2), offs);                      // [N k, C]
+#else
+    fail<ConfigError>("SHARDLM_MOE_KERNEL=grouped needs LibTorch 2.8 or newer (at::_grouped_mm)");
+#endif
+  } else if (kernel == ExpertKernel::padded) {
+    const auto starts = at::cumsum(counts, 0) - counts;                               // [E]
+    const auto pos = at::arange(flat.size(0), flat.options()) - starts.index_select(0, sorted);  // [N k]
+    const int64_t cap = flat.size(0) > 0 ? counts.max().item<int64_t>() : 0;
+    c10::List<std::optional<at::Tensor>> at_slot;
+    at_slot.push_back(sorted), at_slot.push_back(pos);
+    const auto padded = at::index_put(at::zeros({E, cap, C}, x.options()), at_slot, xs);  // [E, cap, C]
+    const auto h = at::bmm(padded, gate_up.transpose(1, 2));                          // [E, cap, 2I]
+    ys = at::index(at::bmm(swiglu(h), down.transpose(1, 2)), at_slot);                // [N k, C]
+  } else {
+    const auto n = counts.cpu();
+    std::vector<at::Tensor> parts;
+    for (int64_t e = 0, first = 0; e < E; first += n[e].item<int64_t>(), ++e) {
+      const int64_t m = n[e].item<int64_t>();
+      if (m == 0) continue;
+      const auto h = at::linear(xs.narrow(0, first, m), gate_up[e]);                  // [m, 2I]
+      parts.push_back(at::linear(swiglu(h), down[e]));                                 // [m, C]
+    }
+    ys = parts.empty() ? at::zeros({0, C}, x.options()) : at::cat(parts);
+  }
+  const auto w = r.weights.reshape({-1}).index_select(0, order).unsqueeze(-1);         // [N k, 1] fp32
+  return at::zeros_like(x).index_add(0, token, (ys * w).to(x.scalar_type()));         // [N, C]
+}
+
+}  // namespace ops
+
+/// Pooled router losses of one forward: the load-balancing loss (transformers' load_balancing_loss_func,
+/// E x sum_e F_e x P_e over every layer's tokens), the router z-loss (mean over layers and tokens of
+/// logsumexp(logits)^2) and `total`, the term the training loss adds: router_aux_loss_coef x aux when
+/// output_router_logits (as transformers adds it), plus router_z_loss_coef x z. Differentiable in the stats.
+struct RouterLoss {
+  at::Tensor aux, z, total;  // fp32 scalars
+};
+
+/// The router loss of the stats the MoE layers left (undefined entries, units without a router, are skipped).
+/// Undefined tensors when there are none.
+inline RouterLoss router_loss(const std::vector<at::Tensor>& stats, const ModelConfig& c) {
+  std::vector<at::Tensor> defined;
+  for (const auto& s : stats)
+    if (s.defined()) defined.push_back(s);
+  if (defined.empty()) return {};
+  const ops::RouterStatsLayout layout{c.num_experts};
+  const auto sum = at::stack(defined).sum(0);  // [2E + 2]
+  const auto rows = layout.rows(sum);
+  const auto tokens_per_expert = layout.counts(sum).detach() / rows;
+  const auto prob_per_expert = layout.prob_sum(sum) / rows;
+  RouterLoss out;
+  out.aux = (tokens_per_expert * prob_per_expert).sum() * static_cast<double>(c.num_experts);
+  out.z = layout.z_sum(sum) / rows;
+  out.total = out.aux * (c.output_router_logits ? c.router_aux_loss_coef : 0.0) + out.z * c.router_z_loss_coef;
+  return out;
+}
+
+/// The experts' weights in transformers' fused layout: gate_up_proj [E, 2I, C], down_proj [E, C, I].
+class MoeExpertsImpl : public torch::nn::Module {
+ public:
+  MoeExpertsImpl(const ModelConfig& c, const at::TensorOptions& opts)
+      : gate_up_proj(register_parameter("gate_up_proj",
+                                        at::empty({c.num_experts, 2 * c.intermediate_size, c.hidden_size}, opts))),
+        down_proj(register_parameter("down_proj",
+                                     at::empty({c.num_experts, c.hidden_size, c.intermediate_size}, opts))) {}
+  at::Tensor gate_up_proj, down_proj;
+};
+TORCH_MODULE(MoeExperts);
+
+/// Mixtral's sparse MoE feed-forward (transformers' MixtralSparseMoeBlock, names `mlp.gate`, `mlp.experts`).
+class SparseMoeImpl : public torch::nn::Module {
+ public:
+  SparseMoeImpl(const ModelConfig& c, const at::TensorOptions& opts)
+      : gate(register_module("gate", Linear(c.hidden_size, c.num_experts, /*bias=*/false, opts))),
+        experts(register_module("experts", MoeExperts(c, opts))),
+        top_k_(c.num_experts_per_tok) {}
+  static constexpr const char* hf_name = "mlp";
+
+  at::Tensor forward(const at::Tensor& x) {  // [B, T, C] -> [B, T, C]
+    const auto flat = x.reshape({-1, x.size(-1)});                          // [N, C]
+    const auto r = ops::route(flat, gate->weight, top_k_);
+    stats_ = ops::router_stats(r.logits, top_k_);                           // [2E + 2]
+    return ops::moe_experts(flat, experts->gate_up_proj, experts->down_proj, r, kernel).view(x.sizes());
+  }
+  /// The router statistics of the last forward (ops::RouterStatsLayout), handed over once.
+  at::Tensor take_router_stats() { return std::exchange(stats_, at::Tensor()); }
+
+  Linear gate;
+  MoeExperts experts;
+  ExpertKernel kernel = expert_kernel_from_env();
+
+ private:
+  int64_t top_k_;
+  at::Tensor stats_;
+};
+TORCH_MODULE(SparseMoe);
+
+}  // namespace shardlm::model

@@ -1,0 +1,173 @@
+#pragma once
+// The host optimizer of offloaded runs: AdamW (torch.optim.AdamW's update, decoupled weight decay) in one pass
+// over contiguous CPU tensors, multi-threaded. Parameters and moments are fp32 or bf16, gradients fp32 or bf16,
+// in any mix; the arithmetic is fp32 and bf16 results are rounded to nearest even. LibTorch's fused CPU kernel
+// wants one dtype for all four tensors, so bf16 gradients beside fp32 master weights (what an offloaded
+// mixed-bf16 run keeps where that is exact) would need an upcast pass of their own; reading them directly
+// saves that pass and half the gradient bytes. The loop is plain code over raw pointers, split among the
+// rank's host threads; the step is bound by host memory bandwidth more than by arithmetic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "shardlm/core/errors.hpp"
+
+namespace shardlm::optim {
+
+/// One AdamW update's scalars. `step` counts from 1 (bias correction); gradients are multiplied by
+/// `grad_coef` first (clipping).
+struct AdamWStep {
+  double lr = 0, beta1 = 0.9, beta2 = 0.95, weight_decay = 0, eps = 1e-8;
+  int64_t step = 1;
+  double grad_coef = 1.0;
+};
+
+namespace detail {
+inline float bf16_to_float(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  if (std::isnan(f)) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+template <class T>
+inline float load(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) return p[i];
+  else return bf16_to_float(p[i]);
+}
+template <class T>
+inline void store(T* p, int64_t i, float v) {
+  if constexpr (std::is_same_v<T, float>) p[i] = v;
+  else p[i] = float_to_bf16(v);
+}
+
+/// Runs f(begin, end) over [0, n) split among LibTorch's intra-op thread count (at::get_num_threads(), which the
+/// trainer sets per rank), on threads of its own: at::parallel_for's OpenMP backend is inline code whose
+/// `#pragma omp parallel` is compiled in the caller's translation unit, serial without -fopenmp (and with it,
+/// another OpenMP runtime than LibTorch's).
+template <class F>
+void parallel_ranges(int64_t n, F&& f) {
+  constexpr int64_t grain = int64_t{1} << 18;
+  const int64_t parts = std::min<int64_t>(std::max(1, at::get_num_threads()), (n + grain - 1) / grain);
+  if (parts <= 1) {
+    f(int64_t{0}, n);
+    return;
+  }
+  const int64_t per = (n + parts - 1) / parts;
+  std::vector<std::thread> threads;
+  for (int64_t t = 1; t < parts; ++t) threads.emplace_back([&, t] { f(t * per, std::min(n, (t + 1) * per)); });
+  f(int64_t{0}, per);
+  for (auto& t : threads) t.join();
+}
+
+struct AdamWCoef {
+  float keep, b1, one_minus_b1, b2, one_minus_b2, step_size, inv_bc2_sqrt, eps, grad_coef;
+};
+
+#if defined(__SSE2__)
+// Four lanes at a time with SSE2 (every x86-64 CPU has it; no compiler flag needed). bf16 lanes are the high
+// halves of fp32 lanes; the rounding to bf16 is float_to_bf16's, lane by lane.
+template <class T>
+inline __m128 load4(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm_loadu_ps(p + i);
+  } else {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i));
+    return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));
+  }
+}
+template <class T>
+inline void store4(T* p, int64_t i, __m128 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm_storeu_ps(p + i, v);
+  } else {
+    const __m128i u = _mm_castps_si128(v);
+    const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+    __m128i r = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(_mm_set1_epi32(0x7FFF), lsb)), 16);
+    const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(v, v));
+    r = _mm_or_si128(_mm_andnot_si128(nan, r), _mm_and_si128(nan, _mm_set1_epi32(0x7FC0)));
+    // 32 -> 16 bits: values lie in [0, 65535]; shift into the signed range for the saturating pack, then back
+    const __m128i bias = _mm_set1_epi32(0x8000);
+    const __m128i packed = _mm_packs_epi32(_mm_sub_epi32(r, bias), _mm_sub_epi32(r, bias));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p + i), _mm_xor_si128(packed, _mm_set1_epi16(static_cast<short>(0x8000))));
+  }
+}
+#endif
+
+template <class P, class G>
+void adamw_range(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, int64_t begin, int64_t end, const AdamWCoef& c) {
+#if defined(__SSE2__)
+  const __m128 keep = _mm_set1_ps(c.keep), b2 = _mm_set1_ps(c.b2), omb1 = _mm_set1_ps(c.one_minus_b1),
+               omb2 = _mm_set1_ps(c.one_minus_b2), step = _mm_set1_ps(c.step_size), ibc2 = _mm_set1_ps(c.inv_bc2_sqrt),
+               eps = _mm_set1_ps(c.eps), gc = _mm_set1_ps(c.grad_coef);
+  for (; begin + 4 <= end; begin += 4) {
+    const __m128 g = _mm_mul_ps(load4(grad, begin), gc);
+    const __m128 p = _mm_mul_ps(load4(param, begin), keep);
+    const __m128 m = load4(exp_avg, begin);
+    const __m128 m1 = _mm_add_ps(m, _mm_mul_ps(omb1, _mm_sub_ps(g, m)));
+    const __m128 v1 = _mm_add_ps(_mm_mul_ps(b2, load4(exp_avg_sq, begin)), _mm_mul_ps(_mm_mul_ps(omb2, g), g));
+    const __m128 denom = _mm_add_ps(_mm_mul_ps(_mm_sqrt_ps(v1), ibc2), eps);
+    store4(param, begin, _mm_sub_ps(p, _mm_div_ps(_mm_mul_ps(step, m1), denom)));
+    store4(exp_avg, begin, m1);
+    store4(exp_avg_sq, begin, v1);
+  }
+#endif
+  for (int64_t i = begin; i < end; ++i) {
+    const float g = load(grad, i) * c.grad_coef;
+    const float p = load(param, i) * c.keep;  // decoupled weight decay: p (1 - lr wd)
+    const float m = load(exp_avg, i);
+    const float m1 = m + c.one_minus_b1 * (g - m);  // lerp(m, g, 1 - beta1)
+    const float v1 = c.b2 * load(exp_avg_sq, i) + (c.one_minus_b2 * g) * g;
+    const float denom = std::sqrt(v1) * c.inv_bc2_sqrt + c.eps;
+    store(param, i, p - (c.step_size * m1) / denom);
+    store(exp_avg, i, m1);
+    store(exp_avg_sq, i, v1);
+  }
+}
+
+template <class P, class G>
+void adamw_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                  const at::Tensor& exp_avg_sq, const AdamWCoef& c) {
+  auto* p = static_cast<P*>(param.data_ptr());
+  const auto* g = static_cast<const G*>(grad.data_ptr());
+  auto* m = static_cast<P*>(exp_avg.data_ptr());
+  auto* v = static_cast<P*>(exp_avg_sq.data_ptr());
+  parallel_ranges(param.numel(), [&](int64_t begin, int64_t end) { adamw_range(p, g, m, v, begin, end, c); });
+}
+}  // namespace detail
+
+/// AdamW on `param` (updated in place) with moments `exp_avg`, `exp_avg_sq`: contiguous CPU tensors of one
+/// size; param and moments of one dtype (fp32 or bf16), the gradient fp32 or bf16.
+inline void host_adamw(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                       const at::Tensor& exp_avg_sq, const AdamWStep& s) {
+  const auto pt = param.scalar_type(), gt = grad.scalar_type();
+  auto supported = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; };
+  if (!supported(pt) || !supported(gt) || exp_avg.scalar_type() != pt || exp_avg_sq.scalar_type() != pt)
+    fail<ConfigError>("host AdamW: parameters and moments must share fp32 or bf16, gradients fp32 or bf16 (got ", pt,
+                      ", ", exp_avg.scalar_type(), ", ", exp_avg_sq.scalar_type(), " and ", gt, ")");
+  for (const auto* t : {&param, &grad, &exp_avg, &exp_avg_sq})
+    SHARDLM_ASSERT(t->device().is_cpu() && t->is_contiguous() && t->numel() == param.numel(),
+                   "host AdamW takes contiguous CPU tensors of one size");
+  SHARDLM_ASSERT(s.step >= 1, "AdamW steps count from 1");
+  const double bc1 = 1 - std::pow(s.beta1, static_cast<double>(s.step));
+  const double bc2 = 1 - std::pow(s.beta2, static_cast<double>(s.step));
+  const detail::AdamWCoef c{static_cast<float>(1 - s.lr * s.weight_decay), static_cast<float>(s.beta1),
+                            static_cast<float>(1 - s.beta1),         static_cast<float>(s.beta2),
+                            static_cast<float>(1 - s.beta2),         static_cast<float>(s.lr / bc1),
+                            static_cast<float>(1 / std::sqrt(bc2)),  static_cast<float>(s.eps),
+                            static_cast<float>(s.grad_coef)};
+  if (pt == at::kFloat && gt == at::kFloat) detail::adamw_tensor<float, float>(param, grad, exp_avg, exp_avg_sq, c);
+  else if (pt == at::kFloat) detail::adamw_tensor<float, uint16_t>(param, grad, exp_avg, exp_avg_sq, c);
+  else if (gt == at::kFloat) detail::adamw_tensor<uint16_t, float>(param, grad, exp_avg, exp_avg_sq, c);
+  else detail::adamw_tensor<uint16_t, uint16_t>(param, grad, exp_avg, exp_avg_sq, c);
+}
+
+}  // namespace shardlm::optim
