@@ -41,7 +41,7 @@ def main():
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "corpus.txt").write_text(eq.CORPUS)
     # What check_equivalence.run reads from its arguments.
-    args.hf_tied, args.micro_batch = False, 1
+    args.hf_tied, args.micro_batch, args.masked, args.preset = False, 1, False, "llama3-debug"
 
     failed, count = [], 0
     for precision in args.precisions.split(","):

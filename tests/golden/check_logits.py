@@ -134,9 +134,14 @@ def main():
     args = parser.parse_args()
     if not args.dry_run and not args.tool:
         parser.error("--tool is required unless --dry-run is given")
-    args.workdir = args.workdir or tempfile.mkdtemp(prefix="check_logits_")
-    os.makedirs(args.workdir, exist_ok=True)
+    return run_random_cases(args, check_case, "check_logits_")
 
+
+def run_random_cases(args, check_case, prefix):
+    """Runs check_case(i, rng, args) for --count random configs drawn from --seed in --workdir (a new temporary
+    directory when not given); prints the summary; returns the exit status."""
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(args.workdir, exist_ok=True)
     quiet_transformers()
     torch.use_deterministic_algorithms(True)
     rng = random.Random(args.seed)

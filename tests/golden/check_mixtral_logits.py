@@ -14,16 +14,14 @@ Prints one line per config; exits 1 if any config fails.
 """
 import argparse
 import os
-import random
 import shutil
 import sys
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from check_logits import LOGITS_TOLERANCE, LOSS_TOLERANCE, run_tool
-from make_llama_fixtures import quiet_transformers, random_input
+from check_logits import LOGITS_TOLERANCE, LOSS_TOLERANCE, run_random_cases, run_tool
+from make_llama_fixtures import random_input
 from make_mixtral_fixtures import build_model, forward, save_checkpoint
 
 
@@ -80,14 +78,7 @@ def main():
     parser.add_argument("--logits-tol", type=float, default=LOGITS_TOLERANCE, help="bound on the logits rel err")
     parser.add_argument("--loss-tol", type=float, default=LOSS_TOLERANCE, help="bound on the loss and aux errors")
     args = parser.parse_args()
-    args.workdir = args.workdir or tempfile.mkdtemp(prefix="check_mixtral_")
-    os.makedirs(args.workdir, exist_ok=True)
-    quiet_transformers()
-    torch.use_deterministic_algorithms(True)
-    rng = random.Random(args.seed)
-    failures = sum(not check_case(i, rng, args) for i in range(args.count))
-    print(f"{args.count - failures}/{args.count} configs passed (seed {args.seed}, checkpoints in {args.workdir})")
-    return 1 if failures else 0
+    return run_random_cases(args, check_case, "check_mixtral_")
 
 
 if __name__ == "__main__":

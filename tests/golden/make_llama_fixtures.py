@@ -127,15 +127,20 @@ def make_variant(out_dir, name):
           f"weight_files={len(shards)} loss={loss.item():.6f} grads={len(reference) - 2} reload=identical")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fixture_main(doc, variants, make):
+    """The command line of a fixture script: --out DIR, --variant NAME (repeatable; default every variant)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write one subdirectory per variant into")
-    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="variant to make (default: all)")
+    parser.add_argument("--variant", action="append", choices=sorted(variants), help="variant to make (default: all)")
     args = parser.parse_args()
     quiet_transformers()
     torch.use_deterministic_algorithms(True)
-    for name in args.variant or VARIANTS:
-        make_variant(args.out, name)
+    for name in args.variant or variants:
+        make(args.out, name)
+
+
+def main():
+    fixture_main(__doc__, VARIANTS, make_variant)
 
 
 if __name__ == "__main__":

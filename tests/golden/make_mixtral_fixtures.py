@@ -18,7 +18,6 @@ Everything is fp32 on CPU, attn_implementation="sdpa", experts_implementation="e
 transformers' default grouped_mm needs 16-byte strides on the CPU), a fixed seed per variant; each checkpoint is reloaded by
 transformers and must give bit-identical logits. check_mixtral_logits.py imports the helpers here.
 """
-import argparse
 import json
 import os
 
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from make_llama_fixtures import quiet_transformers, random_input, rewrite_config_v4
+from make_llama_fixtures import fixture_main, random_input, rewrite_config_v4
 
 B, T = 2, 12
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -118,14 +117,7 @@ def make_variant(out_dir, name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory to write one subdirectory per variant into")
-    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="variant to make (default: all)")
-    args = parser.parse_args()
-    quiet_transformers()
-    torch.use_deterministic_algorithms(True)
-    for name in args.variant or VARIANTS:
-        make_variant(args.out, name)
+    fixture_main(__doc__, VARIANTS, make_variant)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,19 @@ std::vector<std::filesystem::path> golden_dirs() {
   std::sort(dirs.begin(), dirs.end());
   return dirs;
 }
+/// The largest relative error of a model's parameter gradients against the reference's `grad.<HF name>` tensors,
+/// and how many there were.
+std::pair<double, int64_t> max_grad_err(torch::nn::Module& m, io::SafetensorsFile& ref) {
+  double worst = 0;
+  int64_t count = 0;
+  for (const auto& item : m.named_parameters()) {
+    const auto name = "grad." + io::hf_name(item.key());
+    REQUIRE_MESSAGE(ref.find(name), "reference has no ", name);
+    worst = std::max(worst, rel_err(item.value().grad(), ref.read(name)));
+    ++count;
+  }
+  return {worst, count};
+}
 }  // namespace
 
 TEST_CASE("parity with transformers in fp32: logits, loss, gradients") {
@@ -168,14 +181,7 @@ TEST_CASE("parity with transformers in fp32: logits, loss, gradients") {
     const double e_logits = rel_err(logits, ref.read("logits"));
     const double e_loss = std::abs(loss.item<double>() - ref.read("loss").item<double>());
     loss.backward();
-    double e_grad = 0;
-    int64_t grads = 0;
-    for (const auto& item : m->named_parameters()) {
-      const auto name = "grad." + io::hf_name(item.key());
-      REQUIRE_MESSAGE(ref.find(name), "reference has no ", name);
-      e_grad = std::max(e_grad, rel_err(item.value().grad(), ref.read(name)));
-      ++grads;
-    }
+    const auto [e_grad, grads] = max_grad_err(*m, ref);
     MESSAGE(dir.filename().string(), ": logits rel err ", e_logits, ", loss err ", e_loss, ", max grad rel err ", e_grad,
             " over ", grads, " tensors");
     CHECK(e_logits < 1e-4);
@@ -330,14 +336,7 @@ TEST_CASE("Mixtral parity with transformers in fp32: logits, loss, aux loss, gra
     const double e_loss = std::abs(loss.item<double>() - ref.read("loss").item<double>());
     const double e_aux = std::abs(router.aux.item<double>() - ref.read("aux_loss").item<double>());
     loss.backward();
-    double e_grad = 0;
-    int64_t grads = 0;
-    for (const auto& item : m->named_parameters()) {
-      const auto name = "grad." + io::hf_name(item.key());
-      REQUIRE_MESSAGE(ref.find(name), "reference has no ", name);
-      e_grad = std::max(e_grad, rel_err(item.value().grad(), ref.read(name)));
-      ++grads;
-    }
+    const auto [e_grad, grads] = max_grad_err(*m, ref);
     MESSAGE(dir.filename().string(), ": logits rel err ", e_logits, ", loss err ", e_loss, ", aux err ", e_aux,
             ", max grad rel err ", e_grad, " over ", grads, " tensors");
     CHECK(e_logits < 1e-4);

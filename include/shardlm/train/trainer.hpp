@@ -226,8 +226,11 @@ class Trainer {
       loss_sum.narrow(0, 0, 1) += sum.detach();
       if (router.loss.total.defined()) {
         has_router = true;
-        loss_sum.narrow(0, 0, 1) += router.loss.total.detach() * static_cast<double>(B * T);
-        loss_sum.narrow(0, 4, 1) += router.loss.aux.detach() * static_cast<double>(B * T);
+        // weighted so that the division by the counted targets below leaves the mean over micro-batches and ranks
+        // (a loss mask keeping fewer targets does not inflate it)
+        const double weight = global_tokens / static_cast<double>(options_.grad_accum * W);
+        loss_sum.narrow(0, 0, 1) += router.loss.total.detach() * weight;
+        loss_sum.narrow(0, 4, 1) += router.loss.aux.detach() * weight;
       }
       sync();
       auto t3 = clock::now();
