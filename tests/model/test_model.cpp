@@ -15,6 +15,24 @@ using namespace shardlm;
 using model::ops::Rope;
 using test::rel_err;
 
+TEST_CASE("init_parameters: large tensors are drawn in chunks on several threads, the same at any thread count") {
+  const int threads = at::get_num_threads();
+  auto draw = [](int n) {
+    at::set_num_threads(n);
+    // A parameter (requires grad) over two chunks and a bit: the chunks run on threads of their own, which must see
+    // the caller's no-grad mode to write into it.
+    std::vector<std::pair<std::string, at::Tensor>> params{
+        {"w", at::empty({2 * model::init_chunk + 5}, at::kFloat).requires_grad_()}, {"norm.weight", at::empty({3})}};
+    model::init_parameters(params, 0.02, 11);
+    return params;
+  };
+  const auto one = draw(1), three = draw(3);
+  at::set_num_threads(threads);
+  CHECK(at::equal(one[0].second, three[0].second));
+  CHECK(std::abs(one[0].second.std().item<double>() - 0.02) < 1e-4);
+  CHECK(one[1].second.eq(1).all().item<bool>());
+}
+
 TEST_CASE("rms_norm equals x / sqrt(mean(x^2) + eps) * w") {
   at::manual_seed(1);
   const auto x = at::randn({2, 3, 8}, at::kDouble), w = at::randn({8}, at::kDouble);

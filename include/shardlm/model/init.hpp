@@ -3,7 +3,6 @@
 // ones for norm scales, zeros for biases. Drawn on the CPU from one seeded generator, in registration
 // order, so the same seed gives the same model on any device.
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
 #include <torch/nn/module.h>
 
 #include <algorithm>
@@ -12,9 +11,11 @@
 #include <utility>
 #include <vector>
 
+#include "shardlm/core/parallel.hpp"
+
 namespace shardlm::model {
 
-/// Tensors above this many elements are drawn in chunks of this size, in parallel (at::parallel_for), each
+/// Tensors above this many elements are drawn in chunks of this size, in parallel (core/parallel.hpp), each
 /// chunk from its own generator seeded by one draw of the unit's generator plus the chunk's index: still one
 /// model per seed on any device and thread count, and a 405B layer initializes in seconds rather than minutes.
 inline constexpr int64_t init_chunk = int64_t{1} << 24;
@@ -38,7 +39,7 @@ void init_parameters(NamedParams&& params, double std, uint64_t seed) {
       const uint64_t base = gen.template get<at::CPUGeneratorImpl>()->random64();
       const int64_t n = p.numel(), chunks = (n + init_chunk - 1) / init_chunk;
       auto flat = p.view({-1});
-      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      parallel_ranges(chunks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           const int64_t len = std::min(init_chunk, n - c * init_chunk);
           auto g = at::make_generator<at::CPUGeneratorImpl>(base + static_cast<uint64_t>(c));

@@ -13,13 +13,13 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/parallel.hpp"
 
 namespace shardlm::optim {
 
@@ -47,25 +47,6 @@ template <class T>
 inline void store(T* p, int64_t i, float v) {
   if constexpr (std::is_same_v<T, float>) p[i] = v;
   else p[i] = float_to_bf16(v);
-}
-
-/// Runs f(begin, end) over [0, n) split among LibTorch's intra-op thread count (at::get_num_threads(), which the
-/// trainer sets per rank), on threads of its own: at::parallel_for's OpenMP backend is inline code whose
-/// `#pragma omp parallel` is compiled in the caller's translation unit, serial without -fopenmp (and with it,
-/// another OpenMP runtime than LibTorch's).
-template <class F>
-void parallel_ranges(int64_t n, F&& f) {
-  constexpr int64_t grain = int64_t{1} << 18;
-  const int64_t parts = std::min<int64_t>(std::max(1, at::get_num_threads()), (n + grain - 1) / grain);
-  if (parts <= 1) {
-    f(int64_t{0}, n);
-    return;
-  }
-  const int64_t per = (n + parts - 1) / parts;
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < parts; ++t) threads.emplace_back([&, t] { f(t * per, std::min(n, (t + 1) * per)); });
-  f(int64_t{0}, per);
-  for (auto& t : threads) t.join();
 }
 
 struct AdamWCoef {
@@ -140,7 +121,7 @@ void adamw_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Ten
   const auto* g = static_cast<const G*>(grad.data_ptr());
   auto* m = static_cast<P*>(exp_avg.data_ptr());
   auto* v = static_cast<P*>(exp_avg_sq.data_ptr());
-  parallel_ranges(param.numel(), [&](int64_t begin, int64_t end) { adamw_range(p, g, m, v, begin, end, c); });
+  parallel_ranges(param.numel(), int64_t{1} << 18, [&](int64_t begin, int64_t end) { adamw_range(p, g, m, v, begin, end, c); });
 }
 }  // namespace detail
 
