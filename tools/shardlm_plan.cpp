@@ -28,12 +28,15 @@ int main(int argc, char** argv) {
     in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.shard_group_size;
     in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;
     in.adapter = o.adapter, in.lora_rank = o.lora_rank, in.lora_targets = shardlm::model::split_targets(o.lora_targets);
+    in.quant = o.quant;
     const auto plan = shardlm::plan::plan_memory(in);
     std::cout << (o.model_dir.empty() ? o.preset : o.model_dir) << ", " << in.model.num_layers << " layers, "
               << static_cast<double>(plan.params) / 1e9 << "B parameters; sharding " << o.sharding << " (groups of "
               << plan.shard_group << "), precision " << o.precision << ", checkpointing " << o.checkpointing
               << ", offload " << o.offload
-              << (o.adapter == "none" ? std::string() : ", adapter " + o.adapter + " rank " + std::to_string(o.lora_rank)) << "; " << world << " GPUs, " << std::min(gpus_per_node, world)
+              << (o.adapter == "none" ? std::string()
+                                      : ", adapter " + o.adapter + " rank " + std::to_string(o.lora_rank) + " on a " +
+                                            (o.quant == "none" ? std::string("plain") : o.quant) + " base") << "; " << world << " GPUs, " << std::min(gpus_per_node, world)
               << " per host; micro-batch " << o.micro_batch << " x seq " << o.seq_len << "\n"
               << plan.table() << "\n"
               << (plan.gpu_peak() <= gpu_gib * plan.gib ? "fits" : "does NOT fit") << " in " << gpu_gib << " GiB per GPU\n";

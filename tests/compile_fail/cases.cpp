@@ -15,6 +15,10 @@ using Recipe = Policies<precision::FP32, sharding::FullShard, precision::MixedBF
 using Recipe = Policies<sharding::FullShard, int>;
 #elif defined(SHARDLM_CASE_two_adapter)
 using Recipe = Policies<adapter::LoRA, sharding::FullShard, adapter::DoRA>;
+#elif defined(SHARDLM_CASE_quant_without_adapter)
+using Recipe = Policies<sharding::FullShard, quant::Int4>;
+#elif defined(SHARDLM_CASE_two_quant)
+using Recipe = Policies<adapter::LoRA, quant::Int4, quant::FP8>;
 #elif defined(SHARDLM_CASE_every_zero)
 using Recipe = Policies<checkpointing::EveryNth<0>>;
 #else

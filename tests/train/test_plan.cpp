@@ -150,7 +150,10 @@ TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the co
   const double bp = static_cast<double>(in.model.block_params());
   const double frozen = 1000 * 64 / 2 + 2 * std::ceil(bp / 2) + (64 + 1000 * 64) / 2;  // elements per rank
   CHECK(item(p.gpu, "frozen base (sharded)") == frozen * 2);
+  // Saved per token and block (bf16): x A^T for q and v (4 values each); DoRA adds their base and adapter outputs.
+  CHECK(plan::detail::block_adapter_activation_bytes_per_token(in, 2) == 2 * (4 + 4));
   in.adapter = "dora";
+  CHECK(plan::detail::block_adapter_activation_bytes_per_token(in, 2) == 2 * (4 + 4) + 2 * 2 * (64 + 32));
   CHECK(item(plan::plan_memory(in).gpu, "sharded state") == 2 * 496 * 16.0);  // + m of q and v: (64 + 32) / 2 per rank
   in.offload = "cpu";
   const auto off = plan::plan_memory(in);
@@ -158,6 +161,27 @@ TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the co
   CHECK(item(off.host, "frozen base (pinned)") == 2 * frozen * 2);
   in.adapter = "qlora";
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--adapter 'qlora'"), ConfigError);
+}
+
+TEST_CASE("planner: a quantized base stores the blocks' projections in the policy's row bytes, counted by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 8;
+  in.adapter = "lora", in.lora_rank = 4, in.lora_targets = {"q", "v"};
+  // Rows of 64 and 128 values: int4 48 and 80 bytes (codes, bf16 grid ends, padded to 16), fp8 80 and 144.
+  // Projections: q [64, 64], k and v [32, 64], o [64, 64], gate and up [128, 64], down [64, 128]; norms 2 x 64 bf16.
+  const double embedding = 1000 * 64 * 2 / 2.0, head = (64 + 1000 * 64) * 2 / 2.0;  // bf16 bytes per rank
+  in.quant = "int4";
+  const double int4_block = (64 * 48 + 2 * 32 * 48 + 64 * 48 + 2 * 128 * 48 + 64 * 80) + 2 * 64 * 2;
+  CHECK(item(plan::plan_memory(in).gpu, "frozen base (sharded)") == embedding + 2 * int4_block / 2 + head);
+  in.quant = "fp8";
+  const double fp8_block = (64 * 80 + 2 * 32 * 80 + 64 * 80 + 2 * 128 * 80 + 64 * 144) + 2 * 64 * 2;
+  CHECK(item(plan::plan_memory(in).gpu, "frozen base (sharded)") == embedding + 2 * fp8_block / 2 + head);
+  in.quant = "int3";
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--quant 'int3' is not a quantization policy"), ConfigError);
+  in.quant = "int4", in.adapter = "none";
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--quant int4 stores the frozen base quantized"), ConfigError);
 }
 
 TEST_CASE("planner: a Mixtral block counts every expert's parameters and the k picks' activations") {

@@ -494,6 +494,82 @@ TEST_CASE("LoRA and DoRA runs: the base is frozen, only adapters train and are c
 }
 
 namespace {
+/// A LoRA run on the quantized base Q against the same run on a plain base (NoShard: the parameters stay gathered,
+/// in place): the quantized run's projections hold dequantize(quantize(W)) of the plain run's W, everything else
+/// is equal; with the plain run's projections set to those values, training gives the same losses and adapters.
+template <class Q>
+void check_quantized_base(const TrainOptions& o) {
+  train::Trainer<model::Llama3, Policies<adapter::LoRA>> plain(o, train::open_dataset(o));
+  train::Trainer<model::Llama3, Policies<adapter::LoRA, Q>> quantized(o, train::open_dataset(o));
+  CHECK(quantized.quant() == Q::name);
+  auto mine = quantized.model()->named_parameters();
+  int changed = 0;
+  for (auto& item : plain.model()->named_parameters()) {
+    at::NoGradGuard no_grad;
+    auto& w = item.value();
+    const auto& q = mine[item.key()];
+    if (!train::quantizes(item.key(), w)) {
+      CHECK_MESSAGE(at::equal(q, w), item.key());
+      continue;
+    }
+    const int64_t rows = w.size(0), cols = w.size(1);
+    const auto bytes = at::empty({rows * Q::row_bytes(cols)}, at::kByte);
+    Q::quantize_rows(w, bytes);
+    const auto values = at::empty({rows, cols}, w.options().dtype(at::kBFloat16));
+    Q::dequantize_rows(bytes, cols, values);
+    CHECK_MESSAGE(at::equal(q, values.to(w.scalar_type())), item.key());
+    CHECK(test::rel_err(q, w) > 1e-3);  // quantized: not the plain values
+    w.copy_(values);
+    ++changed;
+  }
+  CHECK(changed == 2 * 7);  // every projection of 2 layers
+  for (int s = 0; s < 3; ++s) CHECK(plain.step().loss == quantized.step().loss);
+  const auto a = plain.full_weights(), b = quantized.full_weights();
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i].second, b[i].second));
+}
+}  // namespace
+
+TEST_CASE("--quant int4|fp8: the projections of the frozen base are quantized, training sees their dequantized values") {
+  const auto corpus = text_corpus();
+  auto o = tiny(corpus);
+  o.lora_rank = 4, o.lora_targets = "q,v,down";
+  SUBCASE("int4") { check_quantized_base<quant::Int4>(o); }
+  SUBCASE("fp8") { check_quantized_base<quant::FP8>(o); }
+  SUBCASE("DoRA on int4 under FullShard on 1 rank: magnitudes are the row norms of the dequantized weights") {
+    o.adapter = "dora", o.quant = "int4";
+    train::Trainer<model::Llama3, Policies<sharding::FullShard>> t(o, train::open_dataset(o));
+    CHECK(t.engine().frozen(1).shard().numel() < t.config().block_params());  // under a byte per value (fp32: 4)
+    const auto w = t.full_weights();
+    int found = 0;
+    t.engine().with_gathered(1, [&] {
+      const auto& q = *t.model()->layers[0]->attn->q_proj;
+      for (const auto& [name, m] : w)
+        if (name == "model.layers.0.self_attn.q_proj.lora_magnitude_vector") {
+          CHECK(test::rel_err(m, at::linalg_vector_norm(q.weight, 2, {1}, false)) < 1e-6);
+          ++found;
+        }
+    });
+    CHECK(found == 1);
+    CHECK(std::isfinite(t.step().loss));
+  }
+  SUBCASE("errors name the flag") {
+    o.quant = "int8";
+    CHECK_THROWS_WITH_AS(o.validate(), doctest::Contains("--quant 'int8' is not a quantization policy"), ConfigError);
+    o.quant = "fp8";
+    CHECK_THROWS_WITH_AS((train::Trainer<model::Llama3, Policies<>>(o, train::open_dataset(o))),
+                         doctest::Contains("--quant fp8 stores the frozen base quantized: it needs --adapter lora or dora"),
+                         ConfigError);
+    o.adapter = "lora";
+    CHECK_THROWS_WITH_AS((train::Trainer<model::Llama3, Policies<adapter::LoRA, quant::Int4>>(o, train::open_dataset(o))),
+                         doctest::Contains("--quant fp8: the recipe's quantization policy is int4"), ConfigError);
+    CHECK_THROWS_WITH_AS(train::frozen_codecs("int4", at::kFloat)("layers.0.mlp.down_proj.weight", at::empty({8, 96})),
+                         doctest::Contains("down_proj.weight has 96 columns; use --quant fp8 or none"), ConfigError);
+    CHECK(train::frozen_codecs("int4", at::kFloat)("layers.0.input_layernorm.weight", at::empty({96})).name == "none");
+  }
+}
+
+namespace {
 /// Writes `tokens` and `mask` as NAME.bin + NAME.mask (the files shardlm_tokenize writes).
 fs::path write_shard(const fs::path& dir, const std::string& name, const std::vector<uint32_t>& tokens,
                      const std::vector<uint8_t>& mask) {

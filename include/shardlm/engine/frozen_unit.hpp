@@ -7,7 +7,8 @@
 // dtype, whose views are the module's parameters (released and refilled in place, as FlatUnit's).
 //
 // The plain codec stores the values themselves in the compute dtype (decoding is a copy); a quantized codec
-// (int4, fp8) plugs in through FrozenCodec without touching the layout, the sharding or the engine.
+// (int4, fp8: train/frozen_base.hpp) plugs in through FrozenCodec without touching the layout, the sharding or the
+// engine: the shards hold quantized bytes, gathering moves quantized bytes and decodes them into the values.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -30,6 +31,7 @@ struct FrozenCodec {
   std::function<int64_t(int64_t cols)> row_bytes;
   std::function<at::Tensor(const at::Tensor& rows)> encode;
   std::function<void(const at::Tensor& bytes, int64_t cols, const at::Tensor& out)> decode;
+  bool encode_on_device = false;  ///< rows are moved to the rank's GPU to be encoded (quantized there)
 };
 
 /// The values themselves, in `dtype` (no quantization).
@@ -116,7 +118,9 @@ class FrozenUnit {
     const int64_t lo = shard_ * group_rank_;
     for (size_t i = 0; i < parts.size(); ++i) {
       const auto& [s, row0, n] = parts[i];
-      const auto bytes = s->codec.encode(rows[i].reshape({n, s->cols})).reshape({-1});  // [n * row_bytes]
+      auto values = rows[i].reshape({n, s->cols});
+      if (s->codec.encode_on_device && device.is_cuda()) values = values.to(device);
+      const auto bytes = s->codec.encode(values).reshape({-1});  // [n * row_bytes]
       SHARDLM_ASSERT(bytes.numel() == n * s->row_bytes, "codec ", s->codec.name, " wrote ", bytes.numel(), " bytes");
       const int64_t begin = s->byte_offset + row0 * s->row_bytes;  // in the unit's buffer
       const int64_t a = std::max(begin, lo), b = std::min(begin + bytes.numel(), lo + shard_);

@@ -88,6 +88,15 @@ struct LoRA { static constexpr std::string_view name = "lora"; };
 struct DoRA { static constexpr std::string_view name = "dora"; };
 }  // namespace adapter
 
+// The quantization policies of the frozen base (shardlm/quant/policies.hpp defines them: byte layouts, kernels).
+// Declared here so that a recipe can name one without the quantization code: quant::NoQuant (the base in the
+// compute dtype), quant::Int4 (4.5 bits per value), quant::FP8 (8.25 bits per value, e4m3 with row scales).
+namespace quant {
+struct NoQuant;
+struct Int4;
+struct FP8;
+}  // namespace quant
+
 namespace detail {
 template <class T, template <class> class IsFamily, class Default, class... Ps>
 struct pick;
@@ -105,34 +114,50 @@ template <int K> struct is_checkpointing<checkpointing::EveryNth<K>> : std::true
 template <class P> struct is_offload : std::bool_constant<std::is_same_v<P, offload::None> || std::is_same_v<P, offload::Cpu>> {};
 template <class P> struct is_precision : std::bool_constant<std::is_same_v<P, precision::FP32> || std::is_same_v<P, precision::MixedBF16> || std::is_same_v<P, precision::PureBF16>> {};
 template <class P> struct is_adapter : std::bool_constant<std::is_same_v<P, adapter::None> || std::is_same_v<P, adapter::LoRA> || std::is_same_v<P, adapter::DoRA>> {};
-template <class P> struct is_policy : std::bool_constant<is_sharding<P>::value || is_checkpointing<P>::value || is_offload<P>::value || is_precision<P>::value || is_adapter<P>::value> {};
+template <class P> struct is_quant : std::bool_constant<std::is_same_v<P, quant::NoQuant> || std::is_same_v<P, quant::Int4> || std::is_same_v<P, quant::FP8>> {};
+template <class P> struct is_policy : std::bool_constant<is_sharding<P>::value || is_checkpointing<P>::value || is_offload<P>::value || is_precision<P>::value || is_adapter<P>::value || is_quant<P>::value> {};
 template <template <class> class IsFamily, class... Ps>
 inline constexpr int count_of = (0 + ... + int(IsFamily<Ps>::value));
 }  // namespace detail
 
 /// A recipe: one tag per family, in any order; missing families default to
-/// NoShard, checkpointing::None, offload::None, FP32, adapter::None.
-/// The adapter changes which parameters train, not the engine's code: a recipe with an adapter runs the engine of
-/// the same recipe without it (`Recipe::WithoutAdapter`), so adapters add no instantiations.
+/// NoShard, checkpointing::None, offload::None, FP32, adapter::None, quant::NoQuant.
+/// The adapter changes which parameters train and the quantization how the frozen ones are stored, not the engine's
+/// code: a recipe with them runs the engine of the same recipe without them (`Recipe::WithoutAdapter`), so adapters
+/// and quantization add no instantiations.
 template <class... Ps>
 struct Policies {
   static_assert((detail::is_policy<Ps>::value && ...),
-                "Policies<...> takes only policy tags: sharding::*, checkpointing::*, offload::*, precision::*, adapter::*");
+                "Policies<...> takes only policy tags: sharding::*, checkpointing::*, offload::*, precision::*, adapter::*, quant::*");
   static_assert(detail::count_of<detail::is_sharding, Ps...> <= 1, "Policies<...> names two sharding policies: keep one");
   static_assert(detail::count_of<detail::is_checkpointing, Ps...> <= 1, "Policies<...> names two checkpointing policies: keep one");
   static_assert(detail::count_of<detail::is_offload, Ps...> <= 1, "Policies<...> names two offload policies: keep one");
   static_assert(detail::count_of<detail::is_precision, Ps...> <= 1, "Policies<...> names two precision policies: keep one");
   static_assert(detail::count_of<detail::is_adapter, Ps...> <= 1, "Policies<...> names two adapter policies: keep one");
+  static_assert(detail::count_of<detail::is_quant, Ps...> <= 1, "Policies<...> names two quantization policies: keep one");
   using Sharding = typename detail::pick<void, detail::is_sharding, sharding::NoShard, Ps...>::type;
   using Checkpointing = typename detail::pick<void, detail::is_checkpointing, checkpointing::None, Ps...>::type;
   using Offload = typename detail::pick<void, detail::is_offload, offload::None, Ps...>::type;
   using Precision = typename detail::pick<void, detail::is_precision, precision::FP32, Ps...>::type;
   using Adapter = typename detail::pick<void, detail::is_adapter, adapter::None, Ps...>::type;
-  /// The recipe the trainer and engine are instantiated with: this one without its adapter.
+  using Quant = typename detail::pick<void, detail::is_quant, quant::NoQuant, Ps...>::type;
+  static_assert(std::is_same_v<Quant, quant::NoQuant> || !std::is_same_v<Adapter, adapter::None>,
+                "quant::Int4 and quant::FP8 store the frozen base quantized: name adapter::LoRA or adapter::DoRA too "
+                "(full fine-tuning trains every weight, so nothing is frozen)");
+  /// The recipe the trainer and engine are instantiated with: this one without its adapter and quantization.
   using WithoutAdapter = Policies<Sharding, Checkpointing, Offload, Precision>;
   // Completes the chosen tags, so that their own checks (EveryNth<k>'s k >= 1) fire with the recipe.
   static_assert(sizeof(Sharding) + sizeof(Checkpointing) + sizeof(Offload) + sizeof(Precision) > 0);
 };
+
+/// A recipe's quantization policy (quant::NoQuant for a recipe type that names none).
+template <class Recipe>
+struct quant_of { using type = quant::NoQuant; };
+template <class Recipe>
+  requires requires { typename Recipe::Quant; }
+struct quant_of<Recipe> { using type = typename Recipe::Quant; };
+template <class Recipe>
+using quant_of_t = typename quant_of<Recipe>::type;
 
 /// A recipe's adapter policy (adapter::None for a recipe type that names none).
 template <class Recipe>

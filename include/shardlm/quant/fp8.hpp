@@ -7,14 +7,14 @@
 
 #include <cstdint>
 
+#include "shardlm/quant/layout.hpp"  // row_bytes
+
 namespace shardlm::quant::fp8 {
 
 /// The largest finite e4m3fn value; ATen's conversion turns anything from 464 up (and infinities) into NaN, so
 /// values are clamped to +-448 first.
 inline constexpr float max_value = 448.0f;
 
-/// Bytes of one row: C e4m3 codes, the row's fp32 scale, padded to 16 bytes (rows start 16-byte aligned).
-inline int64_t row_bytes(int64_t cols) { return (cols + 4 + 15) / 16 * 16; }
 
 /// The row scales: the smallest power of two s with max|w| / s <= 448 (1 for an all-zero row). A power of two makes
 /// code x scale exact in bf16 (e4m3 has 4 significant bits), so dequantized values re-quantize to themselves: the

@@ -10,14 +10,11 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "shardlm/quant/layout.hpp"  // group, row_bytes
+
 namespace shardlm::quant::int4 {
 
-inline constexpr int64_t group = 64;
 inline constexpr int levels = 16;
-
-/// Bytes of one row: C/2 packed codes, then G bf16 low ends, then G bf16 high ends, padded to 16 bytes so that
-/// every row of a buffer starts 16-byte aligned (vector loads in the CUDA kernel).
-inline int64_t row_bytes(int64_t cols) { return (cols / 2 + 4 * (cols / group) + 15) / 16 * 16; }
 
 /// The half-quadratic iterations (HQQ's defaults: an l_p error with p = 0.7, beta 10 growing by kappa 1.01).
 struct FitOptions {

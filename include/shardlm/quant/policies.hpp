@@ -124,8 +124,8 @@ template <class F>
 decltype(auto) dispatch(std::string_view name, F&& f) {
   if (name == NoQuant::name) return f(NoQuant{});
   if (name == Int4::name) return f(Int4{});
-  if (name == FP8::name) return f(FP8{});
-  fail<ConfigError>("--quant '", name, "' is not a quantization policy: use none, int4 or fp8");
+  check_policy(name);
+  return f(FP8{});
 }
 
 }  // namespace shardlm::quant

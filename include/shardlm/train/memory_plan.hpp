@@ -15,8 +15,10 @@
 // Counted per host: the offloaded state of the host's GPUs (pinned master and gradients, pageable moments,
 // staging for gradient accumulation).
 // With an adapter (LoRA, DoRA) the sharded state, the gradients and the optimizer are the adapters' only; the frozen
-// base is a sharded copy in the compute dtype (on the host with offload) and is gathered like the parameters.
-// The adapters' own activations (r values per token and target) are not counted.
+// base is a sharded copy (on the host with offload), in the compute dtype or with the blocks' projections quantized
+// (--quant int4|fp8: the bytes of quant/layout.hpp), gathered into the compute dtype like the parameters.
+// The adapters' own activations count per target: r values per token (x A^T), and for DoRA also the base and
+// adapter outputs (2 x out per token), which autograd keeps for the magnitude's gradient.
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -27,6 +29,7 @@
 
 #include "shardlm/core/errors.hpp"
 #include "shardlm/model/config.hpp"
+#include "shardlm/quant/layout.hpp"
 
 namespace shardlm::plan {
 
@@ -46,6 +49,7 @@ struct PlanInput {
   std::string adapter = "none";          ///< none | lora | dora
   int64_t lora_rank = 16;
   std::vector<std::string> lora_targets = {"q", "k", "v", "o", "gate", "up", "down"};
+  std::string quant = "none";            ///< none | int4 | fp8: the frozen blocks' projections
 };
 
 struct PlanItem {
@@ -175,6 +179,36 @@ inline double block_adapter_params(const PlanInput& in) {
   return total;
 }
 
+/// Bytes per token that one block's adapters add to its saved activations (compute dtype `c`): x A^T (r values) per
+/// target, and for DoRA the target's base output and adapter output (out values each), kept for m's gradient.
+inline double block_adapter_activation_bytes_per_token(const PlanInput& in, double c) {
+  if (in.adapter == "none") return 0;
+  const auto& m = in.model;
+  const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
+  const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
+  double total = 0;
+  for (const auto& t : in.lora_targets) {
+    const double out = t == "q" ? Hq : t == "k" || t == "v" ? Hkv : t == "gate" || t == "up" ? I : H;
+    total += c * static_cast<double>(in.lora_rank) + (in.adapter == "dora" ? 2 * c * out : 0);
+  }
+  return total;
+}
+
+/// Bytes of one block's frozen base: the projections stored by `quant` (train/frozen_base.hpp), the rest (norms,
+/// biases) in the compute dtype `c`.
+inline double block_frozen_bytes(const PlanInput& in, double c) {
+  const auto& m = in.model;
+  if (in.quant == "none") return static_cast<double>(m.block_params()) * c;
+  if (m.is_moe()) fail<ConfigError>("--quant ", in.quant, ": adapters are built for Llama models only (this model is a ", m.model_type, ")");
+  const int64_t H = m.hidden_size, I = m.intermediate_size, Hq = m.num_heads * m.head_dim, Hkv = m.num_kv_heads * m.head_dim;
+  double projections = 0, bytes = 0;
+  for (auto [rows, cols] : {std::pair{Hq, H}, {Hkv, H}, {Hkv, H}, {H, Hq}, {I, H}, {I, H}, {H, I}}) {
+    projections += static_cast<double>(rows * cols);
+    bytes += static_cast<double>(rows * quant::row_bytes(in.quant, cols));
+  }
+  return bytes + (static_cast<double>(m.block_params()) - projections) * c;
+}
+
 }  // namespace detail
 
 /// Predicts the memory of one training step (the engine's schedule replayed on byte counts).
@@ -219,11 +253,15 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   // With an adapter: trained[u] the adapters' elements (the FlatUnit), numel[u] - trained[u] the frozen base.
   const double adapter_block = detail::block_adapter_params(in);
   std::vector<double> trained(n, 0), padded(n), shard(n);
-  double shard_total = 0, frozen_shard_total = 0;
+  const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
+  if (in.quant != "none" && adapter_block == 0)
+    fail<ConfigError>("--quant ", in.quant, " stores the frozen base quantized: it needs --adapter lora or dora");
+  double shard_total = 0, frozen_bytes = 0;
   for (size_t u = 0; u < n; ++u) {
     if (adapter_block > 0) {
-      trained[u] = u >= 1 && u <= static_cast<size_t>(L) ? adapter_block : 0;
-      frozen_shard_total += std::ceil(numel[u] / static_cast<double>(G));
+      const bool block = u >= 1 && u <= static_cast<size_t>(L);
+      trained[u] = block ? adapter_block : 0;
+      frozen_bytes += std::ceil((block ? detail::block_frozen_bytes(in, c) : numel[u] * c) / static_cast<double>(G));
       numel[u] += trained[u];
     } else {
       trained[u] = numel[u];
@@ -235,18 +273,17 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     padded[u] = numel[u] - trained[u] + pad;  // gathered: the frozen values and the adapters
   }
 
-  const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
   // Engine(): offloaded on one rank without replicas and one micro-batch per step, gradients stay in the compute
   // dtype (the reduction is the identity), on the device and in the host's shard.
   const bool compute_grads = offload && in.world_size == 1 && in.grad_accum == 1 && c < dt.reduce;
   const double grad_bytes = compute_grads ? c : dt.reduce;
   const double state_per = dt.master * 3 + dt.reduce;  // master, gradient, two moments in the master dtype
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
-  const double frozen_bytes = frozen_shard_total * c;
   const double workspace = 2 * 32.0 * (1 << 20);
   // Engine::recompute: block u - 1 is recomputed when (u - 1) % every == 0.
   auto recomputed = [&](size_t u) { return every > 0 && u >= 1 && u <= static_cast<size_t>(L) && (u - 1) % every == 0; };
-  const double blk_full = detail::block_activation_bytes_per_token(m, c) * tokens;
+  const double blk_full =
+      (detail::block_activation_bytes_per_token(m, c) + detail::block_adapter_activation_bytes_per_token(in, c)) * tokens;
   const double blk_input = c * static_cast<double>(H) * tokens;
 
   // Replay: live bytes per category; every event compares the total with the peak so far.

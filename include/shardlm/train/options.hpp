@@ -15,6 +15,7 @@
 
 #include "shardlm/core/errors.hpp"
 #include "shardlm/model/adapter.hpp"
+#include "shardlm/quant/layout.hpp"
 #include "shardlm/model/config.hpp"
 
 namespace shardlm {
@@ -63,7 +64,7 @@ struct TrainOptions {
   std::string lora_targets = "q,k,v,o,gate,up,down";
   std::string load_adapter;              ///< start the adapter from this PEFT adapter directory
   std::string export_adapter;            ///< write the trained adapter here at the end (PEFT format)
-  std::string quant = "none";            ///< storage of the frozen base: none (int4, fp8: not built yet)
+  std::string quant = "none";            ///< storage of the frozen base under an adapter: none, int4 or fp8
   std::string eval_data;                 ///< validation token file (instead of an --eval-fraction split)
   double eval_fraction = 0;              ///< hold out this last fraction of --data's tokens for validation
   int64_t eval_every = 0;                ///< evaluate every N steps (0: only at the end, when there is validation data)
@@ -105,8 +106,7 @@ struct TrainOptions {
     if (resume != "auto" && resume != "none" && checkpoint_dir.empty() && !std::filesystem::exists(resume))
       fail<ConfigError>("--resume ", resume, ": no such checkpoint directory");
     adapter_config().validate();
-    if (quant != "none")
-      fail<ConfigError>("--quant '", quant, "': only none is built (the frozen base is stored in the compute dtype)");
+    quant::check_policy(quant);
     if (data.empty() && builtin_text.empty() && needs_data)
       fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
   }
@@ -191,7 +191,8 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
     ("lora-targets", "layers that get an adapter, among q,k,v,o,gate,up,down", s(o.lora_targets))
     ("load-adapter", "start the adapter from this PEFT adapter directory", s(o.load_adapter))
     ("export-adapter", "write the trained adapter here at the end (PEFT: adapter_config.json, adapter_model.safetensors)", s(o.export_adapter))
-    ("quant", "storage of the frozen base: none (int4 and fp8 are not built yet)", s(o.quant))
+    ("quant", "storage of the frozen base under --adapter: none (compute dtype), int4 (4.5 bits, HQQ-style groups of "
+              "64) or fp8 (e4m3, row scales); docs/quantization.md", s(o.quant))
     ("eval-data", "validation token file (.bin with its .mask, or .txt)", s(o.eval_data))
     ("eval-fraction", "hold out this last fraction of --data's tokens as the validation split", s(o.eval_fraction))
     ("eval-every", "evaluate on the validation data every N steps (0: at the end only, when there is some)", s(o.eval_every))

@@ -35,6 +35,7 @@
 #include "shardlm/policy/policies.hpp"
 #include "shardlm/train/async_save.hpp"
 #include "shardlm/train/checkpoint.hpp"
+#include "shardlm/train/frozen_base.hpp"
 #include "shardlm/train/memory_plan.hpp"
 #include "shardlm/train/hf_shards.hpp"
 #include "shardlm/train/metrics.hpp"
@@ -91,6 +92,23 @@ model::AdapterConfig resolve_adapter(const TrainOptions& o) {
   return a;
 }
 
+/// The storage of a run's frozen base: --quant, with a recipe's quantization policy as the default (a different
+/// --quant is an error); quantization needs an adapter (`adapter`: the run's, resolve_adapter).
+template <class Recipe>
+std::string resolve_quant(const TrainOptions& o, const model::AdapterConfig& adapter) {
+  std::string q = o.quant;
+  quant::check_policy(q);
+  using Tag = quant_of_t<Recipe>;
+  if constexpr (!std::is_same_v<Tag, quant::NoQuant>) {
+    if (q == "none") q = Tag::name;
+    else if (q != Tag::name) fail<ConfigError>("--quant ", q, ": the recipe's quantization policy is ", Tag::name);
+  }
+  if (q != "none" && !adapter.active())
+    fail<ConfigError>("--quant ", q, " stores the frozen base quantized: it needs --adapter lora or dora (full "
+                      "fine-tuning trains every weight)");
+  return q;
+}
+
 /// The memory planner's input (train/memory_plan.hpp) for a run of `Recipe` in `env`.
 template <class Recipe>
 plan::PlanInput plan_input(const TrainOptions& o, const model::ModelConfig& c, const dist::LaunchEnv& env) {
@@ -100,7 +118,9 @@ plan::PlanInput plan_input(const TrainOptions& o, const model::ModelConfig& c, c
   in.checkpointing = Recipe::Checkpointing::name, in.offload = Recipe::Offload::name;
   in.world_size = env.world_size, in.gpus_per_node = env.local_world_size, in.shard_group_size = o.shard_group_size;
   in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;
-  in.adapter = resolve_adapter<Recipe>(o).kind, in.lora_rank = o.lora_rank, in.lora_targets = model::split_targets(o.lora_targets);
+  const auto adapter = resolve_adapter<Recipe>(o);
+  in.adapter = adapter.kind, in.lora_rank = o.lora_rank, in.lora_targets = model::split_targets(o.lora_targets);
+  in.quant = resolve_quant<Recipe>(o, adapter);
   return in;
 }
 
@@ -124,6 +144,7 @@ class Trainer {
         // by device tensors before filling them (autograd cannot re-point a meta parameter at real data).
         model_(config_, at::TensorOptions().device(at::kCPU).dtype(Precision::master)),
         adapter_(resolve_adapter<Recipe>(o)),
+        quant_(resolve_quant<Recipe>(o, adapter_)),
         dataset_(std::move(dataset)),
         sampler_(dataset_.size(), o.seq_len, o.seed, dataset_.name()),
         schedule_{o.lr, o.warmup_steps, o.steps, o.min_lr_ratio} {
@@ -145,7 +166,7 @@ class Trainer {
     engine::FrozenSpec frozen;
     if (adapter_.active()) {
       frozen.is_frozen = [](const std::string& name) { return !model::is_adapter_parameter(name); };
-      frozen.codec = [](const std::string&, const at::Tensor&) { return engine::plain_codec(Precision::compute); };
+      frozen.codec = frozen_codecs(quant_, Precision::compute);  // --quant int4|fp8: the projections quantized
     }
     // --model-dir: each rank reads only its shards' byte ranges (train/hf_shards.hpp).
     std::unique_ptr<HfShardLoader<typename Model::ContainedType>> loader;
@@ -282,6 +303,7 @@ class Trainer {
     const auto start = std::chrono::steady_clock::now();
     const auto blocked_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
     const nlohmann::json info = {{"sharding", Recipe::Sharding::name}, {"precision", Precision::name}, {"adapter", adapter_.kind},
+                                 {"quant", quant_},
                                  {"layers", config_.num_layers}, {"hidden_size", config_.hidden_size}, {"seed", options_.seed},
                                  {"global_batch", options_.micro_batch * options_.grad_accum * groups_->size()}};
     if (async_) {
@@ -377,6 +399,8 @@ class Trainer {
     log::info("shardlm: exported the ", adapter_.kind, " adapter (", tensors.size(), " tensors) to ", dir.string());
   }
   const model::AdapterConfig& adapter() const { return adapter_; }
+  /// The storage of the frozen base: none, int4 or fp8 (--quant).
+  const std::string& quant() const { return quant_; }
 
   /// The master weights in unit order (one tensor per parameter).
   std::vector<at::Tensor> master_weights() {
@@ -515,6 +539,7 @@ class Trainer {
   std::unique_ptr<dist::ProcessGroups> groups_;
   Model model_;
   model::AdapterConfig adapter_;
+  std::string quant_;
   data::TokenDataset dataset_;
   data::Sampler sampler_;
   std::optional<data::TokenDataset> eval_data_;
@@ -575,10 +600,13 @@ decltype(auto) with_model(const model::ModelConfig& c, F&& f) {
 /// shardlm_launch, torchrun or srun): rank 0 logs every --log-every steps and writes --metrics and --save-final.
 template <class Model, class Recipe>
 int run_trainer(const TrainOptions& options) {
-  // The adapter policy is a run-time choice of the engine of the recipe without it: no instantiation of its own.
+  // The adapter and quantization policies are run-time choices of the engine of the recipe without them: no
+  // instantiation of their own (a recipe with quantization names an adapter).
   if constexpr (!std::is_same_v<adapter_of_t<Recipe>, adapter::None>) {
     auto o = options;
-    o.adapter = train::resolve_adapter<Recipe>(options).kind;
+    const auto adapter = train::resolve_adapter<Recipe>(options);
+    o.adapter = adapter.kind;
+    o.quant = train::resolve_quant<Recipe>(options, adapter);
     return run_trainer<Model, typename Recipe::WithoutAdapter>(o);
   } else {
   const auto& o = options;
@@ -595,7 +623,9 @@ int run_trainer(const TrainOptions& options) {
               Recipe::Sharding::name, " / ", Recipe::Checkpointing::name, " / ", Recipe::Offload::name, " / ",
               Recipe::Precision::name,
               trainer.adapter().active() ? detail::cat(" | ", trainer.adapter().kind, " rank ", trainer.adapter().rank, " on ",
-                                                       o.lora_targets) : std::string(),
+                                                       o.lora_targets, " | base ", trainer.quant() == "none" ?
+                                                       std::string(dtype_name(Recipe::Precision::compute)) : trainer.quant())
+                                         : std::string(),
               " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",
               g.size() > 1 ? detail::cat(" (", g.env().source, "; shard groups of ", g.shard_group_size(), ")") : std::string(),
               " | global batch ", o.micro_batch * o.grad_accum * g.size(), " x ", o.seq_len, " tokens");
