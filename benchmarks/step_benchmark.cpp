@@ -7,6 +7,7 @@
 #include <shardlm/shardlm.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <iostream>
 #include <random>
@@ -23,7 +24,9 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   auto tokens = std::make_shared<std::vector<uint32_t>>(n);
   std::mt19937 rng(o.seed);
   for (auto& t : *tokens) t = rng() % static_cast<uint32_t>(config.vocab_size);
+  const auto start = std::chrono::steady_clock::now();  // construction: initialize or load, quantize, shard
   train::Trainer<Model, Recipe> trainer(o, data::TokenDataset::from_tokens(tokens, "random tokens"));
+  const double setup_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::vector<train::StepMetrics> steps;
   for (int64_t s = 0; s < warmup + o.steps; ++s) {
     auto m = trainer.step();
@@ -52,7 +55,8 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
           {"plan_peak_at", plan.peak_at}, {"plan_host_gb", plan.host_total() / plan.gib}, {"loss", steps.back().loss},
           {"aux_loss", steps.back().aux_loss < 0 ? nlohmann::json() : nlohmann::json(steps.back().aux_loss)},
           {"expert_kernel", std::getenv("SHARDLM_MOE_KERNEL") ? std::getenv("SHARDLM_MOE_KERNEL") : "auto"},
-          {"rank", trainer.rank()}};
+          {"adapter", trainer.adapter().kind}, {"lora_rank", trainer.adapter().active() ? o.lora_rank : 0},
+          {"quant", trainer.quant()}, {"setup_s", setup_s}, {"rank", trainer.rank()}};
 }
 }  // namespace
 

@@ -22,8 +22,13 @@
 #           saves every 3 steps, synchronous then --async-save (the training thread's stall per save), then a
 #           resume (load time)
 #   lora    LoRA and DoRA on GPUs: tests/dist/check_equivalence.py --adapter lora|dora over NCCL (1x2, 2x1 against one
-#           GPU without sharding), then the step benchmark on Llama3-8B dims with 8 layers (FullShard, MixedBF16)
-#           with --adapter none, lora and dora (tokens/s and memory of the frozen base against full fine-tuning)
+#           GPU without sharding) on bf16, int4 and fp8 bases, then lora_bench
+#   lora_bench  that step benchmark alone: none, lora/dora on bf16, int4 and fp8 bases, the peft + FSDP2 peer
+#           (scripts/peer_lora.py) with lora and dora
+#   qlora70 70B dims QLoRA on one GPU: int4 base, LoRA rank 64 on every projection, seq 2048, micro-batch
+#           QLORA_BATCH (4), every-block checkpointing (the fsdp_qlora figure: ~786 tokens/s per H100 on 4 GPUs)
+#   q405    405B dims on N GPUs: QDoRA (int4, rank 64, all 126 layers) and LoRA on fp8 (Q405_FP8_LAYERS layers,
+#           100), seq Q405_SEQ (4096), FullShard + every-block + mixed-bf16; setup_s is the initialize + quantize time
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
 #   load    HF checkpoint loading: full Llama3-8B dims (32 layers, bf16, ~16 GB in 4 GB files) written by transformers,
 #           read with a cold page cache (posix_fadvise DONTNEED before each read) by `cat > /dev/null`, then loaded by
@@ -135,16 +140,39 @@ full8b() {
 
 lora() {
   if [ "$NGPU" -ge 2 ]; then
-    for adapter in lora dora; do
+    for case in "lora none" "dora none" "dora int4" "lora fp8"; do
+      set -- $case
       python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
-        --sharding full --adapter $adapter --splits 1x2,2x1 --train-args "--device cuda" --workdir "$OUT/eq_$adapter" 2>&1 | tail -4
-      echo "{\"check\": \"nccl equivalence $adapter\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+        --sharding full --adapter $1 --splits 1x2,2x1 --train-args "--device cuda --quant $2" --workdir "$OUT/eq_$1_$2" 2>&1 | tail -4
+      echo "{\"check\": \"nccl equivalence $1 on a $2 base\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
     done
   fi
-  for adapter in none lora dora; do
-    ours "ours_8L_${NGPU}gpu_$adapter" "$NGPU" --preset llama3-8b --layers 8 --seq-len 4096 --micro-batch 2 --steps 10 \
-      --precision mixed-bf16 --sharding full --adapter $adapter --lora-rank 16 --lora-alpha 32
+  lora_bench
+}
+
+lora_bench() {  # 8B dims, 8 layers: full fine-tuning, LoRA and DoRA on bf16/int4/fp8 bases, the peft peer beside them
+  local common="--preset llama3-8b --layers 8 --seq-len 4096 --micro-batch 2 --steps 10 --precision mixed-bf16 --sharding full"
+  ours "ours_8L_${NGPU}gpu_none" "$NGPU" $common
+  for case in "lora none" "dora none" "lora int4" "dora int4" "lora fp8"; do
+    set -- $case
+    ours "ours_8L_${NGPU}gpu_$1_$2" "$NGPU" $common --adapter $1 --quant $2 --lora-rank 16 --lora-alpha 32
   done
+  [ "${SKIP_PEER:-0}" = 1 ] && return 0  # SKIP_PEER=1: ours only
+  PEER=scripts/peer_lora.py peer "peer_8L_${NGPU}gpu_lora" "$NGPU" --preset llama3-8b --layers 8 --seq 4096 --batch 2
+  PEER=scripts/peer_lora.py peer "peer_8L_${NGPU}gpu_dora" "$NGPU" --preset llama3-8b --layers 8 --seq 4096 --batch 2 --dora
+}
+
+qlora70() {  # 70B dims QLoRA (int4 base, rank-64 LoRA on every projection) on one GPU, 2048 tokens a sequence
+  ours "qlora_70b_1gpu_b${QLORA_BATCH:-4}" 1 --preset llama3-70b --layers 80 --seq-len 2048 --micro-batch "${QLORA_BATCH:-4}" --steps 3 \
+    --precision mixed-bf16 --sharding full --checkpointing every-block --adapter lora --quant int4 --lora-rank 64 --lora-alpha 16
+}
+
+q405() {  # Llama 3.1 405B dims on N GPUs: QDoRA (int4) on all 126 layers, then LoRA on fp8 with Q405_FP8_LAYERS layers
+  ours "qdora_405b_${NGPU}gpu" "$NGPU" --preset llama3-405b --layers 126 --seq-len "${Q405_SEQ:-4096}" --micro-batch 1 --steps 3 \
+    --precision mixed-bf16 --sharding full --checkpointing every-block --adapter dora --quant int4 --lora-rank 64 --lora-alpha 16
+  ours "lora_fp8_405b_${Q405_FP8_LAYERS:-100}L_${NGPU}gpu" "$NGPU" --preset llama3-405b --layers "${Q405_FP8_LAYERS:-100}" \
+    --seq-len "${Q405_SEQ:-4096}" --micro-batch 1 --steps 3 --precision mixed-bf16 --sharding full --checkpointing every-block \
+    --adapter lora --quant fp8 --lora-rank 64 --lora-alpha 16
 }
 
 offload() {
