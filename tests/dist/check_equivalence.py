@@ -77,7 +77,8 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def main():
+def parser():
+    """The command line; run() reads the parsed arguments (check_matrix.py parses its own through this)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--launch", required=True)
     ap.add_argument("--train", required=True)
@@ -97,7 +98,11 @@ def main():
                     help="train this adapter on the frozen base and compare the exported adapters")
     ap.add_argument("--masked", action="store_true", help="a .bin token file with a loss mask, and evaluation")
     ap.add_argument("--workdir", required=True)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "corpus.txt").write_text(CORPUS)

@@ -40,14 +40,16 @@ def main():
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "corpus.txt").write_text(eq.CORPUS)
-    # What check_equivalence.run reads from its arguments.
-    args.hf_tied, args.micro_batch, args.masked, args.preset = False, 1, False, "llama3-debug"
+    # check_equivalence.run's arguments: its parser's defaults with this run's programs, steps and flags.
+    run_args = eq.parser().parse_args(["--launch", args.launch, "--train", args.train, "--sharding", "none",
+                                       "--steps", str(args.steps), "--train-args", args.train_args,
+                                       "--workdir", args.workdir])
 
     failed, count = [], 0
     for precision in args.precisions.split(","):
         loss_tol, weight_tol = TOLERANCES[precision]
         base = ["--precision", precision]
-        ref_losses, ref_weights, _ = eq.run(args, workdir, f"{precision}_reference", 1, 2, "none", base)
+        ref_losses, ref_weights, _ = eq.run(run_args, workdir, f"{precision}_reference", 1, 2, "none", base)
         worst_loss = worst_weight = 0.0
         for sharding, ckpt, offload in itertools.product(["none", "grad-op", "full", "hybrid"],
                                                          ["none", "every-block", "every-2"], ["none", "cpu"]):
@@ -57,7 +59,7 @@ def main():
             if sharding == "hybrid":
                 extra += ["--shard-group-size", "1"]
             tag = f"{precision}_{sharding}_{ckpt}_{offload}"
-            losses, weights, secs = eq.run(args, workdir, tag, 2, 1, sharding, extra)
+            losses, weights, secs = eq.run(run_args, workdir, tag, 2, 1, sharding, extra)
             loss_err = max(abs(x - y) / abs(y) for x, y in zip(losses, ref_losses))
             if set(weights) != set(ref_weights):
                 sys.exit(f"FAIL {tag}: saved tensors differ from the reference")
