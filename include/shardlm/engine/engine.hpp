@@ -167,7 +167,7 @@ class Engine {
       for (auto [a, b] : unit.decay_runs()) add(runs_.back().decayed, a, b);
       for (auto [a, b] : unit.plain_runs()) add(runs_.back().plain, a, b);
     }
-    if constexpr (P::offload) grad_sq_ = at::zeros({}, at::TensorOptions().device(device).dtype(at::kFloat));
+    if constexpr (P::offload) unit_norms_.resize(units_.size());
     if constexpr (P::params_persist) gather_all();
   }
 
@@ -224,7 +224,7 @@ class Engine {
   /// micro-batch instead).
   void begin_step() {
     first_micro_batch_ = true;
-    if constexpr (P::offload) grad_sq_.zero_();
+    if constexpr (P::offload) unit_norms_.assign(units_.size(), at::Tensor());
     else
       for (auto& u : units_) u.grad().zero_();
   }
@@ -319,7 +319,13 @@ class Engine {
   double clip_grad_norm(double max_norm) {
     at::Tensor sq;
     if (device_norm_) {
-      sq = grad_sq_.reshape({1});  // summed on the device while the slices were reduced
+      // Each unit's norm was taken on the device as its slice was reduced; combined as optim::global_norm combines
+      // the host's, so that the clipping coefficient does not depend on where the gradients are.
+      // A unit without trainable parameters (a LoRA run's embedding) counts as 0, as its empty host shard does.
+      const auto zero = at::zeros({}, at::TensorOptions().device(device_).dtype(at::kFloat));
+      std::vector<at::Tensor> norms;
+      for (const auto& t : unit_norms_) norms.push_back(t.defined() ? t : zero);
+      sq = at::stack(norms).norm().square().reshape({1});
     } else {
       std::vector<at::Tensor> grads;
       for (auto& u : units_) grads.push_back(u.grad());
@@ -443,7 +449,7 @@ class Engine {
     streams_.on_comm([&] {
       const auto flat = unit.take_grads(grad_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
       unit.reduce_into_shard(groups_.shard(), flat, groups_.replicate(), first_micro_batch_,
-                             device_norm_ ? &grad_sq_ : nullptr);
+                             device_norm_ ? &unit_norms_[u] : nullptr);
     });
   }
 
@@ -466,7 +472,7 @@ class Engine {
     Runs decayed, plain;
   };
   std::vector<RunPair> runs_;  // one pair for every unit, or (offload) one per unit
-  at::Tensor grad_sq_;         // offload: squared gradient norm summed on the device
+  std::vector<at::Tensor> unit_norms_;  // offload: each unit's gradient norm, taken on the device
   at::ScalarType grad_dtype_ = Precision::reduce;  // of the gradient shards (see the constructor)
   bool device_norm_ = false;   // this step's backward sums it (offload, one micro-batch)
   double clip_coef_ = 1.0;

@@ -191,10 +191,10 @@ class FlatUnit {
   /// Adds this rank's slice of the group's reduction of `flat` to the gradient shard. With offload the slice is
   /// first all-reduced over `replicas` (when there are some) and copied to host memory, asynchronously: the
   /// first micro-batch of a step copies into the gradient shard, later ones into a staging buffer that
-  /// finish_host_grads() adds once the copies are done. With `sq`, the slice's squared L2 norm (fp32) is added
-  /// to it on the device, so that the host need not read the gradients for the norm.
+  /// finish_host_grads() adds once the copies are done. With `norm`, the slice's L2 norm (fp32) is stored there,
+  /// computed on the device, so that the host need not read the gradients for the norm.
   void reduce_into_shard(dist::Communicator& shard_group, const at::Tensor& flat, dist::Communicator& replicas,
-                         bool first_micro_batch, at::Tensor* sq = nullptr) {
+                         bool first_micro_batch, at::Tensor* norm = nullptr) {
     if (empty()) return;
     at::Tensor part = flat;
     if (shard_group.size() > 1) {
@@ -206,7 +206,7 @@ class FlatUnit {
       return;
     }
     if (replicas.size() > 1) replicas.all_reduce(part, dist::Reduce::Sum, name_.c_str());
-    if (sq) sq->add_(at::linalg_vector_norm(part, 2, std::nullopt, false, at::kFloat).square());
+    if (norm) *norm = at::_foreach_norm({part}, 2, at::kFloat)[0];  // the kernel of optim::global_norm
     if (first_micro_batch) {
       grad_.copy_(part, /*non_blocking=*/true);
     } else {
