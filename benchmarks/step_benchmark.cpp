@@ -55,7 +55,7 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
           {"plan_peak_at", plan.peak_at}, {"plan_host_gb", plan.host_total() / plan.gib}, {"loss", steps.back().loss},
           {"aux_loss", steps.back().aux_loss < 0 ? nlohmann::json() : nlohmann::json(steps.back().aux_loss)},
           {"expert_kernel", std::getenv("SHARDLM_MOE_KERNEL") ? std::getenv("SHARDLM_MOE_KERNEL") : "auto"},
-          {"adapter", trainer.adapter().kind}, {"lora_rank", trainer.adapter().active() ? o.lora_rank : 0},
+          {"adapter", trainer.adapter().kind}, {"lora_rank", trainer.adapter().active() ? trainer.adapter().rank : 0},
           {"quant", trainer.quant()}, {"setup_s", setup_s}, {"rank", trainer.rank()}};
 }
 }  // namespace

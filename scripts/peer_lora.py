@@ -52,7 +52,7 @@ def main():
     lora = LoraConfig(r=a.rank, lora_alpha=a.alpha, target_modules=[TARGETS[t] for t in a.targets.split(",")],
                       lora_dropout=0.0, use_dora=a.dora, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    for p in model.parameters():  # adapters in bf16 too: one dtype per FSDP group, as the base
+    for p in model.parameters():  # adapters in the base's dtype (bf16)
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
     if a.ac:
