@@ -3,7 +3,8 @@
 // step time, tokens/s per GPU, MFU (6N + attention FLOPs over 989 TFLOP/s, the peer's count; N the active
 // parameters for Mixtral: the router and top-k experts), the
 // forward/backward/optimizer split and peak memory. scripts/gpu.sh runs it next to the peer (HF transformers +
-// FSDP2) in the same call.
+// FSDP2) in the same call. SHARDLM_PROFILE=DIR profiles two more steps (profile.hpp: a Chrome trace and where the
+// GPU time went).
 #include <shardlm/shardlm.hpp>
 
 #include <algorithm>
@@ -11,6 +12,8 @@
 #include <cstdlib>
 #include <iostream>
 #include <random>
+
+#include "profile.hpp"
 
 using namespace shardlm;
 
@@ -20,7 +23,10 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   const auto config = train::resolve_config(o);
   const auto env = dist::LaunchEnv::from_environment();
   // Random tokens: enough distinct windows for every step of the run at this world size.
-  const int64_t n = (o.steps + warmup + 1) * o.micro_batch * o.grad_accum * env.world_size * o.seq_len + 1;
+  // SHARDLM_PROFILE=DIR: two more steps after the measured ones, profiled (benchmarks/profile.hpp)
+  const char* profile_dir = std::getenv("SHARDLM_PROFILE");
+  const int64_t profiled = profile_dir && *profile_dir ? 2 : 0;
+  const int64_t n = (o.steps + warmup + profiled + 1) * o.micro_batch * o.grad_accum * env.world_size * o.seq_len + 1;
   auto tokens = std::make_shared<std::vector<uint32_t>>(n);
   std::mt19937 rng(o.seed);
   for (auto& t : *tokens) t = rng() % static_cast<uint32_t>(config.vocab_size);
@@ -28,9 +34,16 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   train::Trainer<Model, Recipe> trainer(o, data::TokenDataset::from_tokens(tokens, "random tokens"));
   const double setup_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::vector<train::StepMetrics> steps;
+  std::vector<double> losses;  // every step's, warm-up included: the run trains
   for (int64_t s = 0; s < warmup + o.steps; ++s) {
     auto m = trainer.step();
+    losses.push_back(m.loss);
     if (s >= warmup) steps.push_back(m);
+  }
+  if (profiled > 0) {
+    bench::StepProfile profile;
+    for (int64_t s = 0; s < profiled; ++s) trainer.step();
+    profile.finish(profile_dir, trainer.rank() == 0, profiled);
   }
   auto median = [&](auto field) {
     std::vector<double> v;
@@ -53,6 +66,7 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
           {"tokens_per_s_per_gpu", tps}, {"mfu", tps * config.flops_per_token(o.seq_len) / peak},
           {"peak_alloc_gb", alloc}, {"peak_reserved_gb", reserved}, {"plan_gb", plan.gpu_peak() / plan.gib},
           {"plan_peak_at", plan.peak_at}, {"plan_host_gb", plan.host_total() / plan.gib}, {"loss", steps.back().loss},
+          {"losses", losses},
           {"aux_loss", steps.back().aux_loss < 0 ? nlohmann::json() : nlohmann::json(steps.back().aux_loss)},
           {"expert_kernel", std::getenv("SHARDLM_MOE_KERNEL") ? std::getenv("SHARDLM_MOE_KERNEL") : "auto"},
           {"adapter", trainer.adapter().kind}, {"lora_rank", trainer.adapter().active() ? trainer.adapter().rank : 0},

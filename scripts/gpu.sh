@@ -28,7 +28,8 @@
 #   qlora70 70B dims QLoRA on one GPU: int4 base, LoRA rank 64 on every projection, seq 2048, micro-batch
 #           QLORA_BATCH (4), every-block checkpointing (the fsdp_qlora figure: ~786 tokens/s per H100 on 4 GPUs)
 #   q405    405B dims on N GPUs: QDoRA (int4, rank 64, all 126 layers) and LoRA on fp8 (Q405_FP8_LAYERS layers,
-#           100), seq Q405_SEQ (4096), FullShard + every-block + mixed-bf16; setup_s is the initialize + quantize time
+#           100), seq Q405_SEQ (4096), FullShard + every-block + mixed-bf16; setup_s is the initialize + quantize time;
+#           q405_int4 and q405_fp8 run one of the two; Q405_STEPS (3) measured steps after as many warm-up steps
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
 #   load    HF checkpoint loading: full Llama3-8B dims (32 layers, bf16, ~16 GB in 4 GB files) written by transformers,
 #           read with a cold page cache (posix_fadvise DONTNEED before each read) by `cat > /dev/null`, then loaded by
@@ -41,9 +42,15 @@
 #           tiny Mixtral checkpoints, then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
 #           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
 #   moe_bench  that step benchmark (grouped) and the peer alone
+#   profile the step benchmark with SHARDLM_PROFILE (two profiled steps after the measured ones) on PROFILE_ARGS
+#           (default: the moe phase's Mixtral-8x7B run): a Chrome trace in $OUT/profile and rank 0's summary of the
+#           GPU time (kernels by time, NCCL, how busy the compute kernels kept the GPU)
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
+# BUILD: the build folder (default build-gpu). Programs built on a machine without a GPU against the same CUDA wheel
+# of PyTorch 2.11 (-DCMAKE_CUDA_ARCHITECTURES=90) run here too: carry them and name their folder, e.g.
+# `BUILD=$PWD/build bash scripts/gpu.sh q405` with build/bin/step_benchmark and shardlm_launch carried along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/shardlm-gpu}; mkdir -p "$OUT"
@@ -51,6 +58,10 @@ BUILD=${BUILD:-$PWD/build-gpu}
 PEER=${PEER:-.deps/peer_fsdp2.py}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export LD_LIBRARY_PATH=$PWD/.deps/prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+# Programs built elsewhere against the same PyTorch wheel (BUILD pointing at a carried build folder, no build phase)
+# have that machine's wheel paths as their run path: they find LibTorch, CUDA and NCCL in this machine's wheel.
+TORCH_DIR=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null) \
+  && for d in "$TORCH_DIR/lib" "$TORCH_DIR"/../nvidia/*/lib; do LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$d; done
 NGPU=$(nvidia-smi -L | wc -l)
 phases=${*:-build parity nccl bench full8b}
 RESULTS=$OUT/results.jsonl
@@ -168,10 +179,18 @@ qlora70() {  # 70B dims QLoRA (int4 base, rank-64 LoRA on every projection) on o
 }
 
 q405() {  # Llama 3.1 405B dims on N GPUs: QDoRA (int4) on all 126 layers, then LoRA on fp8 with Q405_FP8_LAYERS layers
-  ours "qdora_405b_${NGPU}gpu" "$NGPU" --preset llama3-405b --layers 126 --seq-len "${Q405_SEQ:-4096}" --micro-batch 1 --steps 3 \
+  q405_int4
+  q405_fp8
+}
+
+q405_int4() {  # the QDoRA run of q405 alone
+  ours "qdora_405b_${NGPU}gpu" "$NGPU" --preset llama3-405b --layers 126 --seq-len "${Q405_SEQ:-4096}" --micro-batch 1 --steps "${Q405_STEPS:-3}" \
     --precision mixed-bf16 --sharding full --checkpointing every-block --adapter dora --quant int4 --lora-rank 64 --lora-alpha 16
+}
+
+q405_fp8() {  # the LoRA-on-fp8 run of q405 alone
   ours "lora_fp8_405b_${Q405_FP8_LAYERS:-100}L_${NGPU}gpu" "$NGPU" --preset llama3-405b --layers "${Q405_FP8_LAYERS:-100}" \
-    --seq-len "${Q405_SEQ:-4096}" --micro-batch 1 --steps 3 --precision mixed-bf16 --sharding full --checkpointing every-block \
+    --seq-len "${Q405_SEQ:-4096}" --micro-batch 1 --steps "${Q405_STEPS:-3}" --precision mixed-bf16 --sharding full --checkpointing every-block \
     --adapter lora --quant fp8 --lora-rank 64 --lora-alpha 16
 }
 
@@ -339,6 +358,12 @@ MOE_COMMON="--preset mixtral-8x7b --layers 4 --vocab-size 128256 --seq-len 4096 
 moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped expert GEMM where it applies)
   ours "moe_ours_4L_${NGPU}gpu" "$NGPU" $MOE_COMMON
   peer "moe_peer_4L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers 4 --seq 4096 --batch 1
+}
+
+profile() {  # PROFILE_ARGS (default: the moe phase's Mixtral run) with SHARDLM_PROFILE: two profiled steps, rank 0's summary
+  local args=${PROFILE_ARGS:-$MOE_COMMON}
+  SHARDLM_PROFILE=$OUT/profile ours "profile_${NGPU}gpu" "$NGPU" $args
+  grep "shardlm: profile" "$OUT/profile_${NGPU}gpu.log" | sed 's/^\[rank 0\] //'
 }
 
 table() {

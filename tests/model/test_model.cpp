@@ -33,6 +33,32 @@ TEST_CASE("init_parameters: large tensors are drawn in chunks on several threads
   CHECK(one[1].second.eq(1).all().item<bool>());
 }
 
+TEST_CASE("init_parameter_rows: any rows of any parameter as init_parameters draws them") {
+  // In registration order: a bias (zeros), a chunked matrix (cols not dividing the chunk: rows straddle chunks),
+  // a one-draw matrix (its draw moves the generator: the next chunked matrix's base depends on it), a norm, another
+  // chunked matrix.
+  const int64_t cols = 3000, rows = (2 * model::init_chunk + 777) / cols + 1;
+  std::vector<std::pair<std::string, at::Tensor>> params{{"a.bias", at::empty({7})},
+                                                         {"q.weight", at::empty({rows, cols})},
+                                                         {"k.weight", at::empty({64, 48})},
+                                                         {"input_layernorm.weight", at::empty({48})},
+                                                         {"up.weight", at::empty({rows, cols})}};
+  model::init_parameters(params, 0.02, 5);
+  const int64_t per_chunk = model::init_chunk / cols;  // rows of a chunk, about
+  const std::vector<model::RowSpan> spans{{1, per_chunk - 3, 7},         {4, 0, 1},  {4, rows - 2, 2},
+                                          {2, 10, 5},                    {0, 0, 1},  {3, 0, 1},
+                                          {1, 0, rows},                  {4, 2 * per_chunk - 1, 3}, {1, 5, 0}};
+  const auto got = model::init_parameter_rows(params, 0.02, 5, spans);
+  REQUIRE(got.size() == spans.size());
+  for (size_t s = 0; s < spans.size(); ++s) {
+    const auto& p = params[spans[s].param].second;
+    const auto want = p.reshape({-1, p.size(-1)}).narrow(0, spans[s].row0, spans[s].rows);
+    INFO("span ", s, ": ", params[spans[s].param].first, " rows ", spans[s].row0, "+", spans[s].rows);
+    CHECK(got[s].sizes() == want.sizes());
+    CHECK(at::equal(got[s], want));
+  }
+}
+
 TEST_CASE("rms_norm equals x / sqrt(mean(x^2) + eps) * w") {
   at::manual_seed(1);
   const auto x = at::randn({2, 3, 8}, at::kDouble), w = at::randn({8}, at::kDouble);

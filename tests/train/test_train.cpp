@@ -765,6 +765,17 @@ TEST_CASE("the training progress bar: steps, rate and ETA on a terminal, erased 
   CHECK(out.str().find("2 of 8 steps") != std::string::npos);
 }
 
+TEST_CASE("a progress report in units: a line per 10% in a log, then the count and the seconds") {
+  std::ostringstream out;
+  Progress report("initializing", 4, /*enabled=*/true, /*terminal=*/0, &out, Progress::Units::units);
+  for (int i = 0; i < 4; ++i) report.add(1);
+  report.finish();
+  CHECK(out.str().find("shardlm: initializing: 50% (2 of 4 units, ") != std::string::npos);
+  CHECK(out.str().find(" units/s, ETA ") != std::string::npos);
+  CHECK(out.str().find("shardlm: initializing: 4 units in ") != std::string::npos);
+  CHECK(out.str().find("GB") == std::string::npos);
+}
+
 namespace {
 /// A reader of TensorBoard event files: checks each record's framing and both CRCs, and decodes the Event
 /// fields it meets (wall_time, step, file_version, summary values) from the protocol-buffer wire format.

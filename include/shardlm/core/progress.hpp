@@ -20,7 +20,7 @@ class Progress {
   using clock = std::chrono::steady_clock;
 
  public:
-  enum class Units { bytes, steps };
+  enum class Units { bytes, steps, units };
   /// Reports on `what` (e.g. "loading") out of `total` bytes (or steps) when `enabled` (rank 0); `terminal` draws
   /// a bar (default: stderr is a terminal), `out` replaces stderr (tests).
   Progress(std::string what, uint64_t total, bool enabled, int terminal = -1, std::ostream* out = nullptr,
@@ -51,12 +51,19 @@ class Progress {
     }
   }
 
-  /// Ends the report with its summary line (bytes, seconds, GB/s).
+  /// Ends the report with its summary line (bytes, seconds, GB/s; or the count and seconds).
   void finish() {
     if (!enabled_ || finished_) return;
     std::lock_guard<std::mutex> lock(mutex_);
     finished_ = true;
     const double s = seconds(clock::now());
+    if (units_ != Units::bytes) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "shardlm: %s: %llu %s in %.2f s", what_.c_str(), static_cast<unsigned long long>(done_),
+                    units_ == Units::steps ? "steps" : "units", s);
+      emit(terminal_ ? "\r" + bar(clock::now()) + "\x1b[K\n" + buf : std::string(buf), true);
+      return;
+    }
     const auto [unit, name] = unit_of(total_);
     char buf[160];
     std::snprintf(buf, sizeof buf, "shardlm: %s: %.3f %s in %.2f s (%.2f GB/s)", what_.c_str(), done_ / unit, name, s,
@@ -91,9 +98,10 @@ class Progress {
     char time[32], buf[120];
     if (eta >= 3600) std::snprintf(time, sizeof time, "%lld:%02d:%02d", static_cast<long long>(eta / 3600), int(eta / 60 % 60), int(eta % 60));
     else std::snprintf(time, sizeof time, "%d:%02d", int(eta / 60), int(eta % 60));
-    if (units_ == Units::steps) {
-      std::snprintf(buf, sizeof buf, "%llu of %llu steps, %.2f steps/s, ETA %s", static_cast<unsigned long long>(done_),
-                    static_cast<unsigned long long>(total_), rate, time);
+    if (units_ != Units::bytes) {
+      const char* what = units_ == Units::steps ? "steps" : "units";
+      std::snprintf(buf, sizeof buf, "%llu of %llu %s, %.2f %s/s, ETA %s", static_cast<unsigned long long>(done_),
+                    static_cast<unsigned long long>(total_), what, rate, what, time);
       return buf;
     }
     const auto [unit, name] = unit_of(total_);

@@ -11,6 +11,7 @@
 // first --eval-samples windows of the validation tokens, in file order.
 #include <torch/cuda.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <memory>
@@ -174,12 +175,33 @@ class Trainer {
       loader = std::make_unique<HfShardLoader<typename Model::ContainedType>>(
           o.model_dir, *model_, groups_->shard().size(), groups_->shard().rank(), rank() == 0,
           io::ReadOptions{read_threads(env_.local_world_size)}, frozen);
+    // one seeded generator per unit: the same weights whatever the world size, adapter or not
+    auto unit_seed = [&](size_t u) { return o.seed + 0x9E3779B97F4A7C15ull * (u + 1); };
     if (loader && adapter_.active()) frozen.rows = loader->frozen_filler();
+    std::unique_ptr<Progress> drawing;
+    if (!loader && adapter_.active()) {  // random: each rank draws only its shard's rows of the frozen base
+      drawing = std::make_unique<Progress>("initializing the frozen base", model_->num_units(), rank() == 0, -1,
+                                           nullptr, Progress::Units::units);
+      frozen.rows = [&](size_t u, const engine::FrozenUnit& unit) {
+        engine::NamedTensors base;
+        for (auto& item : model_->unit_parameters(u))
+          if (!model::is_adapter_parameter(item.first)) base.push_back(item);
+        std::vector<model::RowSpan> spans;
+        for (const auto& part : unit.shard_parts()) {
+          const auto at = std::find_if(base.begin(), base.end(), [&](const auto& b) { return b.first == part.slot->name; });
+          SHARDLM_ASSERT(at != base.end(), "frozen ", part.slot->name, " is not a base parameter of unit ", u);
+          spans.push_back({static_cast<size_t>(at - base.begin()), part.row0, part.rows});
+        }
+        auto rows = model::init_parameter_rows(base, config_.initializer_range, unit_seed(u), spans);
+        drawing->add(1);  // counted when drawn: the codec then encodes them (on the GPU: asynchronously)
+        if (u + 1 == model_->num_units()) drawing->finish();
+        return rows;
+      };
+    }
     auto init = [&](size_t u, engine::NamedTensors& params) {
-      // one seeded generator per unit: the same weights whatever the world size, adapter or not
-      engine::NamedTensors base, adapters;
+      engine::NamedTensors base, adapters;  // base: empty where frozen.rows draws the frozen base
       for (auto& item : params) (model::is_adapter_parameter(item.first) ? adapters : base).push_back(item);
-      model::init_parameters(base, config_.initializer_range, o.seed + 0x9E3779B97F4A7C15ull * (u + 1));
+      model::init_parameters(base, config_.initializer_range, unit_seed(u));
       model::init_adapter_parameters(adapters, o.seed + 0xD1B54A32D192ED03ull * (u + 1));
     };
     engine_ = std::make_unique<Engine>(*model_, *groups_, device_,
