@@ -131,8 +131,11 @@ inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, co
     }
     ys = parts.empty() ? at::zeros({0, C}, x.options()) : at::cat(parts);
   }
+  // Each pick's output weighted in fp32, put back in pick order and summed over the token's k picks in fp32, then
+  // cast once: transformers' grouped path (no atomic adds, so deterministic for any k; no [N k, C] cast).
   const auto w = r.weights.reshape({-1}).index_select(0, order).unsqueeze(-1);         // [N k, 1] fp32
-  return at::zeros_like(x).index_add(0, token, (ys * w).to(x.scalar_type()));         // [N, C]
+  const auto back = at::empty_like(order).scatter_(0, order, at::arange(order.size(0), order.options()));  // [N k]
+  return (ys * w).index_select(0, back).view({x.size(0), k, C}).sum(1).to(x.scalar_type());  // [N, C]
 }
 
 }  // namespace ops
