@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
     const auto o = cli::parse(argc, argv, defaults, /*policy_flags=*/true);
     const auto r = dispatch_recipe(o.sharding, o.precision, o.checkpointing, o.offload,
                                    [&]<class Recipe>(Recipe) {
-                                     return with_model<Recipe>(train::resolve_config(o), [&]<class Model>(Model) {
+                                     return with_model(train::resolve_config(o), [&]<class Model>(Model) {
                                        return measure<Model, Recipe>(o, std::min(warmup, o.steps));
                                      });
                                    });
