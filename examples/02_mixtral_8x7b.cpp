@@ -6,7 +6,8 @@
 // embedded corpus when no --data). The loss logged is the cross-entropy plus router_aux_loss_coef x the
 // load-balancing loss (shown beside it as "aux"), as transformers reports it with output_router_logits; the
 // Hugging Face checkpoint may hold the per-expert layout of the Mixtral releases or transformers' fused one.
-// Any recipe compiles here (shardlm_train compiles Mixtral for a subset): change the line below.
+// Any recipe compiles here (shardlm_train compiles the 63 its flags name; here also e.g. EveryNth<4>): change the
+// line below.
 #include <shardlm/shardlm.hpp>
 
 #include "embedded_corpus.hpp"

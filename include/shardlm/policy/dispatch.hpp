@@ -40,26 +40,32 @@ decltype(auto) dispatch_offload(std::string_view name, F&& f) {
   fail<ConfigError>("--offload '", name, "' is not an offload policy: use none or cpu");
 }
 
-/// Calls f(Policies<...>{}) for the recipe the policy flags name; a combination the engine refuses is a
-/// ConfigError with the engine's static_assert message.
-template <class F>
-decltype(auto) dispatch_recipe(std::string_view sharding, std::string_view precision, std::string_view checkpointing,
-                               std::string_view offload, F&& f) {
+/// Calls f(Policies<...>{}) for the recipe of precision P that the other policy flags name; a combination the engine
+/// refuses is a ConfigError with the engine's static_assert message. A program that compiles each precision in a
+/// translation unit of its own calls this there (tools/shardlm_train_recipes.hpp).
+template <class P, class F>
+decltype(auto) dispatch_recipe_of(std::string_view sharding, std::string_view checkpointing, std::string_view offload,
+                                  F&& f) {
   return dispatch_sharding(sharding, [&]<class S>(S) {
-    return dispatch_precision(precision, [&]<class P>(P) {
-      return dispatch_checkpointing(checkpointing, [&]<class C>(C) {
-        return dispatch_offload(offload, [&]<class O>(O) {
-          using Recipe = Policies<S, P, C, O>;
-          if constexpr (engine_supports<Recipe>) {
-            return f(Recipe{});
-          } else {
-            fail<ConfigError>("--offload ", offload, " with --sharding ", sharding, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
-            return f(Policies<S, P, C>{});  // not reached; gives every branch the same return type
-          }
-        });
+    return dispatch_checkpointing(checkpointing, [&]<class C>(C) {
+      return dispatch_offload(offload, [&]<class O>(O) {
+        using Recipe = Policies<S, P, C, O>;
+        if constexpr (engine_supports<Recipe>) {
+          return f(Recipe{});
+        } else {
+          fail<ConfigError>("--offload ", offload, " with --sharding ", sharding, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
+          return f(Policies<S, P, C>{});  // not reached; gives every branch the same return type
+        }
       });
     });
   });
+}
+
+/// Calls f(Policies<...>{}) for the recipe the policy flags name (see dispatch_recipe_of).
+template <class F>
+decltype(auto) dispatch_recipe(std::string_view sharding, std::string_view precision, std::string_view checkpointing,
+                               std::string_view offload, F&& f) {
+  return dispatch_precision(precision, [&]<class P>(P) { return dispatch_recipe_of<P>(sharding, checkpointing, offload, f); });
 }
 
 }  // namespace shardlm

@@ -593,29 +593,12 @@ inline data::TokenDataset open_dataset(const TrainOptions& o) { return open_data
 
 namespace shardlm {
 
-/// The recipes the policy-matrix programs (shardlm_train, step_benchmark) compile Mixtral for, to keep their build
-/// humane: fp32 or mixed-bf16, no checkpointing or every block, every sharding, CPU offload with full sharding.
-/// A main of its own instantiates Mixtral with any recipe (examples/02_mixtral_8x7b.cpp).
-template <class Recipe>
-inline constexpr bool mixtral_compiled =
-    !std::is_same_v<typename Recipe::Precision, precision::PureBF16> && Recipe::Checkpointing::every <= 1 &&
-    (!Recipe::Offload::to_host || std::is_same_v<typename Recipe::Sharding, sharding::FullShard>);
-
 /// Calls f(model::Llama3{nullptr}) or f(model::Mixtral{nullptr}) as config `c` names (a type tag: f builds the
-/// model). Mixtral only where mixtral_compiled<Recipe>; elsewhere an error names the recipe.
-template <class Recipe, class F>
+/// model), so a program compiles both models for each recipe it dispatches to.
+template <class F>
 decltype(auto) with_model(const model::ModelConfig& c, F&& f) {
   if (!c.is_moe()) return f(model::Llama3{nullptr});
-  if constexpr (mixtral_compiled<Recipe>) {
-    return f(model::Mixtral{nullptr});
-  } else {
-    fail<ConfigError>("Mixtral is compiled into this program for --precision fp32 or mixed-bf16, --checkpointing none ",
-                      "or every-block, and --offload cpu with --sharding full only (this run: --precision ",
-                      Recipe::Precision::name, " --checkpointing ", Recipe::Checkpointing::name, " --offload ",
-                      Recipe::Offload::name, " --sharding ", Recipe::Sharding::name,
-                      "): build a main for this recipe (examples/02_mixtral_8x7b.cpp shows how)");
-    return f(model::Llama3{nullptr});  // not reached; gives both branches one return type
-  }
+  return f(model::Mixtral{nullptr});
 }
 
 /// Trains `Model` with `Recipe` as the options say, on one process or as one rank of a job (launched by
