@@ -39,9 +39,10 @@
 #           weight [16384, 53248] next to the ATen-op path, and the time to quantize one 405B layer on the GPU
 #   moe     Mixtral: bf16 on CUDA, shardlm_logits on the tiny Mixtral fixtures vs transformers fp32 with each expert
 #           kernel (grouped = at::_grouped_mm, padded = batched bmm, loop) and the kernels against each other, random
-#           tiny Mixtral checkpoints, then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
+#           tiny Mixtral checkpoints (with transformers' own bf16 error beside ours), then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
 #           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
 #   moe_bench  that step benchmark (grouped) and the peer alone
+#           MOE_LAYERS: the layers of these Mixtral runs (default 4; 1 fits one 80 GB GPU); SKIP_PEER=1: ours only
 #   profile the step benchmark with SHARDLM_PROFILE (two profiled steps after the measured ones) on PROFILE_ARGS
 #           (default: the moe phase's Mixtral-8x7B run): a Chrome trace in $OUT/profile and rank 0's summary of the
 #           GPU time (kernels by time, NCCL, how busy the compute kernels kept the GPU)
@@ -348,18 +349,18 @@ sys.exit(1 if bad else 0)
 PY
   done
   python3 tests/golden/check_mixtral_logits.py --tool "$BUILD/bin/shardlm_logits" --tool-args "--device cuda --dtype bf16" \
-    --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --workdir "$OUT/random_moe" | tail -5 || ok=FAIL
+    --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --bf16-peer cuda --workdir "$OUT/random_moe" | tail -5 || ok=FAIL
   echo "{\"check\": \"mixtral bf16 parity and expert kernels\", \"result\": \"$ok\"}" >>"$RESULTS"
   moe_bench
-  SHARDLM_MOE_KERNEL=padded ours "moe_ours_4L_${NGPU}gpu_padded" "$NGPU" $MOE_COMMON
+  SHARDLM_MOE_KERNEL=padded ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu_padded" "$NGPU" $MOE_COMMON
 }
-
-MOE_COMMON="--preset mixtral-8x7b --layers 4 --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
+MOE_LAYERS=${MOE_LAYERS:-4}
+MOE_COMMON="--preset mixtral-8x7b --layers $MOE_LAYERS --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
 moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped expert GEMM where it applies)
-  ours "moe_ours_4L_${NGPU}gpu" "$NGPU" $MOE_COMMON
-  peer "moe_peer_4L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers 4 --seq 4096 --batch 1
+  ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" $MOE_COMMON
+  [ "${SKIP_PEER:-0}" = 1 ] && return 0  # SKIP_PEER=1: ours only
+  peer "moe_peer_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers "$MOE_LAYERS" --seq 4096 --batch 1
 }
-
 profile() {  # PROFILE_ARGS (default: the moe phase's Mixtral run) with SHARDLM_PROFILE: two profiled steps, rank 0's summary
   local args=${PROFILE_ARGS:-$MOE_COMMON}
   SHARDLM_PROFILE=$OUT/profile ours "profile_${NGPU}gpu" "$NGPU" $args

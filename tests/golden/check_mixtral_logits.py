@@ -1,7 +1,7 @@
 """Compare shardlm_logits with transformers on random tiny Mixtral checkpoints.
 
     .venv/bin/python tests/golden/check_mixtral_logits.py --tool build/bin/shardlm_logits --seed S [--count N]
-        [--workdir DIR] [--tool-args '--device cuda --dtype bf16' --logits-tol 5e-2 --loss-tol 5e-2]
+        [--workdir DIR] [--tool-args '--device cuda --dtype bf16' --logits-tol 5e-2 --loss-tol 5e-2 [--bf16-peer cuda]]
 
 Seed S decides N random configs (4-8 experts, top-1..3, head_dim 8/16, 1-3 layers, vocab 50-300, tied or not,
 output_router_logits true or false with a random router_aux_loss_coef, the per-expert layout transformers'
@@ -10,7 +10,9 @@ Each is saved to DIR/config_I/ (weights as in make_mixtral_fixtures.py) and
     TOOL --model DIR/config_I --input DIR/config_I/input.safetensors --output DIR/config_I/output.safetensors
 must write logits, loss (with the aux term exactly when transformers adds it) and aux_loss. Passes when
 max|ours - ref| / max|ref| < 1e-4 on the logits and |ours - ref| < 1e-5 on the loss and on the aux loss.
-Prints one line per config; exits 1 if any config fails.
+Prints one line per config; exits 1 if any config fails. With --bf16-peer DEVICE each line also gives transformers'
+own bf16 logits on DEVICE against its fp32 reference, and ours against those: how far bf16 alone moves the model
+(a router that flips a token's expert in bf16 moves both). The pass/fail bounds stay against the fp32 reference.
 """
 import argparse
 import os
@@ -40,6 +42,10 @@ def random_case(rng):
             rng.randrange(2**31))
 
 
+def relative_max_error(ours, ref):
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
 def check_case(index, rng, args):
     config, layout, form, batch, time, seed = random_case(rng)
     keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts",
@@ -60,11 +66,18 @@ def check_case(index, rng, args):
     except Exception as error:  # report and go on with the other configs
         print(f"{line}: FAIL {error}")
         return False
-    logits_err = ((logits.float() - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    logits_err = relative_max_error(logits.float(), ref_logits)
     loss_err, aux_err = abs(loss.item() - ref_loss.item()), abs(aux.item() - ref_aux.item())
     ok = logits_err < args.logits_tol and loss_err < args.loss_tol and aux_err < args.loss_tol
+    peer = ""
+    if args.bf16_peer:
+        with torch.no_grad():
+            bf16_logits = forward(model.to(device=args.bf16_peer, dtype=torch.bfloat16), input_ids.to(args.bf16_peer))[0]
+        bf16_logits = bf16_logits.float().cpu()
+        peer = (f" | transformers bf16 vs fp32 {relative_max_error(bf16_logits, ref_logits):.2e},"
+                f" ours vs transformers bf16 {relative_max_error(logits.float(), bf16_logits):.2e}")
     print(f"{line}: logits rel err {logits_err:.2e} loss err {loss_err:.2e} aux err {aux_err:.2e} "
-          f"(ref loss {ref_loss.item():.6f} aux {ref_aux.item():.6f}) {'OK' if ok else 'FAIL'}")
+          f"(ref loss {ref_loss.item():.6f} aux {ref_aux.item():.6f}){peer} {'OK' if ok else 'FAIL'}")
     return ok
 
 
@@ -77,7 +90,10 @@ def main():
     parser.add_argument("--tool-args", default="", help="extra tool arguments, e.g. '--device cuda --dtype bf16'")
     parser.add_argument("--logits-tol", type=float, default=LOGITS_TOLERANCE, help="bound on the logits rel err")
     parser.add_argument("--loss-tol", type=float, default=LOSS_TOLERANCE, help="bound on the loss and aux errors")
+    parser.add_argument("--bf16-peer", metavar="DEVICE", help="also run transformers in bf16 on DEVICE (e.g. cuda)")
     args = parser.parse_args()
+    if args.bf16_peer:  # deterministic cuBLAS (run_random_cases turns deterministic algorithms on) needs this set
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return run_random_cases(args, check_case, "check_mixtral_")
 
 

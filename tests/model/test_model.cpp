@@ -309,6 +309,49 @@ TEST_CASE("MoE experts: loop, padded and grouped kernels equal the dense formula
   }
 }
 
+TEST_CASE("MoE autograd nodes (gather, SwiGLU, combine) equal autograd's own formulas in fp32 and bf16") {
+  for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+    for (int64_t k : {1, 2, 3}) {
+      CAPTURE(dtype);
+      CAPTURE(k);
+      const int64_t N = 9, C = 8, E = 4, I = 6;
+      const auto opts = at::TensorOptions().dtype(dtype);
+      const auto experts = std::get<1>(at::rand({N, E}).topk(k, -1));                     // [N, k] distinct per token
+      const auto s = model::ops::sort_picks(experts, E);
+      CHECK(at::equal(s.order.index_select(0, s.back), at::arange(N * k)));               // back inverts order
+      CHECK(at::equal(s.counts, at::bincount(experts.reshape({-1}), {}, E)));
+      const auto x = at::randn({N, C}, opts).requires_grad_(true);
+      const auto h = at::randn({N * k, 2 * I}, opts).requires_grad_(true);
+      const auto ys = at::randn({N * k, C}, opts).requires_grad_(true);
+      const auto w = at::rand({N, k}).requires_grad_(true);
+      const auto gy = at::randn({N, C}, opts), gh = at::randn({N * k, I}, opts), gxs = at::randn({N * k, C}, opts);
+      const auto grads = [&](const at::Tensor& xs, const at::Tensor& act, const at::Tensor& y) {
+        for (auto t : {x, h, ys, w}) t.mutable_grad() = at::Tensor();
+        torch::autograd::backward({xs, act, y}, {gxs, gh, gy});
+        return std::vector<at::Tensor>{x.grad(), h.grad(), ys.grad(), w.grad()};
+      };
+      // autograd's own: index_select, narrow/silu/mul, and the fp32 weighting summed in pick order
+      const auto xs_ref = x.index_select(0, s.token);
+      const auto act_ref = at::silu(h.narrow(-1, 0, I)) * h.narrow(-1, I, I);
+      const auto w_sorted = w.reshape({-1}).index_select(0, s.order).unsqueeze(-1);
+      const auto y_ref = (ys * w_sorted).index_select(0, s.back).view({N, k, C}).sum(1).to(dtype);
+      const auto g_ref = grads(xs_ref, act_ref, y_ref);
+      const auto xs = model::ops::GatherPicks::apply(x, s.token, s.back, k);
+      const auto act = model::ops::SwiGLU::apply(h);
+      const auto y = model::ops::CombinePicks::apply(ys, w, s.order, s.token, s.back);
+      CHECK(at::equal(xs, xs_ref));
+      CHECK(at::equal(act, act_ref));
+      CHECK(at::equal(y, y_ref));
+      const auto g = grads(xs, act, y);
+      // x: the k rows summed in fp32 and cast once (index_add rounds after each add, so bf16 with k = 3 differs)
+      CHECK(rel_err(g[0], g_ref[0]) < (dtype == at::kBFloat16 && k == 3 ? 1e-2 : 1e-6));
+      CHECK(at::equal(g[1], g_ref[1]));
+      CHECK(at::equal(g[2], g_ref[2]));
+      CHECK(rel_err(g[3], g_ref[3]) < 1e-6);
+    }
+  }
+}
+
 TEST_CASE("router loss: transformers' load-balancing formula pooled over layers, and the z-loss") {
   auto c = model::preset("mixtral-debug", 1);
   c.num_experts = 4, c.num_experts_per_tok = 2, c.router_aux_loss_coef = 0.5, c.router_z_loss_coef = 0.25;

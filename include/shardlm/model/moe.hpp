@@ -9,6 +9,7 @@
 // autograd graph, takes them from each block as a side output and back-propagates the gradient router_loss()
 // gives them (engine/engine.hpp).
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
@@ -86,42 +87,121 @@ inline at::Tensor router_stats(const at::Tensor& logits, int64_t k) {
   return at::cat({probs.to(at::kFloat).sum(0), z, counts, rows});                          // [2E + 2]
 }
 
+/// The picks of N tokens sorted by expert (pick p = n k + j is token n's j-th expert): `order` [N k] lists the
+/// picks in sorted order, `token` [N k] the token of each sorted row, `back` [N k] the sorted row of each pick,
+/// `counts` [E] the rows of each expert.
+struct SortedPicks {
+  at::Tensor order, token, back, counts;
+  int64_t k;
+};
+
+inline SortedPicks sort_picks(const at::Tensor& experts, int64_t E) {  // experts [N, k] int64
+  const int64_t k = experts.size(1);
+  const auto flat = experts.reshape({-1});                                                    // [N k]
+  auto order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));  // [N k]
+  auto token = at::floor_divide(order, k);
+  auto back = at::empty_like(order).scatter_(0, order, at::arange(order.size(0), order.options()));
+  return {std::move(order), std::move(token), std::move(back), at::bincount(flat, {}, E), k};
+}
+
+/// xs [N k, C] = x[token]: each token's row once per pick, in sorted order. Its backward sums each token's k rows
+/// in pick order in fp32 and casts once (index_select's own backward is an index_add: atomic adds on a GPU, in an
+/// order that varies from run to run, each rounded to x's dtype).
+struct GatherPicks : torch::autograd::Function<GatherPicks> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& token,
+                            const at::Tensor& back, int64_t k) {
+    ctx->save_for_backward({back});
+    ctx->saved_data["k"] = k;
+    return x.index_select(0, token);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    const auto back = ctx->get_saved_variables()[0];
+    const int64_t k = ctx->saved_data["k"].toInt(), C = g[0].size(1);
+    const auto picks = g[0].index_select(0, back).view({-1, k, C});                          // [N, k, C]
+    auto gx = k == 1 ? picks.squeeze(1) : picks.sum(1, /*keepdim=*/false, at::kFloat).to(g[0].scalar_type());
+    return {std::move(gx), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+/// y [N, C] = sum over token n's picks j of weights[n, j] x ys[back[n k + j]], in fp32 in pick order, cast once to
+/// ys' dtype: transformers' grouped path (its weighting and sum are fp32 too). The backward gives the rows of ys
+/// and the weights directly (no [N k, C] fp32 product kept, no expanded gradient copied).
+struct CombinePicks : torch::autograd::Function<CombinePicks> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& ys, const at::Tensor& weights,
+                            const at::Tensor& order, const at::Tensor& token, const at::Tensor& back) {
+    ctx->save_for_backward({ys, weights, order, token, back});
+    const auto picks = ys.index_select(0, back).view({weights.size(0), weights.size(1), ys.size(1)});  // [N, k, C]
+    return (picks.to(at::kFloat) * weights.unsqueeze(-1)).sum(1).to(ys.scalar_type());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &ys = saved[0], &weights = saved[1], &order = saved[2], &token = saved[3], &back = saved[4];
+    const int64_t N = weights.size(0), k = weights.size(1), C = ys.size(1);
+    const auto& gy = g[0];                                                                    // [N, C]
+    const auto w_sorted = weights.reshape({-1}).index_select(0, order).unsqueeze(-1);         // [N k, 1] fp32
+    auto g_ys = (gy.index_select(0, token) * w_sorted).to(ys.scalar_type());                  // [N k, C]
+    const auto picks = ys.index_select(0, back).view({N, k, C});
+    auto g_w = (picks.to(at::kFloat) * gy.to(at::kFloat).unsqueeze(1)).sum(-1);              // [N, k] fp32
+    return {std::move(g_ys), std::move(g_w), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+/// silu(h[:, :I]) * h[:, I:] for h [M, 2I] (gate columns first, then up). Keeps only h for the backward and writes
+/// h's gradient into one [M, 2I] tensor (autograd's narrow backward adds two zero-filled [M, 2I] tensors).
+struct SwiGLU : torch::autograd::Function<SwiGLU> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h) {
+    ctx->save_for_backward({h});
+    const int64_t I = h.size(-1) / 2;
+    return at::silu(h.narrow(-1, 0, I)) * h.narrow(-1, I, I);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    const auto h = ctx->get_saved_variables()[0];
+    const int64_t I = h.size(-1) / 2;
+    const auto gate = h.narrow(-1, 0, I), up = h.narrow(-1, I, I);
+    auto gh = at::empty_like(h);
+    auto g_gate = gh.narrow(-1, 0, I), g_up = gh.narrow(-1, I, I);
+    at::mul_out(g_up, g[0], at::silu(gate));                                                  // d/d up
+    at::silu_backward_out(g_gate, g[0] * up, gate);                                           // d/d gate
+    return {std::move(gh)};
+  }
+};
+
 /// y [N, C] = sum over the k picks of weight x expert(x), expert(x) = down(silu(gate(x)) * up(x)) with
 /// gate_up [E, 2I, C] (gate rows first, then up) and down [E, C, I]: transformers' MixtralExperts.
 inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const Routing& r,
                               ExpertKernel kernel = ExpertKernel::automatic) {
-  const int64_t E = gate_up.size(0), I = down.size(2), C = x.size(1), k = r.experts.size(1);
+  const int64_t E = gate_up.size(0), I = down.size(2), C = x.size(1);
   if (kernel == ExpertKernel::automatic)
     kernel = compat::has_grouped_mm(x.device(), x.scalar_type(), {C, I, 2 * I}) ? ExpertKernel::grouped
              : x.is_cuda()                                                      ? ExpertKernel::padded
                                                                                 : ExpertKernel::loop;
-  // Tokens sorted by expert: pick p = n k + j of token n goes to expert experts[n, j].
-  const auto flat = r.experts.reshape({-1});                                           // [N k]
-  const auto [sorted, order] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);  // [N k] each
-  const auto token = at::floor_divide(order, k);                                       // [N k]
-  const auto xs = x.index_select(0, token);                                            // [N k, C]
-  const auto counts = at::bincount(flat, {}, E);                                       // [E]
-  const auto swiglu = [&](const at::Tensor& h) { return at::silu(h.narrow(-1, 0, I)) * h.narrow(-1, I, I); };
+  const auto s = sort_picks(r.experts, E);
+  const auto xs = GatherPicks::apply(x, s.token, s.back, s.k);                         // [N k, C]
+  const auto swiglu = [](const at::Tensor& h) { return SwiGLU::apply(h); };
   at::Tensor ys;                                                                       // [N k, C]
   if (kernel == ExpertKernel::grouped) {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 8
-    const auto offs = at::cumsum(counts, 0).to(at::kInt);                             // [E]
+    const auto offs = at::cumsum(s.counts, 0).to(at::kInt);                           // [E]
     const auto h = at::_grouped_mm(xs, gate_up.transpose(1, 2), offs);                // [N k, 2I]
     ys = at::_grouped_mm(swiglu(h), down.transpose(1, 2), offs);                      // [N k, C]
 #else
     fail<ConfigError>("SHARDLM_MOE_KERNEL=grouped needs LibTorch 2.8 or newer (at::_grouped_mm)");
 #endif
   } else if (kernel == ExpertKernel::padded) {
-    const auto starts = at::cumsum(counts, 0) - counts;                               // [E]
-    const auto pos = at::arange(flat.size(0), flat.options()) - starts.index_select(0, sorted);  // [N k]
-    const int64_t cap = flat.size(0) > 0 ? counts.max().item<int64_t>() : 0;
+    const auto sorted = r.experts.reshape({-1}).index_select(0, s.order);             // [N k] expert of each row
+    const auto starts = at::cumsum(s.counts, 0) - s.counts;                           // [E]
+    const auto pos = at::arange(sorted.size(0), sorted.options()) - starts.index_select(0, sorted);  // [N k]
+    const int64_t cap = sorted.size(0) > 0 ? s.counts.max().item<int64_t>() : 0;
     c10::List<std::optional<at::Tensor>> at_slot;
     at_slot.push_back(sorted), at_slot.push_back(pos);
     const auto padded = at::index_put(at::zeros({E, cap, C}, x.options()), at_slot, xs);  // [E, cap, C]
     const auto h = at::bmm(padded, gate_up.transpose(1, 2));                          // [E, cap, 2I]
     ys = at::index(at::bmm(swiglu(h), down.transpose(1, 2)), at_slot);                // [N k, C]
   } else {
-    const auto n = counts.cpu();
+    const auto n = s.counts.cpu();
     std::vector<at::Tensor> parts;
     for (int64_t e = 0, first = 0; e < E; first += n[e].item<int64_t>(), ++e) {
       const int64_t m = n[e].item<int64_t>();
@@ -131,11 +211,7 @@ inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, co
     }
     ys = parts.empty() ? at::zeros({0, C}, x.options()) : at::cat(parts);
   }
-  // Each pick's output weighted in fp32, put back in pick order and summed over the token's k picks in fp32, then
-  // cast once: transformers' grouped path (no atomic adds, so deterministic for any k; no [N k, C] cast).
-  const auto w = r.weights.reshape({-1}).index_select(0, order).unsqueeze(-1);         // [N k, 1] fp32
-  const auto back = at::empty_like(order).scatter_(0, order, at::arange(order.size(0), order.options()));  // [N k]
-  return (ys * w).index_select(0, back).view({x.size(0), k, C}).sum(1).to(x.scalar_type());  // [N, C]
+  return CombinePicks::apply(ys, r.weights, s.order, s.token, s.back);                 // [N, C]
 }
 
 }  // namespace ops
