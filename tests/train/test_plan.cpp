@@ -41,15 +41,21 @@ TEST_CASE("planner: FullShard mixed-bf16 on 2 GPUs, counted by hand") {
   // q k v out 2 (64 + 32 + 32 + 64) = 384, lse 16, attention output re-laid 128, norm 2 384, MLP input 128,
   // MLP 4 x 2 x 128 = 1024: 2704 bytes, x 16 tokens = 43264 per block.
   // The peak: the head's gradient reduction. Live: head (64064 x 2) and block 1 (36992 x 2) gathered;
-  // both blocks' activations; head gradients 64064 x 2 (bf16) + flat 64064 x 4 + shard 32032 x 4.
+  // both blocks' activations; head gradients 64064 x 2 (bf16) + flat 64064 x 4 (one micro-batch: the
+  // reduce-scatter writes the gradient shard itself, no slice of its own).
   CHECK(p.peak_at == "the head's gradient reduction");
   CHECK(item(p.gpu, "gathered parameters") == 64064.0 * 2 + 36992.0 * 2);
   CHECK(item(p.gpu, "activations") == 2 * 43264.0);
   CHECK(item(p.gpu, "logits and loss") == 0);
-  CHECK(item(p.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4 + 32032.0 * 4);
+  CHECK(item(p.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4);
   CHECK(item(p.gpu, "workspace") == workspace);
-  CHECK(p.gpu_peak() == 101024.0 * 16 + 202112 + 86528 + 512512 + workspace);
+  CHECK(p.gpu_peak() == 101024.0 * 16 + 202112 + 86528 + 384384 + workspace);
   CHECK(p.host.empty());
+  // With accumulation, later micro-batches reduce-scatter into a slice (32032 x 4) that is then added to the shard.
+  in.grad_accum = 2;
+  const auto accum = plan::plan_memory(in);
+  CHECK(accum.peak_at == "the head's gradient reduction");
+  CHECK(item(accum.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4 + 32032.0 * 4);
 }
 
 TEST_CASE("planner: the loss is the peak when the vocabulary dominates") {

@@ -220,13 +220,11 @@ class Engine {
   }
   dist::ProcessGroups& groups() { return groups_; }
 
-  /// Starts an optimizer step: zeroes the gradient shards (offloaded ones are overwritten by the first
-  /// micro-batch instead).
+  /// Starts an optimizer step: the first micro-batch's backward overwrites the gradient shards (every unit is
+  /// reduced in every backward), later ones add to them.
   void begin_step() {
     first_micro_batch_ = true;
     if constexpr (P::offload) unit_norms_.assign(units_.size(), at::Tensor());
-    else
-      for (auto& u : units_) u.grad().zero_();
   }
 
   /// Runs every unit forward on `input` (token ids); returns the last unit's output with its local graph.

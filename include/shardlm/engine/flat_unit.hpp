@@ -188,21 +188,27 @@ class FlatUnit {
     return flat;
   }
 
-  /// Adds this rank's slice of the group's reduction of `flat` to the gradient shard. With offload the slice is
-  /// first all-reduced over `replicas` (when there are some) and copied to host memory, asynchronously: the
-  /// first micro-batch of a step copies into the gradient shard, later ones into a staging buffer that
-  /// finish_host_grads() adds once the copies are done. With `norm`, the slice's L2 norm (fp32) is stored there,
-  /// computed on the device, so that the host need not read the gradients for the norm.
+  /// Puts this rank's slice of the group's reduction of `flat` (in the gradient shard's dtype) into the gradient
+  /// shard: the first micro-batch of a step writes it (on the device the reduce-scatter writes straight into the
+  /// shard: no zeroing pass, no temporary slice, no add), later ones add to it. With offload the slice is first
+  /// all-reduced over `replicas` (when there are some) and copied to host memory, asynchronously: the first
+  /// micro-batch copies into the gradient shard, later ones into a staging buffer that finish_host_grads() adds
+  /// once the copies are done. With `norm`, the slice's L2 norm (fp32) is stored there, computed on the device, so
+  /// that the host need not read the gradients for the norm.
   void reduce_into_shard(dist::Communicator& shard_group, const at::Tensor& flat, dist::Communicator& replicas,
                          bool first_micro_batch, at::Tensor* norm = nullptr) {
     if (empty()) return;
+    if (!offloaded() && first_micro_batch && shard_group.size() > 1) {
+      shard_group.reduce_scatter(grad_, flat, dist::Reduce::Sum, name_.c_str());
+      return;
+    }
     at::Tensor part = flat;
     if (shard_group.size() > 1) {
       part = at::empty({shard_}, flat.options());
       shard_group.reduce_scatter(part, flat, dist::Reduce::Sum, name_.c_str());
     }
     if (!offloaded()) {
-      grad_.add_(part);
+      first_micro_batch ? grad_.copy_(part) : grad_.add_(part);
       return;
     }
     if (replicas.size() > 1) replicas.all_reduce(part, dist::Reduce::Sum, name_.c_str());

@@ -344,9 +344,11 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     }
     live.acts -= kept[u];
     // The unit's parameter gradients (compute dtype), copied into a flat buffer in the reduce dtype, whose
-    // reduce-scatter leaves a shard slice.
+    // reduce-scatter writes the gradient shard (the first micro-batch on the device) or a temporary slice (later
+    // micro-batches, offload).
     const double flat = shard[u] * static_cast<double>(G);
-    live.grads += trained[u] * c + flat * grad_bytes + (G > 1 ? shard[u] * grad_bytes : 0);
+    const bool slice = G > 1 && (offload || in.grad_accum > 1);
+    live.grads += trained[u] * c + flat * grad_bytes + (slice ? shard[u] * grad_bytes : 0);
     event(u == 0 ? std::string("the embedding's gradient reduction")
                  : u == head ? std::string("the head's gradient reduction")
                              : "gradient reduction of block " + std::to_string(u - 1));
