@@ -58,6 +58,28 @@ TEST_CASE("planner: FullShard mixed-bf16 on 2 GPUs, counted by hand") {
   CHECK(item(accum.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4 + 32032.0 * 4);
 }
 
+TEST_CASE("planner: on one rank the first micro-batch casts the gradients straight into the shard") {
+  plan::PlanInput in;
+  in.model = small();
+  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 1, in.gpus_per_node = 1;
+  in.micro_batch = 1, in.seq_len = 2;  // 2 tokens: the gradient reductions outweigh the loss
+  const auto p = plan::plan_memory(in);
+  CHECK(p.shard_group == 1);
+  // The head's bf16 gradients only: no flat buffer, no slice.
+  CHECK(p.peak_at == "the head's gradient reduction");
+  CHECK(item(p.gpu, "gradients in flight") == 64064.0 * 2);
+  // With accumulation, later micro-batches cast into a flat buffer (64064 x 4) added to the shard.
+  in.grad_accum = 2;
+  const auto accum = plan::plan_memory(in);
+  CHECK(accum.peak_at == "the head's gradient reduction");
+  CHECK(item(accum.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4);
+  // Offloaded, the flat buffer is what is copied to the host (bf16 here: one rank, one micro-batch).
+  in.grad_accum = 1, in.offload = "cpu";
+  const auto off = plan::plan_memory(in);
+  CHECK(off.peak_at == "the head's gradient reduction");
+  CHECK(item(off.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 2);
+}
+
 TEST_CASE("planner: the loss is the peak when the vocabulary dominates") {
   plan::PlanInput in;
   in.model = small();

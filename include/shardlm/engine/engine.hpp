@@ -445,7 +445,10 @@ class Engine {
   void reduce(size_t u) {
     auto& unit = units_[u];
     streams_.on_comm([&] {
-      const auto flat = unit.take_grads(grad_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); });
+      // One rank in the shard group, first micro-batch: the gradients are cast straight into the shard.
+      const bool direct = unit.grads_into_shard(groups_.shard(), grad_dtype_, first_micro_batch_);
+      const auto flat = unit.take_grads(grad_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); }, direct);
+      if (direct) return;  // replicas, if any, all-reduce the shards after the last micro-batch
       unit.reduce_into_shard(groups_.shard(), flat, groups_.replicate(), first_micro_batch_,
                              device_norm_ ? &unit_norms_[u] : nullptr);
     });

@@ -167,12 +167,20 @@ class FlatUnit {
     gathered_flag_ = false;
   }
 
+  /// Whether take_grads may write straight into the gradient shard: one rank in the shard group (the shard is the
+  /// whole unit and the reduction is the identity), on the device, the step's first micro-batch.
+  bool grads_into_shard(const dist::Communicator& shard_group, at::ScalarType reduce, bool first_micro_batch) const {
+    return first_micro_batch && shard_group.size() == 1 && !offloaded() && !empty() && shard_ == padded_ &&
+           grad_.scalar_type() == reduce;
+  }
+
   /// The parameters' gradients as one [padded] buffer in dtype `reduce` (zeros where a parameter got none);
-  /// the parameters' own gradients are dropped. `keep` is told of every gradient read.
+  /// the parameters' own gradients are dropped. `keep` is told of every gradient read. With `into_shard` (see
+  /// grads_into_shard) the buffer is the gradient shard itself: nothing is left to reduce.
   template <class Keep>
-  at::Tensor take_grads(at::ScalarType reduce, Keep&& keep) {
+  at::Tensor take_grads(at::ScalarType reduce, Keep&& keep, bool into_shard = false) {
     at::NoGradGuard no_grad;
-    auto flat = at::empty({padded_}, gathered_.options().dtype(reduce));
+    auto flat = into_shard ? grad_ : at::empty({padded_}, gathered_.options().dtype(reduce));
     if (padded_ > numel_) flat.narrow(0, numel_, padded_ - numel_).zero_();
     for (auto& s : slots_) {
       auto& g = s.param.mutable_grad();

@@ -345,10 +345,12 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     live.acts -= kept[u];
     // The unit's parameter gradients (compute dtype), copied into a flat buffer in the reduce dtype, whose
     // reduce-scatter writes the gradient shard (the first micro-batch on the device) or a temporary slice (later
-    // micro-batches, offload).
+    // micro-batches, offload). One rank in the shard group, on the device, one micro-batch: the gradients are
+    // cast straight into the shard, no flat buffer.
     const double flat = shard[u] * static_cast<double>(G);
+    const bool own_flat = G > 1 || offload || in.grad_accum > 1;
     const bool slice = G > 1 && (offload || in.grad_accum > 1);
-    live.grads += trained[u] * c + flat * grad_bytes + (slice ? shard[u] * grad_bytes : 0);
+    live.grads += trained[u] * c + (own_flat ? flat * grad_bytes : 0) + (slice ? shard[u] * grad_bytes : 0);
     event(u == 0 ? std::string("the embedding's gradient reduction")
                  : u == head ? std::string("the head's gradient reduction")
                              : "gradient reduction of block " + std::to_string(u - 1));
