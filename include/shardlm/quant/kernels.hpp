@@ -1,27 +1,15 @@
 #pragma once
-// The CUDA dequantization kernels, compiled at run time with NVRTC: the project compiles no .cu files. The wheel's
-// headers do not ship ATen's NVRTC stub (ATen/cuda/nvrtc_stub/ATenNVRTC.h) and libtorch_cuda does not export
-// the jiterator's compile function, so this file opens NVRTC and the driver API itself with dlopen, declaring the
-// few entry points it uses (no CUDA toolkit headers needed). The source is compiled once per process per GPU
-// architecture, the module loaded once per device, and the kernels launched on the current stream.
-// Everything CUDA is compiled only where c10's CUDA headers are present (SHARDLM_HAVE_CUDA, core/compat.hpp).
+// The CUDA dequantization kernels, compiled at run time with NVRTC (core/nvrtc.hpp) and launched on the current
+// stream. Everything CUDA is compiled only where c10's CUDA headers are present (SHARDLM_HAVE_CUDA, core/compat.hpp).
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <string>
 
 #include "shardlm/core/compat.hpp"
-#include "shardlm/core/log.hpp"
+#include "shardlm/core/nvrtc.hpp"
 
 #if SHARDLM_HAVE_CUDA
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <dlfcn.h>
-#include <link.h>
-
-#include <map>
-#include <mutex>
-#include <vector>
 #endif
 
 namespace shardlm::quant::kernels {
@@ -31,11 +19,7 @@ enum class Kind { Int4, FP8 };
 /// The kernels' source. Both write bf16 as raw uint16 with round-to-nearest-even (c10::BFloat16's rounding) and
 /// compute in fp32 with explicitly rounded operations, so that they match the ATen path bit for bit.
 inline constexpr const char* source = R"CUDA(
-__device__ __forceinline__ unsigned short to_bf16(float f) {
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+#include "shardlm_bf16.cuh"
 __device__ __forceinline__ float from_e4m3(unsigned b) {
   const unsigned sign = (b & 0x80u) << 24, e = (b >> 3) & 15u, m = b & 7u;
   if (e == 15u && m == 7u) return __uint_as_float(sign | 0x7fc00000u);
@@ -118,169 +102,7 @@ extern "C" __global__ void __launch_bounds__(256) shardlm_dequantize_fp8(
 }
 )CUDA";
 
-#if SHARDLM_HAVE_CUDA
-namespace detail {
-
-/// NVRTC and driver API entry points, opened once. The types are the C API's (opaque handles, int results).
-struct Api {
-  using nvrtcProgram = void*;
-  int (*nvrtcCreateProgram)(nvrtcProgram*, const char*, const char*, int, const char* const*, const char* const*) = nullptr;
-  int (*nvrtcCompileProgram)(nvrtcProgram, int, const char* const*) = nullptr;
-  int (*nvrtcGetProgramLogSize)(nvrtcProgram, size_t*) = nullptr;
-  int (*nvrtcGetProgramLog)(nvrtcProgram, char*) = nullptr;
-  int (*nvrtcGetCUBINSize)(nvrtcProgram, size_t*) = nullptr;
-  int (*nvrtcGetCUBIN)(nvrtcProgram, char*) = nullptr;
-  int (*nvrtcDestroyProgram)(nvrtcProgram*) = nullptr;
-  const char* (*nvrtcGetErrorString)(int) = nullptr;
-  int (*cuInit)(unsigned) = nullptr;
-  int (*cuDeviceGet)(int*, int) = nullptr;
-  int (*cuDeviceGetAttribute)(int*, int, int) = nullptr;
-  int (*cuCtxGetCurrent)(void**) = nullptr;
-  int (*cuCtxSetCurrent)(void*) = nullptr;
-  int (*cuDevicePrimaryCtxRetain)(void**, int) = nullptr;
-  int (*cuModuleLoadData)(void**, const void*) = nullptr;
-  int (*cuModuleGetFunction)(void**, void*, const char*) = nullptr;
-  int (*cuLaunchKernel)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**,
-                        void**) = nullptr;
-  int (*cuGetErrorString)(int, const char**) = nullptr;
-  std::string error;  // why the API is not usable, empty when it is
-};
-
-/// The path of an NVRTC library already loaded into the process (PyTorch loads its own through
-/// libcaffe2_nvrtc.so), else empty.
-inline std::string loaded_nvrtc() {
-  std::string found;
-  dl_iterate_phdr(
-      [](struct dl_phdr_info* info, size_t, void* data) {
-        const std::string name = info->dlpi_name ? info->dlpi_name : "";
-        const auto slash = name.rfind('/');
-        const auto base = name.substr(slash == std::string::npos ? 0 : slash + 1);
-        if (base.rfind("libnvrtc.so", 0) == 0) {
-          *static_cast<std::string*>(data) = name;
-          return 1;
-        }
-        return 0;
-      },
-      &found);
-  return found;
-}
-
-template <class F>
-void bind(void* lib, const char* name, F& f, std::string& error) {
-  f = lib ? reinterpret_cast<F>(dlsym(lib, name)) : nullptr;
-  if (!f && error.empty()) error = std::string("symbol ") + name + " not found";
-}
-
-inline const Api& api() {
-  static const Api a = [] {
-    Api a;
-    try {
-      (void)at::globalContext().getNVRTC();  // makes PyTorch load its NVRTC (and the driver library)
-    } catch (const std::exception&) {
-    }
-    void* nvrtc = nullptr;
-    const auto path = loaded_nvrtc();
-    if (!path.empty()) nvrtc = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"})
-      if (!nvrtc) nvrtc = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-    void* cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!nvrtc) a.error = "libnvrtc.so could not be opened";
-    if (!cuda) a.error = "libcuda.so.1 could not be opened";
-    bind(nvrtc, "nvrtcCreateProgram", a.nvrtcCreateProgram, a.error);
-    bind(nvrtc, "nvrtcCompileProgram", a.nvrtcCompileProgram, a.error);
-    bind(nvrtc, "nvrtcGetProgramLogSize", a.nvrtcGetProgramLogSize, a.error);
-    bind(nvrtc, "nvrtcGetProgramLog", a.nvrtcGetProgramLog, a.error);
-    bind(nvrtc, "nvrtcGetCUBINSize", a.nvrtcGetCUBINSize, a.error);
-    bind(nvrtc, "nvrtcGetCUBIN", a.nvrtcGetCUBIN, a.error);
-    bind(nvrtc, "nvrtcDestroyProgram", a.nvrtcDestroyProgram, a.error);
-    bind(nvrtc, "nvrtcGetErrorString", a.nvrtcGetErrorString, a.error);
-    bind(cuda, "cuInit", a.cuInit, a.error);
-    bind(cuda, "cuDeviceGet", a.cuDeviceGet, a.error);
-    bind(cuda, "cuDeviceGetAttribute", a.cuDeviceGetAttribute, a.error);
-    bind(cuda, "cuCtxGetCurrent", a.cuCtxGetCurrent, a.error);
-    bind(cuda, "cuCtxSetCurrent", a.cuCtxSetCurrent, a.error);
-    bind(cuda, "cuDevicePrimaryCtxRetain", a.cuDevicePrimaryCtxRetain, a.error);
-    bind(cuda, "cuModuleLoadData", a.cuModuleLoadData, a.error);
-    bind(cuda, "cuModuleGetFunction", a.cuModuleGetFunction, a.error);
-    bind(cuda, "cuLaunchKernel", a.cuLaunchKernel, a.error);
-    bind(cuda, "cuGetErrorString", a.cuGetErrorString, a.error);
-    if (a.error.empty() && a.cuInit(0) != 0) a.error = "cuInit failed";
-    return a;
-  }();
-  return a;
-}
-
-inline std::string cu_error(int r) {
-  const char* s = nullptr;
-  if (api().cuGetErrorString) api().cuGetErrorString(r, &s);
-  return s ? s : "CUDA driver error " + std::to_string(r);
-}
-
-/// The kernel source compiled for sm_<arch> (a cubin), once per process per architecture; throws with NVRTC's log.
-inline std::string compile(int arch) {
-  const auto& a = api();
-  Api::nvrtcProgram prog = nullptr;
-  if (int r = a.nvrtcCreateProgram(&prog, source, "shardlm_quant.cu", 0, nullptr, nullptr); r != 0)
-    throw std::runtime_error(std::string("nvrtcCreateProgram: ") + a.nvrtcGetErrorString(r));
-  const std::string arch_flag = "--gpu-architecture=sm_" + std::to_string(arch);
-  const char* opts[] = {arch_flag.c_str(), "--std=c++17", "--fmad=false"};
-  const int r = a.nvrtcCompileProgram(prog, 3, opts);
-  std::string result;
-  if (r != 0) {
-    size_t n = 0;
-    a.nvrtcGetProgramLogSize(prog, &n);
-    std::string log(n, '\0');
-    a.nvrtcGetProgramLog(prog, log.data());
-    a.nvrtcDestroyProgram(&prog);
-    throw std::runtime_error(std::string("NVRTC (") + arch_flag + "): " + a.nvrtcGetErrorString(r) + "\n" + log);
-  }
-  size_t n = 0;
-  a.nvrtcGetCUBINSize(prog, &n);
-  result.resize(n);
-  a.nvrtcGetCUBIN(prog, result.data());
-  a.nvrtcDestroyProgram(&prog);
-  return result;
-}
-
-struct Functions {
-  void* int4 = nullptr;
-  void* fp8 = nullptr;
-};
-
-/// The kernels on `device` (compiled and loaded on first use); throws on failure.
-inline Functions functions(int device) {
-  static std::mutex mutex;
-  static std::map<int, std::string> cubins;     // by architecture
-  static std::map<int, Functions> by_device;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (auto it = by_device.find(device); it != by_device.end()) return it->second;
-  const auto& a = api();
-  if (!a.error.empty()) throw std::runtime_error(a.error);
-  auto check = [](int r, const char* what) {
-    if (r != 0) throw std::runtime_error(std::string(what) + ": " + cu_error(r));
-  };
-  int dev = 0, major = 0, minor = 0;
-  check(a.cuDeviceGet(&dev, device), "cuDeviceGet");
-  check(a.cuDeviceGetAttribute(&major, 75, dev), "cuDeviceGetAttribute");  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-  check(a.cuDeviceGetAttribute(&minor, 76, dev), "cuDeviceGetAttribute");  // ..._MINOR
-  const int arch = major * 10 + minor;
-  if (!cubins.count(arch)) cubins[arch] = compile(arch);
-  void* ctx = nullptr;
-  check(a.cuCtxGetCurrent(&ctx), "cuCtxGetCurrent");
-  if (!ctx) {  // the runtime's primary context, as PyTorch uses it
-    check(a.cuDevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
-    check(a.cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
-  }
-  void* module = nullptr;
-  check(a.cuModuleLoadData(&module, cubins[arch].data()), "cuModuleLoadData");
-  Functions f;
-  check(a.cuModuleGetFunction(&f.int4, module, "shardlm_dequantize_int4"), "cuModuleGetFunction");
-  check(a.cuModuleGetFunction(&f.fp8, module, "shardlm_dequantize_fp8"), "cuModuleGetFunction");
-  return by_device[device] = f;
-}
-
-}  // namespace detail
-#endif
+inline constexpr nvrtc::Program program{"shardlm_quant.cu", source};
 
 /// Dequantizes `rows` rows of `in` (uint8, CUDA, contiguous) into out (bf16 [rows, cols], contiguous, same device)
 /// with the kernel of `kind` on the current stream. Returns false, having warned once, when the kernels cannot be
@@ -290,17 +112,9 @@ inline bool dequantize(Kind kind, const at::Tensor& in, int64_t rows, int64_t co
 #if SHARDLM_HAVE_CUDA
   const int device = in.get_device();
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  detail::Functions f;
-  try {
-    f = detail::functions(device);
-  } catch (const std::exception& e) {
-    static std::once_flag warned;
-    std::call_once(warned, [&] {
-      log::warn("quant: the CUDA dequantization kernels are not available (", e.what(),
-                "); dequantizing with ATen ops instead (slower, more memory)");
-    });
-    return false;
-  }
+  void* f = nvrtc::function_or_warn(device, program, kind == Kind::Int4 ? "shardlm_dequantize_int4" : "shardlm_dequantize_fp8",
+                                    "dequantizing with ATen ops instead (slower, more memory)");
+  if (!f) return false;
   if (rows == 0 || cols == 0) return true;
   const auto in_addr = reinterpret_cast<uintptr_t>(in.data_ptr()), out_addr = reinterpret_cast<uintptr_t>(out.data_ptr());
   int vec = in_addr % 16 == 0 && out_addr % 16 == 0 && row_bytes % 16 == 0 && (kind == Kind::Int4 || cols % 16 == 0);
@@ -308,11 +122,7 @@ inline bool dequantize(Kind kind, const at::Tensor& in, int64_t rows, int64_t co
   void* out_ptr = out.data_ptr();
   void* args[] = {&in_ptr, &out_ptr, &rows, &cols, &row_bytes, &vec};
   const int64_t threads = kind == Kind::Int4 ? rows * (cols / 64) * 4 : rows * ((cols + 15) / 16);
-  const auto blocks = static_cast<unsigned>((threads + 255) / 256);
-  void* stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-  const int r = detail::api().cuLaunchKernel(kind == Kind::Int4 ? f.int4 : f.fp8, blocks, 1, 1, 256, 1, 1, 0, stream,
-                                             args, nullptr);
-  if (r != 0) throw std::runtime_error("quant: launching the dequantization kernel failed: " + detail::cu_error(r));
+  nvrtc::launch(f, device, static_cast<unsigned>((threads + 255) / 256), 256, 0, args, "the dequantization kernel");
   return true;
 #else
   (void)kind, (void)in, (void)rows, (void)cols, (void)row_bytes, (void)out;
