@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
     in.model = shardlm::train::resolve_config(o);
     in.sharding = o.sharding, in.precision = o.precision, in.checkpointing = o.checkpointing, in.offload = o.offload;
     in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.shard_group_size;
-    in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;
+    in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum, in.loss_chunk = o.loss_chunk;
     in.adapter = o.adapter, in.lora_rank = o.lora_rank, in.lora_targets = shardlm::model::split_targets(o.lora_targets);
     in.quant = o.quant;
     const auto plan = shardlm::plan::plan_memory(in);

@@ -157,6 +157,109 @@ TEST_CASE("next_token_loss is the mean of -log softmax at the next token") {
   CHECK(model::ops::next_token_loss(logits, ids).item<double>() == doctest::Approx(total / 6).epsilon(1e-6));
 }
 
+TEST_CASE("the fused head and loss equals the plain loss on whole logits, and so do its gradients") {
+  // Against next_token_loss_sum of h W^T: every chunk size from one row to more than all, ignored targets (the last
+  // position of each sequence, and some masked ones), a frozen head (no gradient for W) and no gradient at all.
+  at::manual_seed(13);
+  const int64_t B = 2, T = 9, C = 12, V = 37;
+  const auto h0 = at::randn({B, T, C}, at::kDouble), w0 = at::randn({V, C}, at::kDouble) * 0.5;
+  auto targets = model::ops::shift_labels(at::randint(V, {B, T}, at::kLong));
+  targets.index_put_({0, 3}, -100), targets.index_put_({1, 0}, -100);
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    const auto h = h0.to(dtype).requires_grad_(), w = w0.to(dtype).requires_grad_();
+    const auto ref = model::ops::next_token_loss_sum(at::matmul(h, w.t()), targets);
+    const auto ref_grads = torch::autograd::grad({ref * 0.3}, {h, w});
+    const double tol = dtype == at::kDouble ? 1e-6 : 1e-5;  // the plain loss takes its log-softmax in fp32 either way
+    for (int64_t chunk : {1, 4, 7, 18, 100}) {
+      CAPTURE(chunk);
+      const auto hc = h.detach().requires_grad_(), wc = w.detach().requires_grad_();
+      // The gradient backward brings (0.3) given as the hint for odd chunk sizes, not given (1) for even ones.
+      const auto loss = model::ops::linear_cross_entropy_sum(hc, wc, targets, chunk, chunk % 2 ? 0.3 : 1.0);
+      CHECK((loss.scalar_type() == at::kFloat));
+      CHECK(std::abs(loss.item<double>() - ref.item<double>()) < tol * std::abs(ref.item<double>()));
+      const auto grads = torch::autograd::grad({loss * 0.3}, {hc, wc});
+      CHECK((grads[0].scalar_type() == dtype));
+      CHECK(rel_err(grads[0], ref_grads[0]) < tol);
+      CHECK(rel_err(grads[1], ref_grads[1]) < tol);
+    }
+    // A frozen head: the hidden states' gradient only; an ignored row's hidden state gets none.
+    const auto hc = h.detach().requires_grad_();
+    const auto g = torch::autograd::grad({model::ops::linear_cross_entropy_sum(hc, w.detach(), targets, 5)}, {hc})[0];
+    CHECK(g[0][3].abs().max().item<double>() == 0);
+    CHECK(g[1][T - 1].abs().max().item<double>() == 0);
+    const auto ref_h = torch::autograd::grad({model::ops::next_token_loss_sum(at::matmul(h, w.detach().t()), targets)}, {h})[0];
+    CHECK(rel_err(g, ref_h) < tol);
+    at::NoGradGuard no_grad;
+    CHECK(std::abs(model::ops::linear_cross_entropy_sum(h, w, targets, 3).item<double>() - ref.item<double>()) <
+          tol * std::abs(ref.item<double>()));
+  }
+  // Every target ignored: loss 0 and zero gradients (the plain sum is 0 too).
+  const auto h = h0.to(at::kFloat).requires_grad_(), w = w0.to(at::kFloat).requires_grad_();
+  const auto none = at::full({B, T}, -100, at::kLong);
+  const auto loss = model::ops::linear_cross_entropy_sum(h, w, none, 4);
+  CHECK(loss.item<double>() == 0);
+  const auto grads = torch::autograd::grad({loss}, {h, w});
+  CHECK(grads[0].abs().max().item<double>() == 0);
+  CHECK(grads[1].abs().max().item<double>() == 0);
+}
+
+TEST_CASE("the fused head and loss in bf16: the plain path's rounding (compute-dtype logits, fp32 softmax)") {
+  at::manual_seed(17);
+  const int64_t N = 40, C = 64, V = 300;
+  const auto h = at::randn({N, C}).to(at::kBFloat16).requires_grad_();
+  const auto w = (at::randn({V, C}) * 0.2).to(at::kBFloat16).requires_grad_();
+  const auto targets = at::randint(V, {N}, at::kLong);
+  const auto ref = model::ops::next_token_loss_sum(at::matmul(h, w.t()), targets);
+  const auto ref_grads = torch::autograd::grad({ref / N}, {h, w});
+  const auto hc = h.detach().requires_grad_(), wc = w.detach().requires_grad_();
+  const auto loss = model::ops::linear_cross_entropy_sum(hc, wc, targets, 16, 1.0 / N);
+  CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-5 * std::abs(ref.item<double>()));
+  const auto grads = torch::autograd::grad({loss / N}, {hc, wc});
+  CHECK((grads[0].scalar_type() == at::kBFloat16));
+  CHECK(rel_err(grads[0].to(at::kDouble), ref_grads[0].to(at::kDouble)) < 1e-2);
+  CHECK(rel_err(grads[1].to(at::kDouble), ref_grads[1].to(at::kDouble)) < 1e-2);
+}
+
+TEST_CASE("CUDA: the fused loss's softmax kernel gives the ATen ops' losses and gradients") {
+  if (!torch::cuda::is_available()) {
+    MESSAGE("no CUDA device: skipped (scripts/gpu.sh runs it)");
+    return;
+  }
+  at::manual_seed(19);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  for (int64_t V : {37, 32000, 128256}) {  // 37: the scalar path; multiples of 8: 16-byte loads
+    CAPTURE(V);
+    const int64_t c = 67;
+    const auto logits = (at::randn({c, V}, cuda) * 3).to(at::kBFloat16);
+    auto targets = at::randint(V, {c}, cuda.dtype(at::kLong));
+    targets.index_put_({at::arange(0, c, 5, cuda.dtype(at::kLong))}, -100);
+    const auto [ref_rows, ref_grad] = model::ops::detail::softmax_xent_aten(logits.clone(), targets, -100, true, 0.25);
+    auto work = logits.clone();
+    const auto rows = model::ops::detail::softmax_xent_kernel(work, targets, -100, true, 0.25);
+    REQUIRE(rows.has_value());
+    CHECK(rel_err(*rows, ref_rows) < 1e-5);
+    CHECK(rel_err(work.to(at::kFloat), ref_grad.to(at::kFloat)) < 8e-3);  // each within a bf16 rounding
+    CHECK(work.to(at::kFloat).index({at::arange(0, c, 5, cuda.dtype(at::kLong))}).abs().max().item<double>() == 0);
+    auto untouched = logits.clone();
+    const auto loss_only = model::ops::detail::softmax_xent_kernel(untouched, targets, -100, false);
+    CHECK(rel_err(*loss_only, ref_rows) < 1e-5);
+    CHECK(at::equal(untouched, logits));
+  }
+  // The whole fused head and loss on the GPU against the plain loss on whole logits.
+  const int64_t N = 300, C = 128, V = 5000;
+  const auto h = at::randn({N, C}, cuda).to(at::kBFloat16).requires_grad_();
+  const auto w = (at::randn({V, C}, cuda) * 0.1).to(at::kBFloat16).requires_grad_();
+  const auto targets = at::randint(V, {N}, cuda.dtype(at::kLong));
+  const auto ref = model::ops::next_token_loss_sum(at::matmul(h, w.t()), targets);
+  const auto ref_grads = torch::autograd::grad({ref / N}, {h, w});
+  const auto hc = h.detach().requires_grad_(), wc = w.detach().requires_grad_();
+  const auto loss = model::ops::linear_cross_entropy_sum(hc, wc, targets, 128, 1.0 / N);
+  CHECK(std::abs(loss.item<double>() - ref.item<double>()) < 1e-4 * std::abs(ref.item<double>()));
+  const auto grads = torch::autograd::grad({loss / N}, {hc, wc});
+  CHECK(rel_err(grads[0], ref_grads[0]) < 1e-2);
+  CHECK(rel_err(grads[1], ref_grads[1]) < 1e-2);
+}
+
 TEST_CASE("presets: parameter counts, and a 405B model built on the meta device allocates nothing") {
   CHECK(model::preset("llama3-8b").num_params() == 8030261248);
   CHECK(model::preset("llama3-70b").num_params() == 70553706496);

@@ -28,6 +28,7 @@ constexpr double workspace = 2 * 32.0 * (1 << 20);
 TEST_CASE("planner: FullShard mixed-bf16 on 2 GPUs, counted by hand") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;  // 16 tokens
   const auto p = plan::plan_memory(in);
@@ -61,6 +62,7 @@ TEST_CASE("planner: FullShard mixed-bf16 on 2 GPUs, counted by hand") {
 TEST_CASE("planner: on one rank the first micro-batch casts the gradients straight into the shard") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 1, in.gpus_per_node = 1;
   in.micro_batch = 1, in.seq_len = 2;  // 2 tokens: the gradient reductions outweigh the loss
   const auto p = plan::plan_memory(in);
@@ -83,6 +85,7 @@ TEST_CASE("planner: on one rank the first micro-batch casts the gradients straig
 TEST_CASE("planner: the loss is the peak when the vocabulary dominates") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.model.vocab_size = 100000;
   in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 8, in.gpus_per_node = 8;
   in.micro_batch = 4, in.seq_len = 512;  // 2048 tokens
@@ -97,9 +100,39 @@ TEST_CASE("planner: the loss is the peak when the vocabulary dominates") {
   CHECK(item(p.gpu, "gathered parameters") == (64.0 + 6400000) * 2 + 36992.0 * 2);
 }
 
+TEST_CASE("planner: the fused head and loss holds one chunk's logits, counted by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.vocab_size = 100000;
+  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 8, in.gpus_per_node = 8;
+  in.micro_batch = 4, in.seq_len = 512;  // 2048 tokens
+  in.loss_chunk = 1024;
+  const auto p = plan::plan_memory(in);
+  CHECK(p.peak_at == "the loss in forward");
+  // One chunk of 1024 tokens: its bf16 logits, over which their gradient is written (2 V).
+  CHECK(item(p.gpu, "logits and loss") == 2.0 * 100000 * 1024);
+  // Kept: 2 blocks (2704 per token), the head's norm (256 + 128) and the hidden states' bf16 gradient (128) per
+  // token, and the head weight's bf16 gradient (2 V H), all made in the forward.
+  CHECK(item(p.gpu, "activations") == (2 * 2704.0 + 512) * 2048 + 2.0 * 100000 * 64);
+  // Gathered: the head (the last block released after its forward).
+  CHECK(item(p.gpu, "gathered parameters") == (64.0 + 6400000) * 2);
+  // The plain loss: 12 V bytes per token of the whole micro-batch at its backward.
+  const auto plain = [&] {
+    auto q = in;
+    q.loss_chunk = 0;
+    return plan::plan_memory(q);
+  }();
+  CHECK(plain.peak_at == "the loss in backward");
+  CHECK(plain.gpu_peak() > 5 * p.gpu_peak());
+  // A smaller chunk holds less.
+  in.loss_chunk = 256;
+  CHECK(item(plan::plan_memory(in).gpu, "logits and loss") == 2.0 * 100000 * 256);
+}
+
 TEST_CASE("planner: checkpointing keeps block inputs and recomputes one block at a time") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.model.num_layers = 4;
   in.sharding = "full", in.precision = "pure-bf16", in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;
@@ -123,6 +156,7 @@ TEST_CASE("planner: checkpointing keeps block inputs and recomputes one block at
 TEST_CASE("planner: offload leaves the compute-dtype shard on the GPU and the state on the host") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.sharding = "hybrid", in.precision = "mixed-bf16", in.offload = "cpu", in.world_size = 4, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8, in.grad_accum = 2;
   const auto p = plan::plan_memory(in);
@@ -137,6 +171,7 @@ TEST_CASE("planner: offload leaves the compute-dtype shard on the GPU and the st
 TEST_CASE("planner: offloaded on one GPU with one micro-batch, gradients stay in bf16") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.sharding = "full", in.precision = "mixed-bf16", in.offload = "cpu", in.world_size = 1, in.gpus_per_node = 1;
   in.micro_batch = 2, in.seq_len = 8;
   auto p = plan::plan_memory(in);
@@ -154,6 +189,7 @@ TEST_CASE("planner: offloaded on one GPU with one micro-batch, gradients stay in
 TEST_CASE("planner: NoShard keeps every unit gathered; errors name the flag") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.sharding = "none", in.precision = "fp32", in.world_size = 2, in.gpus_per_node = 2;
   const auto p = plan::plan_memory(in);
   CHECK(p.shard_group == 1);
@@ -169,6 +205,7 @@ TEST_CASE("planner: NoShard keeps every unit gathered; errors name the flag") {
 TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the compute dtype, counted by hand") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;
   in.adapter = "lora", in.lora_rank = 4, in.lora_targets = {"q", "v"};
@@ -194,6 +231,7 @@ TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the co
 TEST_CASE("planner: a quantized base stores the blocks' projections in the policy's row bytes, counted by hand") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;
   in.adapter = "lora", in.lora_rank = 4, in.lora_targets = {"q", "v"};
@@ -215,6 +253,7 @@ TEST_CASE("planner: a quantized base stores the blocks' projections in the polic
 TEST_CASE("planner: a Mixtral block counts every expert's parameters and the k picks' activations") {
   plan::PlanInput in;
   in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.model.model_type = "mixtral", in.model.num_experts = 4, in.model.num_experts_per_tok = 2;
   in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;  // 16 tokens

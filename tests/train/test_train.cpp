@@ -692,6 +692,34 @@ TEST_CASE("loss masks: the loss is the mean over kept targets of the global batc
   compat::remove_all(dir);
 }
 
+TEST_CASE("--loss-chunk: the fused head and loss trains as the plain loss on whole logits, masked targets included") {
+  const auto dir = test::temp_dir("fused_loss");
+  const auto [tokens, mask] = masked_corpus();
+  auto o = tiny("");
+  o.data = write_shard(dir, "corpus", tokens, mask).string();
+  o.grad_clip = 0;
+  std::vector<std::vector<double>> losses;
+  std::vector<std::vector<at::Tensor>> grads;
+  for (int64_t chunk : {0, 1024, 37, 1}) {  // 0: the plain loss; 4 x 32 = 128 tokens: one chunk, 4 chunks, 128
+    CAPTURE(chunk);
+    o.loss_chunk = chunk;
+    train::Trainer<model::Llama3, Policies<>> t(o, train::open_dataset(o));
+    losses.emplace_back();
+    for (int s = 0; s < 3; ++s) {
+      losses.back().push_back(t.step().loss);
+      if (s == 0) grads.push_back(t.gradient_shards());
+    }
+  }
+  for (size_t r = 1; r < losses.size(); ++r) {
+    for (size_t s = 0; s < 3; ++s) CHECK(losses[r][s] == doctest::Approx(losses[0][s]).epsilon(1e-6));
+    double worst = 0;
+    for (size_t i = 0; i < grads[0].size(); ++i) worst = std::max(worst, test::rel_err(grads[r][i], grads[0][i]));
+    MESSAGE("chunking ", r, ": max gradient rel err vs the plain loss ", worst);
+    CHECK(worst < 1e-5);
+  }
+  compat::remove_all(dir);
+}
+
 TEST_CASE("evaluation: the --eval-fraction split, the eval loss against the plain forward, eval_loss in the JSONL") {
   const auto dir = test::temp_dir("eval");
   const auto [tokens, mask] = masked_corpus();

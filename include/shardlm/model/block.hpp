@@ -9,10 +9,12 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "shardlm/model/adapter.hpp"
 #include "shardlm/model/layers.hpp"
+#include "shardlm/model/loss.hpp"
 
 namespace shardlm::model {
 
@@ -76,9 +78,23 @@ class DecoderImpl : public torch::nn::Module {
 
   at::Tensor block(size_t i, const at::Tensor& x, const ops::Rope& rope) { return layers.at(i)->forward(x, rope); }
 
-  at::Tensor head(const at::Tensor& x) {  // [B, T, C] -> logits [B, T, V]
+  /// [B, T, C] -> logits [B, T, V]; after set_loss_targets, the summed loss instead (an fp32 scalar).
+  at::Tensor head(const at::Tensor& x) {
     const auto h = norm->forward(x);
+    if (loss_targets_.defined())
+      return ops::linear_cross_entropy_sum(h, lm_head ? lm_head->weight : embed_tokens->weight,
+                                           std::exchange(loss_targets_, at::Tensor()), loss_chunk_, loss_grad_scale_);
     return lm_head ? lm_head->forward(h) : at::linear(h, embed_tokens->weight);
+  }
+
+  /// The next forward of the head returns the sum of the next-token cross-entropy against `shifted` [B, T] (labels
+  /// already shifted, -100 ignored: ops::next_token_loss_sum of its logits) with the head and the loss fused,
+  /// `chunk` tokens at a time (model/loss.hpp): the logits are never whole. `grad_scale`: the factor by which the
+  /// sum will be scaled before backward (the gradients computed in the forward carry it). Taken by that forward.
+  void set_loss_targets(at::Tensor shifted, int64_t chunk, double grad_scale = 1.0) {
+    SHARDLM_ASSERT(chunk > 0, "set_loss_targets: chunk must be > 0, got ", chunk);
+    SHARDLM_ASSERT(!lm_head || !lm_head->has_adapter(), "the fused loss needs a head without an adapter");
+    loss_targets_ = std::move(shifted), loss_chunk_ = chunk, loss_grad_scale_ = grad_scale;
   }
 
   // The units the engine drives: 0 the embedding, 1..L the blocks, L+1 the final norm and head.
@@ -161,6 +177,9 @@ class DecoderImpl : public torch::nn::Module {
  private:
   ModelConfig config_;
   AdapterConfig adapter_;
+  at::Tensor loss_targets_;  // set_loss_targets, for the next forward of the head
+  int64_t loss_chunk_ = 0;
+  double loss_grad_scale_ = 1.0;
   at::Tensor inv_freq_;  // [D/2], fp32, CPU
   std::map<std::tuple<int64_t, std::string, at::ScalarType>, ops::Rope> rope_cache_;
 };

@@ -9,7 +9,9 @@
 //                        copy of the shard only; the rest is on the host)
 //   gathered parameters  units gathered in the compute dtype (the persistent policies keep all of them)
 //   activations          what autograd saves per block (CUDA kernels: fused RMSNorm, flash attention)
-//   logits and loss      the head's logits and the fp32 cross-entropy (log-softmax and its gradients)
+//   logits and loss      the head's logits and the fp32 cross-entropy (log-softmax and its gradients); with the
+//                        fused head and loss (loss_chunk > 0) one chunk's logits, whose gradients the head's
+//                        activations then keep (model/loss.hpp)
 //   gradients in flight  a unit's parameter gradients, its flat buffer in the reduce dtype and the shard slice
 //   workspace            cuBLAS workspaces of the two streams
 // Counted per host: the offloaded state of the host's GPUs (pinned master and gradients, pageable moments,
@@ -46,6 +48,7 @@ struct PlanInput {
   int64_t micro_batch = 1;
   int64_t seq_len = 4096;
   int64_t grad_accum = 1;
+  int64_t loss_chunk = 4096;             ///< tokens per chunk of the fused head and loss (0: whole logits)
   std::string adapter = "none";          ///< none | lora | dora
   int64_t lora_rank = 16;
   std::vector<std::string> lora_targets = {"q", "k", "v", "o", "gate", "up", "down"};
@@ -153,6 +156,20 @@ inline double head_backward_extra_per_token(const model::ModelConfig& m) {
 inline double head_forward_transient_per_token(const model::ModelConfig& m, double c) {
   const double V = static_cast<double>(m.vocab_size);
   return c * V + (c == 4 ? 0 : 4 * V);
+}
+
+/// The fused head and loss (model/loss.hpp): bytes per token the head keeps for backward: the norm's as in
+/// head_forward_bytes_per_token, and instead of the projection's input the hidden states' gradient (compute dtype),
+/// computed in the forward.
+inline double fused_head_kept_per_token(const model::ModelConfig& m, double c) {
+  const double H = static_cast<double>(m.hidden_size);
+  return (c == 4 ? 0 : 4 * H) + c * H + c * H;
+}
+
+/// The fused head and loss: bytes per token of a chunk while its loss is made: its logits (compute dtype), over which
+/// the softmax's gradient is written (on a GPU the kernel of model/loss.hpp works in place).
+inline double fused_loss_chunk_per_token(const model::ModelConfig& m, double c) {
+  return c * static_cast<double>(m.vocab_size);
 }
 
 /// Extra bytes per token while a block's backward starts: the incoming gradient (c H) and the first gradients
@@ -305,6 +322,8 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   };
   const size_t head = n - 1;
   const bool tied = m.tie_word_embeddings;
+  const bool fused = in.loss_chunk > 0, head_trained = in.adapter == "none";
+  const double V = static_cast<double>(m.vocab_size);
   if (persist)
     for (size_t u = 0; u < n; ++u) gather(u);
 
@@ -313,7 +332,14 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   for (size_t u = 0; u < n; ++u) {
     gather(u);
     if (u + 1 < n) gather(u + 1);
-    if (u == head) {
+    if (u == head && fused) {
+      // the head weight's gradient accumulates over the chunks (a frozen head under an adapter has none)
+      kept[u] = detail::fused_head_kept_per_token(m, c) * tokens + (head_trained ? c * V * H : 0);
+      live.acts += kept[u];
+      live.logits += detail::fused_loss_chunk_per_token(m, c) * std::min(tokens, static_cast<double>(in.loss_chunk));
+      event("the loss in forward");
+      live.logits = 0;
+    } else if (u == head) {
       kept[u] = detail::head_forward_bytes_per_token(m, c) * tokens;
       live.acts += kept[u];
       live.logits += (detail::loss_kept_per_token(m) + detail::head_forward_transient_per_token(m, c)) * tokens;
@@ -332,7 +358,8 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     gather(u);
     if (u > 0) gather(u - 1);
     if (u == head) {
-      live.logits += detail::head_backward_extra_per_token(m) * tokens;
+      // fused: the gradients made in the forward are scaled in place, nothing more
+      live.logits += fused ? 0.0 : detail::head_backward_extra_per_token(m) * tokens;
       event("the loss in backward");
       live.logits = 0;
     } else if (u > 0) {

@@ -36,6 +36,7 @@ struct TrainOptions {
   double weight_decay = 0.1;
   double beta1 = 0.9, beta2 = 0.95;
   double grad_clip = 1.0;                ///< max global grad norm (0: no clipping)
+  int64_t loss_chunk = 4096;             ///< tokens per chunk of the fused head and loss (0: whole logits, model/loss.hpp)
   uint64_t seed = 0;
   std::string device = "cpu";
   std::string metrics;                   ///< JSONL file, one object per step
@@ -88,6 +89,7 @@ struct TrainOptions {
     if (layers < 0) fail<ConfigError>("--layers must be >= 0, got ", layers);
     if (min_lr_ratio < 0 || min_lr_ratio > 1) fail<ConfigError>("--min-lr-ratio must lie in [0, 1], got ", min_lr_ratio);
     if (grad_clip < 0) fail<ConfigError>("--grad-clip must be >= 0, got ", grad_clip);
+    if (loss_chunk < 0) fail<ConfigError>("--loss-chunk must be >= 0 (0: the plain loss on whole logits), got ", loss_chunk);
     if (shard_group_size < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", shard_group_size);
     positive(dist_timeout, "dist-timeout");
     if (save_every < 0) fail<ConfigError>("--save-every must be >= 0, got ", save_every);
@@ -166,6 +168,8 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
     ("beta1", "AdamW beta1", s(o.beta1))
     ("beta2", "AdamW beta2", s(o.beta2))
     ("grad-clip", "max global gradient norm (0: off)", s(o.grad_clip))
+    ("loss-chunk", "tokens per chunk of the fused LM head and cross-entropy, which never holds whole logits "
+                   "(0: whole logits and the plain loss)", s(o.loss_chunk))
     ("seed", "seed of initialization and data order", s(o.seed))
     ("device", "cpu, cuda or cuda:N", s(o.device))
     ("metrics", "write one JSON object per step to this file", s(o.metrics))

@@ -118,7 +118,7 @@ plan::PlanInput plan_input(const TrainOptions& o, const model::ModelConfig& c, c
   in.sharding = Recipe::Sharding::name, in.precision = Recipe::Precision::name;
   in.checkpointing = Recipe::Checkpointing::name, in.offload = Recipe::Offload::name;
   in.world_size = env.world_size, in.gpus_per_node = env.local_world_size, in.shard_group_size = o.shard_group_size;
-  in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum;
+  in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum, in.loss_chunk = o.loss_chunk;
   const auto adapter = resolve_adapter<Recipe>(o);
   in.adapter = adapter.kind, in.lora_rank = o.lora_rank, in.lora_targets = model::split_targets(o.lora_targets);
   in.quant = resolve_quant<Recipe>(o, adapter);
@@ -256,12 +256,13 @@ class Trainer {
       auto [ids, targets] = batch(dataset_, step_ * global + (a * W + rank()) * B, -1);  // [B, T] each
       sync();
       auto t1 = clock::now();
-      // The logits [B, T, V] go out of scope before backward: nothing there reads them (the loss keeps its
-      // own log-softmax), so their memory is free for the backward of the head.
-      const auto sum = model::ops::next_token_loss_sum(engine_->forward(ids), targets);
+      // The fused head and loss never holds the whole logits [B, T, V]; the plain loss's go out of scope before
+      // backward: nothing there reads them (the loss keeps its own log-softmax), so their memory is free for the
+      // backward of the head.
+      const double scale = nan_steps_.count(m.step) ? std::nan("") : 1.0 / global_tokens;
+      const auto sum = loss_sum_of(ids, targets, scale);
       sync();
       auto t2 = clock::now();
-      const double scale = nan_steps_.count(m.step) ? std::nan("") : 1.0 / global_tokens;
       // MoE: the router loss of this micro-batch enters the global loss as its mean over micro-batches and ranks
       // (each rank's own tokens, as data-parallel transformers training averages the per-device losses).
       const auto router = router_loss(scale * global_tokens / static_cast<double>(options_.grad_accum * W));
@@ -371,7 +372,7 @@ class Trainer {
     auto sums = at::zeros({2}, at::TensorOptions().device(device_).dtype(at::kDouble));  // [loss sum, targets]
     for (int64_t j = 0; j * W * B < eval_windows_; ++j) {  // the same number of forwards on every rank
       auto [ids, targets] = batch(*eval_data_, (j * W + rank()) * B, eval_windows_);
-      sums[0] += model::ops::next_token_loss_sum(engine_->forward(ids), targets).to(at::kDouble);
+      sums[0] += loss_sum_of(ids, targets).to(at::kDouble);
       sums[1] += targets.ne(-100).sum().to(at::kDouble);
     }
     groups_->world().all_reduce(sums, dist::Reduce::Sum, "eval loss");
@@ -446,6 +447,18 @@ class Trainer {
     model::RouterLoss loss;
     std::vector<at::Tensor> side_grads;
   };
+  /// The summed next-token loss of one micro-batch: the head and the loss fused (--loss-chunk > 0, model/loss.hpp;
+  /// `scale`: the factor backward will bring), or the plain loss on whole logits.
+  at::Tensor loss_sum_of(const at::Tensor& ids, const at::Tensor& targets, double scale = 1.0) {
+    if constexpr (requires { model_->set_loss_targets(targets, int64_t{1}, 1.0); }) {
+      if (options_.loss_chunk > 0) {
+        model_->set_loss_targets(targets, options_.loss_chunk, std::isnan(scale) ? 1.0 : scale);
+        return engine_->forward(ids);
+      }
+    }
+    return model::ops::next_token_loss_sum(engine_->forward(ids), targets);
+  }
+
   RouterTerms router_loss(double scale) {
     const auto& sides = engine_->side_outputs();
     std::vector<at::Tensor> leaves;
