@@ -12,16 +12,17 @@ using Recipe = Policies<sharding::FullShard, precision::FP32>;
 
 int main(int argc, char** argv) {
   return guarded_main("01_tiny_llama_cpu", [&] {
-    TrainOptions defaults;
-    defaults.preset = "llama3-debug";
-    defaults.seq_len = 128;
-    defaults.micro_batch = 8;
-    defaults.steps = 300;
-    defaults.lr = 3e-3;
-    defaults.warmup_steps = 20;
-    defaults.log_every = 25;
-    defaults.builtin_text = examples::embedded_corpus();
-    defaults.builtin_name = "embedded corpus (examples/data/corpus.txt)";
+    const auto defaults = TrainOptions()
+                              .seq_len(128)
+                              .micro_batch(8)
+                              .steps(300)
+                              .model(ModelOptions().preset("llama3-debug"))
+                              .optim(optim::AdamWOptions().lr(3e-3))
+                              .schedule(ScheduleOptions().warmup_steps(20))
+                              .log(LogOptions().every(25))
+                              .data(DataOptions()
+                                        .builtin_text(examples::embedded_corpus())
+                                        .builtin_name("embedded corpus (examples/data/corpus.txt)"));
     return run_trainer<model::Llama3, Recipe>(cli::parse(argc, argv, defaults));
   });
 }

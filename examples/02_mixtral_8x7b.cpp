@@ -17,17 +17,18 @@ using Recipe = Policies<sharding::FullShard, checkpointing::EveryBlock, precisio
 
 int main(int argc, char** argv) {
   return guarded_main("02_mixtral_8x7b", [&] {
-    TrainOptions defaults;
-    defaults.preset = "mixtral-8x7b";
-    defaults.device = "cuda";
-    defaults.seq_len = 4096;
-    defaults.micro_batch = 1;
-    defaults.steps = 100;
-    defaults.lr = 1e-5;
-    defaults.warmup_steps = 10;
-    defaults.log_every = 1;
-    defaults.builtin_text = examples::embedded_corpus();
-    defaults.builtin_name = "embedded corpus (examples/data/corpus.txt)";
+    const auto defaults = TrainOptions()
+                              .seq_len(4096)
+                              .micro_batch(1)
+                              .steps(100)
+                              .model(ModelOptions().preset("mixtral-8x7b"))
+                              .optim(optim::AdamWOptions().lr(1e-5))
+                              .schedule(ScheduleOptions().warmup_steps(10))
+                              .dist(DistOptions().device("cuda"))
+                              .log(LogOptions().every(1))
+                              .data(DataOptions()
+                                        .builtin_text(examples::embedded_corpus())
+                                        .builtin_name("embedded corpus (examples/data/corpus.txt)"));
     return run_trainer<model::Mixtral, Recipe>(cli::parse(argc, argv, defaults));
   });
 }

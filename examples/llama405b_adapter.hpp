@@ -9,21 +9,18 @@
 namespace shardlm::examples {
 
 inline shardlm::TrainOptions llama405b_adapter_defaults() {
-  shardlm::TrainOptions o;
-  o.preset = "llama3-405b";
-  o.device = "cuda";
-  o.seq_len = 4096;
-  o.micro_batch = 1;
-  o.steps = 1000;
-  o.lr = 1e-4;
-  o.warmup_steps = 50;
-  o.weight_decay = 0.0;
-  o.lora_rank = 64;
-  o.lora_alpha = 16;
-  o.lora_targets = "q,k,v,o,gate,up,down";
-  o.builtin_text = embedded_corpus();  // the smoke run's data; a real run passes --data
-  o.builtin_name = "embedded corpus (examples/data/corpus.txt)";
-  return o;
+  return shardlm::TrainOptions()
+      .seq_len(4096)
+      .micro_batch(1)
+      .steps(1000)
+      .model(ModelOptions().preset("llama3-405b"))
+      .optim(optim::AdamWOptions().lr(1e-4).weight_decay(0.0))
+      .schedule(ScheduleOptions().warmup_steps(50))
+      .adapter(AdapterOptions().rank(64).alpha(16).targets("q,k,v,o,gate,up,down"))
+      .dist(DistOptions().device("cuda"))
+      .data(DataOptions()  // the smoke run's data; a real run passes --data
+                .builtin_text(embedded_corpus())
+                .builtin_name("embedded corpus (examples/data/corpus.txt)"));
 }
 
 }  // namespace shardlm::examples

@@ -15,7 +15,7 @@
 #           CPUOffloadPolicy beside it, and full Llama3-8B with offload + every-block checkpointing
 #   offload_ours  the two 4-layer runs of shardlm only
 #   memory  the memory planner against measured peaks: 8B dims (8 layers) on 1 and N GPUs, full 8B with
-#           checkpointing, 4 layers offloaded on one GPU; one run traced unit by unit (SHARDLM_MEMORY_TRACE=1)
+#           checkpointing, 4 layers offloaded on one GPU; one run traced unit by unit (--memory-trace)
 #   l405    Llama3-405B dims with 2 and 4 layers on N GPUs with the seed recipe (FullShard, EveryBlock, CPU
 #           offload, PureBF16, seq 4096, batch 1): per-layer time and memory from the difference
 #   ckpt    checkpoint save and load times: Llama3-8B dims with 4 layers on N GPUs (FullShard, MixedBF16),
@@ -215,7 +215,7 @@ bench4() {  # the 8-layer run at N GPUs alone
 
 memory() {
   local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full"
-  SHARDLM_MEMORY_TRACE=1 ours "mem_8L_${NGPU}gpu_trace" "$NGPU" $common --layers 8 --steps 1
+  ours "mem_8L_${NGPU}gpu_trace" "$NGPU" $common --layers 8 --steps 1 --memory-trace
   grep "shardlm: memory" "$OUT/mem_8L_${NGPU}gpu_trace.log" | sed 's/^\[rank 0\] shardlm: memory //' | tail -20
   ours "mem_8L_${NGPU}gpu" "$NGPU" $common --layers 8 --steps 3
   ours "mem_8L_1gpu" 1 $common --layers 8 --steps 3
@@ -329,7 +329,7 @@ moe() {
   local ok=PASS
   for d in "$OUT"/golden_moe/*/; do
     for kernel in grouped padded loop; do
-      SHARDLM_MOE_KERNEL=$kernel "$BUILD/bin/shardlm_logits" --model "$d" --input "$d/input.safetensors" \
+      "$BUILD/bin/shardlm_logits" --model "$d" --input "$d/input.safetensors" --moe-kernel "$kernel" \
         --output "$d/cuda_bf16_$kernel.safetensors" --device cuda --dtype bf16 || ok=FAIL
     done
     python3 - "$d" <<'PY' || ok=FAIL
@@ -352,7 +352,7 @@ PY
     --logits-tol 2e-2 --loss-tol 5e-2 --seed 7 --count 4 --bf16-peer cuda --workdir "$OUT/random_moe" | tail -5 || ok=FAIL
   echo "{\"check\": \"mixtral bf16 parity and expert kernels\", \"result\": \"$ok\"}" >>"$RESULTS"
   moe_bench
-  SHARDLM_MOE_KERNEL=padded ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu_padded" "$NGPU" $MOE_COMMON
+  ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu_padded" "$NGPU" $MOE_COMMON --moe-kernel padded
 }
 MOE_LAYERS=${MOE_LAYERS:-4}
 MOE_COMMON="--preset mixtral-8x7b --layers $MOE_LAYERS --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"

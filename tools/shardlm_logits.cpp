@@ -15,7 +15,9 @@ int main(int argc, char** argv) {
         "output", "safetensors file to write logits and loss to", cxxopts::value<std::string>())(
         "adapter", "PEFT adapter directory (LoRA or DoRA) applied to the model", cxxopts::value<std::string>())(
         "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
-        "dtype", "compute dtype: fp32 or bf16", cxxopts::value<std::string>()->default_value("fp32"))("h,help", "this help");
+        "dtype", "compute dtype: fp32 or bf16", cxxopts::value<std::string>()->default_value("fp32"))(
+        "moe-kernel", "how a MoE model's experts compute: auto, loop, padded or grouped",
+        cxxopts::value<std::string>()->default_value("auto"))("h,help", "this help");
     const auto args = opts.parse(argc, argv);
     if (args.count("help")) {
       std::cout << opts.help() << '\n';
@@ -25,6 +27,7 @@ int main(int argc, char** argv) {
       if (!args.count(required)) shardlm::fail<shardlm::ConfigError>("--", required, " is required (see --help)");
     const auto device = shardlm::parse_device(args["device"].as<std::string>());
     const auto dtype = shardlm::parse_dtype(args["dtype"].as<std::string>(), "--dtype");
+    const auto experts = shardlm::model::expert_kernel_named(args["moe-kernel"].as<std::string>());
 
     const auto input_path = args["input"].as<std::string>();
     shardlm::io::SafetensorsFile input(input_path);
@@ -35,7 +38,7 @@ int main(int argc, char** argv) {
     const auto ids = input.read("input_ids");
 
     const auto run = [&]<class Model>(Model) {
-      auto model = shardlm::io::load_hf_model<Model>(args["model"].as<std::string>(), device, dtype);
+      auto model = shardlm::io::load_hf_model<Model>(args["model"].as<std::string>(), device, dtype, experts);
       const auto& config = model->config();
       if (args.count("adapter")) {
         const auto dir = args["adapter"].as<std::string>();

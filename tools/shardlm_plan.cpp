@@ -19,25 +19,28 @@ int main(int argc, char** argv) {
           "gpu-memory-gib", "memory of one GPU in GiB, for the verdict (an 80 GB H100: 79.6)",
           cxxopts::value(gpu_gib)->default_value("79.6"));
     };
-    shardlm::TrainOptions defaults;
-    defaults.needs_data = false;
+    auto defaults = shardlm::TrainOptions().data(shardlm::DataOptions().required(false));
     const auto o = shardlm::cli::parse(argc, argv, defaults, /*policy_flags=*/true, extra);
+    const auto& m = o.model();
+    const auto& a = o.adapter();
     shardlm::plan::PlanInput in;
-    in.model = shardlm::train::resolve_config(o);
-    in.sharding = o.sharding, in.precision = o.precision, in.checkpointing = o.checkpointing, in.offload = o.offload;
-    in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.shard_group_size;
-    in.micro_batch = o.micro_batch, in.seq_len = o.seq_len, in.grad_accum = o.grad_accum, in.loss_chunk = o.loss_chunk;
-    in.adapter = o.adapter, in.lora_rank = o.lora_rank, in.lora_targets = shardlm::model::split_targets(o.lora_targets);
-    in.quant = o.quant;
+    in.model = shardlm::train::resolve_config(m);
+    in.recipe = o.recipe();
+    in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.dist().shard_group_size();
+    in.micro_batch = o.micro_batch(), in.seq_len = o.seq_len(), in.grad_accum = o.grad_accum(), in.loss_chunk = m.loss_chunk();
+    in.lora_rank = a.rank(), in.lora_targets = shardlm::model::split_targets(a.targets());
     const auto plan = shardlm::plan::plan_memory(in);
-    std::cout << (o.model_dir.empty() ? o.preset : o.model_dir) << ", " << in.model.num_layers << " layers, "
-              << static_cast<double>(plan.params) / 1e9 << "B parameters; sharding " << o.sharding << " (groups of "
-              << plan.shard_group << "), precision " << o.precision << ", checkpointing " << o.checkpointing
-              << ", offload " << o.offload
-              << (o.adapter == "none" ? std::string()
-                                      : ", adapter " + o.adapter + " rank " + std::to_string(o.lora_rank) + " on a " +
-                                            (o.quant == "none" ? std::string("plain") : o.quant) + " base") << "; " << world << " GPUs, " << std::min(gpus_per_node, world)
-              << " per host; micro-batch " << o.micro_batch << " x seq " << o.seq_len << "\n"
+    const auto& r = in.recipe;
+    std::cout << (m.model_dir().empty() ? m.preset() : m.model_dir()) << ", " << in.model.num_layers << " layers, "
+              << static_cast<double>(plan.params) / 1e9 << "B parameters; sharding " << r.sharding.name << " (groups of "
+              << plan.shard_group << "), precision " << r.precision.name << ", checkpointing " << r.checkpointing.name()
+              << ", offload " << r.offload.name
+              << (!r.adapter.active() ? std::string()
+                                      : ", adapter " + std::string(r.adapter.name) + " rank " + std::to_string(a.rank()) +
+                                            " on a " + (r.quant.quantized ? std::string(r.quant.name) : std::string("plain")) +
+                                            " base")
+              << "; " << world << " GPUs, " << std::min(gpus_per_node, world) << " per host; micro-batch " << o.micro_batch()
+              << " x seq " << o.seq_len() << "\n"
               << plan.table() << "\n"
               << (plan.gpu_peak() <= gpu_gib * plan.gib ? "fits" : "does NOT fit") << " in " << gpu_gib << " GiB per GPU\n";
     return 0;

@@ -549,7 +549,7 @@ TEST_CASE("Mixtral parity with transformers in fp32: logits, loss, aux loss, gra
 TEST_CASE("adapters: LoRA adds s B A x; rsLoRA scales by alpha / sqrt(r); DoRA at m = ||W + s B A|| equals LoRA") {
   auto c = model::preset("llama3-debug", 1);
   model::AdapterConfig a;
-  a.kind = "lora", a.rank = 4, a.alpha = 8, a.targets = {"q"};
+  a.kind = adapter::LoRA::rules, a.rank = 4, a.alpha = 8, a.targets = {"q"};
   CHECK(a.scale() == 2.0);
   a.rslora = true;
   CHECK(a.scale() == doctest::Approx(4.0));

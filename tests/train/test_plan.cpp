@@ -2,6 +2,7 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <shardlm/policy/dispatch.hpp>
 #include <shardlm/train/memory_plan.hpp>
 
 #include <cmath>
@@ -29,7 +30,7 @@ TEST_CASE("planner: FullShard mixed-bf16 on 2 GPUs, counted by hand") {
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
-  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;  // 16 tokens
   const auto p = plan::plan_memory(in);
   // Units: embedding 64000; block q 4096 + k 2048 + v 2048 + o 4096 + MLP 24576 + norms 128 = 36992;
@@ -63,7 +64,7 @@ TEST_CASE("planner: on one rank the first micro-batch casts the gradients straig
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
-  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 1, in.gpus_per_node = 1;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 1, in.gpus_per_node = 1;
   in.micro_batch = 1, in.seq_len = 2;  // 2 tokens: the gradient reductions outweigh the loss
   const auto p = plan::plan_memory(in);
   CHECK(p.shard_group == 1);
@@ -76,7 +77,7 @@ TEST_CASE("planner: on one rank the first micro-batch casts the gradients straig
   CHECK(accum.peak_at == "the head's gradient reduction");
   CHECK(item(accum.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4);
   // Offloaded, the flat buffer is what is copied to the host (bf16 here: one rank, one micro-batch).
-  in.grad_accum = 1, in.offload = "cpu";
+  in.grad_accum = 1, in.recipe.offload = offload_named("cpu");
   const auto off = plan::plan_memory(in);
   CHECK(off.peak_at == "the head's gradient reduction");
   CHECK(item(off.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 2);
@@ -87,7 +88,7 @@ TEST_CASE("planner: the loss is the peak when the vocabulary dominates") {
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.model.vocab_size = 100000;
-  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 8, in.gpus_per_node = 8;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 8, in.gpus_per_node = 8;
   in.micro_batch = 4, in.seq_len = 512;  // 2048 tokens
   const auto p = plan::plan_memory(in);
   CHECK(p.peak_at == "the loss in backward");
@@ -104,7 +105,7 @@ TEST_CASE("planner: the fused head and loss holds one chunk's logits, counted by
   plan::PlanInput in;
   in.model = small();
   in.model.vocab_size = 100000;
-  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 8, in.gpus_per_node = 8;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 8, in.gpus_per_node = 8;
   in.micro_batch = 4, in.seq_len = 512;  // 2048 tokens
   in.loss_chunk = 1024;
   const auto p = plan::plan_memory(in);
@@ -134,13 +135,13 @@ TEST_CASE("planner: checkpointing keeps block inputs and recomputes one block at
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.model.num_layers = 4;
-  in.sharding = "full", in.precision = "pure-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("pure-bf16"), in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;
-  in.checkpointing = "every-block";
+  in.recipe.checkpointing = checkpointing_named("every-block");
   const auto every = plan::plan_memory(in);
-  in.checkpointing = "none";
+  in.recipe.checkpointing = checkpointing_named("none");
   const auto none = plan::plan_memory(in);
-  in.checkpointing = "every-2";
+  in.recipe.checkpointing = checkpointing_named("every-2");
   const auto half = plan::plan_memory(in);
   // every-block at the head's reduction (the head's own saved tensors freed by then): 4 block inputs
   // (64 x 2 x 16 = 2048 each).
@@ -157,7 +158,7 @@ TEST_CASE("planner: offload leaves the compute-dtype shard on the GPU and the st
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
-  in.sharding = "hybrid", in.precision = "mixed-bf16", in.offload = "cpu", in.world_size = 4, in.gpus_per_node = 2;
+  in.recipe.sharding = sharding_named("hybrid"), in.recipe.precision = precision_named("mixed-bf16"), in.recipe.offload = offload_named("cpu"), in.world_size = 4, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8, in.grad_accum = 2;
   const auto p = plan::plan_memory(in);
   CHECK(p.shard_group == 2);  // hybrid: one node
@@ -172,7 +173,7 @@ TEST_CASE("planner: offloaded on one GPU with one micro-batch, gradients stay in
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
-  in.sharding = "full", in.precision = "mixed-bf16", in.offload = "cpu", in.world_size = 1, in.gpus_per_node = 1;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.recipe.offload = offload_named("cpu"), in.world_size = 1, in.gpus_per_node = 1;
   in.micro_batch = 2, in.seq_len = 8;
   auto p = plan::plan_memory(in);
   // One shard of 202048 elements (64000 + 2 x 36992 + 64064): pinned master 4 + bf16 gradient 2, moments 8.
@@ -190,15 +191,15 @@ TEST_CASE("planner: NoShard keeps every unit gathered; errors name the flag") {
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
-  in.sharding = "none", in.precision = "fp32", in.world_size = 2, in.gpus_per_node = 2;
+  in.recipe.sharding = sharding_named("none"), in.recipe.precision = precision_named("fp32"), in.world_size = 2, in.gpus_per_node = 2;
   const auto p = plan::plan_memory(in);
   CHECK(p.shard_group == 1);
   CHECK(item(p.gpu, "gathered parameters") == (64000.0 + 2 * 36992 + 64064) * 4);
-  in.offload = "cpu";
+  in.recipe.offload = offload_named("cpu");
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--offload cpu with --sharding none"), ConfigError);
-  in.offload = "none", in.checkpointing = "every-0";
-  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--checkpointing 'every-0'"), ConfigError);
-  in.checkpointing = "none", in.sharding = "hybrid", in.shard_group_size = 3;
+  in.recipe.offload = offload_named("none");
+  CHECK_THROWS_WITH_AS(checkpointing_named("every-0"), doctest::Contains("--checkpointing 'every-0'"), ConfigError);
+  in.recipe.sharding = sharding_named("hybrid"), in.shard_group_size = 3;
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("not divisible by the shard group size 3"), ConfigError);
 }
 
@@ -206,9 +207,9 @@ TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the co
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
-  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;
-  in.adapter = "lora", in.lora_rank = 4, in.lora_targets = {"q", "v"};
+  in.recipe.adapter = adapter_named("lora"), in.lora_rank = 4, in.lora_targets = {"q", "v"};
   const auto p = plan::plan_memory(in);
   // per block: q 4 (64 + 64) + v 4 (64 + 32) = 896 adapter parameters; 448 per rank, fp32 master, grad, 2 moments
   CHECK(item(p.gpu, "sharded state") == 2 * 448 * 16.0);
@@ -217,36 +218,34 @@ TEST_CASE("planner: LoRA keeps the adapters' state and the frozen base in the co
   CHECK(item(p.gpu, "frozen base (sharded)") == frozen * 2);
   // Saved per token and block (bf16): x A^T for q and v (4 values each); DoRA adds their base and adapter outputs.
   CHECK(plan::detail::block_adapter_activation_bytes_per_token(in, 2) == 2 * (4 + 4));
-  in.adapter = "dora";
+  in.recipe.adapter = adapter_named("dora");
   CHECK(plan::detail::block_adapter_activation_bytes_per_token(in, 2) == 2 * (4 + 4) + 2 * 2 * (64 + 32));
   CHECK(item(plan::plan_memory(in).gpu, "sharded state") == 2 * 496 * 16.0);  // + m of q and v: (64 + 32) / 2 per rank
-  in.offload = "cpu";
+  in.recipe.offload = offload_named("cpu");
   const auto off = plan::plan_memory(in);
   CHECK(item(off.gpu, "frozen base (sharded)") == 0);
   CHECK(item(off.host, "frozen base (pinned)") == 2 * frozen * 2);
-  in.adapter = "qlora";
-  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--adapter 'qlora'"), ConfigError);
+  CHECK_THROWS_WITH_AS(adapter_named("qlora"), doctest::Contains("--adapter 'qlora'"), ConfigError);
 }
 
 TEST_CASE("planner: a quantized base stores the blocks' projections in the policy's row bytes, counted by hand") {
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
-  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;
-  in.adapter = "lora", in.lora_rank = 4, in.lora_targets = {"q", "v"};
+  in.recipe.adapter = adapter_named("lora"), in.lora_rank = 4, in.lora_targets = {"q", "v"};
   // Rows of 64 and 128 values: int4 48 and 80 bytes (codes, bf16 grid ends, padded to 16), fp8 80 and 144.
   // Projections: q [64, 64], k and v [32, 64], o [64, 64], gate and up [128, 64], down [64, 128]; norms 2 x 64 bf16.
   const double embedding = 1000 * 64 * 2 / 2.0, head = (64 + 1000 * 64) * 2 / 2.0;  // bf16 bytes per rank
-  in.quant = "int4";
+  in.recipe.quant = quant::rules_named("int4");
   const double int4_block = (64 * 48 + 2 * 32 * 48 + 64 * 48 + 2 * 128 * 48 + 64 * 80) + 2 * 64 * 2;
   CHECK(item(plan::plan_memory(in).gpu, "frozen base (sharded)") == embedding + 2 * int4_block / 2 + head);
-  in.quant = "fp8";
+  in.recipe.quant = quant::rules_named("fp8");
   const double fp8_block = (64 * 80 + 2 * 32 * 80 + 64 * 80 + 2 * 128 * 80 + 64 * 144) + 2 * 64 * 2;
   CHECK(item(plan::plan_memory(in).gpu, "frozen base (sharded)") == embedding + 2 * fp8_block / 2 + head);
-  in.quant = "int3";
-  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--quant 'int3' is not a quantization policy"), ConfigError);
-  in.quant = "int4", in.adapter = "none";
+  CHECK_THROWS_WITH_AS(quant::rules_named("int3"), doctest::Contains("--quant 'int3' is not a quantization policy"), ConfigError);
+  in.recipe.quant = quant::rules_named("int4"), in.recipe.adapter = adapter_named("none");
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--quant int4 stores the frozen base quantized"), ConfigError);
 }
 
@@ -255,7 +254,7 @@ TEST_CASE("planner: a Mixtral block counts every expert's parameters and the k p
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
   in.model.model_type = "mixtral", in.model.num_experts = 4, in.model.num_experts_per_tok = 2;
-  in.sharding = "full", in.precision = "mixed-bf16", in.world_size = 2, in.gpus_per_node = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 2, in.gpus_per_node = 2;
   in.micro_batch = 2, in.seq_len = 8;  // 16 tokens
   const auto p = plan::plan_memory(in);
   // Block: attention 12288 + 4 experts x 24576 + router 4 x 64 + norms 128 = 110976; active: 2 experts, 61824.
@@ -272,4 +271,24 @@ TEST_CASE("planner: a Mixtral block counts every expert's parameters and the k p
   CHECK(item(p.gpu, "activations") == 4280.0 * 16);
   // FLOPs count the active parameters: 6 x (2 x 61824 + head 64064) + attention 12 x 2 x 4 x 16 x T.
   CHECK(in.model.flops_per_token(8) == 6.0 * (2 * 61824 + 64064) + 12.0 * 2 * 4 * 16 * 8);
+}
+
+TEST_CASE("planner: a MoE block's backward peaks at its experts' first projection, counted by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.model_type = "mixtral", in.model.num_experts = 4, in.model.num_experts_per_tok = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 1, in.gpus_per_node = 1;
+  in.micro_batch = 1, in.seq_len = 8;  // 8 tokens, the fused head and loss
+  const auto p = plan::plan_memory(in);
+  // Block 1's backward at the experts' first projection: both blocks gathered (block 0 prefetched) and both
+  // blocks' activations kept (4280 per token, as above), less the experts' intermediates and outputs already freed
+  // (k (3I + C) = 2 x 448 values per token), plus every expert weight gradient (3 E C I = 98304 values) and the
+  // projection's output and input gradients (k (2I + C) = 2 x 320 per token), all bf16.
+  CHECK(p.peak_at == "expert gradients of block 1");
+  CHECK(item(p.gpu, "gathered parameters") == 2 * 110976.0 * 2);
+  CHECK(item(p.gpu, "activations") == 4280.0 * 8 * 2);
+  CHECK(item(p.gpu, "gradients in flight") == 2 * (98304.0 + 8 * 2 * (320 - 448)));
+  // At block 1's gradient reduction its activations are gone and all its bf16 gradients (110976 values, cast into
+  // the shard on one rank) are there: 4280 x 8 + 221952 = 256192 bytes beside the same gathered units, less than
+  // the 68480 + 192512 = 260992 here.
 }

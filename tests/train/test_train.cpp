@@ -164,14 +164,14 @@ std::string text_corpus() {
 }
 TrainOptions tiny(const std::string& corpus) {
   TrainOptions o;
-  o.preset = "llama3-debug";
-  o.layers = 2;
-  o.seq_len = 32;
-  o.micro_batch = 4;
-  o.steps = 3;
-  o.lr = 1e-3;
-  o.warmup_steps = 0;
-  o.builtin_text = corpus;
+  o.model().preset() = "llama3-debug";
+  o.model().layers() = 2;
+  o.seq_len() = 32;
+  o.micro_batch() = 4;
+  o.steps() = 3;
+  o.optim().lr() = 1e-3;
+  o.schedule().warmup_steps() = 0;
+  o.data().builtin_text() = corpus;
   return o;
 }
 }  // namespace
@@ -182,8 +182,8 @@ TEST_CASE("gradient accumulation: the same global batch gives the same gradients
   std::vector<std::vector<at::Tensor>> grads, weights;
   for (auto [micro, accum] : {std::pair{4, 1}, std::pair{2, 2}, std::pair{1, 4}}) {
     auto o = tiny(corpus);
-    o.micro_batch = micro, o.grad_accum = accum, o.grad_clip = 0;
-    train::Trainer<model::Llama3, Policies<>> t(o, train::open_dataset(o));
+    o.micro_batch() = micro, o.grad_accum() = accum, o.optim().grad_clip() = 0;
+    train::Trainer<model::Llama3, Policies<>> t(o, train::open_dataset(o.data()));
     losses.emplace_back();
     for (int s = 0; s < 3; ++s) {
       losses.back().push_back(t.step().loss);
@@ -209,9 +209,9 @@ TEST_CASE("gradient accumulation: the same global batch gives the same gradients
 TEST_CASE("checkpointing policies: recomputed blocks give the gradients of kept activations") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
-  o.layers = 3, o.grad_clip = 0;
+  o.model().layers() = 3, o.optim().grad_clip() = 0;
   auto grads_of = [&]<class Checkpointing>(Checkpointing) {
-    train::Trainer<model::Llama3, Policies<sharding::FullShard, Checkpointing>> t(o, train::open_dataset(o));
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, Checkpointing>> t(o, train::open_dataset(o.data()));
     t.step();
     return t.gradient_shards();
   };
@@ -223,16 +223,16 @@ TEST_CASE("checkpointing policies: recomputed blocks give the gradients of kept 
     MESSAGE("max gradient rel err vs no checkpointing: ", worst);
     CHECK(worst <= 1e-6);
   }
-  CHECK(checkpointing::EveryNth<2>::name == "every-2");
-  CHECK(checkpointing::EveryNth<12>::name == "every-12");
+  CHECK(checkpointing::EveryNth<2>::rules.name() == "every-2");
+  CHECK(checkpointing::EveryNth<12>::rules.name() == "every-12");
 }
 
 TEST_CASE("Mixtral through the engine: gradients of CE + coef x aux equal plain autograd, kept or recomputed") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
-  o.preset = "mixtral-debug", o.micro_batch = 2, o.grad_accum = 2, o.grad_clip = 0;
+  o.model().preset() = "mixtral-debug", o.micro_batch() = 2, o.grad_accum() = 2, o.optim().grad_clip() = 0;
   const auto run = [&]<class Recipe>(Recipe) {
-    train::Trainer<model::Mixtral, Recipe> t(o, train::open_dataset(o));
+    train::Trainer<model::Mixtral, Recipe> t(o, train::open_dataset(o.data()));
     auto weights = t.full_weights();  // before the step
     const auto m = t.step();
     return std::tuple{std::move(weights), m, t.gradient_shards()};
@@ -241,7 +241,7 @@ TEST_CASE("Mixtral through the engine: gradients of CE + coef x aux equal plain 
   const auto [weights_ac, recomputed, grads_ac] = run(Policies<sharding::FullShard, checkpointing::EveryBlock>{});
 
   // The same step by plain autograd: each micro-batch's mean CE + coef x aux, averaged over the micro-batches.
-  const auto c = train::resolve_config(o);
+  const auto c = train::resolve_config(o.model());
   model::Mixtral ref(c);
   {
     std::map<std::string, at::Tensor> by_name;
@@ -249,23 +249,23 @@ TEST_CASE("Mixtral through the engine: gradients of CE + coef x aux equal plain 
     at::NoGradGuard no_grad;
     for (auto& item : ref->named_parameters()) item.value().copy_(by_name.at(item.key()));
   }
-  auto dataset = train::open_dataset(o);
-  data::Sampler sampler(dataset.size(), o.seq_len, o.seed, dataset.name());
+  auto dataset = train::open_dataset(o.data());
+  data::Sampler sampler(dataset.size(), o.seq_len(), o.seed(), dataset.name());
   const auto reference = [&](bool with_router) {
     for (auto& p : ref->parameters()) p.mutable_grad() = at::Tensor();
     double loss = 0, aux = 0;
-    for (int64_t a = 0; a < o.grad_accum; ++a) {
-      auto windows = at::empty({o.micro_batch, o.seq_len + 1}, at::kLong);
-      for (int64_t b = 0; b < o.micro_batch; ++b)
-        windows[b].copy_(dataset.slice(sampler.window_start(a * o.micro_batch + b), o.seq_len + 1, c.vocab_size));
+    for (int64_t a = 0; a < o.grad_accum(); ++a) {
+      auto windows = at::empty({o.micro_batch(), o.seq_len() + 1}, at::kLong);
+      for (int64_t b = 0; b < o.micro_batch(); ++b)
+        windows[b].copy_(dataset.slice(sampler.window_start(a * o.micro_batch() + b), o.seq_len() + 1, c.vocab_size));
       std::vector<at::Tensor> stats;
-      const auto logits = ref->forward(windows.narrow(1, 0, o.seq_len), &stats);
+      const auto logits = ref->forward(windows.narrow(1, 0, o.seq_len()), &stats);
       const auto router = model::router_loss(stats, c);
-      const auto ce = model::ops::next_token_loss_sum(logits, windows.narrow(1, 1, o.seq_len)) /
-                      static_cast<double>(o.micro_batch * o.seq_len);
-      const auto micro = (with_router ? ce + router.total : ce) / static_cast<double>(o.grad_accum);
+      const auto ce = model::ops::next_token_loss_sum(logits, windows.narrow(1, 1, o.seq_len())) /
+                      static_cast<double>(o.micro_batch() * o.seq_len());
+      const auto micro = (with_router ? ce + router.total : ce) / static_cast<double>(o.grad_accum());
       micro.backward();
-      loss += micro.item<double>(), aux += router.aux.item<double>() / static_cast<double>(o.grad_accum);
+      loss += micro.item<double>(), aux += router.aux.item<double>() / static_cast<double>(o.grad_accum());
     }
     std::vector<at::Tensor> out;  // every parameter's gradient, in unit order
     for (size_t u = 0; u < ref->num_units(); ++u)
@@ -301,7 +301,7 @@ TEST_CASE("precision policies set the dtypes of master weights and compute weigh
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
   SUBCASE("MixedBF16: fp32 master, bf16 compute") {
-    train::Trainer<model::Llama3, Policies<precision::MixedBF16>> t(o, train::open_dataset(o));
+    train::Trainer<model::Llama3, Policies<precision::MixedBF16>> t(o, train::open_dataset(o.data()));
     const auto m = t.step();
     CHECK(std::isfinite(m.loss));
     for (const auto& w : t.master_weights()) CHECK((w.scalar_type() == at::kFloat));
@@ -311,7 +311,7 @@ TEST_CASE("precision policies set the dtypes of master weights and compute weigh
     for (const auto& g : t.gradient_shards()) CHECK((g.scalar_type() == at::kFloat));
   }
   SUBCASE("PureBF16: bf16 everywhere") {
-    train::Trainer<model::Llama3, Policies<precision::PureBF16>> t(o, train::open_dataset(o));
+    train::Trainer<model::Llama3, Policies<precision::PureBF16>> t(o, train::open_dataset(o.data()));
     CHECK(std::isfinite(t.step().loss));
     for (const auto& w : t.master_weights()) CHECK((w.scalar_type() == at::kBFloat16));
     for (const auto& g : t.gradient_shards()) CHECK((g.scalar_type() == at::kBFloat16));
@@ -321,11 +321,11 @@ TEST_CASE("precision policies set the dtypes of master weights and compute weigh
 TEST_CASE("offloaded on one rank: bf16 host gradients train exactly as fp32 device gradients") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
-  o.grad_clip = 0.5;  // clipping active: the norm summed on the device scales the upcast gradients
+  o.optim().grad_clip() = 0.5;  // clipping active: the norm summed on the device scales the upcast gradients
   using Mixed = Policies<sharding::FullShard, precision::MixedBF16>;
   using MixedOffload = Policies<sharding::FullShard, precision::MixedBF16, offload::Cpu>;
-  train::Trainer<model::Llama3, Mixed> ref(o, train::open_dataset(o));
-  train::Trainer<model::Llama3, MixedOffload> off(o, train::open_dataset(o));
+  train::Trainer<model::Llama3, Mixed> ref(o, train::open_dataset(o.data()));
+  train::Trainer<model::Llama3, MixedOffload> off(o, train::open_dataset(o.data()));
   // Step 1 from the same weights: the same gradients (bf16 on the host, exactly the fp32 ones rounded from bf16)
   // and, through the host AdamW, master weights within fp32 rounding of the fused kernel's.
   auto a = ref.step(), b = off.step();
@@ -343,8 +343,8 @@ TEST_CASE("offloaded on one rank: bf16 host gradients train exactly as fp32 devi
   wa = ref.master_weights(), wb = off.master_weights();
   for (size_t i = 0; i < wa.size(); ++i) CHECK(test::rel_err(wb[i], wa[i]) < 1e-3);
   // With accumulation the host sums in fp32.
-  o.grad_accum = 2;
-  train::Trainer<model::Llama3, MixedOffload> accum(o, train::open_dataset(o));
+  o.grad_accum() = 2;
+  train::Trainer<model::Llama3, MixedOffload> accum(o, train::open_dataset(o.data()));
   accum.step();
   for (const auto& g : accum.gradient_shards()) CHECK((g.scalar_type() == at::kFloat));
 }
@@ -353,13 +353,13 @@ TEST_CASE("the loss goes down, and the metrics JSONL carries every DESIGN.md key
   const auto corpus = text_corpus();
   const auto dir = test::temp_dir("run");
   auto o = tiny(corpus);
-  o.steps = 40;
-  o.lr = 3e-3;
-  o.warmup_steps = 5;
-  o.log_every = 20;
-  o.metrics = (dir / "m.jsonl").string();
+  o.steps() = 40;
+  o.optim().lr() = 3e-3;
+  o.schedule().warmup_steps() = 5;
+  o.log().every() = 20;
+  o.log().metrics() = (dir / "m.jsonl").string();
   CHECK(run_trainer<model::Llama3, Policies<sharding::NoShard, precision::FP32>>(o) == 0);
-  std::ifstream in(o.metrics);
+  std::ifstream in(o.log().metrics());
   std::string line;
   std::vector<nlohmann::json> rows;
   while (std::getline(in, line)) rows.push_back(nlohmann::json::parse(line));
@@ -376,9 +376,9 @@ TEST_CASE("the loss goes down, and the metrics JSONL carries every DESIGN.md key
 TEST_CASE("command line: defaults, overrides and errors that name the flag") {
   const char* ok[] = {"prog", "--steps", "7", "--lr", "0.01", "--data", "x.bin"};
   const auto o = cli::parse(7, ok);
-  CHECK(o.steps == 7);
-  CHECK(o.lr == 0.01);
-  CHECK(o.seq_len == TrainOptions{}.seq_len);
+  CHECK(o.steps() == 7);
+  CHECK(o.optim().lr() == 0.01);
+  CHECK(o.seq_len() == TrainOptions{}.seq_len());
   const char* unknown[] = {"prog", "--stepz", "7"};
   CHECK_THROWS_WITH(cli::parse(3, unknown), doctest::Contains("stepz"));
   const char* bad_value[] = {"prog", "--steps", "many", "--data", "x.bin"};
@@ -433,9 +433,9 @@ TEST_CASE("frozen unit: row-interleaved bytes sharded over 3 ranks, rows cut by 
 TEST_CASE("LoRA and DoRA runs: the base is frozen, only adapters train and are checkpointed; resume is exact") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
-  o.lora_rank = 4, o.lora_targets = "q,v,down";
+  o.adapter().rank() = 4, o.adapter().targets() = "q,v,down";
   SUBCASE("LoRA: B starts at zero, the frozen base never changes") {
-    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> t(o, train::open_dataset(o));
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> t(o, train::open_dataset(o.data()));
     const auto before = t.full_weights();
     CHECK(before.size() == 2 * 3 * 2);  // 2 layers x 3 targets x (A, B)
     std::vector<at::Tensor> base;
@@ -451,7 +451,7 @@ TEST_CASE("LoRA and DoRA runs: the base is frozen, only adapters train and are c
     CHECK(t.engine().unit(0).empty());  // the embedding has no adapter: nothing trains there
   }
   SUBCASE("DoRA: each magnitude starts at its base weight's row norms") {
-    train::Trainer<model::Llama3, Policies<adapter::DoRA>> t(o, train::open_dataset(o));
+    train::Trainer<model::Llama3, Policies<adapter::DoRA>> t(o, train::open_dataset(o.data()));
     auto& layer = *t.model()->layers[1]->attn->q_proj;  // NoShard: the parameters stay gathered
     int found = 0;
     for (const auto& [name, w] : t.full_weights())
@@ -464,14 +464,14 @@ TEST_CASE("LoRA and DoRA runs: the base is frozen, only adapters train and are c
   }
   SUBCASE("a checkpoint holds the adapters and their AdamW state only; resuming gives the same next step") {
     const auto dir = test::temp_dir("lora-ckpt");
-    o.steps = 3;
-    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> straight(o, train::open_dataset(o));
+    o.steps() = 3;
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> straight(o, train::open_dataset(o.data()));
     double third = 0;
     for (int s = 0; s < 3; ++s) third = straight.step().loss;
     auto first = o;
-    first.checkpoint_dir = dir.string();  // --steps 3 (the schedule's length), stopped after 2
+    first.checkpoint().dir() = dir.string();  // --steps 3 (the schedule's length), stopped after 2
     {
-      train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> t(first, train::open_dataset(first));
+      train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> t(first, train::open_dataset(first.data()));
       t.step(), t.step();
       t.save_checkpoint(/*last=*/true);
     }
@@ -484,7 +484,7 @@ TEST_CASE("LoRA and DoRA runs: the base is frozen, only adapters train and are c
       }
     CHECK(saved == 2 * (4 * (128 + 128) + 4 * (128 + 64) + 4 * (384 + 128)));  // q, v, down adapters of 2 layers
     auto second = first;
-    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> resumed(second, train::open_dataset(second));
+    train::Trainer<model::Llama3, Policies<sharding::FullShard, adapter::LoRA>> resumed(second, train::open_dataset(second.data()));
     CHECK(resumed.steps_done() == 2);
     CHECK(resumed.step().loss == third);
     const auto a = resumed.full_weights(), b = straight.full_weights();
@@ -499,9 +499,9 @@ namespace {
 /// is equal; with the plain run's projections set to those values, training gives the same losses and adapters.
 template <class Q>
 void check_quantized_base(const TrainOptions& o) {
-  train::Trainer<model::Llama3, Policies<adapter::LoRA>> plain(o, train::open_dataset(o));
-  train::Trainer<model::Llama3, Policies<adapter::LoRA, Q>> quantized(o, train::open_dataset(o));
-  CHECK(quantized.quant() == Q::name);
+  train::Trainer<model::Llama3, Policies<adapter::LoRA>> plain(o, train::open_dataset(o.data()));
+  train::Trainer<model::Llama3, Policies<adapter::LoRA, Q>> quantized(o, train::open_dataset(o.data()));
+  CHECK(quantized.recipe().quant.name == Q::name);
   auto mine = quantized.model()->named_parameters();
   int changed = 0;
   for (auto& item : plain.model()->named_parameters()) {
@@ -533,12 +533,12 @@ void check_quantized_base(const TrainOptions& o) {
 TEST_CASE("--quant int4|fp8: the projections of the frozen base are quantized, training sees their dequantized values") {
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
-  o.lora_rank = 4, o.lora_targets = "q,v,down";
+  o.adapter().rank() = 4, o.adapter().targets() = "q,v,down";
   SUBCASE("int4") { check_quantized_base<quant::Int4>(o); }
   SUBCASE("fp8") { check_quantized_base<quant::FP8>(o); }
   SUBCASE("DoRA on int4 under FullShard on 1 rank: magnitudes are the row norms of the dequantized weights") {
-    o.adapter = "dora", o.quant = "int4";
-    train::Trainer<model::Llama3, Policies<sharding::FullShard>> t(o, train::open_dataset(o));
+    o.adapter().kind() = "dora", o.adapter().quant() = "int4";
+    train::Trainer<model::Llama3, Policies<sharding::FullShard>> t(o, train::open_dataset(o.data()));
     CHECK(t.engine().frozen(1).shard().numel() < t.config().block_params());  // under a byte per value (fp32: 4)
     const auto w = t.full_weights();
     int found = 0;
@@ -554,18 +554,18 @@ TEST_CASE("--quant int4|fp8: the projections of the frozen base are quantized, t
     CHECK(std::isfinite(t.step().loss));
   }
   SUBCASE("errors name the flag") {
-    o.quant = "int8";
+    o.adapter().quant() = "int8";
     CHECK_THROWS_WITH_AS(o.validate(), doctest::Contains("--quant 'int8' is not a quantization policy"), ConfigError);
-    o.quant = "fp8";
-    CHECK_THROWS_WITH_AS((train::Trainer<model::Llama3, Policies<>>(o, train::open_dataset(o))),
+    o.adapter().quant() = "fp8";
+    CHECK_THROWS_WITH_AS((train::Trainer<model::Llama3, Policies<>>(o, train::open_dataset(o.data()))),
                          doctest::Contains("--quant fp8 stores the frozen base quantized: it needs --adapter lora or dora"),
                          ConfigError);
-    o.adapter = "lora";
-    CHECK_THROWS_WITH_AS((train::Trainer<model::Llama3, Policies<adapter::LoRA, quant::Int4>>(o, train::open_dataset(o))),
+    o.adapter().kind() = "lora";
+    CHECK_THROWS_WITH_AS((train::Trainer<model::Llama3, Policies<adapter::LoRA, quant::Int4>>(o, train::open_dataset(o.data()))),
                          doctest::Contains("--quant fp8: the recipe's quantization policy is int4"), ConfigError);
-    CHECK_THROWS_WITH_AS(train::frozen_codecs("int4", at::kFloat)("layers.0.mlp.down_proj.weight", at::empty({8, 96})),
+    CHECK_THROWS_WITH_AS(train::frozen_codecs(quant::Int4::rules, at::kFloat)("layers.0.mlp.down_proj.weight", at::empty({8, 96})),
                          doctest::Contains("down_proj.weight has 96 columns; use --quant fp8 or none"), ConfigError);
-    CHECK(train::frozen_codecs("int4", at::kFloat)("layers.0.input_layernorm.weight", at::empty({96})).name == "none");
+    CHECK(train::frozen_codecs(quant::Int4::rules, at::kFloat)("layers.0.input_layernorm.weight", at::empty({96})).name == "none");
   }
 }
 
@@ -653,24 +653,24 @@ TEST_CASE("loss masks: the loss is the mean over kept targets of the global batc
   const auto dir = test::temp_dir("masked");
   const auto [tokens, mask] = masked_corpus();
   auto o = tiny("");
-  o.data = write_shard(dir, "corpus", tokens, mask).string();
-  o.grad_clip = 0;
+  o.data().path() = write_shard(dir, "corpus", tokens, mask).string();
+  o.optim().grad_clip() = 0;
   std::vector<std::vector<double>> losses;
   std::vector<std::vector<at::Tensor>> weights, grads;
   for (auto [micro, accum] : {std::pair{4, 1}, std::pair{1, 4}}) {
-    o.micro_batch = micro, o.grad_accum = accum;
-    train::Trainer<model::Llama3, Policies<sharding::NoShard>> t(o, train::open_dataset(o));
-    REQUIRE(train::open_dataset(o).mask());
+    o.micro_batch() = micro, o.grad_accum() = accum;
+    train::Trainer<model::Llama3, Policies<sharding::NoShard>> t(o, train::open_dataset(o.data()));
+    REQUIRE(train::open_dataset(o.data()).mask());
     // The reference: the same 4 windows through the plain forward, kept targets only.
-    data::Sampler sampler(static_cast<int64_t>(tokens.size()), o.seq_len, o.seed);
+    data::Sampler sampler(static_cast<int64_t>(tokens.size()), o.seq_len(), o.seed());
     std::vector<int64_t> starts;
     int64_t kept = 0;
     for (int64_t k = 0; k < 4; ++k) starts.push_back(sampler.window_start(k));
     for (auto s : starts)
-      for (int64_t i = 1; i <= o.seq_len; ++i) kept += mask[static_cast<size_t>(s + i)];
-    const auto [ref, n] = reference_loss(t.model(), train::open_dataset(o), starts, o.seq_len);
+      for (int64_t i = 1; i <= o.seq_len(); ++i) kept += mask[static_cast<size_t>(s + i)];
+    const auto [ref, n] = reference_loss(t.model(), train::open_dataset(o.data()), starts, o.seq_len());
     REQUIRE(n == kept);
-    REQUIRE(kept < 4 * o.seq_len);  // the mask does leave targets out
+    REQUIRE(kept < 4 * o.seq_len());  // the mask does leave targets out
     losses.emplace_back();
     const auto m = t.step();
     MESSAGE("split ", micro, "x", accum, ": loss ", m.loss, " (reference ", ref, "), ", m.loss_tokens, " of ", m.tokens,
@@ -696,14 +696,14 @@ TEST_CASE("--loss-chunk: the fused head and loss trains as the plain loss on who
   const auto dir = test::temp_dir("fused_loss");
   const auto [tokens, mask] = masked_corpus();
   auto o = tiny("");
-  o.data = write_shard(dir, "corpus", tokens, mask).string();
-  o.grad_clip = 0;
+  o.data().path() = write_shard(dir, "corpus", tokens, mask).string();
+  o.optim().grad_clip() = 0;
   std::vector<std::vector<double>> losses;
   std::vector<std::vector<at::Tensor>> grads;
   for (int64_t chunk : {0, 1024, 37, 1}) {  // 0: the plain loss; 4 x 32 = 128 tokens: one chunk, 4 chunks, 128
     CAPTURE(chunk);
-    o.loss_chunk = chunk;
-    train::Trainer<model::Llama3, Policies<>> t(o, train::open_dataset(o));
+    o.model().loss_chunk() = chunk;
+    train::Trainer<model::Llama3, Policies<>> t(o, train::open_dataset(o.data()));
     losses.emplace_back();
     for (int s = 0; s < 3; ++s) {
       losses.back().push_back(t.step().loss);
@@ -724,9 +724,9 @@ TEST_CASE("evaluation: the --eval-fraction split, the eval loss against the plai
   const auto dir = test::temp_dir("eval");
   const auto [tokens, mask] = masked_corpus();
   auto o = tiny("");
-  o.data = write_shard(dir, "corpus", tokens, mask).string();
-  o.eval_fraction = 0.25;
-  const auto [train_data, eval_data] = train::open_datasets(o);
+  o.data().path() = write_shard(dir, "corpus", tokens, mask).string();
+  o.data().eval_fraction() = 0.25;
+  const auto [train_data, eval_data] = train::open_datasets(o.data());
   REQUIRE(eval_data);
   const auto held = static_cast<int64_t>(tokens.size() * 0.25);
   CHECK(eval_data->size() == held);
@@ -734,13 +734,13 @@ TEST_CASE("evaluation: the --eval-fraction split, the eval loss against the plai
   CHECK((*eval_data)[0] == tokens[tokens.size() - held]);
   REQUIRE(eval_data->mask());
   {
-    o.eval_samples = 9;  // not a multiple of micro-batch x world: the last micro-batch is padded
+    o.data().eval_samples() = 9;  // not a multiple of micro-batch x world: the last micro-batch is padded
     train::Trainer<model::Llama3, Policies<sharding::NoShard>> t(o, train_data);
     t.set_eval_data(*eval_data);
     t.step();
     std::vector<int64_t> starts;
-    for (int64_t w = 0; w < 9; ++w) starts.push_back(w * o.seq_len);
-    const auto [ref, n] = reference_loss(t.model(), *eval_data, starts, o.seq_len);
+    for (int64_t w = 0; w < 9; ++w) starts.push_back(w * o.seq_len());
+    const auto [ref, n] = reference_loss(t.model(), *eval_data, starts, o.seq_len());
     const auto [loss, targets] = t.evaluate();
     MESSAGE("eval loss ", loss, " over ", targets, " targets (reference ", ref, " over ", n, ")");
     CHECK(targets == n);
@@ -748,13 +748,13 @@ TEST_CASE("evaluation: the --eval-fraction split, the eval loss against the plai
     CHECK(t.evaluate().first == loss);  // evaluation changes nothing
   }
   // run_trainer evaluates every --eval-every steps and at the end; rows carry eval_loss only then
-  o.eval_samples = 0;
-  o.steps = 5;
-  o.eval_every = 2;
-  o.metrics = (dir / "m.jsonl").string();
-  o.tensorboard = (dir / "tb").string();
+  o.data().eval_samples() = 0;
+  o.steps() = 5;
+  o.data().eval_every() = 2;
+  o.log().metrics() = (dir / "m.jsonl").string();
+  o.log().tensorboard() = (dir / "tb").string();
   CHECK(run_trainer<model::Llama3, Policies<sharding::NoShard>>(o) == 0);
-  std::ifstream in(o.metrics);
+  std::ifstream in(o.log().metrics());
   std::vector<int64_t> evaluated;
   for (std::string line; std::getline(in, line);) {
     const auto row = nlohmann::json::parse(line);
@@ -767,9 +767,9 @@ TEST_CASE("evaluation: the --eval-fraction split, the eval loss against the plai
   CHECK(evaluated == std::vector<int64_t>{2, 4, 5});
   // --eval-data: the whole training file, and another file (with its mask) for validation
   auto e = tiny("");
-  e.data = o.data;
-  e.eval_data = write_shard(dir, "valid", {1, 2, 3, 4, 5}, {0, 1, 1, 0, 1}).string();
-  const auto [all, valid] = train::open_datasets(e);
+  e.data().path() = o.data().path();
+  e.data().eval_data() = write_shard(dir, "valid", {1, 2, 3, 4, 5}, {0, 1, 1, 0, 1}).string();
+  const auto [all, valid] = train::open_datasets(e.data());
   CHECK(all.size() == static_cast<int64_t>(tokens.size()));
   REQUIRE(valid);
   CHECK(valid->size() == 5);
@@ -917,11 +917,11 @@ TEST_CASE("--config FILE.json: keys are flag names, the command line overrides t
   const std::string config = "--config=" + file;
   const char* args[] = {"prog", "--steps", "30", config.c_str()};
   const auto o = cli::parse(4, args);
-  CHECK(o.steps == 30);  // the command line wins, before or after --config
-  CHECK(o.lr == 0.02);
-  CHECK(o.data == "a.bin");
-  CHECK(o.async_save);
-  CHECK(o.seq_len == TrainOptions{}.seq_len);
+  CHECK(o.steps() == 30);  // the command line wins, before or after --config
+  CHECK(o.optim().lr() == 0.02);
+  CHECK(o.data().path() == "a.bin");
+  CHECK(o.checkpoint().async_save());
+  CHECK(o.seq_len() == TrainOptions{}.seq_len());
   const auto error = [&](const std::string& json) {
     std::ofstream(file) << json;
     const char* a[] = {"prog", "--config", file.c_str()};
@@ -945,4 +945,47 @@ TEST_CASE("--config FILE.json: keys are flag names, the command line overrides t
   const char* bad_value[] = {"prog", "--data", "a.bin", "--lr", "fast"};
   CHECK_THROWS_WITH_AS(cli::parse(5, bad_value), doctest::Contains("--lr fast: "), ConfigError);
   compat::remove_all(dir);
+}
+
+TEST_CASE("the planner replays the engine's schedule: the same gathers, releases, recomputes and reductions, every recipe") {
+  auto config = model::preset("llama3-debug", 3);
+  const auto env = dist::LaunchEnv::from_environment();
+  dist::ProcessGroups groups(env, 1, at::Device(at::kCPU), std::chrono::seconds(60));
+  const auto ids = at::randint(config.vocab_size, {2, 8}, at::kLong);  // [B, T]
+  int recipes = 0;
+  for (bool tied : {false, true})
+    for (const auto* s : {"none", "grad-op", "full", "hybrid"})
+      for (const auto* c : {"none", "every-block", "every-2"})
+        for (const auto* off : {"none", "cpu"})
+          for (const auto* p : {"fp32", "mixed-bf16", "pure-bf16"})
+            for (int64_t accum : {1, 3}) {
+              const auto sharding = sharding_named(s);
+              if (!engine_serves(sharding, offload_named(off))) continue;
+              const auto rules = recipe_named(s, p, c, off);
+              config.tie_word_embeddings = tied;
+              model::Llama3 m(config, at::TensorOptions().dtype(rules.precision.master));
+              engine::UnitModelOf units(*m);
+              engine::Trace trace;
+              engine::Engine e(units, groups, at::Device(at::kCPU), rules,
+                               engine::UnitInit([&](size_t u, engine::NamedTensors& params) {
+                                 model::init_parameters(params, config.initializer_range, u + 1);
+                               }),
+                               engine::EngineOptions().micro_batches(accum).trace(&trace));
+              e.begin_step();
+              for (int64_t a = 0; a < accum; ++a)
+                e.backward(model::ops::next_token_loss_sum(e.forward(ids), ids), a + 1 == accum);
+              plan::PlanInput in;
+              in.model = config, in.recipe = rules, in.grad_accum = accum, in.micro_batch = 2, in.seq_len = 8;
+              const auto planned = plan::plan_memory(in).trace;
+              std::string engine_side, planner_side;
+              for (const auto& event : trace) engine_side += event.str() + ", ";
+              for (const auto& event : planned) planner_side += event.str() + ", ";
+              CAPTURE(rules.describe());
+              CAPTURE(tied);
+              CAPTURE(accum);
+              CHECK(engine_side == planner_side);
+              CHECK(trace.size() >= static_cast<size_t>(3 * (config.num_layers + 2)));  // forward, backward, reduce of each unit
+              ++recipes;
+            }
+  CHECK(recipes == 2 * 21 * 3 * 2);  // 21 sharding x checkpointing x offload combinations the engine serves, 3 precisions
 }

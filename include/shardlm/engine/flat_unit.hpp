@@ -1,7 +1,8 @@
 #pragma once
 // One unit's flat parameter group. The unit's parameters, flattened in order and padded to a multiple of the
 // shard group size G, make one buffer of `padded` elements; this rank owns the contiguous slice
-// [r * S, (r + 1) * S), S = padded / G, of the master weights, the gradients and the optimizer state.
+// [r * S, (r + 1) * S), S = padded / G, of the master weights, the gradients and the optimizer state (ShardState,
+// placed by the offload policy's storage: engine/offload.hpp).
 //
 // The module's parameters stay leaf tensors of the model; their data are views of one gathered buffer in the
 // compute dtype. Releasing the buffer frees its storage (resized to zero bytes) and gathering fills the same
@@ -15,10 +16,9 @@
 #include "shardlm/core/compat.hpp"
 #include "shardlm/core/errors.hpp"
 #include "shardlm/dist/communicator.hpp"
+#include "shardlm/engine/unit_model.hpp"
 
 namespace shardlm::engine {
-
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 struct Slot {
   std::string name;
@@ -40,6 +40,12 @@ inline void resize_storage(const at::Tensor& t, size_t nbytes) {
   }
   impl->set_nbytes(nbytes);
 }
+
+/// This rank's shard of a unit's trainable state, each [S], wherever the offload policy keeps it.
+struct ShardState {
+  at::Tensor master, grad, exp_avg, exp_avg_sq;
+  at::Tensor gather_source;  ///< what gathers read: the master shard, or a compute-dtype copy on the device
+};
 
 class FlatUnit {
  public:
@@ -92,39 +98,20 @@ class FlatUnit {
     }
   }
 
-  /// Takes this rank's slice of the unit's full weights (the module's parameters, materialized) as the master
-  /// shard, sets up gradient and optimizer state, and points the parameters at the gathered buffer (released).
-  /// With `offload`, master weights, gradients and optimizer state live in host memory (pinned when the device
-  /// is a GPU) and the device keeps only this rank's shard in the compute dtype, which gathers read.
-  void shard_from_params(const at::TensorOptions& master, at::ScalarType compute, at::ScalarType reduce,
-                         bool offload = false) {
-    shard_with(master, compute, reduce, offload, [&](at::Tensor& shard) {
-      for_each_in_shard([&](const Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
-        shard.narrow(0, in_shard, n).copy_(s.param.detach().reshape(-1).narrow(0, in_param, n));
-      });
+  /// Copies this rank's slice of the module's parameters (materialized) into `master_shard`.
+  void copy_params_into(at::Tensor& master_shard) const {
+    at::NoGradGuard no_grad;
+    for_each_in_shard([&](const Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
+      master_shard.narrow(0, in_shard, n).copy_(s.param.detach().reshape(-1).narrow(0, in_param, n));
     });
   }
 
-  /// As shard_from_params, with the master shard (zeros: the padding stays zero) filled by `fill(master_shard)`
-  /// instead: the module's parameters are never materialized (a checkpoint read by byte ranges).
-  template <class Fill>
-  void shard_with(const at::TensorOptions& master, at::ScalarType compute, at::ScalarType reduce, bool offload,
-                  Fill&& fill) {
+  /// Takes this rank's state (placed by the offload policy's storage) and points the parameters at the gathered
+  /// buffer, in the compute dtype on `device` (released).
+  void bind(ShardState state, const at::Device& device, at::ScalarType compute) {
     at::NoGradGuard no_grad;
-    const auto device_opts = master;
-    const auto state = offload ? master.device(at::kCPU) : master;
-    // Offloaded from a GPU: master and gradient shards page-locked (asynchronous copies), exactly sized.
-    const bool pin = offload && master.device().is_cuda();
-    auto zeros = [&](at::ScalarType dtype) {
-      return pin ? compat::pinned_empty(shard_, dtype).zero_() : at::zeros({shard_}, state.dtype(dtype));
-    };
-    master_ = zeros(state.dtype().toScalarType());
-    fill(master_);
-    grad_ = zeros(reduce);
-    exp_avg_ = at::zeros_like(master_);  // never copied: pageable host memory is enough
-    exp_avg_sq_ = at::zeros_like(master_);
-    if (offload) device_shard_ = master_.to(device_opts.dtype(compute));
-    gathered_ = at::empty({padded_}, device_opts.dtype(compute));
+    state_ = std::move(state);
+    gathered_ = at::empty({padded_}, at::TensorOptions().device(device).dtype(compute));
     for (auto& s : slots_) s.param.set_data(gathered_.narrow(0, s.offset, s.numel).view(s.param.sizes()));
     release();
   }
@@ -139,14 +126,11 @@ class FlatUnit {
     gathered_flag_ = true;
   }
 
-  bool offloaded() const { return device_shard_.defined(); }
-
-  /// Fills the gathered buffer from every rank's shard (on the current stream): the master shard cast to the
-  /// compute dtype, or with offload the device's compute-dtype copy of it.
+  /// Fills the gathered buffer from every rank's shard (on the current stream), cast to the compute dtype.
   void gather(dist::Communicator& shard_group) {
     if (empty()) return;
     at::NoGradGuard no_grad;
-    const auto& source = offloaded() ? device_shard_ : master_;
+    const auto& source = state_.gather_source;
     if (shard_group.size() == 1) {
       gathered_.copy_(source);
     } else {
@@ -155,32 +139,18 @@ class FlatUnit {
     }
   }
 
-  /// With offload, copies the updated master shard to the device's compute-dtype shard (on the current stream).
-  void refresh_device_shard() {
-    if (!offloaded()) return;
-    at::NoGradGuard no_grad;
-    device_shard_.copy_(master_.to(device_shard_.device(), /*non_blocking=*/true));
-  }
-
   void release() {
     resize_storage(gathered_, 0);
     gathered_flag_ = false;
   }
 
-  /// Whether take_grads may write straight into the gradient shard: one rank in the shard group (the shard is the
-  /// whole unit and the reduction is the identity), on the device, the step's first micro-batch.
-  bool grads_into_shard(const dist::Communicator& shard_group, at::ScalarType reduce, bool first_micro_batch) const {
-    return first_micro_batch && shard_group.size() == 1 && !offloaded() && !empty() && shard_ == padded_ &&
-           grad_.scalar_type() == reduce;
-  }
-
-  /// The parameters' gradients as one [padded] buffer in dtype `reduce` (zeros where a parameter got none);
-  /// the parameters' own gradients are dropped. `keep` is told of every gradient read. With `into_shard` (see
-  /// grads_into_shard) the buffer is the gradient shard itself: nothing is left to reduce.
+  /// The parameters' gradients as one [padded] buffer in dtype `dtype` (zeros where a parameter got none), or cast
+  /// straight into `into` (the gradient shard: GradientPath::cast_into_shard); the parameters' own gradients are
+  /// dropped. `keep` is told of every gradient read.
   template <class Keep>
-  at::Tensor take_grads(at::ScalarType reduce, Keep&& keep, bool into_shard = false) {
+  at::Tensor take_grads(at::ScalarType dtype, Keep&& keep, const at::Tensor* into = nullptr) {
     at::NoGradGuard no_grad;
-    auto flat = into_shard ? grad_ : at::empty({padded_}, gathered_.options().dtype(reduce));
+    auto flat = into ? *into : at::empty({padded_}, gathered_.options().dtype(dtype));
     if (padded_ > numel_) flat.narrow(0, numel_, padded_ - numel_).zero_();
     for (auto& s : slots_) {
       auto& g = s.param.mutable_grad();
@@ -196,51 +166,10 @@ class FlatUnit {
     return flat;
   }
 
-  /// Puts this rank's slice of the group's reduction of `flat` (in the gradient shard's dtype) into the gradient
-  /// shard: the first micro-batch of a step writes it (on the device the reduce-scatter writes straight into the
-  /// shard: no zeroing pass, no temporary slice, no add), later ones add to it. With offload the slice is first
-  /// all-reduced over `replicas` (when there are some) and copied to host memory, asynchronously: the first
-  /// micro-batch copies into the gradient shard, later ones into a staging buffer that finish_host_grads() adds
-  /// once the copies are done. With `norm`, the slice's L2 norm (fp32) is stored there, computed on the device, so
-  /// that the host need not read the gradients for the norm.
-  void reduce_into_shard(dist::Communicator& shard_group, const at::Tensor& flat, dist::Communicator& replicas,
-                         bool first_micro_batch, at::Tensor* norm = nullptr) {
-    if (empty()) return;
-    if (!offloaded() && first_micro_batch && shard_group.size() > 1) {
-      shard_group.reduce_scatter(grad_, flat, dist::Reduce::Sum, name_.c_str());
-      return;
-    }
-    at::Tensor part = flat;
-    if (shard_group.size() > 1) {
-      part = at::empty({shard_}, flat.options());
-      shard_group.reduce_scatter(part, flat, dist::Reduce::Sum, name_.c_str());
-    }
-    if (!offloaded()) {
-      first_micro_batch ? grad_.copy_(part) : grad_.add_(part);
-      return;
-    }
-    if (replicas.size() > 1) replicas.all_reduce(part, dist::Reduce::Sum, name_.c_str());
-    if (norm) *norm = at::_foreach_norm({part}, 2, at::kFloat)[0];  // the kernel of optim::global_norm
-    if (first_micro_batch) {
-      grad_.copy_(part, /*non_blocking=*/true);
-    } else {
-      if (!staging_.defined())
-        staging_ = grad_.is_pinned() ? compat::pinned_empty(shard_, grad_.scalar_type()) : at::empty_like(grad_);
-      staging_.copy_(part, /*non_blocking=*/true);
-      staged_ = true;
-    }
-  }
-
-  /// Adds the staged gradients of an offloaded unit (call after the copies have completed).
-  void finish_host_grads() {
-    if (staged_) grad_.add_(staging_);
-    staged_ = false;
-  }
-
-  /// The unit's full master weights, gathered from the shard group: (name, tensor) on the master's device.
+  /// The unit's full master weights, gathered from the shard group: (name, tensor) on the gathered buffer's device.
   NamedTensors full_master(dist::Communicator& shard_group) const {
     if (empty()) return {};
-    const auto local = master_.to(gathered_.device());  // from the host when offloaded
+    const auto local = state_.master.to(gathered_.device());  // from the host when offloaded
     auto full = at::empty({padded_}, local.options());
     shard_group.all_gather(full, local, name_.c_str());
     NamedTensors out;
@@ -248,14 +177,16 @@ class FlatUnit {
     return out;
   }
 
-  at::Tensor& master() { return master_; }
-  const at::Tensor& master() const { return master_; }
-  at::Tensor& grad() { return grad_; }
-  const at::Tensor& grad() const { return grad_; }
-  at::Tensor& exp_avg() { return exp_avg_; }
-  const at::Tensor& exp_avg() const { return exp_avg_; }
-  at::Tensor& exp_avg_sq() { return exp_avg_sq_; }
-  const at::Tensor& exp_avg_sq() const { return exp_avg_sq_; }
+  ShardState& state() { return state_; }
+  const ShardState& state() const { return state_; }
+  at::Tensor& master() { return state_.master; }
+  const at::Tensor& master() const { return state_.master; }
+  at::Tensor& grad() { return state_.grad; }
+  const at::Tensor& grad() const { return state_.grad; }
+  at::Tensor& exp_avg() { return state_.exp_avg; }
+  const at::Tensor& exp_avg() const { return state_.exp_avg; }
+  at::Tensor& exp_avg_sq() { return state_.exp_avg_sq; }
+  const at::Tensor& exp_avg_sq() const { return state_.exp_avg_sq; }
 
  private:
   std::string name_;
@@ -263,9 +194,8 @@ class FlatUnit {
   std::vector<Slot> slots_;
   int64_t numel_ = 0, padded_ = 0, shard_ = 0;
   std::vector<std::pair<int64_t, int64_t>> decay_runs_;
-  at::Tensor master_, grad_, exp_avg_, exp_avg_sq_, gathered_;
-  at::Tensor device_shard_, staging_;  // offload only
-  bool staged_ = false;
+  ShardState state_;
+  at::Tensor gathered_;
   bool gathered_flag_ = false;
 };
 

@@ -55,7 +55,7 @@ inline PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
   PeftAdapter out;
   if (field("peft_type") != "LORA") fail<IoError>(where, ": peft_type ", field("peft_type").dump(), " is not LORA");
   auto& c = out.config;
-  c.kind = j.value("use_dora", false) ? "dora" : "lora";
+  c.kind = j.value("use_dora", false) ? adapter::DoRA::rules : adapter::LoRA::rules;
   c.rank = field("r").get<int64_t>();
   c.alpha = field("lora_alpha").get<double>();
   c.dropout = j.value("lora_dropout", 0.0);

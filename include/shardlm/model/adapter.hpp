@@ -11,20 +11,21 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/policy/policies.hpp"
 
 namespace shardlm::model {
 
 /// The adapter of a run. Targets are short names: q, k, v, o (attention), gate, up, down (MLP).
 struct AdapterConfig {
-  std::string kind = "none";  ///< none (full fine-tuning), lora or dora
+  adapter::Rules kind = adapter::None::rules;  ///< the adapter policy: none (full fine-tuning), lora or dora
   int64_t rank = 16;
   double alpha = 16;
   double dropout = 0;
   bool rslora = false;        ///< scale alpha / sqrt(rank) instead of alpha / rank
   std::vector<std::string> targets = {"q", "k", "v", "o", "gate", "up", "down"};
 
-  bool active() const { return kind != "none"; }
-  bool dora() const { return kind == "dora"; }
+  bool active() const { return kind.active(); }
+  bool dora() const { return kind.magnitude; }
   double scale() const { return rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank); }
 
   /// The module names of the targets (q -> q_proj, gate -> gate_proj, ...), as PEFT's target_modules lists them.
@@ -35,8 +36,6 @@ struct AdapterConfig {
   }
 
   void validate() const {
-    if (kind != "none" && kind != "lora" && kind != "dora")
-      fail<ConfigError>("--adapter '", kind, "' is not an adapter: use none, lora or dora");
     if (!active()) return;
     if (rank <= 0) fail<ConfigError>("--lora-rank must be positive, got ", rank);
     if (!(alpha > 0)) fail<ConfigError>("--lora-alpha must be positive, got ", alpha);

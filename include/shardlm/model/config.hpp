@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
@@ -26,6 +27,21 @@ struct RopeConfig {
 
 /// The shape of a decoder-only transformer: Llama 3, or Mixtral (`model_type` "mixtral": a sparse mixture of
 /// `num_experts` SwiGLU experts in place of the MLP, `num_experts_per_tok` of them per token).
+/// How a MoE model's experts compute (model/moe.hpp). `loop`: one pair of matmuls per expert that got tokens (a host
+/// loop; the CPU default). `padded`: the tokens sorted by expert into an [E, max count, C] batch, two batched matmuls
+/// (one host sync for the largest count). `grouped`: at::_grouped_mm over the sorted tokens (bf16, sm90/sm100).
+/// `automatic`: grouped where compat::has_grouped_mm says it serves, else padded on a GPU, else loop.
+enum class ExpertKernel { automatic, loop, padded, grouped };
+
+/// --moe-kernel auto|loop|padded|grouped.
+inline ExpertKernel expert_kernel_named(std::string_view s) {
+  if (s == "auto") return ExpertKernel::automatic;
+  if (s == "loop") return ExpertKernel::loop;
+  if (s == "padded") return ExpertKernel::padded;
+  if (s == "grouped") return ExpertKernel::grouped;
+  fail<ConfigError>("--moe-kernel '", s, "': use auto, loop, padded or grouped");
+}
+
 struct ModelConfig {
   std::string model_type = "llama";
   int64_t vocab_size = 0;
@@ -49,6 +65,7 @@ struct ModelConfig {
   bool output_router_logits = false;  ///< transformers adds the aux loss to the loss only when this is true
   double router_z_loss_coef = 0.0;    ///< weight of the router z-loss (shardlm's; transformers' Mixtral has none)
   int64_t sliding_window = 0;         ///< 0: none; sequences longer than it are rejected (not implemented)
+  ExpertKernel expert_kernel = ExpertKernel::automatic;  ///< how the experts compute (a run-time choice, not config.json's)
 
   bool is_moe() const { return num_experts > 0; }
 

@@ -13,7 +13,6 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
-#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -25,26 +24,6 @@
 #include "shardlm/model/layers.hpp"
 
 namespace shardlm::model {
-
-/// How the experts compute. `loop`: one pair of matmuls per expert that got tokens (a host loop; the CPU
-/// default). `padded`: the tokens sorted by expert into an [E, max count, C] batch, two batched matmuls (one
-/// host sync for the largest count). `grouped`: at::_grouped_mm over the sorted tokens (bf16, sm90/sm100).
-/// `automatic`: grouped where compat::has_grouped_mm says it serves, else padded on a GPU, else loop.
-enum class ExpertKernel { automatic, loop, padded, grouped };
-
-/// SHARDLM_MOE_KERNEL=loop|padded|grouped|auto, read once (unset: auto).
-inline ExpertKernel expert_kernel_from_env() {
-  static const ExpertKernel kernel = [] {
-    const char* v = std::getenv("SHARDLM_MOE_KERNEL");
-    const std::string_view s = v ? v : "auto";
-    if (s == "auto") return ExpertKernel::automatic;
-    if (s == "loop") return ExpertKernel::loop;
-    if (s == "padded") return ExpertKernel::padded;
-    if (s == "grouped") return ExpertKernel::grouped;
-    fail<ConfigError>("SHARDLM_MOE_KERNEL='", s, "': use auto, loop, padded or grouped");
-  }();
-  return kernel;
-}
 
 namespace ops {
 
@@ -261,6 +240,7 @@ class SparseMoeImpl : public torch::nn::Module {
   SparseMoeImpl(const ModelConfig& c, const at::TensorOptions& opts)
       : gate(register_module("gate", Linear(c.hidden_size, c.num_experts, /*bias=*/false, opts))),
         experts(register_module("experts", MoeExperts(c, opts))),
+        kernel(c.expert_kernel),
         top_k_(c.num_experts_per_tok) {}
   static constexpr const char* hf_name = "mlp";
 
@@ -275,7 +255,7 @@ class SparseMoeImpl : public torch::nn::Module {
 
   Linear gate;
   MoeExperts experts;
-  ExpertKernel kernel = expert_kernel_from_env();
+  ExpertKernel kernel;  ///< ModelConfig::expert_kernel (--moe-kernel)
 
  private:
   int64_t top_k_;

@@ -3,24 +3,15 @@
 // LibTorch's fused kernel. Weight decay applies to matrices and embeddings, not to norm scales and biases.
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <vector>
 
+#include "shardlm/optim/options.hpp"
 #include "shardlm/core/compat.hpp"
 #include "shardlm/core/errors.hpp"
 
 namespace shardlm::optim {
 
-struct AdamWOptions {
-  /// Exponential decay of the first moment.
-  AdamWOptions& beta1(double v) { beta1_ = v; return *this; }
-  /// Exponential decay of the second moment.
-  AdamWOptions& beta2(double v) { beta2_ = v; return *this; }
-  /// Added to the denominator for stability.
-  AdamWOptions& eps(double v) { eps_ = v; return *this; }
-  /// Decoupled weight decay (multiplied by the learning rate).
-  AdamWOptions& weight_decay(double v) { weight_decay_ = v; return *this; }
-  double beta1_ = 0.9, beta2_ = 0.95, eps_ = 1e-8, weight_decay_ = 0.1;
-};
 
 class AdamW {
  public:
@@ -44,10 +35,10 @@ class AdamW {
     at::NoGradGuard no_grad;
     if (!gd.empty())
       compat::fused_adamw(decayed_.params, gd, decayed_.exp_avg, decayed_.exp_avg_sq, decayed_.steps, lr,
-                          options_.beta1_, options_.beta2_, options_.weight_decay_, options_.eps_);
+                          options_.beta1(), options_.beta2(), options_.weight_decay(), options_.eps());
     if (!gp.empty())
-      compat::fused_adamw(plain_.params, gp, plain_.exp_avg, plain_.exp_avg_sq, plain_.steps, lr, options_.beta1_,
-                          options_.beta2_, 0.0, options_.eps_);
+      compat::fused_adamw(plain_.params, gp, plain_.exp_avg, plain_.exp_avg_sq, plain_.steps, lr, options_.beta1(),
+                          options_.beta2(), 0.0, options_.eps());
     ++num_steps_;
   }
 

@@ -1,5 +1,8 @@
 #pragma once
-// Run-time choice of a compiled policy: calls f(Tag{}) with the tag whose name matches a flag's value.
+// The CLI mapping: a flag's value to the rules of the tag of that name. Nothing here says what a policy does: the
+// names and the rules are the tags' own (policy/policies.hpp).
+#include <optional>
+#include <string>
 #include <string_view>
 
 #include "shardlm/core/errors.hpp"
@@ -7,65 +10,65 @@
 
 namespace shardlm {
 
-template <class F>
-decltype(auto) dispatch_precision(std::string_view name, F&& f) {
-  if (name == precision::FP32::name) return f(precision::FP32{});
-  if (name == precision::MixedBF16::name) return f(precision::MixedBF16{});
-  if (name == precision::PureBF16::name) return f(precision::PureBF16{});
-  fail<ConfigError>("--precision '", name, "' is not a precision policy: use fp32, mixed-bf16 or pure-bf16");
+namespace detail {
+/// The rules of the first of `Tags` named `value`.
+template <class Tag, class... Tags>
+auto rules_of_named(std::string_view value) -> std::optional<std::decay_t<decltype(Tag::rules)>> {
+  if (value == Tag::rules.name) return Tag::rules;
+  if constexpr (sizeof...(Tags) > 0) return rules_of_named<Tags...>(value);
+  else return std::nullopt;
+}
+}  // namespace detail
+
+/// --sharding none|grad-op|full|hybrid.
+inline sharding::Rules sharding_named(std::string_view value) {
+  using namespace sharding;
+  if (auto r = detail::rules_of_named<NoShard, ShardGradOp, FullShard, HybridShard>(value)) return *r;
+  fail<ConfigError>("--sharding '", value, "' is not a sharding policy: use none, grad-op, full or hybrid");
 }
 
-template <class F>
-decltype(auto) dispatch_sharding(std::string_view name, F&& f) {
-  if (name == sharding::NoShard::name) return f(sharding::NoShard{});
-  if (name == sharding::ShardGradOp::name) return f(sharding::ShardGradOp{});
-  if (name == sharding::FullShard::name) return f(sharding::FullShard{});
-  if (name == sharding::HybridShard::name) return f(sharding::HybridShard{});
-  fail<ConfigError>("--sharding '", name, "' is not a sharding policy: use none, grad-op, full or hybrid");
+/// --precision fp32|mixed-bf16|pure-bf16.
+inline precision::Rules precision_named(std::string_view value) {
+  using namespace precision;
+  if (auto r = detail::rules_of_named<FP32, MixedBF16, PureBF16>(value)) return *r;
+  fail<ConfigError>("--precision '", value, "' is not a precision policy: use fp32, mixed-bf16 or pure-bf16");
 }
 
-/// The compiled checkpointing policies: none, every-block, every-2 (EveryNth<2>).
-template <class F>
-decltype(auto) dispatch_checkpointing(std::string_view name, F&& f) {
-  if (name == checkpointing::None::name) return f(checkpointing::None{});
-  if (name == checkpointing::EveryBlock::name) return f(checkpointing::EveryBlock{});
-  if (name == checkpointing::EveryNth<2>::name) return f(checkpointing::EveryNth<2>{});
-  fail<ConfigError>("--checkpointing '", name, "' is not a compiled checkpointing policy: use none, every-block or every-2");
+/// --offload none|cpu.
+inline offload::Rules offload_named(std::string_view value) {
+  if (auto r = detail::rules_of_named<offload::None, offload::Cpu>(value)) return *r;
+  fail<ConfigError>("--offload '", value, "' is not an offload policy: use none or cpu");
 }
 
-template <class F>
-decltype(auto) dispatch_offload(std::string_view name, F&& f) {
-  if (name == offload::None::name) return f(offload::None{});
-  if (name == offload::Cpu::name) return f(offload::Cpu{});
-  fail<ConfigError>("--offload '", name, "' is not an offload policy: use none or cpu");
+/// --adapter none|lora|dora.
+inline adapter::Rules adapter_named(std::string_view value) {
+  if (auto r = detail::rules_of_named<adapter::None, adapter::LoRA, adapter::DoRA>(value)) return *r;
+  fail<ConfigError>("--adapter '", value, "' is not an adapter: use none, lora or dora");
 }
 
-/// Calls f(Policies<...>{}) for the recipe of precision P that the other policy flags name; a combination the engine
-/// refuses is a ConfigError with the engine's static_assert message. A program that compiles each precision in a
-/// translation unit of its own calls this there (tools/shardlm_train_recipes.hpp).
-template <class P, class F>
-decltype(auto) dispatch_recipe_of(std::string_view sharding, std::string_view checkpointing, std::string_view offload,
-                                  F&& f) {
-  return dispatch_sharding(sharding, [&]<class S>(S) {
-    return dispatch_checkpointing(checkpointing, [&]<class C>(C) {
-      return dispatch_offload(offload, [&]<class O>(O) {
-        using Recipe = Policies<S, P, C, O>;
-        if constexpr (engine_supports<Recipe>) {
-          return f(Recipe{});
-        } else {
-          fail<ConfigError>("--offload ", offload, " with --sharding ", sharding, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
-          return f(Policies<S, P, C>{});  // not reached; gives every branch the same return type
-        }
-      });
-    });
-  });
+/// --checkpointing none|every-block|every-K: EveryNth<K>'s rules for any K >= 1.
+inline checkpointing::Rules checkpointing_named(std::string_view value) {
+  for (const auto& r : {checkpointing::None::rules, checkpointing::EveryBlock::rules})
+    if (value == r.name()) return r;
+  if (value.starts_with("every-")) {
+    const std::string digits(value.substr(6));
+    if (!digits.empty() && digits.size() <= 6 && digits.find_first_not_of("0123456789") == std::string::npos) {
+      const int k = std::stoi(digits);
+      if (k >= 1) return checkpointing::Rules{k};
+    }
+  }
+  fail<ConfigError>("--checkpointing '", value, "' is not a checkpointing policy: use none, every-block or every-K (K >= 1)");
 }
 
-/// Calls f(Policies<...>{}) for the recipe the policy flags name (see dispatch_recipe_of).
-template <class F>
-decltype(auto) dispatch_recipe(std::string_view sharding, std::string_view precision, std::string_view checkpointing,
-                               std::string_view offload, F&& f) {
-  return dispatch_precision(precision, [&]<class P>(P) { return dispatch_recipe_of<P>(sharding, checkpointing, offload, f); });
+/// The recipe the policy flags name; a combination the engine refuses is a ConfigError with the static_assert's
+/// message.
+inline RecipeRules recipe_named(std::string_view sharding, std::string_view precision, std::string_view checkpointing,
+                                std::string_view offload, std::string_view adapter = "none", std::string_view quant = "none") {
+  RecipeRules r{sharding_named(sharding),       checkpointing_named(checkpointing), offload_named(offload),
+                precision_named(precision),     adapter_named(adapter),             quant::rules_named(quant)};
+  if (!engine_serves(r.sharding, r.offload))
+    fail<ConfigError>("--offload ", offload, " with --sharding ", sharding, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
+  return r;
 }
 
 }  // namespace shardlm

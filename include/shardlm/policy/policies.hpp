@@ -1,13 +1,18 @@
 #pragma once
-// The policy tags (CUTLASS-style small structs of constants) and their composition. A recipe is a
-// `Policies<...>` of one tag from each family, in any order; families left out take their default.
+// The policy tags and their composition. A tag is the one place that says what its policy does: each family has a
+// small `Rules` struct of constants and the decisions that follow from them (CUTLASS-style), and each tag holds its
+// `rules`. The engine, its schedule, the memory planner, checkpoint metadata, the log line and the CLI all ask the
+// rules; nothing else re-derives a policy. A recipe is a `Policies<...>` of one tag from each family, in any order;
+// families left out take their default. `Recipe::rules()` is the recipe as values (RecipeRules): the code below the
+// policy boundary (engine, trainer) is compiled once per program and reads them (docs/architecture.md).
 #include <c10/core/ScalarType.h>
 
-#include <array>
 #include <cstdint>
+#include <string>
 #include <string_view>
-#include <tuple>
 #include <type_traits>
+
+#include "shardlm/quant/layout.hpp"
 
 namespace shardlm {
 
@@ -15,87 +20,153 @@ template <class...>
 inline constexpr bool dependent_false = false;
 
 namespace sharding {
+/// The ranks that share one copy of the sharded state (the shard group).
+enum class Group {
+  one_rank,   ///< every rank holds everything (replicas only)
+  all_ranks,  ///< the whole world
+  node,       ///< --shard-group-size ranks, by default the ranks of one node; replicated across groups
+};
+/// What a sharding policy decides: whether gathered parameters persist, when a unit is released, and which ranks
+/// share a shard. Gradients are reduce-scattered inside the shard group, then all-reduced over the replicas (the
+/// ranks holding the same shard); with a shard group of one rank that is an all-reduce (DDP).
+struct Rules {
+  std::string_view name;
+  bool keeps_parameters;        ///< every unit stays gathered, re-gathered after each update (replicated parameters)
+  bool reshards_after_forward;  ///< a unit is released after its forward and gathered again for its backward (ZeRO-3)
+  Group group;
+  /// The shard group size for `world` ranks on nodes of `per_node`, with --shard-group-size `flag` (0: one node).
+  constexpr int group_size(int world, int per_node, int flag) const {
+    return group == Group::one_rank ? 1 : group == Group::all_ranks ? world : flag > 0 ? flag : per_node;
+  }
+  /// Whether --shard-group-size applies.
+  constexpr bool takes_group_size() const { return group == Group::node; }
+  /// Whether gradients and optimizer state are sharded (offload moves only sharded state to the host).
+  constexpr bool shards_state() const { return group != Group::one_rank; }
+  /// Whether a unit (not the last: its backward follows at once; not one another unit reads) is released after its
+  /// forward.
+  constexpr bool releases_after_forward() const { return reshards_after_forward; }
+  /// Whether a unit is released after its backward of a micro-batch: ZeRO-2 keeps what it gathered until the
+  /// step's last micro-batch.
+  constexpr bool releases_after_backward(bool last_micro_batch) const {
+    return !keeps_parameters && (reshards_after_forward || last_micro_batch);
+  }
+};
 /// Replicated parameters, all-reduced gradients (DDP).
-struct NoShard { static constexpr std::string_view name = "none"; static constexpr bool shards_params = false, shards_grads = false; };
+struct NoShard { static constexpr Rules rules{"none", true, false, Group::one_rank}; };
 /// ZeRO-2: gradients and optimizer state sharded; gathered parameters kept from forward to backward.
-struct ShardGradOp { static constexpr std::string_view name = "grad-op"; static constexpr bool shards_params = false, shards_grads = true; };
+struct ShardGradOp { static constexpr Rules rules{"grad-op", false, false, Group::all_ranks}; };
 /// ZeRO-3: parameters, gradients and optimizer state sharded; parameters gathered per unit.
-struct FullShard { static constexpr std::string_view name = "full"; static constexpr bool shards_params = true, shards_grads = true; };
+struct FullShard { static constexpr Rules rules{"full", false, true, Group::all_ranks}; };
 /// FullShard inside a group of ranks (a node by default), replicated across groups.
-struct HybridShard { static constexpr std::string_view name = "hybrid"; static constexpr bool shards_params = true, shards_grads = true; };
+struct HybridShard { static constexpr Rules rules{"hybrid", false, true, Group::node}; };
 }  // namespace sharding
 
-namespace detail {
-/// "every-K" for EveryNth<K>, as a constant.
-template <int K>
-struct every_name {
-  static constexpr auto make() {
-    std::array<char, 16> s{'e', 'v', 'e', 'r', 'y', '-'};
-    char digits[10] = {};
-    int n = 0;
-    for (int v = K; v > 0; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
-    for (int i = 0; i < n; ++i) s[6 + i] = digits[n - 1 - i];
-    return s;
-  }
-  static constexpr std::array<char, 16> text = make();
-};
-}  // namespace detail
-
 namespace checkpointing {
+/// Which blocks are recomputed in backward (their activations are not kept from the forward).
+struct Rules {
+  int every;  ///< 0: none; k: blocks 0, k, 2k, ... (every-block: k = 1)
+  constexpr bool recomputes(int64_t block) const { return every > 0 && block % every == 0; }
+  /// none, every-block or every-K (the --checkpointing values).
+  std::string name() const { return every == 0 ? "none" : every == 1 ? "every-block" : "every-" + std::to_string(every); }
+};
 /// Keep every activation for backward.
-struct None { static constexpr std::string_view name = "none"; static constexpr int every = 0; };
+struct None { static constexpr Rules rules{0}; };
 /// Recompute each block in backward.
-struct EveryBlock { static constexpr std::string_view name = "every-block"; static constexpr int every = 1; };
+struct EveryBlock { static constexpr Rules rules{1}; };
 /// Recompute every k-th block (selective checkpointing).
 template <int K>
 struct EveryNth {
   static_assert(K >= 1, "EveryNth<k> needs k >= 1: EveryNth<1> is EveryBlock");
-  static constexpr std::string_view name{detail::every_name<K>::text.data()};
-  static constexpr int every = K;
+  static constexpr Rules rules{K};
 };
 }  // namespace checkpointing
 
-namespace offload {
-struct None { static constexpr std::string_view name = "none"; static constexpr bool to_host = false; };
-/// Sharded master params, grads and optimizer state in pinned host memory; the optimizer step on the host.
-struct Cpu { static constexpr std::string_view name = "cpu"; static constexpr bool to_host = true; };
-}  // namespace offload
-
 namespace precision {
-/// fp32 everywhere.
-struct FP32 {
-  static constexpr std::string_view name = "fp32";
-  static constexpr auto master = c10::ScalarType::Float, compute = c10::ScalarType::Float, reduce = c10::ScalarType::Float;
+/// The dtypes of the master weights and optimizer state, of the gathered parameters and the compute, and of the
+/// gradient reduction.
+struct Rules {
+  std::string_view name;
+  c10::ScalarType master, compute, reduce;
+  static constexpr int64_t bytes(c10::ScalarType t) { return t == c10::ScalarType::Float ? 4 : 2; }
 };
+/// fp32 everywhere.
+struct FP32 { static constexpr Rules rules{"fp32", c10::ScalarType::Float, c10::ScalarType::Float, c10::ScalarType::Float}; };
 /// fp32 master weights and optimizer state, bf16 gather and compute, fp32 gradient reduction.
 struct MixedBF16 {
-  static constexpr std::string_view name = "mixed-bf16";
-  static constexpr auto master = c10::ScalarType::Float, compute = c10::ScalarType::BFloat16, reduce = c10::ScalarType::Float;
+  static constexpr Rules rules{"mixed-bf16", c10::ScalarType::Float, c10::ScalarType::BFloat16, c10::ScalarType::Float};
 };
 /// bf16 parameters and optimizer state (8 bytes per parameter of training state).
 struct PureBF16 {
-  static constexpr std::string_view name = "pure-bf16";
-  static constexpr auto master = c10::ScalarType::BFloat16, compute = c10::ScalarType::BFloat16, reduce = c10::ScalarType::BFloat16;
+  static constexpr Rules rules{"pure-bf16", c10::ScalarType::BFloat16, c10::ScalarType::BFloat16, c10::ScalarType::BFloat16};
 };
 }  // namespace precision
 
+namespace offload {
+/// Where the sharded state lives and where the optimizer steps (engine/offload.hpp holds the two storages).
+struct Rules {
+  std::string_view name;
+  bool host;  ///< master weights, gradients and AdamW state in host memory (pinned on a GPU); the step on the host
+  /// The dtype of the gradient shards: the reduce dtype, except offloaded with one rank per shard group, no replicas
+  /// and one micro-batch per step, where the reduction is the identity and nothing accumulates: the host keeps the
+  /// gradients in the compute dtype, unrounded (mixed-bf16: 2 bytes per parameter instead of 4, what fits full
+  /// Llama3-8B in the host memory of a one-GPU machine).
+  constexpr c10::ScalarType grad_dtype(const precision::Rules& p, int64_t shard_group, int64_t replicas,
+                                       int64_t micro_batches) const {
+    return host && p.compute != p.reduce && shard_group == 1 && replicas == 1 && micro_batches == 1 ? p.compute : p.reduce;
+  }
+};
+struct None { static constexpr Rules rules{"none", false}; };
+/// Sharded master params, grads and optimizer state in pinned host memory; the optimizer step on the host.
+struct Cpu { static constexpr Rules rules{"cpu", true}; };
+}  // namespace offload
+
 namespace adapter {
+/// Which parameters train.
+struct Rules {
+  std::string_view name;
+  bool trains_base;  ///< every weight trains (full fine-tuning); else the base is frozen and adapters train
+  bool magnitude;    ///< DoRA: a trained magnitude per output row beside the low-rank factors
+  constexpr bool active() const { return !trains_base; }
+  constexpr bool operator==(const Rules&) const = default;
+};
 /// Full fine-tuning: every parameter trained.
-struct None { static constexpr std::string_view name = "none"; };
+struct None { static constexpr Rules rules{"none", true, false}; };
 /// LoRA on a frozen base (rank, alpha, dropout, rsLoRA and targets are run-time options).
-struct LoRA { static constexpr std::string_view name = "lora"; };
+struct LoRA { static constexpr Rules rules{"lora", false, false}; };
 /// DoRA: LoRA plus a trained magnitude per output row.
-struct DoRA { static constexpr std::string_view name = "dora"; };
+struct DoRA { static constexpr Rules rules{"dora", false, true}; };
 }  // namespace adapter
 
-// The quantization policies of the frozen base (shardlm/quant/policies.hpp defines them: byte layouts, kernels).
-// Declared here so that a recipe can name one without the quantization code: quant::NoQuant (the base in the
-// compute dtype), quant::Int4 (4.5 bits per value), quant::FP8 (8.25 bits per value, e4m3 with row scales).
+// The quantization policies of the frozen base: quant::NoQuant (the base in the compute dtype), quant::Int4 (4.5 bits
+// per value), quant::FP8 (8.25 bits per value, e4m3 with row scales). Their rules (quant::Rules: bytes per row) are in
+// quant/layout.hpp; the tags, with their kernels, in quant/policies.hpp. Declared here so that a recipe can name one.
 namespace quant {
 struct NoQuant;
 struct Int4;
 struct FP8;
 }  // namespace quant
+
+/// A recipe as values: the rules of its tags. What the engine, the trainer, the planner and checkpoint metadata read.
+struct RecipeRules {
+  sharding::Rules sharding = sharding::NoShard::rules;
+  checkpointing::Rules checkpointing = checkpointing::None::rules;
+  offload::Rules offload = offload::None::rules;
+  precision::Rules precision = precision::FP32::rules;
+  adapter::Rules adapter = adapter::None::rules;
+  quant::Rules quant = quant::no_quant_rules;
+  /// "full / every-block / cpu / mixed-bf16": the log line's and shardlm_train's names.
+  std::string describe() const {
+    return std::string(sharding.name) + " / " + checkpointing.name() + " / " + std::string(offload.name) +
+           " / " + std::string(precision.name);
+  }
+};
+
+/// What the engine refuses, with the message that its static_assert and shardlm_train's run-time dispatch give.
+#define SHARDLM_OFFLOAD_NEEDS_SHARDING                                                                   \
+  "offload::Cpu moves sharded state to the host: use sharding::FullShard, ShardGradOp or HybridShard (NoShard " \
+  "would keep a full replica of the optimizer state in every rank's host memory)"
+/// Whether the engine serves a recipe's combination of sharding and offload.
+constexpr bool engine_serves(const sharding::Rules& s, const offload::Rules& o) { return !o.host || s.shards_state(); }
 
 namespace detail {
 template <class T, template <class> class IsFamily, class Default, class... Ps>
@@ -106,14 +177,15 @@ template <class T, template <class> class IsFamily, class Default, class P, clas
 struct pick<T, IsFamily, Default, P, Ps...> {
   using type = std::conditional_t<IsFamily<P>::value, P, typename pick<T, IsFamily, Default, Ps...>::type>;
 };
-template <class P> struct is_sharding : std::bool_constant<std::is_same_v<P, sharding::NoShard> || std::is_same_v<P, sharding::ShardGradOp> || std::is_same_v<P, sharding::FullShard> || std::is_same_v<P, sharding::HybridShard>> {};
-template <class P> struct is_checkpointing : std::false_type {};
-template <> struct is_checkpointing<checkpointing::None> : std::true_type {};
-template <> struct is_checkpointing<checkpointing::EveryBlock> : std::true_type {};
-template <int K> struct is_checkpointing<checkpointing::EveryNth<K>> : std::true_type {};
-template <class P> struct is_offload : std::bool_constant<std::is_same_v<P, offload::None> || std::is_same_v<P, offload::Cpu>> {};
-template <class P> struct is_precision : std::bool_constant<std::is_same_v<P, precision::FP32> || std::is_same_v<P, precision::MixedBF16> || std::is_same_v<P, precision::PureBF16>> {};
-template <class P> struct is_adapter : std::bool_constant<std::is_same_v<P, adapter::None> || std::is_same_v<P, adapter::LoRA> || std::is_same_v<P, adapter::DoRA>> {};
+// A tag belongs to the family whose Rules its `rules` are.
+template <class P, class R>
+concept has_rules_of = requires { { P::rules } -> std::convertible_to<const R&>; };
+template <class P> struct is_sharding : std::bool_constant<has_rules_of<P, sharding::Rules>> {};
+template <class P> struct is_checkpointing : std::bool_constant<has_rules_of<P, checkpointing::Rules>> {};
+template <class P> struct is_offload : std::bool_constant<has_rules_of<P, offload::Rules>> {};
+template <class P> struct is_precision : std::bool_constant<has_rules_of<P, precision::Rules>> {};
+template <class P> struct is_adapter : std::bool_constant<has_rules_of<P, adapter::Rules>> {};
+// The quantization tags are complete only with quant/policies.hpp: a recipe names them while they may be incomplete.
 template <class P> struct is_quant : std::bool_constant<std::is_same_v<P, quant::NoQuant> || std::is_same_v<P, quant::Int4> || std::is_same_v<P, quant::FP8>> {};
 template <class P> struct is_policy : std::bool_constant<is_sharding<P>::value || is_checkpointing<P>::value || is_offload<P>::value || is_precision<P>::value || is_adapter<P>::value || is_quant<P>::value> {};
 template <template <class> class IsFamily, class... Ps>
@@ -122,9 +194,8 @@ inline constexpr int count_of = (0 + ... + int(IsFamily<Ps>::value));
 
 /// A recipe: one tag per family, in any order; missing families default to
 /// NoShard, checkpointing::None, offload::None, FP32, adapter::None, quant::NoQuant.
-/// The adapter changes which parameters train and the quantization how the frozen ones are stored, not the engine's
-/// code: a recipe with them runs the engine of the same recipe without them (`Recipe::WithoutAdapter`), so adapters
-/// and quantization add no instantiations.
+/// The adapter changes which parameters train and the quantization how the frozen ones are stored; like every other
+/// family they reach the code below the policy boundary as rules, so no recipe adds an instantiation of its own.
 template <class... Ps>
 struct Policies {
   static_assert((detail::is_policy<Ps>::value && ...),
@@ -141,39 +212,15 @@ struct Policies {
   using Precision = typename detail::pick<void, detail::is_precision, precision::FP32, Ps...>::type;
   using Adapter = typename detail::pick<void, detail::is_adapter, adapter::None, Ps...>::type;
   using Quant = typename detail::pick<void, detail::is_quant, quant::NoQuant, Ps...>::type;
-  static_assert(std::is_same_v<Quant, quant::NoQuant> || !std::is_same_v<Adapter, adapter::None>,
+  static_assert(std::is_same_v<Quant, quant::NoQuant> || Adapter::rules.active(),
                 "quant::Int4 and quant::FP8 store the frozen base quantized: name adapter::LoRA or adapter::DoRA too "
                 "(full fine-tuning trains every weight, so nothing is frozen)");
-  /// The recipe the trainer and engine are instantiated with: this one without its adapter and quantization.
-  using WithoutAdapter = Policies<Sharding, Checkpointing, Offload, Precision>;
-  // Completes the chosen tags, so that their own checks (EveryNth<k>'s k >= 1) fire with the recipe.
-  static_assert(sizeof(Sharding) + sizeof(Checkpointing) + sizeof(Offload) + sizeof(Precision) > 0);
+  static_assert(engine_serves(Sharding::rules, Offload::rules), SHARDLM_OFFLOAD_NEEDS_SHARDING);
+
+  /// The recipe as values (the quantization tag is complete by the time this is called: shardlm.hpp).
+  static constexpr RecipeRules rules() {
+    return {Sharding::rules, Checkpointing::rules, Offload::rules, Precision::rules, Adapter::rules, Quant::rules};
+  }
 };
-
-/// A recipe's quantization policy (quant::NoQuant for a recipe type that names none).
-template <class Recipe>
-struct quant_of { using type = quant::NoQuant; };
-template <class Recipe>
-  requires requires { typename Recipe::Quant; }
-struct quant_of<Recipe> { using type = typename Recipe::Quant; };
-template <class Recipe>
-using quant_of_t = typename quant_of<Recipe>::type;
-
-/// A recipe's adapter policy (adapter::None for a recipe type that names none).
-template <class Recipe>
-struct adapter_of { using type = adapter::None; };
-template <class Recipe>
-  requires requires { typename Recipe::Adapter; }
-struct adapter_of<Recipe> { using type = typename Recipe::Adapter; };
-template <class Recipe>
-using adapter_of_t = typename adapter_of<Recipe>::type;
-
-/// What the engine refuses, with the message that its static_assert and shardlm_train's run-time dispatch give.
-#define SHARDLM_OFFLOAD_NEEDS_SHARDING                                                                   \
-  "offload::Cpu moves sharded state to the host: use sharding::FullShard, ShardGradOp or HybridShard (NoShard " \
-  "would keep a full replica of the optimizer state in every rank's host memory)"
-template <class Recipe>
-inline constexpr bool engine_supports =
-    !(Recipe::Offload::to_host && std::is_same_v<typename Recipe::Sharding, sharding::NoShard>);
 
 }  // namespace shardlm

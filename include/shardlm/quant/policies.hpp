@@ -68,9 +68,10 @@ inline void check_group(std::string_view policy, int64_t cols, int64_t group, st
 
 /// The weight kept in bf16: 2 bytes per value, no scale (a bf16 copy, not a transformation).
 struct NoQuant {
-  static constexpr std::string_view name = "none";
-  static constexpr bool quantized = false;
-  static int64_t row_bytes(int64_t cols) { return 2 * cols; }
+  static constexpr const Rules& rules = no_quant_rules;
+  static constexpr std::string_view name = rules.name;
+  static constexpr bool quantized = rules.quantized;
+  static int64_t row_bytes(int64_t cols) { return rules.row_bytes(cols); }
   static void quantize_rows(const at::Tensor& w, const at::Tensor& out, std::string_view what = "weight") {
     detail::check_quantize(name, w, out, w.dim() == 2 ? row_bytes(w.size(1)) : 0, what);
     out.view(at::kBFloat16).view(w.sizes()).copy_(w);
@@ -85,10 +86,11 @@ struct NoQuant {
 /// iterations). Row: cols/2 bytes of packed codes (value 2j in the low nibble of byte j), cols/64 bf16 low ends,
 /// cols/64 bf16 high ends of the grids, padded to 16 bytes: 4.5 bits per value.
 struct Int4 {
-  static constexpr std::string_view name = "int4";
-  static constexpr bool quantized = true;
-  static constexpr int64_t group = int4::group;
-  static int64_t row_bytes(int64_t cols) { return int4::row_bytes(cols); }
+  static constexpr const Rules& rules = int4_rules;
+  static constexpr std::string_view name = rules.name;
+  static constexpr bool quantized = rules.quantized;
+  static constexpr int64_t group = rules.group;
+  static int64_t row_bytes(int64_t cols) { return rules.row_bytes(cols); }
   static void quantize_rows(const at::Tensor& w, const at::Tensor& out, std::string_view what = "weight",
                             const int4::FitOptions& options = {}) {
     if (w.dim() == 2) detail::check_group(name, w.size(1), group, what);
@@ -105,9 +107,10 @@ struct Int4 {
 
 /// e4m3 with a power-of-two fp32 scale per row. Row: cols bytes of codes, the fp32 scale, padded to 16 bytes.
 struct FP8 {
-  static constexpr std::string_view name = "fp8";
-  static constexpr bool quantized = true;
-  static int64_t row_bytes(int64_t cols) { return fp8::row_bytes(cols); }
+  static constexpr const Rules& rules = fp8_rules;
+  static constexpr std::string_view name = rules.name;
+  static constexpr bool quantized = rules.quantized;
+  static int64_t row_bytes(int64_t cols) { return rules.row_bytes(cols); }
   static void quantize_rows(const at::Tensor& w, const at::Tensor& out, std::string_view what = "weight") {
     detail::check_quantize(name, w, out, w.dim() == 2 ? row_bytes(w.size(1)) : 0, what);
     fp8::quantize_rows(w, out);
@@ -124,7 +127,7 @@ template <class F>
 decltype(auto) dispatch(std::string_view name, F&& f) {
   if (name == NoQuant::name) return f(NoQuant{});
   if (name == Int4::name) return f(Int4{});
-  check_policy(name);
+  rules_named(name);  // the error naming --quant for any other name
   return f(FP8{});
 }
 

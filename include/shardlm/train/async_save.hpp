@@ -48,8 +48,9 @@ class AsyncCheckpointWriter {
 
   /// Starts saving the engine's state at `step` under `dir` (a collective: the directory is made, then every rank
   /// snapshots its shards and starts its writer). No save may be in flight: finish() it first.
-  template <class Engine>
-  void start(Engine& engine, dist::ProcessGroups& groups, const fs::path& dir, int64_t step, const nlohmann::json& run_info) {
+  /// `delay`: a test's injected fault (train::Faults::save_delay), waited after the file is written.
+  void start(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& dir, int64_t step,
+             const nlohmann::json& run_info, std::chrono::milliseconds delay = {}) {
     SHARDLM_ASSERT(!in_flight_, "an asynchronous save is in flight already");
     path_ = begin_checkpoint(groups, dir, step);
     meta_ = checkpoint_meta(engine, groups, step, run_info);
@@ -58,12 +59,12 @@ class AsyncCheckpointWriter {
     error_.clear();
     done_.store(false, std::memory_order_relaxed);
     in_flight_ = true;
-    thread_ = std::thread([this, file = std::move(file)] {
+    thread_ = std::thread([this, delay, file = std::move(file)] {
       try {
 #if SHARDLM_HAVE_CUDA
         if (copied_) copied_->synchronize();
 #endif
-        write_shard(file);
+        write_shard(file, delay);
       } catch (const std::exception& e) {
         error_ = e.what();
       }

@@ -31,7 +31,7 @@
 #include "shardlm/core/json.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/dist/groups.hpp"
-#include "shardlm/engine/flat_unit.hpp"
+#include "shardlm/engine/engine.hpp"
 #include "shardlm/io/safetensors.hpp"
 
 namespace shardlm::train {
@@ -133,8 +133,8 @@ inline fs::path begin_checkpoint(dist::ProcessGroups& groups, const fs::path& di
   return path;
 }
 
-template <class Engine>
-nlohmann::json checkpoint_meta(const Engine& engine, dist::ProcessGroups& groups, int64_t step, const nlohmann::json& run_info) {
+inline nlohmann::json checkpoint_meta(const engine::Engine& engine, dist::ProcessGroups& groups, int64_t step,
+                                      const nlohmann::json& run_info) {
   nlohmann::json meta = run_info;
   meta["format"] = 1;
   meta["step"] = step;
@@ -149,8 +149,7 @@ nlohmann::json checkpoint_meta(const Engine& engine, dist::ProcessGroups& groups
   return meta;
 }
 
-template <class Engine>
-ShardFile shard_tensors(Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
+inline ShardFile shard_tensors(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
   ShardFile file;
   if (groups.replicate().rank() != 0) return file;
   file.path = path / detail::cat("shard-", groups.shard().rank(), "-of-", groups.shard().size(), ".safetensors");
@@ -164,12 +163,11 @@ ShardFile shard_tensors(Engine& engine, dist::ProcessGroups& groups, const fs::p
   return file;
 }
 
-/// Fault injection for tests: SHARDLM_INJECT_SAVE_DELAY_MS=N makes every rank wait N ms after its shard file is in
-/// place, before the commit (a window in which to kill a job mid-save).
-inline void write_shard(const ShardFile& file) {
+/// Writes this rank's shard file; then waits `delay` (a test's injected fault: a window in which to kill a job
+/// mid-save, train::Faults).
+inline void write_shard(const ShardFile& file, std::chrono::milliseconds delay = {}) {
   if (!file.path.empty()) io::save_safetensors(file.path, file.tensors);
-  if (const char* ms = std::getenv("SHARDLM_INJECT_SAVE_DELAY_MS"))
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(ms)));
+  if (delay.count() > 0) std::this_thread::sleep_for(delay);
 }
 
 /// Rank 0, once every rank's shard file is durable: meta.json, then the COMMITTED marker, then --keep-last
@@ -183,28 +181,83 @@ inline void commit_checkpoint(const fs::path& path, const nlohmann::json& meta, 
 
 /// Saves the engine's state at `step` under `dir` and waits until it is committed (a collective: every rank calls
 /// it). `keep_last` > 0 then keeps only the newest that many committed checkpoints.
-template <class Engine>
-fs::path save_checkpoint(Engine& engine, dist::ProcessGroups& groups, const fs::path& dir, int64_t step,
-                         const nlohmann::json& run_info, int64_t keep_last = 0) {
+inline fs::path save_checkpoint(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& dir, int64_t step,
+                                const nlohmann::json& run_info, int64_t keep_last = 0, std::chrono::milliseconds delay = {}) {
   const auto path = begin_checkpoint(groups, dir, step);
-  write_shard(shard_tensors(engine, groups, path));  // views of the state: written before training goes on
+  write_shard(shard_tensors(engine, groups, path), delay);  // views of the state: written before training goes on
   groups.world().barrier("checkpoint shards");      // every shard file is durable (save_safetensors fsyncs and renames)
   if (groups.rank() == 0) commit_checkpoint(path, checkpoint_meta(engine, groups, step, run_info), keep_last);
   groups.world().barrier("checkpoint commit");
   return path;
 }
 
+/// A checkpoint's meta.json, every field checked before use (CheckpointMeta::read).
+struct CheckpointMeta {
+  struct Unit {
+    std::string name;
+    int64_t numel = 0, padded = 0;
+  };
+  int64_t step = 0;             ///< the optimizer steps the run had taken (data order and learning rate follow)
+  int64_t optimizer_steps = 0;  ///< AdamW's step count (steps skipped for non-finite gradients do not count)
+  int64_t world_size = 0;
+  int64_t shard_group_size = 0;
+  int64_t global_batch = 0;     ///< 0: not recorded
+  std::vector<Unit> units;
+
+  /// Reads and checks `path`/meta.json: every key present with an integer in its range, each unit's padded size a
+  /// multiple of the shard group holding at least its elements. Errors name the file and the key.
+  static CheckpointMeta read(const fs::path& dir) {
+    const auto file = dir / "meta.json";
+    const auto j = read_json(file);
+    const auto where = file.string();
+    if (!j.is_object()) fail<IoError>(where, ": must hold a JSON object, got ", j.type_name());
+    auto integer = [&](const nlohmann::json& obj, const std::string& key, int64_t lo, int64_t hi, const std::string& in = "") {
+      if (!obj.contains(key)) fail<IoError>(where, ": no \"", in, key, "\" key");
+      const auto& v = obj[key];
+      if (!v.is_number_integer())
+        fail<IoError>(where, ": \"", in, key, "\" must be an integer, got ", v.is_number() ? v.dump() : v.type_name());
+      const auto x = v.get<int64_t>();
+      if (x < lo || x > hi) fail<IoError>(where, ": \"", in, key, "\" is ", x, ", expected ", lo, "..", hi);
+      return x;
+    };
+    constexpr int64_t huge = int64_t{1} << 50;  // more than any count here can be
+    CheckpointMeta m;
+    m.step = integer(j, "step", 0, huge);
+    m.optimizer_steps = integer(j, "optimizer_steps", 0, m.step);
+    m.world_size = integer(j, "world_size", 1, 1 << 24);
+    m.shard_group_size = integer(j, "shard_group_size", 1, m.world_size);
+    if (m.world_size % m.shard_group_size != 0)
+      fail<IoError>(where, ": \"shard_group_size\" ", m.shard_group_size, " does not divide \"world_size\" ", m.world_size);
+    if (j.contains("global_batch")) m.global_batch = integer(j, "global_batch", 1, huge);
+    if (!j.contains("units") || !j["units"].is_array()) fail<IoError>(where, ": no \"units\" list");
+    for (size_t u = 0; u < j["units"].size(); ++u) {
+      const auto& unit = j["units"][u];
+      const auto in = detail::cat("units[", u, "].");
+      if (!unit.is_object()) fail<IoError>(where, ": \"units[", u, "]\" must be an object");
+      Unit x;
+      if (unit.contains("name") && unit["name"].is_string()) x.name = unit["name"].get<std::string>();
+      x.numel = integer(unit, "numel", 0, huge, in);
+      x.padded = integer(unit, "padded", x.numel, huge, in);
+      if (x.padded % m.shard_group_size != 0 || x.padded - x.numel >= m.shard_group_size)
+        fail<IoError>(where, ": \"", in, "padded\" ", x.padded, " is not the ", x.numel, " elements padded to a multiple of ",
+                      "the shard group size ", m.shard_group_size);
+      m.units.push_back(std::move(x));
+    }
+    return m;
+  }
+};
+
 /// Loads a committed checkpoint into the engine (every rank calls it); returns its meta.json.
-template <class Engine>
-nlohmann::json load_checkpoint(Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
+inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
+  if (!fs::is_directory(path)) fail<IoError>(path.string(), ": not a checkpoint directory");
   if (!fs::exists(path / "COMMITTED"))
     fail<IoError>(path.string(), ": not a committed checkpoint (no COMMITTED marker: an interrupted save?)");
-  const nlohmann::json meta = read_json(path / "meta.json");
-  const auto& units = meta.at("units");
+  const auto meta = CheckpointMeta::read(path);
+  const auto& units = meta.units;
   if (units.size() != engine.num_units())
     fail<IoError>(path.string(), ": the checkpoint has ", units.size(), " units, this model ", engine.num_units(),
                   " (a different model or depth)");
-  const int64_t saved_group = meta.at("shard_group_size").get<int64_t>();
+  const int64_t saved_group = meta.shard_group_size;
   std::map<int64_t, std::unique_ptr<io::SafetensorsFile>> files;
   auto file = [&](int64_t k) -> io::SafetensorsFile& {
     auto& f = files[k];
@@ -214,7 +267,7 @@ nlohmann::json load_checkpoint(Engine& engine, dist::ProcessGroups& groups, cons
   at::NoGradGuard no_grad;
   for (size_t u = 0; u < engine.num_units(); ++u) {
     auto& unit = engine.unit(u);
-    const int64_t numel = units[u].at("numel").get<int64_t>(), padded = units[u].at("padded").get<int64_t>();
+    const int64_t numel = units[u].numel, padded = units[u].padded;
     if (numel != unit.numel())
       fail<IoError>(path.string(), ": unit ", u, " (", unit.name(), ") has ", numel, " elements in the checkpoint and ",
                     unit.numel(), " in this model");
@@ -229,11 +282,13 @@ nlohmann::json load_checkpoint(Engine& engine, dist::ProcessGroups& groups, cons
         const auto& saved = file(k).info(name);
         if (saved.numel() != saved_shard)
           fail<IoError>(file(k).path().string(), ": tensor '", name, "' has ", saved.numel(), " elements, expected ", saved_shard);
+        const auto type = io::scalar_type_of(saved);
+        if (!at::isFloatingType(type))
+          fail<IoError>(file(k).path().string(), ": tensor '", name, "' has dtype ", saved.dtype, ", expected a floating dtype");
         // Only the overlap [a, b) of saved shard k and this rank's shard is read: straight into the state when
         // it is a host tensor of the saved dtype, else through a host buffer of that size.
         const int64_t a = std::max(lo, k * saved_shard), b = std::min(hi, (k + 1) * saved_shard);
         auto part = dst->narrow(0, a - lo, b - a);
-        const auto type = io::scalar_type_of(saved);
         auto host = part.is_cpu() && part.scalar_type() == type ? part : at::empty({b - a}, at::TensorOptions().dtype(type));
         const uint64_t size = saved.element_size();
         file(k).read_bytes(saved, (a - k * saved_shard) * size, (b - a) * size, host.data_ptr());
@@ -241,7 +296,7 @@ nlohmann::json load_checkpoint(Engine& engine, dist::ProcessGroups& groups, cons
       }
     }
   }
-  engine.state_loaded(meta.at("optimizer_steps").get<int64_t>());
+  engine.state_loaded(meta.optimizer_steps);
   return meta;
 }
 

@@ -45,19 +45,19 @@ engine::FrozenCodec quantized_codec(const std::string& name, at::ScalarType comp
   return codec;
 }
 
-/// The codecs of a run's frozen parameters for `--quant policy` ("none", "int4", "fp8").
-inline std::function<engine::FrozenCodec(const std::string&, const at::Tensor&)> frozen_codecs(std::string_view policy,
+/// The codecs of a run's frozen parameters under the quantization policy `q` (its rules: the tag's kernels are found
+/// by its name, quant::dispatch).
+inline std::function<engine::FrozenCodec(const std::string&, const at::Tensor&)> frozen_codecs(const quant::Rules& q,
                                                                                                at::ScalarType compute) {
-  return quant::dispatch(policy, [compute](auto tag) {
+  return quant::dispatch(q.name, [compute](auto tag) {
     using Q = decltype(tag);
     return std::function<engine::FrozenCodec(const std::string&, const at::Tensor&)>(
         [compute](const std::string& name, const at::Tensor& p) {
           if constexpr (Q::quantized)
             if (quantizes(name, p)) {
-              if constexpr (std::is_same_v<Q, quant::Int4>)
-                if (p.size(1) % Q::group != 0)
-                  fail<ConfigError>("--quant int4 quantizes groups of ", Q::group, " values along a row: ", name, " has ",
-                                    p.size(1), " columns; use --quant fp8 or none for this model");
+              if (p.size(1) % Q::rules.group != 0)
+                fail<ConfigError>("--quant ", Q::name, " quantizes groups of ", Q::rules.group, " values along a row: ", name,
+                                  " has ", p.size(1), " columns; use --quant fp8 or none for this model");
               return quantized_codec<Q>(name, compute);
             }
           return engine::plain_codec(compute);

@@ -27,8 +27,7 @@
 
 #include "shardlm/core/progress.hpp"
 #include "shardlm/dist/groups.hpp"
-#include "shardlm/engine/flat_unit.hpp"
-#include "shardlm/engine/frozen_unit.hpp"
+#include "shardlm/engine/engine.hpp"
 #include "shardlm/io/hf.hpp"
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/config.hpp"
@@ -43,12 +42,11 @@ inline int read_threads(int ranks_per_node) {
 
 /// Fills the engine's master shards from a Hugging Face checkpoint directory (engine::UnitInit's `shard`), or with
 /// `frozen` (FrozenSpec with is_frozen and codec) the rows of the frozen groups' shards (FrozenSpec::rows).
-template <class UnitModel>
 class HfShardLoader {
  public:
   /// Checks every tensor the loader reads against the checkpoint (name, shape, floating dtype: every rank sees the
   /// same errors) and sizes this rank's reads for the progress report (shown when `report`).
-  HfShardLoader(const std::filesystem::path& dir, UnitModel& model, int group_size, int group_rank, bool report,
+  HfShardLoader(const std::filesystem::path& dir, engine::UnitModel& model, int group_size, int group_rank, bool report,
                 io::ReadOptions read = {}, const engine::FrozenSpec& frozen = {})
       : ckpt_(dir), read_(read), units_(model.num_units()), frozen_(static_cast<bool>(frozen.is_frozen)) {
     uint64_t total = 0;
@@ -165,8 +163,7 @@ struct File {
 /// Writes the engine's master weights as a Hugging Face checkpoint (a collective: every rank calls it). No rank
 /// gathers anything: each writes its own shards' bytes. Needs a directory every rank sees (a shared filesystem
 /// across nodes).
-template <class Engine>
-void export_hf(Engine& engine, dist::ProcessGroups& groups, const ExportOptions& o) {
+inline void export_hf(engine::Engine& engine, dist::ProcessGroups& groups, const ExportOptions& o) {
   namespace fs = std::filesystem;
   const bool lead = groups.rank() == 0;
   const char* dtype = io::safetensors_dtype_name(o.dtype);

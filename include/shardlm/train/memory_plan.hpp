@@ -1,8 +1,10 @@
 #pragma once
-// The memory planner: predicted bytes per GPU and per host for a model, a recipe (policy names), a world and a
-// batch. It replays the engine's schedule (engine/engine.hpp) on byte counts: what each unit allocates in
-// forward and backward, what the sharding policy keeps gathered, what checkpointing keeps saved, and reports
-// the peak with the breakdown at that moment. Torch-free: shardlm_plan answers in milliseconds.
+// The memory planner: predicted bytes per GPU and per host for a model, a recipe (its rules), a world and a
+// batch. It replays the engine's schedule (engine/schedule.hpp: the same object the engine asks) on byte counts,
+// every micro-batch of a step: what each unit allocates in forward and backward, what the sharding policy keeps
+// gathered, what checkpointing keeps saved, how gradients reach their shards, and reports the peak with the
+// breakdown at that moment. It records the events it replays (MemoryPlan::trace), which tests compare with the
+// engine's own trace for every recipe. Arithmetic only: shardlm_plan answers in milliseconds.
 //
 // Counted per GPU (bytes of the CUDA caching allocator's peak "allocated"):
 //   sharded state        master + gradient + AdamW moments of this rank's shards (offload: the compute-dtype
@@ -30,18 +32,17 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/engine/schedule.hpp"
 #include "shardlm/model/config.hpp"
+#include "shardlm/policy/policies.hpp"
 #include "shardlm/quant/layout.hpp"
 
 namespace shardlm::plan {
 
-/// The run to plan: the same names as shardlm_train's flags.
+/// The run to plan.
 struct PlanInput {
   model::ModelConfig model;
-  std::string sharding = "full";         ///< none | grad-op | full | hybrid
-  std::string precision = "fp32";        ///< fp32 | mixed-bf16 | pure-bf16
-  std::string checkpointing = "none";    ///< none | every-block | every-K
-  std::string offload = "none";          ///< none | cpu
+  RecipeRules recipe{sharding::FullShard::rules};  ///< the policies (adapter and quantization included)
   int64_t world_size = 1;
   int64_t gpus_per_node = 1;
   int64_t shard_group_size = 0;          ///< hybrid: ranks per shard group (0: one node)
@@ -49,10 +50,8 @@ struct PlanInput {
   int64_t seq_len = 4096;
   int64_t grad_accum = 1;
   int64_t loss_chunk = 4096;             ///< tokens per chunk of the fused head and loss (0: whole logits)
-  std::string adapter = "none";          ///< none | lora | dora
-  int64_t lora_rank = 16;
+  int64_t lora_rank = 16;                ///< with an adapter policy
   std::vector<std::string> lora_targets = {"q", "k", "v", "o", "gate", "up", "down"};
-  std::string quant = "none";            ///< none | int4 | fp8: the frozen blocks' projections
 };
 
 struct PlanItem {
@@ -66,6 +65,7 @@ struct MemoryPlan {
   std::string peak_at;            ///< the schedule event of the GPU peak
   std::vector<PlanItem> gpu;      ///< breakdown of the GPU peak
   std::vector<PlanItem> host;     ///< per host
+  engine::Trace trace;            ///< the schedule's events replayed, every micro-batch of the step
   double gpu_peak() const { return sum(gpu); }
   double host_total() const { return sum(host); }
 
@@ -91,31 +91,6 @@ struct MemoryPlan {
 };
 
 namespace detail {
-
-struct Dtypes {
-  double master, compute, reduce;
-};
-inline Dtypes dtypes_of(const std::string& precision) {
-  if (precision == "fp32") return {4, 4, 4};
-  if (precision == "mixed-bf16") return {4, 2, 4};
-  if (precision == "pure-bf16") return {2, 2, 2};
-  fail<ConfigError>("--precision '", precision, "': use fp32, mixed-bf16 or pure-bf16");
-}
-
-/// 0: none; k: every k-th block recomputed.
-inline int recompute_every(const std::string& checkpointing) {
-  if (checkpointing == "none") return 0;
-  if (checkpointing == "every-block") return 1;
-  if (checkpointing.rfind("every-", 0) == 0) {
-    try {
-      size_t used = 0;
-      const int k = std::stoi(checkpointing.substr(6), &used);
-      if (used == checkpointing.size() - 6 && k >= 1) return k;
-    } catch (const std::exception&) {
-    }
-  }
-  fail<ConfigError>("--checkpointing '", checkpointing, "': use none, every-block or every-K (K >= 1)");
-}
 
 /// Bytes per token that autograd keeps for one block in forward (CUDA kernels), including the block's input.
 /// c = compute dtype size. Per block: input x (c H); RMSNorm 1 saves its fp32 input (4 H unless the compute
@@ -179,14 +154,25 @@ inline double block_backward_extra_per_token(const model::ModelConfig& m, double
   return c * static_cast<double>(m.hidden_size) + 3 * c * picks * static_cast<double>(m.intermediate_size);
 }
 
+/// Extra bytes, over a MoE block's kept activations, when its backward reaches the experts' first projection (the
+/// block's peak with many experts and few tokens): every expert weight gradient made (3 E C I values), that
+/// projection's output and input gradients (k (2I + C) per token), the experts' intermediates and outputs already
+/// freed (k (3I + C) per token).
+inline double moe_expert_backward_extra(const model::ModelConfig& m, double c, double tokens) {
+  if (!m.is_moe()) return 0;
+  const double E = static_cast<double>(m.num_experts), k = static_cast<double>(m.num_experts_per_tok);
+  const double C = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
+  return c * (3 * E * C * I + tokens * k * ((2 * I + C) - (3 * I + C)));
+}
+
 /// Adapter parameters of one block: r (in + out) per target Linear, plus out for DoRA's magnitude.
 inline double block_adapter_params(const PlanInput& in) {
-  if (in.adapter == "none") return 0;
-  if (in.adapter != "lora" && in.adapter != "dora") fail<ConfigError>("--adapter '", in.adapter, "': use none, lora or dora");
+  const auto& a = in.recipe.adapter;
+  if (!a.active()) return 0;
   const auto& m = in.model;
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
-  const double r = static_cast<double>(in.lora_rank), dora = in.adapter == "dora" ? 1 : 0;
+  const double r = static_cast<double>(in.lora_rank), dora = a.magnitude ? 1 : 0;
   double total = 0;
   for (const auto& t : in.lora_targets) {
     const auto [a, b] = t == "q" ? std::pair{H, Hq} : t == "k" || t == "v" ? std::pair{H, Hkv} : t == "o" ? std::pair{Hq, H}
@@ -199,29 +185,31 @@ inline double block_adapter_params(const PlanInput& in) {
 /// Bytes per token that one block's adapters add to its saved activations (compute dtype `c`): x A^T (r values) per
 /// target, and for DoRA the target's base output and adapter output (out values each), kept for m's gradient.
 inline double block_adapter_activation_bytes_per_token(const PlanInput& in, double c) {
-  if (in.adapter == "none") return 0;
+  const auto& a = in.recipe.adapter;
+  if (!a.active()) return 0;
   const auto& m = in.model;
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
   double total = 0;
   for (const auto& t : in.lora_targets) {
     const double out = t == "q" ? Hq : t == "k" || t == "v" ? Hkv : t == "gate" || t == "up" ? I : H;
-    total += c * static_cast<double>(in.lora_rank) + (in.adapter == "dora" ? 2 * c * out : 0);
+    total += c * static_cast<double>(in.lora_rank) + (a.magnitude ? 2 * c * out : 0);
   }
   return total;
 }
 
-/// Bytes of one block's frozen base: the projections stored by `quant` (train/frozen_base.hpp), the rest (norms,
-/// biases) in the compute dtype `c`.
+/// Bytes of one block's frozen base: the projections stored by the quantization policy (train/frozen_base.hpp), the
+/// rest (norms, biases) in the compute dtype `c`.
 inline double block_frozen_bytes(const PlanInput& in, double c) {
   const auto& m = in.model;
-  if (in.quant == "none") return static_cast<double>(m.block_params()) * c;
-  if (m.is_moe()) fail<ConfigError>("--quant ", in.quant, ": adapters are built for Llama models only (this model is a ", m.model_type, ")");
+  const auto& q = in.recipe.quant;
+  if (!q.quantized) return static_cast<double>(m.block_params()) * c;
+  if (m.is_moe()) fail<ConfigError>("--quant ", q.name, ": adapters are built for Llama models only (this model is a ", m.model_type, ")");
   const int64_t H = m.hidden_size, I = m.intermediate_size, Hq = m.num_heads * m.head_dim, Hkv = m.num_kv_heads * m.head_dim;
   double projections = 0, bytes = 0;
   for (auto [rows, cols] : {std::pair{Hq, H}, {Hkv, H}, {Hkv, H}, {H, Hq}, {I, H}, {I, H}, {H, I}}) {
     projections += static_cast<double>(rows * cols);
-    bytes += static_cast<double>(rows * quant::row_bytes(in.quant, cols));
+    bytes += static_cast<double>(rows * q.row_bytes(cols));
   }
   return bytes + (static_cast<double>(m.block_params()) - projections) * c;
 }
@@ -231,6 +219,7 @@ inline double block_frozen_bytes(const PlanInput& in, double c) {
 /// Predicts the memory of one training step (the engine's schedule replayed on byte counts).
 inline MemoryPlan plan_memory(const PlanInput& in) {
   const auto& m = in.model;
+  const auto& r = in.recipe;
   m.validate("model");
   auto positive = [](int64_t v, const char* flag) {
     if (v <= 0) fail<ConfigError>("--", flag, " must be positive, got ", v);
@@ -242,22 +231,16 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   positive(in.grad_accum, "grad-accum");
   if (in.world_size % in.gpus_per_node != 0 && in.world_size > in.gpus_per_node)
     fail<ConfigError>("--world-size ", in.world_size, " is not a multiple of --gpus-per-node ", in.gpus_per_node);
-  const auto dt = detail::dtypes_of(in.precision);
-  const int every = detail::recompute_every(in.checkpointing);
-  const bool offload = in.offload == "cpu";
-  if (!offload && in.offload != "none") fail<ConfigError>("--offload '", in.offload, "': use none or cpu");
+  const bool offload = r.offload.host;
 
   MemoryPlan plan;
   const int64_t node = std::min(in.gpus_per_node, in.world_size);
-  if (in.sharding == "none") plan.shard_group = 1;
-  else if (in.sharding == "grad-op" || in.sharding == "full") plan.shard_group = in.world_size;
-  else if (in.sharding == "hybrid") plan.shard_group = in.shard_group_size > 0 ? in.shard_group_size : node;
-  else fail<ConfigError>("--sharding '", in.sharding, "': use none, grad-op, full or hybrid");
-  if (in.world_size % plan.shard_group != 0)
+  plan.shard_group = r.sharding.group_size(static_cast<int>(in.world_size), static_cast<int>(node),
+                                           static_cast<int>(in.shard_group_size));
+  if (plan.shard_group < 1 || in.world_size % plan.shard_group != 0)
     fail<ConfigError>("world size ", in.world_size, " is not divisible by the shard group size ", plan.shard_group);
-  if (offload && in.sharding == "none")
-    fail<ConfigError>("--offload cpu with --sharding none: offload moves sharded state to the host");
-  const bool persist = in.sharding == "none", reshard = in.sharding == "full" || in.sharding == "hybrid";
+  if (!engine_serves(r.sharding, r.offload))
+    fail<ConfigError>("--offload ", r.offload.name, " with --sharding ", r.sharding.name, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
   const int64_t G = plan.shard_group;
   plan.params = m.num_params();
 
@@ -267,12 +250,20 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   for (int64_t i = 0; i < L; ++i) numel.push_back(static_cast<double>(m.block_params()));
   numel.push_back(static_cast<double>(H + (m.tie_word_embeddings ? 0 : m.vocab_size * H)));
   const size_t n = numel.size();
+  std::vector<bool> blocks(n, true);
+  blocks.front() = blocks.back() = false;
+  std::vector<std::vector<size_t>> reads(n);
+  if (m.tie_word_embeddings) reads.back() = {0};
+  const engine::Schedule schedule(r, blocks, reads, G);
+
   // With an adapter: trained[u] the adapters' elements (the FlatUnit), numel[u] - trained[u] the frozen base.
   const double adapter_block = detail::block_adapter_params(in);
   std::vector<double> trained(n, 0), padded(n), shard(n);
-  const double c = dt.compute, tokens = static_cast<double>(in.micro_batch * in.seq_len);
-  if (in.quant != "none" && adapter_block == 0)
-    fail<ConfigError>("--quant ", in.quant, " stores the frozen base quantized: it needs --adapter lora or dora");
+  const auto bytes = [](c10::ScalarType t) { return static_cast<double>(precision::Rules::bytes(t)); };
+  const double c = bytes(r.precision.compute), master = bytes(r.precision.master);
+  const double tokens = static_cast<double>(in.micro_batch * in.seq_len);
+  if (r.quant.quantized && !r.adapter.active())
+    fail<ConfigError>("--quant ", r.quant.name, " stores the frozen base quantized: it needs --adapter lora or dora");
   double shard_total = 0, frozen_bytes = 0;
   for (size_t u = 0; u < n; ++u) {
     if (adapter_block > 0) {
@@ -290,15 +281,11 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     padded[u] = numel[u] - trained[u] + pad;  // gathered: the frozen values and the adapters
   }
 
-  // Engine(): offloaded on one rank without replicas and one micro-batch per step, gradients stay in the compute
-  // dtype (the reduction is the identity), on the device and in the host's shard.
-  const bool compute_grads = offload && in.world_size == 1 && in.grad_accum == 1 && c < dt.reduce;
-  const double grad_bytes = compute_grads ? c : dt.reduce;
-  const double state_per = dt.master * 3 + dt.reduce;  // master, gradient, two moments in the master dtype
+  // The gradient shards' dtype, as the engine picks it (offload::Rules::grad_dtype).
+  const double grad_bytes = bytes(schedule.grad_dtype(in.world_size / G, in.grad_accum));
+  const double state_per = master * 3 + bytes(r.precision.reduce);  // master, gradient, two moments
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
   const double workspace = 2 * 32.0 * (1 << 20);
-  // Engine::recompute: block u - 1 is recomputed when (u - 1) % every == 0.
-  auto recomputed = [&](size_t u) { return every > 0 && u >= 1 && u <= static_cast<size_t>(L) && (u - 1) % every == 0; };
   const double blk_full =
       (detail::block_activation_bytes_per_token(m, c) + detail::block_adapter_activation_bytes_per_token(in, c)) * tokens;
   const double blk_input = c * static_cast<double>(H) * tokens;
@@ -314,75 +301,92 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   auto event = [&](const std::string& what) {
     if (live.total() > peak.total()) peak = live, peak_at = what;
   };
+  auto note = [&](engine::Event::Kind kind, size_t u) { plan.trace.push_back({kind, u}); };
   auto gather = [&](size_t u) {
-    if (!gathered[u]) gathered[u] = true, live.gathered += padded[u] * c;
+    if (gathered[u]) return;
+    note(engine::Event::gather, u);
+    gathered[u] = true, live.gathered += padded[u] * c;
   };
   auto release = [&](size_t u) {
-    if (gathered[u]) gathered[u] = false, live.gathered -= padded[u] * c;
+    if (!gathered[u]) return;
+    note(engine::Event::release, u);
+    gathered[u] = false, live.gathered -= padded[u] * c;
   };
   const size_t head = n - 1;
-  const bool tied = m.tie_word_embeddings;
-  const bool fused = in.loss_chunk > 0, head_trained = in.adapter == "none";
+  const bool fused = in.loss_chunk > 0, head_trained = !r.adapter.active();
   const double V = static_cast<double>(m.vocab_size);
-  if (persist)
-    for (size_t u = 0; u < n; ++u) gather(u);
+  if (schedule.keeps_all())
+    for (size_t u = 0; u < n; ++u) gathered[u] = true, live.gathered += padded[u] * c;
 
-  // Forward.
-  std::vector<double> kept(n, 0);
-  for (size_t u = 0; u < n; ++u) {
-    gather(u);
-    if (u + 1 < n) gather(u + 1);
-    if (u == head && fused) {
-      // the head weight's gradient accumulates over the chunks (a frozen head under an adapter has none)
-      kept[u] = detail::fused_head_kept_per_token(m, c) * tokens + (head_trained ? c * V * H : 0);
-      live.acts += kept[u];
-      live.logits += detail::fused_loss_chunk_per_token(m, c) * std::min(tokens, static_cast<double>(in.loss_chunk));
-      event("the loss in forward");
-      live.logits = 0;
-    } else if (u == head) {
-      kept[u] = detail::head_forward_bytes_per_token(m, c) * tokens;
-      live.acts += kept[u];
-      live.logits += (detail::loss_kept_per_token(m) + detail::head_forward_transient_per_token(m, c)) * tokens;
-      event("the loss in forward");
-      live.logits -= detail::head_forward_transient_per_token(m, c) * tokens;
-    } else if (u > 0) {
-      kept[u] = recomputed(u) ? blk_input : blk_full;
-      live.acts += kept[u];
-      event("forward of block " + std::to_string(u - 1));
+  for (int64_t a = 0; a < in.grad_accum; ++a) {
+    const engine::MicroBatch mb{a == 0, a + 1 == in.grad_accum};
+    // Forward.
+    std::vector<double> kept(n, 0);
+    for (size_t u = 0; u < n; ++u) {
+      gather(u);
+      if (u + 1 < n) gather(u + 1);
+      note(engine::Event::forward, u);
+      if (u == head && fused) {
+        // the head weight's gradient accumulates over the chunks (a frozen head under an adapter has none)
+        kept[u] = detail::fused_head_kept_per_token(m, c) * tokens + (head_trained ? c * V * H : 0);
+        live.acts += kept[u];
+        live.logits += detail::fused_loss_chunk_per_token(m, c) * std::min(tokens, static_cast<double>(in.loss_chunk));
+        event("the loss in forward");
+        live.logits = 0;
+      } else if (u == head) {
+        kept[u] = detail::head_forward_bytes_per_token(m, c) * tokens;
+        live.acts += kept[u];
+        live.logits += (detail::loss_kept_per_token(m) + detail::head_forward_transient_per_token(m, c)) * tokens;
+        event("the loss in forward");
+        live.logits -= detail::head_forward_transient_per_token(m, c) * tokens;
+      } else if (u > 0) {
+        kept[u] = schedule.recomputes(u) ? blk_input : blk_full;
+        live.acts += kept[u];
+        event("forward of block " + std::to_string(u - 1));
+      }
+      if (schedule.releases_after_forward(u)) release(u);
     }
-    if (reshard && u + 1 < n && !(tied && u == 0)) release(u);
-  }
 
-  // Backward, unit by unit from the head.
-  for (size_t u = n; u-- > 0;) {
-    gather(u);
-    if (u > 0) gather(u - 1);
-    if (u == head) {
-      // fused: the gradients made in the forward are scaled in place, nothing more
-      live.logits += fused ? 0.0 : detail::head_backward_extra_per_token(m) * tokens;
-      event("the loss in backward");
-      live.logits = 0;
-    } else if (u > 0) {
-      if (recomputed(u)) live.acts += blk_full - blk_input;
-      live.grads += detail::block_backward_extra_per_token(m, c) * tokens;
-      event("backward of block " + std::to_string(u - 1));
-      live.grads -= detail::block_backward_extra_per_token(m, c) * tokens;
-      if (recomputed(u)) live.acts -= blk_full - blk_input;
+    // Backward, unit by unit from the head.
+    for (size_t u = n; u-- > 0;) {
+      gather(u);
+      if (u > 0) gather(u - 1);
+      const bool recomputed = schedule.recomputes(u);
+      if (recomputed) note(engine::Event::recompute, u);
+      note(engine::Event::backward, u);
+      if (u == head) {
+        // fused: the gradients made in the forward are scaled in place, nothing more
+        live.logits += fused ? 0.0 : detail::head_backward_extra_per_token(m) * tokens;
+        event("the loss in backward");
+        live.logits = 0;
+      } else if (u > 0) {
+        if (recomputed) live.acts += blk_full - blk_input;
+        live.grads += detail::block_backward_extra_per_token(m, c) * tokens;
+        event("backward of block " + std::to_string(u - 1));
+        live.grads -= detail::block_backward_extra_per_token(m, c) * tokens;
+        if (!r.adapter.active() && m.is_moe()) {
+          const double experts = detail::moe_expert_backward_extra(m, c, tokens);
+          live.grads += experts;
+          event("expert gradients of block " + std::to_string(u - 1));
+          live.grads -= experts;
+        }
+        if (recomputed) live.acts -= blk_full - blk_input;
+      }
+      live.acts -= kept[u];
+      // The unit's parameter gradients (compute dtype), and as the schedule's gradient path says: cast straight into
+      // the shard (no flat buffer), or a flat buffer in the gradient dtype reduce-scattered into the shard or into a
+      // slice of its own.
+      note(engine::Event::reduce, u);
+      const auto path = schedule.gradient_path(mb);
+      const double flat = path == engine::GradientPath::cast_into_shard ? 0 : shard[u] * static_cast<double>(G);
+      const double slice = schedule.reduces_through_temporary(mb) ? shard[u] : 0;
+      live.grads += trained[u] * c + (flat + slice) * grad_bytes;
+      event(u == 0 ? std::string("the embedding's gradient reduction")
+                   : u == head ? std::string("the head's gradient reduction")
+                               : "gradient reduction of block " + std::to_string(u - 1));
+      live.grads = 0;
+      if (schedule.releases_after_backward(mb)) release(u);
     }
-    live.acts -= kept[u];
-    // The unit's parameter gradients (compute dtype), copied into a flat buffer in the reduce dtype, whose
-    // reduce-scatter writes the gradient shard (the first micro-batch on the device) or a temporary slice (later
-    // micro-batches, offload). One rank in the shard group, on the device, one micro-batch: the gradients are
-    // cast straight into the shard, no flat buffer.
-    const double flat = shard[u] * static_cast<double>(G);
-    const bool own_flat = G > 1 || offload || in.grad_accum > 1;
-    const bool slice = G > 1 && (offload || in.grad_accum > 1);
-    live.grads += trained[u] * c + (own_flat ? flat * grad_bytes : 0) + (slice ? shard[u] * grad_bytes : 0);
-    event(u == 0 ? std::string("the embedding's gradient reduction")
-                 : u == head ? std::string("the head's gradient reduction")
-                             : "gradient reduction of block " + std::to_string(u - 1));
-    live.grads = 0;
-    if (!persist && (reshard || in.grad_accum == 1)) release(u);  // grad-op keeps them until the last micro-batch
   }
 
   plan.peak_at = peak_at;
@@ -395,10 +399,10 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
               {"workspace", workspace}};
   if (offload) {
     const double gpus = static_cast<double>(node);
-    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (dt.master + grad_bytes)},
-                 {"AdamW moments", gpus * shard_total * 2 * dt.master}};
+    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (master + grad_bytes)},
+                 {"AdamW moments", gpus * shard_total * 2 * master}};
     if (frozen_bytes > 0) plan.host.push_back({"frozen base (pinned)", gpus * frozen_bytes});
-    if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * dt.reduce});
+    if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * bytes(r.precision.reduce)});
   }
   return plan;
 }

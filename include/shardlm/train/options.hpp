@@ -1,8 +1,13 @@
 #pragma once
-// Trainer options and their command line. Every numeric choice is a run-time option; policies are types.
+// Trainer options and their command line. Every numeric choice is a run-time option; policies are types (a
+// program that picks them at run time, shardlm_train, names them with PolicyOptions). Options come in small groups,
+// the LibTorch way: fluent setters, one line per field, and each part of the trainer takes the group it needs:
+//
+//   TrainOptions().seq_len(128).steps(300).optim(optim::AdamWOptions().lr(3e-3)).data(DataOptions().path("x.bin"))
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -13,127 +18,258 @@
 #include <string_view>
 #include <vector>
 
+#include "shardlm/core/arg.hpp"
+#include "shardlm/core/compiled.hpp"
 #include "shardlm/core/errors.hpp"
 #include "shardlm/model/adapter.hpp"
-#include "shardlm/quant/layout.hpp"
 #include "shardlm/model/config.hpp"
+#include "shardlm/optim/options.hpp"
+#include "shardlm/policy/dispatch.hpp"
+#include "shardlm/quant/layout.hpp"
 
 namespace shardlm {
 
-struct TrainOptions {
-  std::string model_dir;                 ///< Hugging Face directory to start from (instead of a preset)
-  std::string preset = "llama3-debug";   ///< model preset when no model_dir
-  int64_t layers = 0;                    ///< override the number of layers (0: keep)
-  int64_t vocab_size = 0;                ///< override a preset's vocabulary size (0: keep)
-  std::string data;                      ///< token file (.bin uint32) or text (.txt, bytes as tokens)
-  int64_t seq_len = 256;
-  int64_t micro_batch = 8;
-  int64_t grad_accum = 1;
-  int64_t steps = 100;
-  double lr = 1e-3;
-  int64_t warmup_steps = 10;
-  double min_lr_ratio = 0.1;             ///< cosine decay ends at min_lr_ratio x lr
-  double weight_decay = 0.1;
-  double beta1 = 0.9, beta2 = 0.95;
-  double grad_clip = 1.0;                ///< max global grad norm (0: no clipping)
-  int64_t loss_chunk = 4096;             ///< tokens per chunk of the fused head and loss (0: whole logits, model/loss.hpp)
-  uint64_t seed = 0;
-  std::string device = "cpu";
-  std::string metrics;                   ///< JSONL file, one object per step
-  int64_t log_every = 10;
-  double peak_tflops = 0;                ///< MFU denominator (0: 989 on CUDA, none on CPU)
-  std::string precision = "fp32";        ///< shardlm_train only: picks the compiled policy
-  std::string sharding = "full";         ///< shardlm_train only: picks the compiled policy
-  std::string checkpointing = "none";    ///< shardlm_train only: picks the compiled policy
-  std::string offload = "none";          ///< shardlm_train only: picks the compiled policy
-  int64_t shard_group_size = 0;          ///< HybridShard: ranks per shard group (0: the ranks of one node)
-  int64_t dist_timeout = 300;            ///< seconds to wait for every rank at rendezvous, group setup and each collective
-  std::string save_final;                ///< write the trained weights (HF names, safetensors) here at the end
-  std::string export_dir;                ///< export the trained model as a Hugging Face checkpoint here at the end
-  double export_max_file_gb = 5;         ///< export: the size at which weight files are cut
-  std::string checkpoint_dir;            ///< sharded training checkpoints go here (train/checkpoint.hpp)
-  int64_t save_every = 0;                ///< checkpoint every N steps (0: only at the end); needs checkpoint_dir
-  std::string resume = "auto";           ///< auto (newest committed checkpoint, if any), none, or a checkpoint path
-  int64_t keep_last = 0;                 ///< after each commit keep only the newest K committed checkpoints (0: all)
-  bool async_save = false;               ///< write checkpoints in a background thread from a host snapshot
-  int64_t max_bad_steps = 10;            ///< stop with an error after this many non-finite steps in a row (0: never)
-  std::string adapter = "none";          ///< none (full fine-tuning), lora or dora: the base frozen (model/adapter.hpp)
-  int64_t lora_rank = 16;
-  double lora_alpha = 16;
-  double lora_dropout = 0;
-  bool use_rslora = false;               ///< scale alpha / sqrt(rank) instead of alpha / rank
-  std::string lora_targets = "q,k,v,o,gate,up,down";
-  std::string load_adapter;              ///< start the adapter from this PEFT adapter directory
-  std::string export_adapter;            ///< write the trained adapter here at the end (PEFT format)
-  std::string quant = "none";            ///< storage of the frozen base under an adapter: none, int4 or fp8
-  std::string eval_data;                 ///< validation token file (instead of an --eval-fraction split)
-  double eval_fraction = 0;              ///< hold out this last fraction of --data's tokens for validation
-  int64_t eval_every = 0;                ///< evaluate every N steps (0: only at the end, when there is validation data)
-  int64_t eval_samples = 0;              ///< windows of --seq-len + 1 tokens evaluated (0: the whole validation data)
-  std::string tensorboard;               ///< write TensorBoard event files (scalars) into this directory
-  /// Text used as the dataset when --data is not given (the examples' embedded corpus).
-  std::string_view builtin_text;
-  std::string builtin_name = "embedded corpus";
+/// The model: a Hugging Face directory or a preset, and how it computes.
+struct ModelOptions {
+  /// Hugging Face directory to start from (instead of a preset).
+  SHARDLM_ARG(std::string, model_dir);
+  /// Model preset when no model_dir.
+  SHARDLM_ARG(std::string, preset) = "llama3-debug";
+  /// Override the preset's number of layers (0: keep).
+  SHARDLM_ARG(int64_t, layers) = 0;
+  /// Override the preset's vocabulary size (0: keep).
+  SHARDLM_ARG(int64_t, vocab_size) = 0;
+  /// Tokens per chunk of the fused head and loss (0: whole logits and the plain loss, model/loss.hpp).
+  SHARDLM_ARG(int64_t, loss_chunk) = 4096;
+  /// How a MoE model's experts compute: auto, loop, padded or grouped (model/moe.hpp).
+  SHARDLM_ARG(std::string, moe_kernel) = "auto";
+};
 
-  void validate() const {
-    auto positive = [](int64_t v, const char* flag) {
-      if (v <= 0) fail<ConfigError>("--", flag, " must be positive, got ", v);
-    };
-    positive(seq_len, "seq-len");
-    positive(micro_batch, "micro-batch");
-    positive(grad_accum, "grad-accum");
-    if (steps < 0) fail<ConfigError>("--steps must be >= 0, got ", steps);
-    positive(log_every, "log-every");
-    if (!(lr > 0)) fail<ConfigError>("--lr must be positive, got ", lr);
-    if (warmup_steps < 0) fail<ConfigError>("--warmup-steps must be >= 0, got ", warmup_steps);
-    if (layers < 0) fail<ConfigError>("--layers must be >= 0, got ", layers);
-    if (min_lr_ratio < 0 || min_lr_ratio > 1) fail<ConfigError>("--min-lr-ratio must lie in [0, 1], got ", min_lr_ratio);
-    if (grad_clip < 0) fail<ConfigError>("--grad-clip must be >= 0, got ", grad_clip);
-    if (loss_chunk < 0) fail<ConfigError>("--loss-chunk must be >= 0 (0: the plain loss on whole logits), got ", loss_chunk);
-    if (shard_group_size < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", shard_group_size);
-    positive(dist_timeout, "dist-timeout");
-    if (save_every < 0) fail<ConfigError>("--save-every must be >= 0, got ", save_every);
-    if (!(export_max_file_gb > 0)) fail<ConfigError>("--export-max-file-gb must be positive, got ", export_max_file_gb);
-    if (max_bad_steps < 0) fail<ConfigError>("--max-bad-steps must be >= 0, got ", max_bad_steps);
-    if (keep_last < 0) fail<ConfigError>("--keep-last must be >= 0, got ", keep_last);
-    if (!(eval_fraction >= 0 && eval_fraction < 1)) fail<ConfigError>("--eval-fraction must lie in [0, 1), got ", eval_fraction);
-    if (eval_fraction > 0 && !eval_data.empty()) fail<ConfigError>("--eval-fraction and --eval-data exclude each other");
-    if (eval_every < 0) fail<ConfigError>("--eval-every must be >= 0, got ", eval_every);
-    if (eval_samples < 0) fail<ConfigError>("--eval-samples must be >= 0, got ", eval_samples);
-    if (eval_every > 0 && eval_data.empty() && eval_fraction == 0)
-      fail<ConfigError>("--eval-every needs validation data: --eval-data FILE or --eval-fraction X");
-    if (save_every > 0 && checkpoint_dir.empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
-    if (keep_last > 0 && checkpoint_dir.empty()) fail<ConfigError>("--keep-last needs --checkpoint-dir");
-    if (async_save && checkpoint_dir.empty()) fail<ConfigError>("--async-save needs --checkpoint-dir");
-    if (resume != "auto" && resume != "none" && checkpoint_dir.empty() && !std::filesystem::exists(resume))
-      fail<ConfigError>("--resume ", resume, ": no such checkpoint directory");
-    adapter_config().validate();
-    quant::check_policy(quant);
-    if (data.empty() && builtin_text.empty() && needs_data)
-      fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
-  }
-  bool needs_data = true;                ///< false for programs that read no data (shardlm_plan)
+/// The training and validation data.
+struct DataOptions {
+  /// Token file (.bin uint32, with its .mask) or text (.txt, bytes as tokens).
+  SHARDLM_ARG(std::string, path);
+  /// Text used as the dataset when no path is given (the examples' embedded corpus).
+  SHARDLM_ARG(std::string_view, builtin_text);
+  /// The name the embedded text is reported by.
+  SHARDLM_ARG(std::string, builtin_name) = "embedded corpus";
+  /// Validation token file (instead of an eval_fraction split).
+  SHARDLM_ARG(std::string, eval_data);
+  /// Hold out this last fraction of the data's tokens for validation.
+  SHARDLM_ARG(double, eval_fraction) = 0;
+  /// Evaluate every N steps (0: only at the end, when there is validation data).
+  SHARDLM_ARG(int64_t, eval_every) = 0;
+  /// Windows of seq_len + 1 tokens evaluated (0: the whole validation data).
+  SHARDLM_ARG(int64_t, eval_samples) = 0;
+  /// Whether the program reads data (shardlm_plan does not).
+  SHARDLM_ARG(bool, required) = true;
+};
 
-  model::AdapterConfig adapter_config() const {
+/// The learning-rate schedule: linear warmup, then cosine decay over the run's steps.
+struct ScheduleOptions {
+  /// Linear warmup steps.
+  SHARDLM_ARG(int64_t, warmup_steps) = 10;
+  /// The cosine decay ends at this fraction of the peak learning rate.
+  SHARDLM_ARG(double, min_lr_ratio) = 0.1;
+};
+
+/// Training checkpoints (train/checkpoint.hpp) and the run's tolerance of bad steps.
+struct CheckpointOptions {
+  /// Sharded training checkpoints go here.
+  SHARDLM_ARG(std::string, dir);
+  /// Checkpoint every N steps (0: only at the end); needs dir.
+  SHARDLM_ARG(int64_t, save_every) = 0;
+  /// auto (the newest committed checkpoint, if any), none, or a checkpoint path.
+  SHARDLM_ARG(std::string, resume) = "auto";
+  /// After each commit keep only the newest K committed checkpoints (0: all).
+  SHARDLM_ARG(int64_t, keep_last) = 0;
+  /// Write checkpoints in a background thread from a host snapshot.
+  SHARDLM_ARG(bool, async_save) = false;
+  /// Stop with an error after this many non-finite steps in a row (0: never).
+  SHARDLM_ARG(int64_t, max_bad_steps) = 10;
+};
+
+/// What the run writes at its end.
+struct OutputOptions {
+  /// The trained weights (Hugging Face names, one safetensors file).
+  SHARDLM_ARG(std::string, save_final);
+  /// The trained model as a Hugging Face checkpoint.
+  SHARDLM_ARG(std::string, export_dir);
+  /// export_dir: the size at which weight files are cut.
+  SHARDLM_ARG(double, export_max_file_gb) = 5;
+  /// The trained adapter (PEFT format).
+  SHARDLM_ARG(std::string, export_adapter);
+};
+
+/// The adapter on a frozen base (model/adapter.hpp) and the base's storage.
+struct AdapterOptions {
+  /// none (full fine-tuning), lora or dora.
+  SHARDLM_ARG(std::string, kind) = "none";
+  /// LoRA rank r.
+  SHARDLM_ARG(int64_t, rank) = 16;
+  /// LoRA alpha: the update is scaled by alpha / r.
+  SHARDLM_ARG(double, alpha) = 16;
+  /// Dropout on the adapter's input.
+  SHARDLM_ARG(double, dropout) = 0;
+  /// Scale alpha / sqrt(rank) instead of alpha / rank (rsLoRA).
+  SHARDLM_ARG(bool, rslora) = false;
+  /// Layers that get an adapter, among q,k,v,o,gate,up,down.
+  SHARDLM_ARG(std::string, targets) = "q,k,v,o,gate,up,down";
+  /// Start the adapter from this PEFT adapter directory.
+  SHARDLM_ARG(std::string, load);
+  /// Storage of the frozen base: none (compute dtype), int4 or fp8.
+  SHARDLM_ARG(std::string, quant) = "none";
+
+ public:
+  /// The adapter as the model builds it (the kind's rules from its name: the CLI mapping).
+  model::AdapterConfig config() const {
     model::AdapterConfig a;
-    a.kind = adapter, a.rank = lora_rank, a.alpha = lora_alpha, a.dropout = lora_dropout, a.rslora = use_rslora;
-    a.targets = model::split_targets(lora_targets);
+    a.kind = adapter_named(kind_), a.rank = rank_, a.alpha = alpha_, a.dropout = dropout_, a.rslora = rslora_;
+    a.targets = model::split_targets(targets_);
     return a;
   }
 };
 
-namespace train {
-/// The model config a run uses: --model-dir's config.json, or the preset (with --layers, --vocab-size).
-inline model::ModelConfig resolve_config(const TrainOptions& o) {
-  if (!o.model_dir.empty()) {
-    auto c = model::load_config(o.model_dir);
-    if (o.layers > 0) fail<ConfigError>("--layers cannot change a checkpoint's depth (", c.num_layers, " in ", o.model_dir, ")");
-    if (o.vocab_size > 0) fail<ConfigError>("--vocab-size cannot change a checkpoint's vocabulary (", c.vocab_size, " in ", o.model_dir, ")");
-    return c;
+/// The job: the device, the shard groups and the collectives' patience.
+struct DistOptions {
+  /// cpu, cuda or cuda:N.
+  SHARDLM_ARG(std::string, device) = "cpu";
+  /// HybridShard: ranks per shard group (0: the ranks of one node).
+  SHARDLM_ARG(int64_t, shard_group_size) = 0;
+  /// Seconds to wait for every rank at rendezvous, group setup and each collective.
+  SHARDLM_ARG(int64_t, timeout) = 300;
+};
+
+/// What the run reports.
+struct LogOptions {
+  /// JSONL file, one object per step.
+  SHARDLM_ARG(std::string, metrics);
+  /// A log line every N steps.
+  SHARDLM_ARG(int64_t, every) = 10;
+  /// TensorBoard event files (scalars) go into this directory.
+  SHARDLM_ARG(std::string, tensorboard);
+  /// MFU denominator in TFLOP/s (0: 989 on CUDA, none on CPU).
+  SHARDLM_ARG(double, peak_tflops) = 0;
+  /// After each unit's forward and backward, log the CUDA allocator's bytes (what the planner predicts).
+  SHARDLM_ARG(bool, memory_trace) = false;
+};
+
+/// The policies of a program that picks them at run time (shardlm_train, the step benchmark): tag names.
+struct PolicyOptions {
+  /// none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid.
+  SHARDLM_ARG(std::string, sharding) = "full";
+  /// fp32, mixed-bf16 or pure-bf16.
+  SHARDLM_ARG(std::string, precision) = "fp32";
+  /// none, every-block or every-K.
+  SHARDLM_ARG(std::string, checkpointing) = "none";
+  /// none or cpu.
+  SHARDLM_ARG(std::string, offload) = "none";
+};
+
+struct TrainOptions {
+  /// Tokens per sample.
+  SHARDLM_ARG(int64_t, seq_len) = 256;
+  /// Samples per micro-batch, per rank.
+  SHARDLM_ARG(int64_t, micro_batch) = 8;
+  /// Micro-batches per optimizer step.
+  SHARDLM_ARG(int64_t, grad_accum) = 1;
+  /// Optimizer steps (0: load, then save or export only).
+  SHARDLM_ARG(int64_t, steps) = 100;
+  /// Seed of initialization and data order.
+  SHARDLM_ARG(uint64_t, seed) = 0;
+  /// The model.
+  SHARDLM_ARG(ModelOptions, model);
+  /// The data.
+  SHARDLM_ARG(DataOptions, data);
+  /// AdamW and clipping.
+  SHARDLM_ARG(optim::AdamWOptions, optim);
+  /// The learning-rate schedule.
+  SHARDLM_ARG(ScheduleOptions, schedule);
+  /// Training checkpoints.
+  SHARDLM_ARG(CheckpointOptions, checkpoint);
+  /// What the run writes at its end.
+  SHARDLM_ARG(OutputOptions, output);
+  /// The adapter and the frozen base's storage.
+  SHARDLM_ARG(AdapterOptions, adapter);
+  /// The job.
+  SHARDLM_ARG(DistOptions, dist);
+  /// Reporting.
+  SHARDLM_ARG(LogOptions, log);
+  /// The policies, for programs that pick them at run time.
+  SHARDLM_ARG(PolicyOptions, policy);
+
+ public:
+  /// Refuses every value that cannot work, naming its flag.
+  void validate() const {
+    auto positive = [](int64_t v, const char* flag) {
+      if (v <= 0) fail<ConfigError>("--", flag, " must be positive, got ", v);
+    };
+    positive(seq_len_, "seq-len");
+    positive(micro_batch_, "micro-batch");
+    positive(grad_accum_, "grad-accum");
+    if (steps_ < 0) fail<ConfigError>("--steps must be >= 0, got ", steps_);
+    positive(log_.every(), "log-every");
+    optim_.validate();
+    if (schedule_.warmup_steps() < 0) fail<ConfigError>("--warmup-steps must be >= 0, got ", schedule_.warmup_steps());
+    if (!(schedule_.min_lr_ratio() >= 0 && schedule_.min_lr_ratio() <= 1))
+      fail<ConfigError>("--min-lr-ratio must lie in [0, 1], got ", schedule_.min_lr_ratio());
+    if (model_.layers() < 0) fail<ConfigError>("--layers must be >= 0, got ", model_.layers());
+    if (model_.vocab_size() < 0) fail<ConfigError>("--vocab-size must be >= 0 (0: the preset's), got ", model_.vocab_size());
+    if (model_.loss_chunk() < 0)
+      fail<ConfigError>("--loss-chunk must be >= 0 (0: the plain loss on whole logits), got ", model_.loss_chunk());
+    model::expert_kernel_named(model_.moe_kernel());
+    if (dist_.shard_group_size() < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", dist_.shard_group_size());
+    // A day bounds every wait: larger values would overflow the clocks the collectives are timed with.
+    if (dist_.timeout() <= 0 || dist_.timeout() > 86400)
+      fail<ConfigError>("--dist-timeout must lie in [1, 86400] seconds, got ", dist_.timeout());
+    const auto& c = checkpoint_;
+    if (c.save_every() < 0) fail<ConfigError>("--save-every must be >= 0, got ", c.save_every());
+    if (!(output_.export_max_file_gb() > 0) || !std::isfinite(output_.export_max_file_gb()))
+      fail<ConfigError>("--export-max-file-gb must be positive, got ", output_.export_max_file_gb());
+    if (c.max_bad_steps() < 0) fail<ConfigError>("--max-bad-steps must be >= 0, got ", c.max_bad_steps());
+    if (c.keep_last() < 0) fail<ConfigError>("--keep-last must be >= 0, got ", c.keep_last());
+    const auto& d = data_;
+    if (!(d.eval_fraction() >= 0 && d.eval_fraction() < 1))
+      fail<ConfigError>("--eval-fraction must lie in [0, 1), got ", d.eval_fraction());
+    if (d.eval_fraction() > 0 && !d.eval_data().empty()) fail<ConfigError>("--eval-fraction and --eval-data exclude each other");
+    if (d.eval_every() < 0) fail<ConfigError>("--eval-every must be >= 0, got ", d.eval_every());
+    if (d.eval_samples() < 0) fail<ConfigError>("--eval-samples must be >= 0, got ", d.eval_samples());
+    if (d.eval_every() > 0 && d.eval_data().empty() && d.eval_fraction() == 0)
+      fail<ConfigError>("--eval-every needs validation data: --eval-data FILE or --eval-fraction X");
+    if (c.save_every() > 0 && c.dir().empty()) fail<ConfigError>("--save-every needs --checkpoint-dir");
+    if (c.keep_last() > 0 && c.dir().empty()) fail<ConfigError>("--keep-last needs --checkpoint-dir");
+    if (c.async_save() && c.dir().empty()) fail<ConfigError>("--async-save needs --checkpoint-dir");
+    if (c.resume() != "auto" && c.resume() != "none" && c.dir().empty() && !std::filesystem::exists(c.resume()))
+      fail<ConfigError>("--resume ", c.resume(), ": no such checkpoint directory");
+    adapter_.config().validate();
+    quant::rules_named(adapter_.quant());
+    if (d.path().empty() && d.builtin_text().empty() && d.required())
+      fail<ConfigError>("--data is required (a .bin token file or a .txt file)");
   }
-  auto c = model::preset(o.preset, o.layers);
-  if (o.vocab_size < 0) fail<ConfigError>("--vocab-size must be positive, got ", o.vocab_size);
-  if (o.vocab_size > 0) c.vocab_size = o.vocab_size;
+
+  /// The recipe the policy flags name (shardlm_train), with the adapter and quantization flags.
+  RecipeRules recipe() const {
+    return recipe_named(policy_.sharding(), policy_.precision(), policy_.checkpointing(), policy_.offload(),
+                        adapter_.kind(), adapter_.quant());
+  }
+};
+
+namespace train {
+/// The model config a run uses: model_dir's config.json, or the preset (with layers, vocab_size), and the
+/// run's expert kernel.
+inline model::ModelConfig resolve_config(const ModelOptions& o) {
+  model::ModelConfig c;
+  if (!o.model_dir().empty()) {
+    c = model::load_config(o.model_dir());
+    if (o.layers() > 0)
+      fail<ConfigError>("--layers cannot change a checkpoint's depth (", c.num_layers, " in ", o.model_dir(), ")");
+    if (o.vocab_size() > 0)
+      fail<ConfigError>("--vocab-size cannot change a checkpoint's vocabulary (", c.vocab_size, " in ", o.model_dir(), ")");
+  } else {
+    c = model::preset(o.preset(), o.layers());
+    if (o.vocab_size() > 0) c.vocab_size = o.vocab_size();
+  }
+  c.expert_kernel = model::expert_kernel_named(o.moe_kernel());
   return c;
 }
 }  // namespace train
@@ -150,64 +286,75 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
                                       const ExtraFlags& extra) {
   cxxopts::Options opts(program, "shardlm trainer");
   auto s = [](auto& v) { return cxxopts::value<std::decay_t<decltype(v)>>(v)->default_value(shardlm::detail::cat(v)); };
+  auto b = [](bool& v) { return cxxopts::value<bool>(v)->default_value(v ? "true" : "false"); };
+  auto& m = o.model();
+  auto& d = o.data();
+  auto& opt = o.optim();
+  auto& c = o.checkpoint();
+  auto& out = o.output();
+  auto& a = o.adapter();
+  auto& log = o.log();
   opts.add_options()
     ("config", "read flags from this JSON object (keys: flag names without --); flags given on the command line win", s(config))
-    ("model-dir", "Hugging Face model directory to start from", s(o.model_dir))
-    ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b, mixtral-debug, mixtral-8x7b, mixtral-8x22b)", s(o.preset))
-    ("layers", "override the number of layers (0: the preset's)", s(o.layers))
-    ("vocab-size", "override the preset's vocabulary size (0: the preset's)", s(o.vocab_size))
-    ("data", "token file: .bin (uint32 tokens) or .txt (bytes as tokens)", s(o.data))
-    ("seq-len", "tokens per sample", s(o.seq_len))
-    ("micro-batch", "samples per micro-batch", s(o.micro_batch))
-    ("grad-accum", "micro-batches per optimizer step", s(o.grad_accum))
-    ("steps", "optimizer steps (0: load, then save or export only)", s(o.steps))
-    ("lr", "peak learning rate", s(o.lr))
-    ("warmup-steps", "linear warmup steps", s(o.warmup_steps))
-    ("min-lr-ratio", "cosine decay ends at this fraction of --lr", s(o.min_lr_ratio))
-    ("weight-decay", "AdamW decoupled weight decay (matrices and embeddings)", s(o.weight_decay))
-    ("beta1", "AdamW beta1", s(o.beta1))
-    ("beta2", "AdamW beta2", s(o.beta2))
-    ("grad-clip", "max global gradient norm (0: off)", s(o.grad_clip))
+    ("model-dir", "Hugging Face model directory to start from", s(m.model_dir()))
+    ("preset", "model preset when no --model-dir (llama3-debug, llama3-8b, llama3-70b, llama3-405b, mixtral-debug, mixtral-8x7b, mixtral-8x22b)", s(m.preset()))
+    ("layers", "override the number of layers (0: the preset's)", s(m.layers()))
+    ("vocab-size", "override the preset's vocabulary size (0: the preset's); token ids must be below it", s(m.vocab_size()))
+    ("data", "token file: .bin (uint32 tokens) or .txt (bytes as tokens)", s(d.path()))
+    ("seq-len", "tokens per sample", s(o.seq_len()))
+    ("micro-batch", "samples per micro-batch", s(o.micro_batch()))
+    ("grad-accum", "micro-batches per optimizer step", s(o.grad_accum()))
+    ("steps", "optimizer steps (0: load, then save or export only)", s(o.steps()))
+    ("lr", "peak learning rate", s(opt.lr()))
+    ("warmup-steps", "linear warmup steps", s(o.schedule().warmup_steps()))
+    ("min-lr-ratio", "cosine decay ends at this fraction of --lr", s(o.schedule().min_lr_ratio()))
+    ("weight-decay", "AdamW decoupled weight decay (matrices and embeddings)", s(opt.weight_decay()))
+    ("beta1", "AdamW beta1", s(opt.beta1()))
+    ("beta2", "AdamW beta2", s(opt.beta2()))
+    ("grad-clip", "max global gradient norm (0: off)", s(opt.grad_clip()))
     ("loss-chunk", "tokens per chunk of the fused LM head and cross-entropy, which never holds whole logits "
-                   "(0: whole logits and the plain loss)", s(o.loss_chunk))
-    ("seed", "seed of initialization and data order", s(o.seed))
-    ("device", "cpu, cuda or cuda:N", s(o.device))
-    ("metrics", "write one JSON object per step to this file", s(o.metrics))
-    ("log-every", "print a log line every N steps", s(o.log_every))
-    ("peak-tflops", "peak TFLOP/s for MFU (0: 989 on CUDA, none on CPU)", s(o.peak_tflops))
-    ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.shard_group_size))
-    ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist_timeout))
-    ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(o.save_final))
-    ("export-dir", "export the trained model here as a Hugging Face checkpoint (sharded safetensors + index, config.json)", s(o.export_dir))
-    ("export-max-file-gb", "--export-dir: cut weight files at this size", s(o.export_max_file_gb))
-    ("checkpoint-dir", "write sharded training checkpoints under this directory", s(o.checkpoint_dir))
-    ("save-every", "checkpoint every N steps (0: only at the end of the run)", s(o.save_every))
-    ("resume", "auto (newest committed checkpoint in --checkpoint-dir), none, or a checkpoint directory", s(o.resume))
-    ("keep-last", "after each checkpoint commits, remove older committed ones beyond the newest K (0: keep all)", s(o.keep_last))
-    ("async-save", "write checkpoints in a background thread from a host copy of the shards (needs that much host memory)",
-     cxxopts::value<bool>(o.async_save)->default_value(o.async_save ? "true" : "false"))
-    ("max-bad-steps", "stop with an error after N steps in a row with a non-finite gradient norm (0: never)", s(o.max_bad_steps))
-    ("adapter", "none (full fine-tuning), lora or dora (the base frozen; docs/adapters.md)", s(o.adapter))
-    ("lora-rank", "LoRA rank r", s(o.lora_rank))
-    ("lora-alpha", "LoRA alpha: the update is scaled by alpha / r", s(o.lora_alpha))
-    ("lora-dropout", "dropout on the adapter's input", s(o.lora_dropout))
-    ("use-rslora", "scale by alpha / sqrt(r) (rsLoRA)", cxxopts::value<bool>(o.use_rslora)->default_value(o.use_rslora ? "true" : "false"))
-    ("lora-targets", "layers that get an adapter, among q,k,v,o,gate,up,down", s(o.lora_targets))
-    ("load-adapter", "start the adapter from this PEFT adapter directory", s(o.load_adapter))
-    ("export-adapter", "write the trained adapter here at the end (PEFT: adapter_config.json, adapter_model.safetensors)", s(o.export_adapter))
+                   "(0: whole logits and the plain loss)", s(m.loss_chunk()))
+    ("moe-kernel", "how a MoE model's experts compute: auto, loop, padded or grouped", s(m.moe_kernel()))
+    ("seed", "seed of initialization and data order", s(o.seed()))
+    ("device", "cpu, cuda or cuda:N", s(o.dist().device()))
+    ("metrics", "write one JSON object per step to this file", s(log.metrics()))
+    ("log-every", "print a log line every N steps", s(log.every()))
+    ("peak-tflops", "peak TFLOP/s for MFU (0: 989 on CUDA, none on CPU)", s(log.peak_tflops()))
+    ("memory-trace", "log the GPU allocator's bytes after each unit's forward and backward (rank 0)", b(log.memory_trace()))
+    ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.dist().shard_group_size()))
+    ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist().timeout()))
+    ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(out.save_final()))
+    ("export-dir", "export the trained model here as a Hugging Face checkpoint (sharded safetensors + index, config.json)", s(out.export_dir()))
+    ("export-max-file-gb", "--export-dir: cut weight files at this size", s(out.export_max_file_gb()))
+    ("checkpoint-dir", "write sharded training checkpoints under this directory", s(c.dir()))
+    ("save-every", "checkpoint every N steps (0: only at the end of the run)", s(c.save_every()))
+    ("resume", "auto (newest committed checkpoint in --checkpoint-dir), none, or a checkpoint directory", s(c.resume()))
+    ("keep-last", "after each checkpoint commits, remove older committed ones beyond the newest K (0: keep all)", s(c.keep_last()))
+    ("async-save", "write checkpoints in a background thread from a host copy of the shards (needs that much host memory)", b(c.async_save()))
+    ("max-bad-steps", "stop with an error after N steps in a row with a non-finite gradient norm (0: never)", s(c.max_bad_steps()))
+    ("adapter", "none (full fine-tuning), lora or dora (the base frozen; docs/adapters.md)", s(a.kind()))
+    ("lora-rank", "LoRA rank r", s(a.rank()))
+    ("lora-alpha", "LoRA alpha: the update is scaled by alpha / r", s(a.alpha()))
+    ("lora-dropout", "dropout on the adapter's input", s(a.dropout()))
+    ("use-rslora", "scale by alpha / sqrt(r) (rsLoRA)", b(a.rslora()))
+    ("lora-targets", "layers that get an adapter, among q,k,v,o,gate,up,down", s(a.targets()))
+    ("load-adapter", "start the adapter from this PEFT adapter directory", s(a.load()))
+    ("export-adapter", "write the trained adapter here at the end (PEFT: adapter_config.json, adapter_model.safetensors)", s(out.export_adapter()))
     ("quant", "storage of the frozen base under --adapter: none (compute dtype), int4 (4.5 bits, HQQ-style groups of "
-              "64) or fp8 (e4m3, row scales); docs/quantization.md", s(o.quant))
-    ("eval-data", "validation token file (.bin with its .mask, or .txt)", s(o.eval_data))
-    ("eval-fraction", "hold out this last fraction of --data's tokens as the validation split", s(o.eval_fraction))
-    ("eval-every", "evaluate on the validation data every N steps (0: at the end only, when there is some)", s(o.eval_every))
-    ("eval-samples", "validation windows of --seq-len + 1 tokens to evaluate (0: all)", s(o.eval_samples))
-    ("tensorboard", "write TensorBoard event files (scalars) into this directory (rank 0)", s(o.tensorboard))
+              "64) or fp8 (e4m3, row scales); docs/quantization.md", s(a.quant()))
+    ("eval-data", "validation token file (.bin with its .mask, or .txt)", s(d.eval_data()))
+    ("eval-fraction", "hold out this last fraction of --data's tokens as the validation split", s(d.eval_fraction()))
+    ("eval-every", "evaluate on the validation data every N steps (0: at the end only, when there is some)", s(d.eval_every()))
+    ("eval-samples", "validation windows of --seq-len + 1 tokens to evaluate (0: all)", s(d.eval_samples()))
+    ("tensorboard", "write TensorBoard event files (scalars) into this directory (rank 0)", s(log.tensorboard()))
     ("h,help", "print this help");
-  if (policy_flags)
-    opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(o.precision))(
-        "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(o.sharding))(
-        "checkpointing", "none, every-block or every-2 (recompute blocks in backward)", s(o.checkpointing))(
-        "offload", "none or cpu", s(o.offload));
+  if (policy_flags) {
+    auto& p = o.policy();
+    opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(p.precision()))(
+        "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(p.sharding()))(
+        "checkpointing", "none, every-block or every-K (recompute every K-th block in backward)", s(p.checkpointing()))(
+        "offload", "none or cpu", s(p.offload()));
+  }
   if (extra) extra(opts);
   return opts;
 }
@@ -249,8 +396,9 @@ inline std::vector<std::string> config_arguments(const std::string& file, const 
 /// names), so the command line overrides the file. `--help` prints every flag with its default and exits 0.
 /// A bad flag or value is a ConfigError naming it.
 /// With `policy_flags`, also --precision, --sharding, --checkpointing, --offload (the policy-matrix programs).
-inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false,
-                          const ExtraFlags& extra = {}) {
+/// (A template of nothing only so that shardlm::compiled can compile it once: core/compiled.hpp; call parse().)
+template <class V = void>
+TrainOptions parse_once(int argc, const char* const* argv, TrainOptions o, bool policy_flags, const ExtraFlags& extra) {
   const char* program = argc > 0 ? argv[0] : "shardlm";
   const TrainOptions defaults = o;
   // Each parse below starts from fresh options bound to fresh variables, so nothing leaks between them.
@@ -300,7 +448,16 @@ inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}
     std::exit(0);
   }
   o.validate();
+  if (policy_flags) o.recipe();  // the policy flags' errors before anything is built
   return o;
+}
+
+SHARDLM_EXTERN_TEMPLATE(TrainOptions parse_once<void>(int, const char* const*, TrainOptions, bool, const ExtraFlags&))
+
+/// Parses the trainer flags: see parse_once.
+inline TrainOptions parse(int argc, const char* const* argv, TrainOptions o = {}, bool policy_flags = false,
+                          const ExtraFlags& extra = {}) {
+  return parse_once<void>(argc, argv, std::move(o), policy_flags, extra);
 }
 
 }  // namespace cli

@@ -1,4 +1,0 @@
-// shardlm_train's recipes of --precision pure-bf16 (see shardlm_train_recipes.hpp).
-#include "shardlm_train_recipes.hpp"
-
-template int shardlm::tools::train_recipes_of<shardlm::precision::PureBF16>(const shardlm::TrainOptions&);
