@@ -3,6 +3,7 @@
 #include "shardlm/core/arg.hpp"
 #include "shardlm/core/compat.hpp"
 #include "shardlm/core/device.hpp"
+#include "shardlm/core/host_memory.hpp"
 #include "shardlm/core/dtype.hpp"
 #include "shardlm/core/errors.hpp"
 #include "shardlm/core/json.hpp"

@@ -989,3 +989,53 @@ TEST_CASE("the planner replays the engine's schedule: the same gathers, releases
             }
   CHECK(recipes == 2 * 21 * 3 * 2);  // 21 sharding x checkpointing x offload combinations the engine serves, 3 precisions
 }
+
+TEST_CASE("offloaded host steps: overlapped and speculative give the sync step's losses and weights bit for bit") {
+  const auto corpus = text_corpus();
+  struct Run {
+    std::vector<double> losses;
+    std::vector<bool> redone;
+    std::vector<at::Tensor> weights;
+  };
+  // 5 steps; step 3's backward is NaN (dropped: a speculative update is dropped too); `clip` decides whether the
+  // speculative updates stand (a loose clip) or are redone with clipping (a tight one).
+  const auto run = [&]<class Recipe>(Recipe, const char* mode, double clip, int64_t accum) {
+    auto o = tiny(corpus);
+    o.steps(5).grad_accum(accum).micro_batch(4 / accum);
+    o.optim().grad_clip(clip);
+    o.offload().step(mode);
+    train::Faults faults;
+    faults.nan_steps = {3};
+    train::Trainer<model::Llama3, Recipe> t(o, train::open_dataset(o.data()), nullptr, faults);
+    Run r;
+    for (int s = 0; s < 5; ++s) {
+      const auto m = t.step();
+      r.losses.push_back(m.loss), r.redone.push_back(m.host_step_redone);
+    }
+    r.weights = t.master_weights();
+    return r;
+  };
+  const auto check = [&]<class Recipe>(Recipe recipe, double clip, int64_t accum, bool redo_expected) {
+    CAPTURE(Recipe::rules().describe());
+    CAPTURE(clip);
+    CAPTURE(accum);
+    const auto sync = run(recipe, "sync", clip, accum);
+    for (const char* mode : {"overlapped", "speculative"}) {
+      const std::string mode_name = mode;
+      CAPTURE(mode_name);
+      const auto other = run(recipe, mode, clip, accum);
+      CHECK(other.losses == sync.losses);
+      REQUIRE(other.weights.size() == sync.weights.size());
+      for (size_t i = 0; i < sync.weights.size(); ++i) CHECK(at::equal(other.weights[i], sync.weights[i]));
+      const bool speculative = std::string_view(mode) == "speculative";
+      // A speculative step is redone when clipping applied, and dropped with the NaN step; the others never.
+      for (int s = 0; s < 5; ++s) CHECK(other.redone[s] == (speculative && (s == 2 || redo_expected)));
+    }
+  };
+  using MixedOffload = Policies<sharding::FullShard, precision::MixedBF16, offload::Cpu>;
+  using Fp32Offload = Policies<sharding::ShardGradOp, checkpointing::EveryBlock, offload::Cpu>;
+  check(MixedOffload{}, 1e9, 1, false);  // no clipping: the speculative updates stand
+  check(MixedOffload{}, 1e-3, 1, true);  // always clipping: every speculative update is redone
+  check(Fp32Offload{}, 1e9, 2, false);   // accumulation: the norms taken on the host
+  check(Fp32Offload{}, 1e-3, 2, true);
+}
