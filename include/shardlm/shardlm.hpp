@@ -9,6 +9,7 @@
 #include "shardlm/core/json.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/core/main.hpp"
+#include "shardlm/core/numa.hpp"
 #include "shardlm/core/parallel.hpp"
 #include "shardlm/core/progress.hpp"
 #include "shardlm/policy/dispatch.hpp"

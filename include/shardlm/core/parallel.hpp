@@ -61,14 +61,15 @@ class ThreadPool {
       if (e) std::rethrow_exception(e);
   }
 
-  /// The process's pool of at::get_num_threads() threads (made again when that count changes).
-  static ThreadPool& shared() {
+  /// The process's pool of at::get_num_threads() threads (made again when that count changes; a run still using the
+  /// old one keeps it alive).
+  static std::shared_ptr<ThreadPool> shared() {
     static std::mutex m;
-    static std::unique_ptr<ThreadPool> pool;
+    static std::shared_ptr<ThreadPool> pool;
     std::lock_guard<std::mutex> lock(m);
     const int n = std::max(1, at::get_num_threads());
-    if (!pool || pool->size() != n) pool = std::make_unique<ThreadPool>(n);
-    return *pool;
+    if (!pool || pool->size() != n) pool = std::make_shared<ThreadPool>(n);
+    return pool;
   }
 
  private:
@@ -124,7 +125,7 @@ void parallel_ranges(int64_t n, int64_t grain, F&& f) {
   }
   const int64_t per = (n + parts - 1) / parts;
   const at::ThreadLocalState state;
-  ThreadPool::shared().run(static_cast<int>(parts), [&](int t) {
+  ThreadPool::shared()->run(static_cast<int>(parts), [&](int t) {
     const int64_t begin = t * per, end = std::min(n, (t + 1) * per);
     if (begin >= end) return;
     if (t == 0) return f(begin, end);

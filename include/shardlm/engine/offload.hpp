@@ -20,7 +20,9 @@
 //                          factor 1, from the state into a second copy of it (the same memory traffic as in place);
 //                          when the norm then asks for no clipping the copies are swapped in; when it asks for
 //                          clipping each unit is stepped again from the state it kept, and when it is not finite the
-//                          step is dropped (both counted: HostShards::redone). Bit for bit the sync path's result.
+//                          step is dropped (both counted: HostShards::redone). Clipping tends to last (early training):
+//                          after a step that was clipped or dropped the next one steps as overlapped does, and
+//                          speculates again after a step that needed no clipping. Bit for bit the sync path's result.
 //
 // The clipping norm is the same in every mode: without accumulation each unit's norm taken on the device as its
 // slice is reduced, with accumulation each unit's norm taken on the host once its sum is complete, combined as
@@ -246,6 +248,7 @@ class HostShards final : public ShardStorage {
   void begin_step(std::vector<FlatUnit>& units, const optim::AdamWOptions& hyper, const StepScalars& s) override {
     auto next = std::make_shared<StepState>();
     next->scalars = s, next->hyper = hyper;
+    next->speculating = mode_ == HostStep::speculative && !last_clipped_;
     next->norms.assign(units.size(), at::Tensor());
     next->normed.assign(units.size(), false);
     for (size_t u = 0; u < units.size(); ++u) next->normed[u] = units[u].empty();
@@ -277,7 +280,7 @@ class HostShards final : public ShardStorage {
       slot.staging.copy_(part, /*non_blocking=*/true);
       slot.staged = true;
     }
-    if (mode_ == HostStep::speculative && mb.last) {
+    if (step_->speculating && mb.last) {
       // The unit's gradients are complete once this copy lands: its step starts then, on the stepper thread.
       enqueue([this, u, &unit, copied = streams.mark_comm(), step = step_, device_norm] {
         speculate(u, unit, copied, *step, device_norm);
@@ -288,7 +291,7 @@ class HostShards final : public ShardStorage {
   void after_backward(std::vector<FlatUnit>& units, dist::ProcessGroups&, Streams& streams, MicroBatch mb) override {
     step_->device_norms = mb.first && mb.last;
     streams.join();
-    if (mode_ == HostStep::speculative && mb.last) return;  // the stepper adds the staged slices, unit by unit
+    if (step_->speculating && mb.last) return;  // the stepper adds the staged slices, unit by unit
     // The host waits for the gradient copies only when it reads them: staged micro-batches are added now (the next
     // micro-batch reuses the staging buffers), and the optimizer reads after the last one.
     if (mb.last || !mb.first) {
@@ -303,7 +306,7 @@ class HostShards final : public ShardStorage {
     // when, the norms were taken. A unit without trainable parameters (a LoRA run's embedding) counts as 0.
     auto& st = *step_;
     if (!st.device_norms) {
-      if (mode_ == HostStep::speculative) {
+      if (st.speculating) {
         std::unique_lock<std::mutex> lock(mutex_);
         done_.wait(lock, [&] {
           return error_ || std::all_of(st.normed.begin(), st.normed.end(), [](uint8_t b) { return b != 0; });
@@ -322,6 +325,8 @@ class HostShards final : public ShardStorage {
 
   void step(std::vector<FlatUnit>& units, const StepScalars& s) override {
     step_->scalars = s;
+    const bool speculated = step_->speculating;
+    last_clipped_ = s.clip_coef != 1.0;
     if (mode_ == HostStep::sync) {
       for (size_t u = 0; u < units.size(); ++u) {
         if (units[u].empty()) continue;
@@ -335,7 +340,7 @@ class HostShards final : public ShardStorage {
       if (units[u].empty()) continue;
       FlatUnit& unit = units[u];
       std::function<void()> task;
-      if (mode_ == HostStep::overlapped) {
+      if (!speculated) {  // overlapped, or speculative after a clipped step
         task = [this, u, &unit, step = step_] {
           adamw(unit, current(unit), current(unit), *step, step->scalars.clip_coef);
           finish(u, copy_to_device(unit));
@@ -357,11 +362,12 @@ class HostShards final : public ShardStorage {
       pending(u);
       enqueue(std::move(task));
     }
-    if (mode_ == HostStep::speculative && s.clip_coef != 1.0) ++redone_;
+    if (speculated && s.clip_coef != 1.0) ++redone_;
   }
 
   void skip(std::vector<FlatUnit>& units) override {
-    if (mode_ != HostStep::speculative) return;
+    last_clipped_ = true;
+    if (!step_->speculating) return;
     for (size_t u = 0; u < units.size(); ++u) {
       if (units[u].empty()) continue;
       FlatUnit& unit = units[u];
@@ -410,6 +416,7 @@ class HostShards final : public ShardStorage {
     std::vector<at::Tensor> norms;  // each unit's gradient norm (device or host)
     std::vector<uint8_t> normed;    // norms[u] is set (or unit u has no shard); bytes: threads set different units
     bool device_norms = false;      // taken on the device (one micro-batch)
+    bool speculating = false;       // the units step during the backward
   };
   struct Slot {
     optim::AdamWState spare;    // speculative: the state the step writes
@@ -455,13 +462,18 @@ class HostShards final : public ShardStorage {
   }
 
   /// Copies master weights (the unit's, or `from`'s) to the unit's compute-dtype copy on the device, asynchronously
-  /// on a stream of the calling thread; the marker of its end.
+  /// on a stream of the calling thread, in pieces of 16 Mi elements (the cast's temporary on the device stays small
+  /// while the GPU trains beside it); the marker of its end.
   Streams::Marker copy_to_device(FlatUnit& unit, const optim::AdamWState& from = {}) const {
     const auto& master = from.param.defined() ? from.param : unit.master();
     auto& target = unit.state().gather_source;
     return Streams::on_side_stream(device_, [&] {
       at::NoGradGuard no_grad;
-      target.copy_(master.to(target.device(), /*non_blocking=*/true));
+      constexpr int64_t piece = int64_t{16} << 20;
+      for (int64_t a = 0; a < master.numel(); a += piece) {
+        const int64_t n = std::min(piece, master.numel() - a);
+        target.narrow(0, a, n).copy_(master.narrow(0, a, n).to(target.device(), /*non_blocking=*/true));
+      }
     });
   }
 
@@ -551,6 +563,7 @@ class HostShards final : public ShardStorage {
   std::vector<Slot> slots_;
   std::shared_ptr<StepState> step_ = std::make_shared<StepState>();
   int64_t redone_ = 0;
+  bool last_clipped_ = false;  // the last step was clipped or dropped: the next one does not speculate
   HostWork work_;
   mutable std::mutex mutex_;
   std::condition_variable wake_, done_;

@@ -25,6 +25,7 @@
 #include "shardlm/core/compiled.hpp"
 #include "shardlm/core/device.hpp"
 #include "shardlm/core/host_memory.hpp"
+#include "shardlm/core/numa.hpp"
 #include "shardlm/core/progress.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/data/token_dataset.hpp"
@@ -168,6 +169,8 @@ class BasicTrainer {
   const TrainOptions& options() const { return options_; }
   int64_t steps_done() const { return step_; }
   const model::AdapterConfig& adapter() const { return adapter_; }
+  /// Offloaded: when the host steps (--offload-step, automatic resolved).
+  engine::HostStep offload_step() const { return host_step_; }
 
   /// The full master weights with their Hugging Face names, unit by unit (a collective: every rank calls it;
   /// every rank gets them).
@@ -196,6 +199,21 @@ class BasicTrainer {
   }
 
   int64_t global_batch() const { return options_.micro_batch() * options_.grad_accum() * groups_->size(); }
+
+  /// Offloaded on a multi-socket host: this rank's threads (the host optimizer's among them, started later) on the
+  /// CPUs of its GPU's NUMA node, where its pinned state is then allocated (core/numa.hpp). A launcher's binding is
+  /// kept.
+  void bind_near_gpu() {
+#if SHARDLM_HAVE_CUDA
+    char bus[32] = {};
+    if (cudaDeviceGetPCIBusId(bus, sizeof bus, device_.index()) != cudaSuccess) return (void)cudaGetLastError();
+    const auto node = numa::node_of_pci(bus);
+    if (!node) return;
+    const auto cpus = numa::bind_to_node(*node);
+    if (!cpus.empty())
+      log::info("shardlm: rank ", rank(), " (GPU ", bus, ") bound to the ", cpus.size(), " CPUs of NUMA node ", *node);
+#endif
+  }
 
   /// The step's metrics before it runs: its number and the targets of the global batch in the loss (every rank
   /// counts them all from the loss mask: no collective needed).
@@ -537,6 +555,7 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
     // Host work of a GPU rank (weight initialization; with offload, the optimizer step) gets this rank's share
     // of the cores (launchers set OMP_NUM_THREADS=1 for ranks that compute on GPUs).
     at::set_num_threads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env_.local_world_size));
+    if (recipe_.offload.host) bind_near_gpu();
   }
   // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
   if (adapter_.active() && config_.is_moe())
