@@ -14,6 +14,7 @@
 //                                 Gradients stay in the compute dtype where that is exact (offload::Rules::grad_dtype)
 //                                 and then the host AdamW (optim/host_adamw.hpp) reads them as they are.
 #include <ATen/ATen.h>
+#include <range/v3/view/zip.hpp>
 
 #include <functional>
 #include <memory>
@@ -84,17 +85,17 @@ class ShardStorage {
       if (g.params.empty()) return;
       if (grad_dtype_ != precision_.master) {  // gradients kept in the compute dtype beside fp32 masters (host only)
         const optim::AdamWStep step{s.lr, hyper.beta1(), hyper.beta2(), weight_decay, hyper.eps(), s.step, s.clip_coef};
-        for (size_t k = 0; k < g.params.size(); ++k)
-          optim::host_adamw(g.params[k], g.grads[k], g.exp_avg[k], g.exp_avg_sq[k], step);
+        for (const auto& [param, grad, m, v] : ranges::views::zip(g.params, g.grads, g.exp_avg, g.exp_avg_sq))
+          optim::host_adamw(param, grad, m, v, step);
       } else {
         compat::fused_adamw(g.params, g.grads, g.exp_avg, g.exp_avg_sq, g.steps, s.lr, hyper.beta1(), hyper.beta2(),
                             weight_decay, hyper.eps(), scale);
       }
     };
-    for (size_t i = 0; i < runs_.size(); ++i) {
-      adamw(runs_[i].decayed, hyper.weight_decay());
-      adamw(runs_[i].plain, 0.0);
-      if (steps_per_unit()) refresh(units[i]);  // unit i's device copy moves while the host steps the next
+    for (auto&& [runs, unit] : ranges::views::zip(runs_, units)) {
+      adamw(runs.decayed, hyper.weight_decay());
+      adamw(runs.plain, 0.0);
+      if (steps_per_unit()) refresh(unit);  // this unit's device copy moves while the host steps the next
     }
   }
   /// The masters of `unit` changed outside a step (a resumed checkpoint, set values): refresh what derives from them.
