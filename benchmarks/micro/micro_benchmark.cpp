@@ -9,6 +9,8 @@
 //   shard_copy           the engine's shard copies and casts on the host (GB/s read + written)
 //   head_loss            the LM head and loss, forward and backward on the CPU: the chunked fused path
 //                        (model/loss.hpp) against the plain loss on whole logits (tokens/s, GFLOP/s)
+// Rates divide by real time where the work runs on LibTorch's threads (AdamW, dequantize, shard_copy, head_loss),
+// by the thread's CPU time where it is one thread's (safetensors_header, tokenizer_encode).
 // Run: build/bin/micro_benchmark --tokenizer ../shared/data/llama3-tokenizer/tokenizer.json; a smoke run adds
 // --benchmark_min_time=0 (one iteration each, tests/packaging); figures: docs/benchmarks.md.
 #include <benchmark/benchmark.h>
@@ -233,8 +235,10 @@ void register_all() {
     benchmark::RegisterBenchmark(c.name, adamw, c.kernel, c.param, c.grad)
         ->ArgName("params")->Arg(1 << 20)->Arg(1 << 24)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-  benchmark::RegisterBenchmark("dequantize/int4", dequantize<quant::Int4>)->Args({1024, 4096})->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("dequantize/fp8", dequantize<quant::FP8>)->Args({1024, 4096})->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("dequantize/int4", dequantize<quant::Int4>)->Args({1024, 4096})
+      ->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("dequantize/fp8", dequantize<quant::FP8>)->Args({1024, 4096})
+      ->Unit(benchmark::kMillisecond)->UseRealTime();
 
   struct ShardCase { const char* name; ShardOp op; at::ScalarType from, to; };
   for (const auto& c : {ShardCase{"shard_copy/fp32", ShardOp::copy, f32, f32},

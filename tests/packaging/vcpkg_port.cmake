@@ -22,6 +22,23 @@ list(PREPEND FEATURES core)
 set(VCPKG_CMAKE_CONFIGURE_OPTIONS "-DCMAKE_PREFIX_PATH=${TORCH_PREFIX}")
 file(MAKE_DIRECTORY ${CURRENT_INSTALLED_DIR})
 
+# vcpkg.json as far as this test can read it (vcpkg's schema is not checked): the port's name, the project's version
+# (CMakeLists.txt), and the features asked.
+file(READ ${CURRENT_PORT_DIR}/vcpkg.json manifest)
+string(JSON port_name GET "${manifest}" name)
+string(JSON port_version GET "${manifest}" version)
+file(STRINGS ${SOURCE_DIR}/CMakeLists.txt project_line REGEX "^project\\(shardlm VERSION ")
+string(REGEX MATCH "VERSION ([0-9.]+)" project_line "${project_line}")
+if(NOT port_name STREQUAL PORT OR NOT port_version STREQUAL CMAKE_MATCH_1)
+  message(FATAL_ERROR "vcpkg.json names ${port_name} ${port_version}, the project is ${PORT} ${CMAKE_MATCH_1}")
+endif()
+foreach(feature IN LISTS FEATURES)
+  string(JSON description ERROR_VARIABLE missing GET "${manifest}" features ${feature} description)
+  if(NOT feature STREQUAL "core" AND missing)
+    message(FATAL_ERROR "vcpkg.json has no feature '${feature}'")
+  endif()
+endforeach()
+
 function(vcpkg_check_features)
   cmake_parse_arguments(PARSE_ARGV 0 arg "" "OUT_FEATURE_OPTIONS" "FEATURES")
   set(options "")
