@@ -7,7 +7,7 @@
 # shardlm's CPU process groups include), so it cannot serve; users bring their own LibTorch (the PyTorch wheel's,
 # CUDA or not) and declare it in their profile's [platform_requires] (libtorch/2.11.0), with its CMake directory
 # (torch.utils.cmake_prefix_path) passed to CMake. Gloo's headers have no ConanCenter recipe: the config finds them
-# on the machine (Debian: libgloo-dev). Tested offline by tests/packaging (conan_create.cmake) with every
+# on the machine (Debian: libgloo-dev). Tested offline by tests/packaging/conan.cmake with every
 # dependency a platform requirement.
 import os
 
