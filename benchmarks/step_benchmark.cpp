@@ -7,8 +7,12 @@
 // both models, are served by this one unit.
 #include <shardlm/shardlm.hpp>
 
+#include <execinfo.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <iostream>
 #include <random>
@@ -94,7 +98,23 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
 
 }  // namespace
 
+/// A crash on a machine without a debugger: the frames (binary+offset, for addr2line) on stderr, then the signal.
+void print_frames_on_crash() {
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) {
+    std::signal(sig, [](int s) {
+      void* frames[64];
+      const int n = backtrace(frames, 64);
+      const char head[] = "step_benchmark: crashed; frames:\n";
+      (void)!write(STDERR_FILENO, head, sizeof head - 1);
+      backtrace_symbols_fd(frames, n, STDERR_FILENO);
+      std::signal(s, SIG_DFL);
+      std::raise(s);
+    });
+  }
+}
+
 int main(int argc, char** argv) {
+  print_frames_on_crash();
   return guarded_main("step_benchmark", [&] {
     auto defaults = TrainOptions()
                         .seq_len(4096)

@@ -221,6 +221,18 @@ offload_ours() {  # Llama3-8B dims, 4 layers, one GPU: no offload, then offloade
   ours "ours_4L_1gpu_offload_speculative_noclip" 1 $common --steps 8 --offload cpu --offload-step speculative --grad-clip 0
 }
 
+offload_pair() {  # Llama3-8B dims with 4 layers on one GPU: no offload, and offloaded with the speculative host step with
+  # clipping off (every speculative update stands), the runs the peer's are set against in the same call
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --layers 4"
+  ours "ours_4L_1gpu" 1 $common --steps 8
+  ours "ours_4L_1gpu_offload_speculative_noclip" 1 $common --steps 8 --offload cpu --offload-step speculative --grad-clip 0
+}
+
+peer_offload() {  # the peer without and with CPUOffloadPolicy, Llama3-8B dims with 4 layers on one GPU
+  peer "peer_4L_1gpu" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 5
+  peer "peer_4L_1gpu_offload" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --offload --steps 2 --warmup 1
+}
+
 regress() {  # the same step benchmark built from BASE_BUILD (another tree) and from this one, alternating, same call
   local common="--preset llama3-8b --layers 4 --seq-len 4096 --micro-batch 2 --steps 10 --precision mixed-bf16 --sharding full"
   for i in 1 2; do

@@ -132,6 +132,17 @@ class Engine {
     if (schedule_.keeps_all()) gather_all();
   }
 
+  /// An offloaded update still running on the host's stepping thread reads the units: it ends first.
+  ~Engine() {
+    try {
+      settle();
+    } catch (const std::exception& e) {
+      log::warn("shardlm: the last offloaded update failed while the engine closed: ", e.what());
+    }
+  }
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
   size_t num_units() const { return units_.size(); }
   const FlatUnit& unit(size_t u) const { return units_.at(u); }
   FlatUnit& unit(size_t u) { return units_.at(u); }
@@ -401,9 +412,9 @@ class Engine {
   Streams streams_;
   EngineOptions options_;
   Schedule schedule_;
-  std::unique_ptr<ShardStorage> storage_;
   std::vector<FlatUnit> units_;
   std::vector<FrozenUnit> frozen_;
+  std::unique_ptr<ShardStorage> storage_;  // after the units: destroyed (its stepping thread joined) before them
   std::vector<Streams::Marker> ready_;
   std::vector<at::Tensor> x_in_, out_, rng_;  // rng_: generator state before a recomputed unit's forward
   std::vector<at::Tensor> side_, side_values_;  // each unit's side output: with its graph, and detached

@@ -324,7 +324,8 @@ class HostShards final : public ShardStorage {
   }
 
   void step(std::vector<FlatUnit>& units, const StepScalars& s) override {
-    step_->scalars = s;
+    // The step's scalars are begin_step's (the speculative tasks read them now); the clipping factor travels with each
+    // task.
     const bool speculated = step_->speculating;
     last_clipped_ = s.clip_coef != 1.0;
     if (mode_ == HostStep::sync) {
@@ -341,8 +342,8 @@ class HostShards final : public ShardStorage {
       FlatUnit& unit = units[u];
       std::function<void()> task;
       if (!speculated) {  // overlapped, or speculative after a clipped step
-        task = [this, u, &unit, step = step_] {
-          adamw(unit, current(unit), current(unit), *step, step->scalars.clip_coef);
+        task = [this, u, &unit, step = step_, coef = s.clip_coef] {
+          adamw(unit, current(unit), current(unit), *step, coef);
           finish(u, copy_to_device(unit));
         };
       } else if (s.clip_coef == 1.0) {  // the speculative update stands
@@ -351,9 +352,9 @@ class HostShards final : public ShardStorage {
           finish(u, slots_[u].refreshed);
         };
       } else {  // clipping: step again from the state kept
-        task = [this, u, &unit, step = step_] {
+        task = [this, u, &unit, step = step_, coef = s.clip_coef] {
           Streams::wait_for(slots_[u].refreshed);  // the speculative copy still reads the spare masters
-          adamw(unit, current(unit), slots_[u].spare, *step, step->scalars.clip_coef);
+          adamw(unit, current(unit), slots_[u].spare, *step, coef);
           auto copied = copy_to_device(unit, slots_[u].spare);
           swap_in(u, unit);
           finish(u, copied);
