@@ -266,6 +266,12 @@ l405() {  # Llama3-405B dims, the seed recipe (FullShard, every-block, CPU offlo
   ours "l405_2L_${NGPU}gpu" "$NGPU" $common --layers 2 --steps 3
 }
 
+l405_hidden() {  # one 405B layer with clipping off: the host step speculative (during the backward) and overlapped
+  local common="--preset llama3-405b --seq-len 4096 --micro-batch 1 --precision pure-bf16 --sharding full --checkpointing every-block --offload cpu --layers 1 --steps 3 --grad-clip 0"
+  ours "l405_1L_${NGPU}gpu_speculative_noclip" "$NGPU" $common --offload-step speculative
+  ours "l405_1L_${NGPU}gpu_overlapped_noclip" "$NGPU" $common --offload-step overlapped
+}
+
 ckpt() {
   local dir=${CKPT_DIR:-/tmp/shardlm-ckpt}
   python3 -c "import numpy as np; np.random.default_rng(0).integers(0, 128256, size=1 << 24, dtype=np.uint32).tofile('$OUT/tokens.bin')"
