@@ -939,7 +939,7 @@ TEST_CASE("--config FILE.json: keys are flag names, the command line overrides t
   CHECK(error(R"({"steps": )").starts_with("--config " + file + ": malformed JSON"));
   CHECK(error(R"({"steps": -1, "data": "a.bin"})") == "--steps must be >= 0, got -1");
   const char* missing[] = {"prog", "--config", "no-such.json"};
-  CHECK_THROWS_WITH_AS(cli::parse(3, missing), "--config no-such.json: cannot open", IoError);
+  CHECK_THROWS_WITH_AS(cli::parse(3, missing), "--config no-such.json: cannot open: No such file or directory", IoError);
   const char* eval_alone[] = {"prog", "--data", "a.bin", "--eval-every", "5"};
   CHECK_THROWS_WITH_AS(cli::parse(5, eval_alone), doctest::Contains("--eval-every needs validation data"), ConfigError);
   const char* bad_value[] = {"prog", "--data", "a.bin", "--lr", "fast"};

@@ -195,6 +195,8 @@ class BasicTrainer {
   }
 
   int64_t global_batch() const { return options_.micro_batch() * options_.grad_accum() * groups_->size(); }
+  /// Samples a run may read: sample indices (step x global batch + ...) stay far inside int64.
+  static constexpr int64_t max_samples = int64_t{1} << 62;
 
   /// The step's metrics before it runs: its number and the targets of the global batch in the loss (every rank
   /// counts them all from the loss mask: no collective needed).
@@ -206,6 +208,32 @@ class BasicTrainer {
     if (m.loss_tokens == 0 && rank() == 0)
       log::warn("step ", m.step, ": the loss mask leaves no target of the global batch in the loss");
     return m;
+  }
+
+  /// Refuses a run whose node cannot hold it: the memory plan's host bytes for this node against MemAvailable
+  /// (--skip-memory-check: not asked). Every rank reads MemAvailable before any allocates its state, and the verdict
+  /// is all-reduced, so that all stop together. (The placeholders of the model take no memory: never touched.)
+  void check_host_memory() {
+    if (options_.dist().skip_memory_check()) return;
+    std::string error;
+    double needed = 0;
+    try {
+      needed = plan::host_bytes_needed(memory_plan(), env_.local_world_size, !device_.is_cuda());
+    } catch (const Error& e) {
+      if (rank() == 0) log::warn("the memory plan is not available (", e.what(), "): host memory is not checked");
+    }
+    if (needed > 0)
+      if (const auto available = available_host_bytes()) try {
+          plan::check_host_memory(needed, env_.local_world_size, *available);
+        } catch (const ConfigError& e) {
+          error = e.what();
+        }
+    auto failed = at::full({1}, error.empty() ? 0 : 1, at::TensorOptions().dtype(at::kInt).device(device_));
+    groups_->world().all_reduce(failed, dist::Reduce::Sum, "host memory check");
+    if (!error.empty()) fail<ConfigError>(error);
+    if (const auto n = failed.cpu().item<int>(); n > 0)
+      fail<ConfigError>("the host memory check failed on ", n, " rank(s) of another node (their errors say why; ",
+                        "--skip-memory-check starts anyway)");
   }
 
   void hang_if_asked(int64_t step) {
@@ -375,6 +403,9 @@ class BasicTrainer {
     const auto t0 = std::chrono::steady_clock::now();
     const auto meta = load_checkpoint(*engine_, *groups_, *from);
     const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (meta.step > max_samples / global_batch())
+      fail<IoError>((*from / "meta.json").string(), ": field 'step' ", meta.step, " x the global batch of ", global_batch(),
+                    " samples is past the ", max_samples, " samples a run may read");
     step_ = meta.step;
     if (meta.global_batch > 0 && meta.global_batch != global_batch() && rank() == 0)
       log::warn("resuming with a global batch of ", global_batch(), " samples; the checkpoint's run used ",
@@ -502,6 +533,10 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
     at::set_num_threads(threads);
     if (recipe_.offload.host && rank() == 0) log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
   }
+  if (o.steps() > max_samples / global_batch())
+    fail<ConfigError>("--steps ", o.steps(), " x the global batch of ", global_batch(), " samples is past the ", max_samples,
+                      " samples a run may read");
+  check_host_memory();
   // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
   if (adapter_.active() && config_.is_moe())
     fail<ConfigError>("--adapter ", adapter_.kind.name, ": adapters are built for Llama models only (this model is a ",
