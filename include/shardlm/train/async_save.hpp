@@ -7,8 +7,8 @@
 // The background thread issues no collective. Whether every rank has written its file is agreed on the training
 // thread: each step's loss all-reduce carries two more numbers, the ranks still writing and the ranks whose write
 // failed (votes()); with the sums (the same on every rank) settle() either waits (some rank is still writing),
-// commits (every rank's checksums gathered; rank 0: meta.json, COMMITTED, --keep-last) or stops every rank with an error, leaving the checkpoint
-// uncommitted. At most one save is in flight: the next save point, the end of the run and a stop first wait for
+// commits (every rank's checksums gathered; rank 0: meta.json, COMMITTED, --keep-last) or stops every rank with an
+// error, leaving the checkpoint uncommitted. At most one save is in flight: the next save point, the end of the run and a stop first wait for
 // it (finish(): one all-reduce). A process that ends with a save in flight (an error) waits for its writer in the
 // destructor and commits nothing, so a committed checkpoint is always complete.
 #include <ATen/ATen.h>

@@ -170,21 +170,26 @@ inline ShardFile shard_tensors(engine::Engine& engine, dist::ProcessGroups& grou
   return file;
 }
 
-/// Writes this rank's shard file and returns the CRC32C of each tensor's covered bytes (computed as they are
-/// written; none without a file); then waits `delay` (a test's injected fault: a window in which to kill a job
-/// mid-save, train::Faults).
+/// Writes this rank's shard file and returns, per unit, the CRC32C of its three tensors' covered bytes (computed as
+/// they are written; none without a file); then waits `delay` (a test's injected fault: a window in which to kill a
+/// job mid-save, train::Faults).
 inline std::vector<uint32_t> write_shard(const ShardFile& file, std::chrono::milliseconds delay = {}) {
-  std::vector<uint32_t> crcs;
-  if (!file.path.empty()) crcs = io::save_safetensors(file.path, file.tensors, {}, file.covered_bytes);
+  std::vector<uint32_t> units;
+  if (!file.path.empty()) {
+    const auto crcs = io::save_safetensors(file.path, file.tensors, {}, file.covered_bytes);
+    for (size_t i = 0; i < crcs.size(); i += 3)  // master || exp_avg || exp_avg_sq
+      units.push_back(crc32c_combine(crc32c_combine(crcs[i], crcs[i + 1], file.covered_bytes[i + 1]), crcs[i + 2],
+                                     file.covered_bytes[i + 2]));
+  }
   if (delay.count() > 0) std::this_thread::sleep_for(delay);
-  return crcs;
+  return units;
 }
 
 /// A collective, once this rank's file is written: every rank's CRC32Cs (`mine`, empty for a rank that writes no
 /// file), as the shard files' lists (k: the writer's rank in its shard group) for meta.json. `units`: the engine's.
 inline std::vector<std::vector<uint32_t>> gather_checksums(dist::ProcessGroups& groups, const at::Device& device,
                                                            size_t units, const std::vector<uint32_t>& mine) {
-  const int64_t n = 3 * static_cast<int64_t>(units) + 1;  // [shard rank or -1, the CRCs]
+  const int64_t n = static_cast<int64_t>(units) + 1;  // [shard rank or -1, a CRC per unit]
   SHARDLM_ASSERT(mine.empty() || static_cast<int64_t>(mine.size()) == n - 1, "CRCs of ", mine.size(), " tensors");
   auto in = at::full({n}, -1, at::kLong);
   if (!mine.empty()) {
@@ -249,7 +254,7 @@ inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroup
       fail<IoError>(path.string(), ": unit ", u, " is '", units[u].name, "' in the checkpoint and '", unit.name(),
                     "' in this model (a different model)");
     if (units[u].numel != unit.numel())
-      fail<IoError>(path.string(), ": unit ", u, " (", unit.name(), ") has ", units[u].numel,
+      fail<IoError>(path.string(), ": ", unit_label(u, unit.name()), " has ", units[u].numel,
                     " elements in the checkpoint and ", unit.numel(), " in this model");
   }
   if (!meta.has_checksums() && groups.rank() == 0)
@@ -257,6 +262,14 @@ inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroup
               "): its shards are loaded unverified");
   ShardFiles files(path, meta.shard_group_size);
   std::string error;  // this rank's first failure: reported once every rank has reached the end
+  const auto device = engine.device();
+  // A collective over the shard group: the sum of `values` over its ranks.
+  const auto group_sum = [&](const std::vector<int32_t>& values) {
+    auto t = at::tensor(values, at::kInt).to(device);
+    groups.shard().all_reduce(t, dist::Reduce::Sum, "checkpoint checksums");
+    const auto host = t.cpu();
+    return std::vector<int32_t>(host.data_ptr<int32_t>(), host.data_ptr<int32_t>() + host.numel());
+  };
   at::NoGradGuard no_grad;
   for (size_t u = 0; u < engine.num_units(); ++u) {
     auto& unit = engine.unit(u);
@@ -264,48 +277,46 @@ inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroup
     if (numel == 0) continue;  // nothing trains in this unit (a LoRA run's embedding)
     const int64_t saved_shard = meta.saved_shard(u), shard = unit.shard_numel();
     const int64_t lo = std::min(shard * groups.shard().rank(), numel), hi = std::min(lo + shard, numel);
-    PieceCrc crc(static_cast<size_t>(meta.shard_group_size));
+    std::optional<PieceCrc> crc;
+    if (meta.has_checksums()) crc.emplace(static_cast<size_t>(meta.shard_group_size));
     if (error.empty()) {
       try {
         for (size_t kind = 0; kind < shard_tensor_kinds.size(); ++kind) {
           at::Tensor& dst = kind == 0 ? unit.master() : kind == 1 ? unit.exp_avg() : unit.exp_avg_sq();
           dst.zero_();
-          for (const auto& piece : saved_pieces(saved_shard, lo, hi)) {
+          for_each_saved_piece(saved_shard, lo, hi, [&](const SavedPiece& piece) {
             const auto& saved = files.tensor(piece.file, u, kind, saved_shard);
             const auto type = io::scalar_type_of(saved);
+            const auto [covered, start] =
+                files.covered_bytes(piece.file, u, kind, saved_shard, covered_elements(numel, saved_shard, piece.file));
             // Straight into the state when it is a host tensor of the saved dtype, else through a host buffer.
             auto part = dst.narrow(0, piece.begin - lo, piece.end - piece.begin);
             auto host = part.is_cpu() && part.scalar_type() == type ? part : at::empty({piece.end - piece.begin}, type);
-            files.read(piece.file, saved, kind, piece.begin - piece.file * saved_shard, piece.end - piece.begin,
-                       covered_elements(numel, saved_shard, piece.file), host.data_ptr(),
-                       meta.has_checksums() ? &crc : nullptr);
+            files.read(piece.file, saved, piece.begin - piece.file * saved_shard, piece.end - piece.begin, host.data_ptr(),
+                       crc ? &*crc : nullptr, start, covered);
             if (!host.is_same(part)) part.copy_(host);
-          }
+          });
         }
       } catch (const Error& e) {
         error = e.what();
       }
     }
-    // One all-reduce per unit over the shard group: the pieces' checksum bits (an xor, as counts) and the failures.
-    auto counts = meta.has_checksums() ? crc.counts() : std::vector<int32_t>();
-    counts.push_back(error.empty() ? 0 : 1);
-    auto sums = at::tensor(counts, at::kInt).to(engine.device());
-    groups.shard().all_reduce(sums, dist::Reduce::Sum, "checkpoint checksums");
-    const auto summed = sums.cpu();
-    std::vector<int32_t> total(summed.data_ptr<int32_t>(), summed.data_ptr<int32_t>() + summed.numel());
-    const bool failed = total.back() > 0;
-    total.pop_back();
-    if (error.empty() && !failed && meta.has_checksums()) {
+    // Whether every rank of the shard group read its pieces, then their checksums combined (an xor, as bit counts).
+    if (group_sum({error.empty() ? 0 : 1})[0] > 0) {
+      if (error.empty())
+        error = detail::cat(path.string(), ": ", unit_label(u, unit.name()), " could not be read by another rank of the ",
+                            "shard group (its error says why)");
+      continue;
+    }
+    if (crc) {
       try {
-        PieceCrc::verify(total, meta, u, unit.name(), path);
+        PieceCrc::verify(group_sum(crc->counts()), meta, u, unit.name(), path);
       } catch (const Error& e) {
         error = e.what();
       }
     }
-    if (error.empty() && failed) error = detail::cat(path.string(), ": unit ", u, " (", unit.name(), ") could not be read ",
-                                                     "by another rank of the shard group (its error says why)");
   }
-  auto failed = at::full({1}, error.empty() ? 0 : 1, at::TensorOptions().dtype(at::kInt).device(engine.device()));
+  auto failed = at::full({1}, error.empty() ? 0 : 1, at::TensorOptions().dtype(at::kInt).device(device));
   groups.world().all_reduce(failed, dist::Reduce::Sum, "checkpoint loaded");
   if (!error.empty()) fail<IoError>(error);
   if (const auto n = failed.cpu().item<int>(); n > 0)
