@@ -96,6 +96,8 @@ class JsonFields {
       fail<E>(file_, ": ", path_.empty() ? std::string("the file") : "field '" + path_ + "'", " must be a JSON object, got ",
               shown(j_));
   }
+  /// The fields refer to the JSON: it must outlive them (keep read_json's result in a variable).
+  JsonFields(nlohmann::json&&, std::string, std::string = "") = delete;
 
   const std::string& file() const { return file_; }
   /// The object's place in the file ("" at the top, "units[3]").

@@ -278,7 +278,8 @@ class Tokenizer {
     // Ids index a table of tokens: one past the largest is what it allocates, so ids far beyond the number of
     // tokens the file defines (a hostile id of 2^31 would take 64 GB) are refused.
     const auto& vocab = model.value("vocab");
-    if (!vocab.is_object()) fail<IoError>(name_, ": field 'model.vocab' must be an object of token: id, got ", JsonFields<>::shown(vocab));
+    if (!vocab.is_object())
+      fail<IoError>(name_, ": field 'model.vocab' must be an object of token: id, got ", JsonFields<>::shown(vocab));
     const size_t added = j.has("added_tokens") ? j.array("added_tokens").size() : 0;
     max_id_ = static_cast<int64_t>(vocab.size() + added) + (int64_t{1} << 16);
     read_vocab(vocab);

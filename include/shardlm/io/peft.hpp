@@ -50,7 +50,8 @@ inline PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
     fail<IoError>(dir.string(), ": not a directory (expected a PEFT adapter directory: adapter_config.json, "
                   "adapter_model.safetensors)");
   const auto config_path = dir / "adapter_config.json";
-  const JsonFields<IoError> j(read_json(config_path), config_path.string());
+  const auto json = read_json(config_path);
+  const JsonFields<IoError> j(json, config_path.string());
   const auto& where = j.file();
   PeftAdapter out;
   if (const auto type = j.string("peft_type"); type != "LORA")
@@ -68,7 +69,8 @@ inline PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
     fail<IoError>(where, ": bias \"", bias, "\" is not supported: only \"none\"");
   const auto& targets = j.value("target_modules");
   if (!targets.is_array())
-    fail<IoError>(where, ": target_modules ", JsonFields<>::shown(targets), " is not a list of module names (a regular expression is not supported)");
+    fail<IoError>(where, ": target_modules ", JsonFields<>::shown(targets),
+                  " is not a list of module names (a regular expression is not supported)");
   c.targets.clear();
   for (const auto& t : targets) {
     if (!t.is_string()) fail<IoError>(where, ": target_modules holds ", JsonFields<>::shown(t), ", expected module names");

@@ -158,7 +158,8 @@ inline void ModelConfig::validate(const std::string& origin) const {
       fail<ConfigError>(origin, ": num_experts_per_tok(", num_experts_per_tok, ") exceeds num_local_experts(",
                         num_experts, ")");
     if (mlp_bias) fail<ConfigError>(origin, ": mlp_bias is not supported for Mixtral experts");
-    for (const auto& [v, field] : {std::pair{router_aux_loss_coef, "router_aux_loss_coef"}, {router_z_loss_coef, "router_z_loss_coef"}})
+    for (const auto& [v, field] :
+         {std::pair{router_aux_loss_coef, "router_aux_loss_coef"}, {router_z_loss_coef, "router_z_loss_coef"}})
       if (!(v >= 0) || !std::isfinite(v)) fail<ConfigError>(origin, ": ", field, " must be >= 0 and finite, got ", v);
   } else if (num_experts != 0) {
     fail<ConfigError>(origin, ": num_local_experts is set but model_type is '", model_type, "' (expected 'mixtral')");
