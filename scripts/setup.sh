@@ -22,4 +22,9 @@ if ! .venv/bin/python -c 'import torch, transformers, safetensors' >/dev/null 2>
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -r scripts/requirements.txt
 fi
+# A venv made before a requirement was added gets what it lacks (pip leaves what is installed alone).
+if ! .venv/bin/python -c 'import conan' >/dev/null 2>&1; then
+  echo "setup: installing the missing requirements of scripts/requirements.txt into .venv"
+  .venv/bin/pip install -q -r scripts/requirements.txt
+fi
 echo "setup: ready (torch $(.venv/bin/python -c 'import torch;print(torch.__version__)' 2>/dev/null))"

@@ -1,11 +1,6 @@
 # Installs shardlm into WORK/prefix, then configures, builds and runs tests/consumer against it.
+include(${CMAKE_CURRENT_LIST_DIR}/run.cmake)
 file(REMOVE_RECURSE ${WORK})
-function(run)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "failed (${rc}): ${ARGN}\n${out}\n${err}")
-  endif()
-endfunction()
 run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK}/shardlm -G ${GENERATOR} -DSHARDLM_BUILD_TESTS=OFF
     -DSHARDLM_BUILD_TOOLS=OFF -DSHARDLM_BUILD_BENCHMARKS=OFF -DTorch_DIR=${Torch_DIR})
 run(${CMAKE_COMMAND} --build ${WORK}/shardlm)  # the compiled part (shardlm::compiled)

@@ -1,26 +1,24 @@
 #pragma once
-// The host memory a run may still take, and the check that refuses a run that cannot fit in it, torch-free. A run
-// that outgrows the host is killed by the kernel's OOM killer with SIGKILL: its launcher can only say "killed by
-// signal 9". The memory planner (train/memory_plan.hpp) knows the bytes beforehand, so the trainer asks first.
+// The host's memory as the kernel reports it (/proc/meminfo): what a run may still allocate. Torch-free. The
+// trainer's host-memory preflight (train/memory_plan.hpp check_host_memory) and --offload-step auto ask it: a run that
+// outgrows the host is killed by the OOM killer with SIGKILL, and its launcher can only say "killed by signal 9".
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <optional>
 #include <string>
 
-#include "shardlm/core/errors.hpp"
-
 namespace shardlm {
 
-/// MemAvailable of /proc/meminfo in bytes: what the kernel estimates can be allocated without swapping (page cache
-/// it can drop included). nullopt where there is no such file (not Linux).
-inline std::optional<uint64_t> available_host_bytes(const std::string& meminfo = "/proc/meminfo") {
+/// MemAvailable in bytes (the kernel's estimate of what can be allocated without swapping), or nothing where
+/// `meminfo` (a test's seam; /proc/meminfo) does not say.
+inline std::optional<int64_t> host_memory_available(const std::string& meminfo = "/proc/meminfo") {
   std::ifstream in(meminfo);
-  std::string key;
-  uint64_t kb = 0;
-  while (in >> key) {
-    if (key == "MemAvailable:" && in >> kb) return kb * 1024;
-    in.ignore(4096, '\n');
+  std::string key, unit;
+  int64_t kb = 0;
+  while (in >> key >> kb) {
+    std::getline(in, unit);
+    if (key == "MemAvailable:") return kb * 1024;
   }
   return std::nullopt;
 }

@@ -10,6 +10,7 @@
 // (int4, fp8: train/frozen_base.hpp) plugs in through FrozenCodec without touching the layout, the sharding or the
 // engine: the shards hold quantized bytes, gathering moves quantized bytes and decodes them into the values.
 #include <ATen/ATen.h>
+#include <range/v3/view/zip.hpp>
 
 #include <algorithm>
 #include <functional>
@@ -116,9 +117,9 @@ class FrozenUnit {
     if (offload && device.is_cuda()) shard_bytes_ = compat::pinned_empty(shard_, at::kByte).zero_();
     else shard_bytes_ = at::zeros({shard_}, at::TensorOptions().device(offload ? at::Device(at::kCPU) : device).dtype(at::kByte));
     const int64_t lo = shard_ * group_rank_;
-    for (size_t i = 0; i < parts.size(); ++i) {
-      const auto& [s, row0, n] = parts[i];
-      auto values = rows[i].reshape({n, s->cols});
+    for (const auto& [part, part_rows] : ranges::views::zip(parts, rows)) {
+      const auto& [s, row0, n] = part;
+      auto values = part_rows.reshape({n, s->cols});
       if (s->codec.encode_on_device && device.is_cuda()) values = values.to(device);
       const auto bytes = s->codec.encode(values).reshape({-1});  // [n * row_bytes]
       SHARDLM_ASSERT(bytes.numel() == n * s->row_bytes, "codec ", s->codec.name, " wrote ", bytes.numel(), " bytes");

@@ -21,7 +21,7 @@ Model load_hf_model(const std::filesystem::path& dir, const at::Device& device, 
   // or the OOM killer end the process).
   const double bytes = static_cast<double>(config.num_params()) * static_cast<double>(at::elementSize(dtype));
   if (device.is_cpu())
-    if (const auto available = available_host_bytes(); available && bytes > static_cast<double>(*available))
+    if (const auto available = host_memory_available(); available && bytes > static_cast<double>(*available))
       fail<ConfigError>(dir.string(), ": the model's ", config.num_params(), " parameters take ", gib_text(bytes), " in ",
                         c10::toString(dtype), ", but ", gib_text(static_cast<double>(*available)),
                         " of host memory are available (MemAvailable in /proc/meminfo)");

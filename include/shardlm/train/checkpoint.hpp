@@ -154,6 +154,7 @@ inline nlohmann::json checkpoint_meta(const engine::Engine& engine, dist::Proces
 }
 
 inline ShardFile shard_tensors(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
+  engine.settle();  // an offloaded update may still be running
   ShardFile file;
   if (groups.replicate().rank() != 0) return file;
   const int k = groups.shard().rank();
@@ -260,6 +261,7 @@ inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroup
   if (!meta.has_checksums() && groups.rank() == 0)
     log::warn(path.string(), ": written before checkpoints carried checksums (format ", meta.format,
               "): its shards are loaded unverified");
+  engine.settle();  // an offloaded update may still be running
   ShardFiles files(path, meta.shard_group_size);
   std::string error;  // this rank's first failure: reported once every rank has reached the end
   const auto device = engine.device();

@@ -51,6 +51,7 @@ struct PlanInput {
   int64_t seq_len = 4096;
   int64_t grad_accum = 1;
   int64_t loss_chunk = 4096;             ///< tokens per chunk of the fused head and loss (0: whole logits)
+  engine::HostStep host_step = engine::HostStep::automatic;  ///< offloaded: automatic counts the speculative step's state
   int64_t lora_rank = 16;                ///< with an adapter policy
   std::vector<std::string> lora_targets = {"q", "k", "v", "o", "gate", "up", "down"};
 };
@@ -404,6 +405,11 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
                  {"AdamW moments", gpus * shard_total * 2 * master}};
     if (frozen_bytes > 0) plan.host.push_back({"frozen base (pinned)", gpus * frozen_bytes});
     if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * bytes(r.precision.reduce)});
+    // engine/offload.hpp: a speculative host step writes a second copy of masters (pinned) and moments
+    if (in.host_step == engine::HostStep::speculative || in.host_step == engine::HostStep::automatic)
+      plan.host.push_back({in.host_step == engine::HostStep::automatic ? "speculative step's second state (when it fits)"
+                                                                       : "speculative step's second state",
+                           gpus * shard_total * 3 * master});
   }
   return plan;
 }
@@ -416,7 +422,7 @@ inline double host_bytes_needed(const MemoryPlan& plan, int64_t ranks_on_node, b
 
 /// Refuses a run whose node needs more host memory than `available` (MemAvailable): a ConfigError naming both, per
 /// node and per rank, and the flag that starts it anyway. Better now than the OOM killer's SIGKILL in an hour.
-inline void check_host_memory(double needed, int64_t ranks_on_node, uint64_t available) {
+inline void check_host_memory(double needed, int64_t ranks_on_node, int64_t available) {
   if (needed <= static_cast<double>(available)) return;
   fail<ConfigError>("this node's ", ranks_on_node, " rank(s) need ", gib_text(needed), " of host memory by the memory plan (",
                     gib_text(needed / static_cast<double>(ranks_on_node)), " each; shardlm_plan shows what for), but ",

@@ -1,4 +1,5 @@
-// A one-recipe trainer against the installed package's compiled part (shardlm::compiled): a few CPU steps on text.
+// A one-recipe trainer against an installed shardlm: a few CPU steps of the tiny Llama on a sentence. Conan's test
+// package; also the trainer of tests/consumer (the CMake package) and of the vcpkg port's test (tests/packaging).
 #include <shardlm/shardlm.hpp>
 
 using namespace shardlm;

@@ -1,0 +1,57 @@
+# Shared by the packaging tests (cmake -P scripts): reading a snippet of docs/packaging.md, and building and running a
+# consumer project made of a snippet and a main.
+include(${CMAKE_CURRENT_LIST_DIR}/../cmake/run.cmake)
+
+# The text of the fenced block that follows the line `<!-- snippet: NAME -->` in docs/packaging.md: what a user
+# copies is what the test runs.
+function(read_snippet name out)
+  file(READ ${SOURCE_DIR}/docs/packaging.md doc)
+  string(FIND "${doc}" "<!-- snippet: ${name} -->" at)
+  if(at EQUAL -1)
+    message(FATAL_ERROR "docs/packaging.md has no snippet '${name}'")
+  endif()
+  string(SUBSTRING "${doc}" ${at} -1 doc)
+  string(FIND "${doc}" "```" open)
+  string(SUBSTRING "${doc}" ${open} -1 doc)
+  string(FIND "${doc}" "\n" line_end)
+  math(EXPR body ${line_end}+1)
+  string(SUBSTRING "${doc}" ${body} -1 doc)
+  string(FIND "${doc}" "\n```" close)
+  if(close EQUAL -1)
+    message(FATAL_ERROR "docs/packaging.md: the snippet '${name}' has no closing fence")
+  endif()
+  math(EXPR close ${close}+1)
+  string(SUBSTRING "${doc}" 0 ${close} doc)
+  set(${out} "${doc}" PARENT_SCOPE)
+endfunction()
+
+# Writes the project DIR: CMakeLists.txt is the snippet NAME (with each REPLACE pair applied), main.cpp the file MAIN.
+function(write_app dir name main)
+  cmake_parse_arguments(PARSE_ARGV 3 arg "" "" "REPLACE")
+  read_snippet(${name} text)
+  while(arg_REPLACE)
+    list(POP_FRONT arg_REPLACE from to)
+    string(FIND "${text}" "${from}" found)
+    if(found EQUAL -1)
+      message(FATAL_ERROR "docs/packaging.md: the snippet '${name}' no longer holds '${from}'")
+    endif()
+    string(REPLACE "${from}" "${to}" text "${text}")
+  endwhile()
+  file(WRITE ${dir}/CMakeLists.txt "${text}")
+  configure_file(${main} ${dir}/main.cpp COPYONLY)
+endfunction()
+
+# Configures with CMAKE_PREFIX_PATH the directories after PREFIX_PATH, builds and runs (with the arguments after RUN)
+# the project DIR, whose program is `app`; fails unless what it printed matches EXPECT.
+function(build_and_run dir)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "EXPECT" "PREFIX_PATH;RUN")
+  # An initial cache carries the list: a ';' in a command-line argument would split it here.
+  file(WRITE ${dir}/prefix_path.cmake "set(CMAKE_PREFIX_PATH \"${arg_PREFIX_PATH}\" CACHE STRING \"\")\n")
+  run(${CMAKE_COMMAND} -S ${dir} -B ${dir}/build -G ${GENERATOR} -C ${dir}/prefix_path.cmake)
+  run(${CMAKE_COMMAND} --build ${dir}/build)
+  run(${dir}/build/app ${arg_RUN})
+  if(NOT run_output MATCHES "${arg_EXPECT}")
+    message(FATAL_ERROR "${dir}/build/app printed no '${arg_EXPECT}':\n${run_output}")
+  endif()
+  message("${dir}/build/app: ${run_output}")
+endfunction()
