@@ -35,6 +35,9 @@ int main(int argc, char** argv) {
     if (shardlm::io::scalar_type_of(info) != at::kLong || info.shape.size() != 2)
       shardlm::fail<shardlm::IoError>(input_path, ": input_ids must be int64 [B, T], got ", info.dtype, " of rank ",
                                       info.shape.size());
+    if (info.numel() == 0)
+      shardlm::fail<shardlm::IoError>(input_path, ": input_ids is empty ([", info.shape[0], ", ", info.shape[1],
+                                      "]): expected at least one sequence of at least one token");
     const auto ids = input.read("input_ids");
 
     const auto run = [&]<class Model>(Model) {

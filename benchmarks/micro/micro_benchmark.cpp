@@ -9,11 +9,17 @@
 //   shard_copy           the engine's shard copies and casts on the host (GB/s read + written)
 //   head_loss            the LM head and loss, forward and backward on the CPU: the chunked fused path
 //                        (model/loss.hpp) against the plain loss on whole logits (tokens/s, GFLOP/s)
+//   crc32c               the checksum of checkpoint shards (core/crc32c.hpp): the SSE4.2 path and the tables, on
+//                        bytes in the cache and from memory (GB/s)
+//   checkpoint_file      writing and reading back a shard file in chunks, with and without the CRC32C of each
+//                        chunk where the checkpoint writer and reader take it: what checksums cost a save and a load
+//                        (GB/s; the file in TMPDIR: on a tmpfs the disk does not hide the CPU)
 // Rates divide by real time where the work runs on LibTorch's threads (AdamW, dequantize, shard_copy, head_loss),
 // by the thread's CPU time where it is one thread's (safetensors_header, tokenizer_encode).
 // Run: build/bin/micro_benchmark --tokenizer ../shared/data/llama3-tokenizer/tokenizer.json; a smoke run adds
 // --benchmark_min_time=0 (one iteration each, tests/packaging); figures: docs/benchmarks.md.
 #include <benchmark/benchmark.h>
+#include <fcntl.h>
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -26,6 +32,8 @@
 #include <vector>
 
 #include <shardlm/core/compat.hpp>
+#include <shardlm/core/crc32c.hpp>
+#include <shardlm/core/files.hpp>
 #include <shardlm/data/tokenizer.hpp>
 #include <shardlm/io/safetensors_format.hpp>
 #include <shardlm/model/loss.hpp>
@@ -219,6 +227,71 @@ void head_loss(benchmark::State& state) {
   state.SetLabel(chunk == 0 ? "plain: whole logits" : "fused: " + std::to_string(chunk) + " tokens a chunk");
 }
 
+// ---- checkpoint checksums --------------------------------------------------------------------------------------
+
+/// Bytes that are not all the same (a CRC's speed does not depend on them; a file system's might).
+const std::vector<unsigned char>& checksum_bytes(size_t n) {
+  static std::map<size_t, std::vector<unsigned char>> made;
+  auto& v = made[n];
+  if (v.empty()) {
+    v.resize(n);
+    for (size_t i = 0; i < n; ++i) v[i] = static_cast<unsigned char>((i * 2654435761u) >> 13);
+  }
+  return v;
+}
+
+/// CRC32C of range(0) bytes: 256 KiB stay in the cache, 128 MiB come from memory.
+void crc32c(benchmark::State& state, bool tables) {
+  if (!tables && !crc32c_hardware()) {
+    state.SkipWithError("this CPU has no SSE4.2 crc32 instruction: the tables serve");
+    return;
+  }
+  const auto& data = checksum_bytes(static_cast<size_t>(state.range(0)));
+  for (auto _ : state)
+    benchmark::DoNotOptimize(tables ? ~shardlm::detail::crc32c_raw_table(~0u, data.data(), data.size())
+                                    : shardlm::crc32c(data.data(), data.size()));
+  rate(state, "GB", static_cast<double>(data.size()) / 1e9);
+}
+
+/// 128 MiB of a shard file written (or read back) range(0) KiB at a time, with the CRC32C of each chunk (range(1))
+/// taken where the checkpoint code takes it: before each write, after each read.
+void checkpoint_file(benchmark::State& state, bool read) {
+  const uint64_t chunk = static_cast<uint64_t>(state.range(0)) << 10;
+  const bool checked = state.range(1) != 0;
+  const auto& data = checksum_bytes(size_t{128} << 20);
+  const auto path = (std::filesystem::temp_directory_path() / "micro_benchmark_checkpoint.tmp").string();
+  std::vector<unsigned char> back(data.size(), 1);  // its pages touched: no page faults in the reads
+  const auto write = [&] {
+    shardlm::detail::Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (fd.get() < 0) throw std::runtime_error(path + ": cannot create");
+    uint32_t crc = 0;
+    for (uint64_t at = 0; at < data.size(); at += chunk) {
+      const uint64_t n = std::min<uint64_t>(chunk, data.size() - at);
+      if (checked) crc = crc32c_extend(crc, data.data() + at, n);
+      shardlm::detail::pwrite_all(fd.get(), data.data() + at, n, at, path);
+    }
+    return crc;
+  };
+  if (read) write();
+  for (auto _ : state) {
+    if (!read) {
+      benchmark::DoNotOptimize(write());
+      continue;
+    }
+    shardlm::detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    uint32_t crc = 0;
+    for (uint64_t at = 0; at < back.size(); at += chunk) {
+      const uint64_t n = std::min<uint64_t>(chunk, back.size() - at);
+      shardlm::detail::pread_all(fd.get(), back.data() + at, n, at, path);
+      if (checked) crc = crc32c_extend(crc, back.data() + at, n);
+    }
+    benchmark::DoNotOptimize(crc);
+  }
+  std::filesystem::remove(path);
+  rate(state, "GB", static_cast<double>(data.size()) / 1e9);
+  state.SetLabel(std::string(checked ? "with" : "without") + " CRC32C, in " + path);
+}
+
 void register_all() {
   benchmark::RegisterBenchmark("safetensors_header", safetensors_header)->ArgName("layers")->Arg(32)->Arg(126);
   benchmark::RegisterBenchmark("tokenizer_encode/cold", tokenizer_encode, false)->Unit(benchmark::kMillisecond);
@@ -250,6 +323,13 @@ void register_all() {
 
   benchmark::RegisterBenchmark("head_loss", head_loss)->ArgName("chunk")->Arg(0)->Arg(128)->Arg(512)
       ->Unit(benchmark::kMillisecond)->UseRealTime();
+
+  for (const bool tables : {false, true})
+    benchmark::RegisterBenchmark(tables ? "crc32c/tables" : "crc32c/sse42", crc32c, tables)
+        ->ArgName("bytes")->Arg(256 << 10)->Arg(128 << 20)->Unit(benchmark::kMillisecond);
+  for (const bool read : {false, true})
+    benchmark::RegisterBenchmark(read ? "checkpoint_file/read" : "checkpoint_file/write", checkpoint_file, read)
+        ->ArgNames({"chunk_KiB", "crc"})->ArgsProduct({{256, 8192}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
 }  // namespace

@@ -181,7 +181,7 @@ TEST_CASE("unsupported or broken tokenizer.json files are refused with the field
   bad = j;
   bad["model"]["vocab"] = "not an object";
   CHECK(message(bad).find("tok.json: ") == 0);
-  CHECK(error_of([] { Tokenizer::from_file("/no/such/tokenizer.json"); }) == "/no/such/tokenizer.json: cannot open");
+  CHECK(error_of([] { Tokenizer::from_file("/no/such/tokenizer.json"); }) == "/no/such/tokenizer.json: cannot open: No such file or directory");
 
   const auto t = Tokenizer::from_json(j, "tok.json");
   CHECK(error_of([&] { t.encode("ok \xC3("); }) == "text is not valid UTF-8 at byte 3");
@@ -243,7 +243,7 @@ TEST_CASE("documents from text, JSONL and Alpaca files, and errors naming the fi
   CHECK(error("{\"instruction\": \"i\", \"input\": \"x\"}\n", DocumentFormat::Alpaca) == bad + ":1: no \"output\" field");
   CHECK(error("[{\"instruction\": \"i\", \"output\": \"o\"}, {\"instruction\": \"i\"}]", DocumentFormat::Alpaca) ==
         bad + ": record 2: no \"output\" field");
-  CHECK(error_of([&] { read(dir / "none.jsonl", DocumentFormat::Jsonl); }) == (dir / "none.jsonl").string() + ": cannot open");
+  CHECK(error_of([&] { read(dir / "none.jsonl", DocumentFormat::Jsonl); }) == (dir / "none.jsonl").string() + ": cannot open: No such file or directory");
 
   CHECK(document_format("auto", "x.txt") == DocumentFormat::Text);
   CHECK(document_format("auto", "x.jsonl") == DocumentFormat::Jsonl);
@@ -267,7 +267,7 @@ TEST_CASE("shards: little-endian uint32 tokens with a uint8 mask next to them, o
   REQUIRE(raw.size() == 20);
   CHECK(raw.substr(4, 4) == std::string("\x04\x03\x02\x01", 4));
   const auto m = LossMask::open(dir / "all.bin");
-  CHECK(std::vector<uint8_t>(m.values().begin(), m.values().end()) == mask);
+  CHECK(m.read(0, m.size()) == mask);
   CHECK(m[1]);
   CHECK_FALSE(m[3]);
 
@@ -285,5 +285,42 @@ TEST_CASE("shards: little-endian uint32 tokens with a uint8 mask next to them, o
   CHECK(error_of([&] { LossMask::open(dir / "all.bin"); }) == (dir / "all.mask").string() + ": entry 4 is 2, not 0 or 1");
   fs::remove(dir / "all.mask");
   CHECK(error_of([&] { LossMask::open(dir / "all.bin"); }).find((dir / "all.mask").string() + ": cannot open") == 0);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("tokenizer.json: ids bounded by the tokens it defines, nesting and size bounded, each field named; documents too") {
+  const auto message = [](json j) { return error_of([&] { Tokenizer::from_json(j, "tok.json"); }); };
+  const auto j = tiny_tokenizer({"ab"}, {"a b"});  // 257 tokens: ids must lie below 257 + 65536
+  auto bad = j;
+  bad["added_tokens"] = {{{"content", "<x>"}, {"id", 2147483647}}};  // a table of 2^31 tokens (64 GB) before
+  CHECK(message(bad) == "tok.json: added_tokens[0].id = 2147483647 is not a valid id: expected an integer in 0..65793 "
+                        "(the number of tokens in the file, plus 65536)");
+  bad = j;
+  bad["model"]["vocab"]["ab"] = 256.5;
+  CHECK(message(bad) == "tok.json: model.vocab['ab'] = 256.5 is not a valid id: expected an integer in 0..65792 "
+                        "(the number of tokens in the file, plus 65536)");
+  bad = j;
+  bad["model"]["ignore_merges"] = "yes";
+  CHECK(message(bad) == "tok.json: field 'model.ignore_merges' must be true or false, got \"yes\"");
+  bad = j;
+  bad["model"]["merges"] = "a b";
+  CHECK(message(bad) == "tok.json: field 'model.merges' must be a list, got \"a b\"");
+  bad = j;
+  bad["added_tokens"] = {{{"content", 5}, {"id", 300}}};
+  CHECK(message(bad) == "tok.json: field 'added_tokens[0].content' must be a string, got 5");
+  const auto dir = temp_dir("tokenizer_limits");
+  write_file(dir / "deep.json", std::string(100000, '[') + std::string(100000, ']'));
+  CHECK(error_of([&] { Tokenizer::from_file(dir / "deep.json"); }) ==
+        (dir / "deep.json").string() + ": JSON nested more than 64 levels deep (at byte 64)");
+  fs::create_directories(dir / "tokenizer.json");
+  CHECK(error_of([&] { Tokenizer::from_file(dir / "tokenizer.json"); }) ==
+        (dir / "tokenizer.json").string() + ": is a directory, expected a JSON file");
+  // Document files for shardlm_tokenize: records as deep as any record is, and a file where one belongs.
+  write_file(dir / "deep.jsonl", "{\"text\": \"a\"}\n" + std::string(1000, '[') + "\n");
+  const auto none = [](const Document&, const std::string&) {};
+  CHECK(error_of([&] { read_documents(dir / "deep.jsonl", DocumentFormat::Jsonl, none); }) ==
+        (dir / "deep.jsonl").string() + ":2: JSON nested more than 64 levels deep (at byte 64)");
+  CHECK(error_of([&] { read_documents(dir / "tokenizer.json", DocumentFormat::Jsonl, none); }) ==
+        (dir / "tokenizer.json").string() + ": is a directory, expected a document file (.txt, .jsonl or .json)");
   fs::remove_all(dir);
 }

@@ -6,6 +6,7 @@
 #include <shardlm/shardlm.hpp>
 
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include "../test_util.hpp"
@@ -155,7 +156,7 @@ TEST_CASE("config.json errors name the field") {
     return std::string("no error");
   };
   CHECK(err(with("hidden_size", nullptr)).find("missing field 'hidden_size'") != std::string::npos);
-  CHECK(err(with("hidden_size", "big")).find("'hidden_size' has the wrong type") != std::string::npos);
+  CHECK(err(with("hidden_size", "big")).find("field 'hidden_size' must be an integer in 1..1048576, got \"big\"") != std::string::npos);
   CHECK(err(with("model_type", "gpt2")).find("model_type 'gpt2'") != std::string::npos);
   CHECK(err(with("num_key_value_heads", 3)).find("not a multiple of num_key_value_heads(3)") != std::string::npos);
   auto j = nlohmann::json::parse(v5_config);
@@ -163,7 +164,7 @@ TEST_CASE("config.json errors name the field") {
   CHECK(err(j).find("rope type 'yarn' is not supported") != std::string::npos);
   j = nlohmann::json::parse(v5_config);
   j["rope_parameters"].erase("rope_theta");
-  CHECK(err(j).find("missing field 'rope_theta'") != std::string::npos);
+  CHECK(err(j).find("missing field 'rope_parameters.rope_theta'") != std::string::npos);
   CHECK(err(j).find("dir/config.json") != std::string::npos);
 }
 
@@ -342,4 +343,108 @@ TEST_CASE("config_to_json: read back, it gives the config it was made from") {
     CHECK(back.rope.high_freq_factor == c.rope.high_freq_factor);
     CHECK(back.rope.original_max_position_embeddings == c.rope.original_max_position_embeddings);
   }
+}
+
+// ---- Hardening (docs/testing.md): the JSON layer every file read from disk goes through, config.json's bounds,
+// adapter_config.json's fields.
+
+TEST_CASE("JSON from disk: a regular file within the size and depth limits; fields checked, the file and key named") {
+  const auto dir = test::temp_dir("json");
+  fs::create_directories(dir / "d.json");
+  CHECK_THROWS_WITH_AS(read_json(dir / "d.json"), ((dir / "d.json").string() + ": is a directory, expected a JSON file").c_str(), IoError);
+  CHECK_THROWS_WITH_AS(read_json(dir / "none.json"), doctest::Contains("none.json: cannot open: No such file or directory"), IoError);
+  write_text(dir / "big.json", R"({"a": "0123456789012345"})");
+  CHECK_THROWS_WITH_AS(read_json(dir / "big.json", JsonLimits{16, 64}),
+                       ((dir / "big.json").string() + ": 25 bytes is over the limit of 16 bytes for this file").c_str(), IoError);
+  write_text(dir / "deep.json", std::string(65, '[') + std::string(65, ']'));
+  CHECK_THROWS_WITH_AS(read_json(dir / "deep.json"),
+                       ((dir / "deep.json").string() + ": JSON nested more than 64 levels deep (at byte 64)").c_str(), IoError);
+  write_text(dir / "ok.json", "{\"a\": \"" + std::string(100, '[') + "\\\"]\", \"b\": " + std::string(63, '[') +
+                                  std::string(63, ']') + "}");
+  CHECK(read_json(dir / "ok.json")["a"].get<std::string>().size() == 102);  // brackets inside strings do not nest
+  compat::remove_all(dir);
+
+  const auto j = nlohmann::json::parse(R"({"i": 7, "f": 7.0, "big": 9223372036854775808, "s": "x", "b": true,
+    "o": {"n": 1.5}, "l": [{"k": 1}, 3]})");
+  const JsonFields<ConfigError> f(j, "c.json");
+  CHECK(f.integer("i", 0, 10) == 7);
+  CHECK_THROWS_WITH_AS(f.integer("i", 8, 10), "c.json: field 'i' must be an integer in 8..10, got 7", ConfigError);
+  CHECK_THROWS_WITH_AS(f.integer("f", 0, 10), "c.json: field 'f' must be an integer in 0..10, got 7.0", ConfigError);
+  CHECK_THROWS_WITH_AS(f.integer("big", 0, INT64_MAX), doctest::Contains("got 9223372036854775808"), ConfigError);
+  CHECK_THROWS_WITH_AS(f.integer("s", 0, 10), "c.json: field 's' must be an integer in 0..10, got \"x\"", ConfigError);
+  CHECK_THROWS_WITH_AS(f.integer("missing", 0, 10), "c.json: missing field 'missing'", ConfigError);
+  CHECK(f.integer_or("missing", 3, 0, 10) == 3);
+  CHECK(f.number("f", 0, 10) == 7.0);
+  CHECK_THROWS_WITH_AS(f.number("b", 0, 10), "c.json: field 'b' must be a number in [0, 10], got true", ConfigError);
+  CHECK_THROWS_WITH_AS(f.boolean("i"), "c.json: field 'i' must be true or false, got 7", ConfigError);
+  CHECK_THROWS_WITH_AS(f.string("o"), "c.json: field 'o' must be a string, got an object", ConfigError);
+  CHECK_THROWS_WITH_AS(f.object("o").integer("n", 0, 9), "c.json: field 'o.n' must be an integer in 0..9, got 1.5", ConfigError);
+  CHECK(f.element("l", 0).integer("k", 0, 1) == 1);
+  CHECK_THROWS_WITH_AS(f.element("l", 1), "c.json: field 'l[1]' must be a JSON object, got 3", ConfigError);
+}
+
+TEST_CASE("config.json: integer fields refuse floats, sizes and the parameter count are bounded, floats are finite") {
+  auto err = [](const std::function<void(nlohmann::json&)>& change) {
+    auto j = nlohmann::json::parse(v5_config);
+    change(j);
+    try {
+      model::config_from_json(j, "m/config.json");
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string f = "m/config.json: ";
+  CHECK(err([](auto& j) { j["hidden_size"] = 32.5; }) == f + "field 'hidden_size' must be an integer in 1..1048576, got 32.5");
+  CHECK(err([](auto& j) { j["hidden_size"] = 32.0; }) == f + "field 'hidden_size' must be an integer in 1..1048576, got 32.0");
+  CHECK(err([](auto& j) { j["vocab_size"] = 1000000000000; }) == f + "field 'vocab_size' must be an integer in 1..16777216, got 1000000000000");
+  CHECK(err([](auto& j) { j["num_hidden_layers"] = -2; }) == f + "field 'num_hidden_layers' must be an integer in 1..16384, got -2");
+  CHECK(err([](auto& j) { j["head_dim"] = 1 << 20; }) == f + "field 'head_dim' must be an integer in 1..16384, got 1048576");
+  CHECK(err([](auto& j) { j["tie_word_embeddings"] = 1; }) == f + "field 'tie_word_embeddings' must be true or false, got 1");
+  CHECK(err([](auto& j) { j["rms_norm_eps"] = 0; }) == f + "rms_norm_eps must be positive and finite, got 0");
+  CHECK(err([](auto& j) { j["rope_parameters"]["factor"] = "8"; }) ==
+        f + "field 'rope_parameters.factor' must be a number in [0, 1e+12], got \"8\"");
+  CHECK(err([](auto& j) { j["rope_parameters"] = 3; }) == f + "field 'rope_parameters' must be a JSON object, got 3");
+  // Each size within its limit, the products not: refused before any count is multiplied out in int64.
+  CHECK(err([](auto& j) {
+          j["hidden_size"] = 1 << 20, j["intermediate_size"] = 1 << 22, j["num_hidden_layers"] = 1 << 14;
+          j["num_attention_heads"] = 1 << 14, j["num_key_value_heads"] = 1 << 14, j["head_dim"] = 64;
+        }).find("parameters (16384 layers of ") != std::string::npos);
+  CHECK_THROWS_WITH_AS(model::preset("llama3-debug", 20000), "preset llama3-debug: num_hidden_layers must lie in 1..16384, got 20000",
+                       ConfigError);
+  auto moe = nlohmann::json::parse(v5_config);
+  moe["model_type"] = "mixtral", moe["num_local_experts"] = 4, moe["num_experts_per_tok"] = 2.0;
+  CHECK_THROWS_WITH_AS(model::config_from_json(moe, "x.json"), "x.json: field 'num_experts_per_tok' must be an integer in 1..16384, got 2.0",
+                       ConfigError);
+}
+
+TEST_CASE("adapter_config.json: every field checked, the file and key named; a file where the directory belongs") {
+  const auto dir = test::temp_dir("peft");
+  const auto write = [&](nlohmann::json j) { write_text(dir / "adapter_config.json", j.dump()); };
+  const nlohmann::json good = {{"peft_type", "LORA"}, {"r", 8}, {"lora_alpha", 16}, {"target_modules", {"q_proj"}}};
+  const auto err = [&] {
+    try {
+      io::read_peft_adapter(dir);
+    } catch (const IoError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const auto f = (dir / "adapter_config.json").string() + ": ";
+  auto j = good;
+  j["r"] = 8.5;
+  write(j);
+  CHECK(err() == f + "field 'r' must be an integer in 1..65536, got 8.5");
+  j = good, j["lora_alpha"] = "16";
+  write(j);
+  CHECK(err() == f + "field 'lora_alpha' must be a number in [0, 1.79769e+308], got \"16\"");
+  j = good, j["target_modules"] = {1};
+  write(j);
+  CHECK(err() == f + "target_modules holds 1, expected module names");
+  j = good, j.erase("peft_type");
+  write(j);
+  CHECK(err() == f + "missing field 'peft_type'");
+  write_text(dir / "file", "x");
+  CHECK_THROWS_WITH_AS(io::read_peft_adapter(dir / "file"), doctest::Contains("file: not a directory (expected a PEFT adapter directory"), IoError);
+  compat::remove_all(dir);
 }

@@ -7,7 +7,9 @@
 
 #include <shardlm/shardlm.hpp>
 
+#include <chrono>
 #include <cmath>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -939,7 +941,7 @@ TEST_CASE("--config FILE.json: keys are flag names, the command line overrides t
   CHECK(error(R"({"steps": )").starts_with("--config " + file + ": malformed JSON"));
   CHECK(error(R"({"steps": -1, "data": "a.bin"})") == "--steps must be >= 0, got -1");
   const char* missing[] = {"prog", "--config", "no-such.json"};
-  CHECK_THROWS_WITH_AS(cli::parse(3, missing), "--config no-such.json: cannot open", IoError);
+  CHECK_THROWS_WITH_AS(cli::parse(3, missing), "--config no-such.json: cannot open: No such file or directory", IoError);
   const char* eval_alone[] = {"prog", "--data", "a.bin", "--eval-every", "5"};
   CHECK_THROWS_WITH_AS(cli::parse(5, eval_alone), doctest::Contains("--eval-every needs validation data"), ConfigError);
   const char* bad_value[] = {"prog", "--data", "a.bin", "--lr", "fast"};
@@ -988,6 +990,231 @@ TEST_CASE("the planner replays the engine's schedule: the same gathers, releases
               ++recipes;
             }
   CHECK(recipes == 2 * 21 * 3 * 2);  // 21 sharding x checkpointing x offload combinations the engine serves, 3 precisions
+}
+
+// ---- Hardening (docs/testing.md): checkpoint metadata and checksums, token files changed under a job, the host
+// memory preflight, optimizer and time options. End-to-end runs of the same classes: tests/hardening.
+
+namespace {
+/// A valid format-2 meta.json: two units (6 elements, and 5 padded to 6) over a shard group of 2.
+nlohmann::json valid_meta() {
+  return {{"format", 2}, {"step", 4}, {"optimizer_steps", 3}, {"world_size", 4}, {"shard_group_size", 2},
+          {"global_batch", 8},
+          {"units", {{{"name", "embedding"}, {"numel", 6}, {"padded", 6}}, {{"name", "block 0"}, {"numel", 5}, {"padded", 6}}}},
+          {"checksum", "crc32c"},
+          {"checksums", {{"shard-0-of-2.safetensors", {"0123abcd", "89abcdef"}}, {"shard-1-of-2.safetensors", {"00000000", "ffffffff"}}}}};
+}
+std::string meta_error(const nlohmann::json& j) {
+  try {
+    train::CheckpointMeta::parse(j, "ck/meta.json");
+  } catch (const IoError& e) {
+    return e.what();
+  }
+  return "no error";
+}
+}  // namespace
+
+TEST_CASE("checkpoint meta.json: every field checked, each error naming the file and the key") {
+  const auto m = train::CheckpointMeta::parse(valid_meta(), "ck/meta.json");
+  CHECK(m.step == 4);
+  CHECK(m.saved_shard(1) == 3);
+  CHECK(m.checksums[1][1] == 0xffffffffu);
+  const auto with = [](const std::function<void(nlohmann::json&)>& change) {
+    auto j = valid_meta();
+    change(j);
+    return meta_error(j);
+  };
+  const std::string f = "ck/meta.json: ";
+  CHECK(with([](auto& j) { j["step"] = -1; }) == f + "field 'step' must be an integer in 0..1099511627776, got -1");
+  CHECK(with([](auto& j) { j["step"] = 2.5; }) == f + "field 'step' must be an integer in 0..1099511627776, got 2.5");
+  CHECK(with([](auto& j) { j["step"] = 4.0; }) == f + "field 'step' must be an integer in 0..1099511627776, got 4.0");
+  CHECK(with([](auto& j) { j["step"] = "4"; }) == f + "field 'step' must be an integer in 0..1099511627776, got \"4\"");
+  CHECK(with([](auto& j) { j["step"] = 18446744073709551615ull; }).starts_with(f + "field 'step' must be an integer"));
+  CHECK(with([](auto& j) { j.erase("step"); }) == f + "missing field 'step'");
+  CHECK(with([](auto& j) { j["optimizer_steps"] = 5; }) == f + "field 'optimizer_steps' must be an integer in 0..4, got 5");
+  CHECK(with([](auto& j) { j["world_size"] = 0; }) == f + "field 'world_size' must be an integer in 1..1048576, got 0");
+  CHECK(with([](auto& j) { j["shard_group_size"] = 5; }) == f + "field 'shard_group_size' must be an integer in 1..4, got 5");
+  CHECK(with([](auto& j) { j["shard_group_size"] = 3; }) == f + "field 'shard_group_size' 3 does not divide field 'world_size' 4");
+  CHECK(with([](auto& j) { j["units"] = 3; }) == f + "field 'units' must be a list, got 3");
+  CHECK(with([](auto& j) { j["units"][1] = "block"; }) == f + "field 'units[1]' must be a JSON object, got \"block\"");
+  CHECK(with([](auto& j) { j["units"][1]["numel"] = -5; }) == f + "field 'units[1].numel' must be an integer in 0..1099511627776, got -5");
+  CHECK(with([](auto& j) { j["units"][1]["padded"] = 4; }) == f + "field 'units[1].padded' must be an integer in 5..1099511627776, got 4");
+  CHECK(with([](auto& j) { j["units"][1]["padded"] = 7; }) ==
+        f + "field 'units[1].padded' 7 is not the 5 elements padded to a multiple of the shard group size 2");
+  CHECK(with([](auto& j) { j["units"][1]["padded"] = 8; }) ==
+        f + "field 'units[1].padded' 8 is not the 5 elements padded to a multiple of the shard group size 2");
+  CHECK(with([](auto& j) { j["format"] = 3; }) == f + "field 'format' must be an integer in 1..2, got 3");
+  CHECK(with([](auto& j) { j["checksum"] = "md5"; }) == f + "field 'checksum' is 'md5', expected 'crc32c'");
+  CHECK(with([](auto& j) { j["checksums"].erase("shard-1-of-2.safetensors"); }) ==
+        f + "field 'checksums' lists 1 shard files, expected 2 (the shard group size)");
+  CHECK(with([](auto& j) { j["checksums"]["shard-1-of-2.safetensors"].push_back("00000000"); }) ==
+        f + "field 'checksums.shard-1-of-2.safetensors' holds 3 checksums, expected one per unit (2)");
+  CHECK(with([](auto& j) { j["checksums"]["shard-0-of-2.safetensors"][1] = "89ABCDEF"; }) ==
+        f + "field 'checksums.shard-0-of-2.safetensors[1]' is \"89ABCDEF\", expected a CRC32C of 8 hex digits");
+  CHECK(with([](auto& j) { j["checksums"]["shard-0-of-2.safetensors"][1] = 12345; }) ==
+        f + "field 'checksums.shard-0-of-2.safetensors[1]' is 12345, expected a CRC32C of 8 hex digits");
+  CHECK(meta_error(nlohmann::json::array()) == f.substr(0, f.size() - 2) + ": the file must be a JSON object, got a list");
+  // Format 1 (before checksums): no checksum keys, read without them.
+  auto old = valid_meta();
+  old["format"] = 1;
+  old.erase("checksum"), old.erase("checksums");
+  CHECK_FALSE(train::CheckpointMeta::parse(old, "ck/meta.json").has_checksums());
+  // meta.json on disk: a directory, a file over the size limit, one nested too deep
+  const auto dir = test::temp_dir("meta");
+  fs::create_directories(dir / "meta.json");
+  CHECK_THROWS_WITH_AS(train::CheckpointMeta::read(dir), ((dir / "meta.json").string() + ": is a directory, expected a JSON file").c_str(), IoError);
+  fs::remove(dir / "meta.json");
+  std::ofstream(dir / "meta.json") << std::string(100, '[') << std::string(100, ']');
+  CHECK_THROWS_WITH_AS(train::CheckpointMeta::read(dir), doctest::Contains("meta.json: JSON nested more than 64 levels deep"), IoError);
+  compat::remove_all(dir);
+}
+
+TEST_CASE("CRC32C: the check values, the hardware and table paths agree, pieces combine") {
+  CHECK(crc32c(std::string(32, '\0')) == 0x8A9136AAu);  // RFC 3720
+  CHECK(crc32c(std::string(32, '\xff')) == 0x62A8AB43u);
+  CHECK(crc32c("123456789") == 0xE3069283u);
+  std::mt19937_64 rng(7);
+  std::vector<unsigned char> buf(100000);
+  for (auto& b : buf) b = static_cast<unsigned char>(rng());
+  for (int i = 0; i < 200; ++i) {  // lengths across the three-stream blocks, any alignment
+    const size_t off = rng() % 64, n = rng() % (buf.size() - 64), cut = n ? rng() % n : 0;
+    const uint32_t whole = crc32c(buf.data() + off, n);
+    CHECK(whole == ~shardlm::detail::crc32c_raw_table(~0u, buf.data() + off, n));
+    CHECK(crc32c_combine(crc32c(buf.data() + off, cut), crc32c(buf.data() + off + cut, n - cut), n - cut) == whole);
+    CHECK(crc32c_extend(crc32c(buf.data() + off, cut), buf.data() + off + cut, n - cut) == whole);
+  }
+  MESSAGE("CRC32C on this CPU: ", crc32c_hardware() ? "the SSE4.2 instruction" : "slice-by-8 tables");
+}
+
+TEST_CASE("checkpoint checksums: pieces read by different ranks combine into each file's CRC32C; a flipped bit is named") {
+  // One unit of 1000 elements saved over 2 shard files of 500; the bytes of each file's covered elements (4 bytes
+  // each) are read in pieces by 3 "ranks" cut at random places, each rank accumulating its own PieceCrc.
+  std::mt19937_64 rng(11);
+  train::CheckpointMeta meta;
+  meta.format = 2, meta.world_size = meta.shard_group_size = 2;
+  meta.units = {{"block 4", 999, 1000}};  // the last element is padding: not covered
+  std::vector<std::vector<unsigned char>> files(2, std::vector<unsigned char>(500 * 4));
+  for (auto& f : files)
+    for (auto& b : f) b = static_cast<unsigned char>(rng());
+  const uint64_t covered[2] = {500 * 4, 499 * 4};
+  meta.checksums = {{crc32c(files[0].data(), covered[0])}, {crc32c(files[1].data(), covered[1])}};
+  const auto combined = [&](const std::vector<std::vector<unsigned char>>& data) {
+    std::vector<int32_t> sums(2 * 32);
+    for (int trial = 0; trial < 3; ++trial) {
+      std::vector<train::PieceCrc> ranks(3, train::PieceCrc(2));
+      for (int64_t k = 0; k < 2; ++k)
+        for (uint64_t at = 0; at < covered[k];) {  // pieces of random sizes, each given to a random rank
+          const uint64_t n = std::min<uint64_t>(covered[k] - at, 1 + rng() % 300);
+          ranks[rng() % 3].add(k, at, data[k].data() + at, n, covered[k]);
+          at += n;
+        }
+      std::fill(sums.begin(), sums.end(), 0);
+      for (const auto& r : ranks) {
+        const auto c = r.counts();
+        for (size_t i = 0; i < sums.size(); ++i) sums[i] += c[i];
+      }
+    }
+    return sums;
+  };
+  CHECK_NOTHROW(train::PieceCrc::verify(combined(files), meta, 0, "block 4", "ck"));
+  auto flipped = files;
+  flipped[1][1234] ^= 0x04;
+  CHECK_THROWS_WITH_AS(train::PieceCrc::verify(combined(flipped), meta, 0, "block 4", "ck"),
+                       doctest::Contains("ck/shard-1-of-2.safetensors: unit 0 (block 4): its tensors fail their checksum: CRC32C "),
+                       IoError);
+  flipped = files;
+  flipped[1][499 * 4 + 1] ^= 0x04;  // in the padding: never read, not covered
+  CHECK_NOTHROW(train::PieceCrc::verify(combined(flipped), meta, 0, "block 4", "ck"));
+}
+
+TEST_CASE("token files are read by offset: a file or mask changed under a running job is an error naming it") {
+  const auto dir = test::temp_dir("watched");
+  std::vector<uint32_t> tokens(1000);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>(i % 97);
+  const auto write_tokens = [&](const fs::path& p) {
+    std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(tokens.data()), 4000);
+  };
+  write_tokens(dir / "t.bin");
+  std::ofstream(dir / "t.mask", std::ios::binary) << std::string(1000, '\1');
+  const auto d = data::TokenDataset::open(dir / "t.bin");
+  int64_t n = 0;
+  CHECK(at::equal(d.slice(500, 3, 100), at::tensor({15, 16, 17}, at::kLong)));
+  const auto name = (dir / "t.bin").string();
+  fs::resize_file(dir / "t.bin", 40);  // truncated: a mapping would end the process with SIGBUS here
+  CHECK_THROWS_WITH_AS(d.slice(500, 3, 100), (name + ": changed size while the job was reading it (4000 bytes when it was "
+                                              "opened, 40 now): a file a job reads must not be rewritten until it ends").c_str(), IoError);
+  write_tokens(dir / "t.bin");  // rewritten at the same size: the modification time tells
+  const auto e = data::TokenDataset::open(dir / "t.bin");
+  fs::last_write_time(dir / "t.bin", fs::last_write_time(dir / "t.bin") + std::chrono::seconds(5));
+  CHECK_THROWS_WITH_AS(e.slice(0, 3, 100), doctest::Contains((name + ": was modified while the job was reading it (same size, 4000 bytes)").c_str()), IoError);
+  write_tokens(dir / "t.bin");
+  const auto m = data::TokenDataset::open(dir / "t.bin");
+  CHECK(m.counted_targets(0, 8) == 8);
+  fs::resize_file(dir / "t.mask", 10);
+  CHECK_THROWS_WITH_AS(m.targets(0, 8, 100, -100, &n), doctest::Contains(((dir / "t.mask").string() + ": changed size while the job").c_str()), IoError);
+  fs::create_directories(dir / "d.bin");
+  CHECK_THROWS_WITH_AS(data::TokenDataset::open(dir / "d.bin"), doctest::Contains("d.bin: is a directory, expected a token file"), IoError);
+  compat::remove_all(dir);
+}
+
+TEST_CASE("host memory preflight: the memory plan's bytes for a node against MemAvailable, naming both and the flag") {
+  const auto dir = test::temp_dir("meminfo");
+  std::ofstream(dir / "meminfo") << "MemTotal:       24683772 kB\nMemFree:        19781820 kB\nMemAvailable:   1048576 kB\n";
+  CHECK(host_memory_available((dir / "meminfo").string()) == int64_t{1} << 30);
+  std::ofstream(dir / "other") << "MemTotal: 5 kB\n";
+  CHECK_FALSE(host_memory_available((dir / "other").string()).has_value());
+  compat::remove_all(dir);
+  plan::PlanInput in;
+  in.model = model::preset("llama3-debug");
+  in.recipe = recipe_named("full", "fp32", "none", "cpu", "none", "none");
+  in.world_size = 4, in.gpus_per_node = 2, in.seq_len = 64;
+  const auto p = plan::plan_memory(in);
+  REQUIRE(p.host_total() > 0);
+  CHECK(plan::host_bytes_needed(p, 2, false) == p.host_total());                    // GPUs: the offloaded state
+  CHECK(plan::host_bytes_needed(p, 2, true) == p.host_total() + 2 * p.gpu_peak());  // CPU ranks: everything
+  const double gib = 1024.0 * 1024 * 1024;
+  CHECK_NOTHROW(plan::check_host_memory(3 * gib, 2, uint64_t{4} << 30));
+  CHECK_THROWS_WITH_AS(plan::check_host_memory(3 * gib, 2, uint64_t{1} << 30),
+                       "this node's 2 rank(s) need 3.00 GiB of host memory by the memory plan (1.50 GiB each; shardlm_plan "
+                       "shows what for), but 1.00 GiB are available (MemAvailable in /proc/meminfo): use more nodes or a "
+                       "smaller model, batch or --seq-len, or pass --skip-memory-check to start anyway",
+                       ConfigError);
+  const char* skip[] = {"prog", "--data", "a.bin", "--skip-memory-check"};
+  CHECK(cli::parse(4, skip).dist().skip_memory_check());
+}
+
+TEST_CASE("optimizer hyperparameters are refused as torch.optim.AdamW refuses them; counts and times are bounded") {
+  const auto error = [](std::vector<std::string> flags) {
+    std::vector<const char*> argv = {"prog", "--data", "a.bin"};
+    for (const auto& f : flags) argv.push_back(f.c_str());
+    try {
+      cli::parse(static_cast<int>(argv.size()), argv.data());
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(error({"--lr", "0"}) == "--lr must be positive and finite, got 0");
+  CHECK(error({"--lr", "-1e-3"}) == "--lr must be positive and finite, got -0.001");
+  CHECK(error({"--beta1", "1"}) == "--beta1 must lie in [0, 1), got 1");
+  CHECK(error({"--beta1", "-0.1"}) == "--beta1 must lie in [0, 1), got -0.1");
+  CHECK(error({"--beta2", "1.5"}) == "--beta2 must lie in [0, 1), got 1.5");
+  CHECK(error({"--weight-decay", "-0.1"}) == "--weight-decay must be >= 0 and finite, got -0.1");
+  CHECK(error({"--grad-clip", "-1"}) == "--grad-clip must be >= 0 and finite (0: off), got -1");
+  CHECK(error({"--beta1", "0", "--beta2", "0", "--weight-decay", "0", "--grad-clip", "0"}) == "no error");  // the edges PyTorch takes
+  CHECK_THROWS_WITH_AS(optim::AdamWOptions().eps(-1e-8).validate(), "AdamW eps must be >= 0 and finite, got -1e-08", ConfigError);
+  CHECK_THROWS_WITH_AS(optim::AdamWOptions().eps(std::nan("")).validate(), doctest::Contains("AdamW eps must be >= 0 and finite"), ConfigError);
+  CHECK(error({"--dist-timeout", "0"}) == "--dist-timeout must lie in [1, 86400] seconds, got 0");
+  CHECK(error({"--dist-timeout", "86401"}) == "--dist-timeout must lie in [1, 86400] seconds, got 86401");
+  CHECK(error({"--dist-timeout", "86400"}) == "no error");
+  CHECK(error({"--seq-len", "8589934592"}) == "--seq-len must be at most 4294967296, got 8589934592");
+  CHECK(error({"--micro-batch", "4294967296", "--grad-accum", "2"}) ==
+        "--micro-batch 4294967296 x --grad-accum 2 samples per rank and step is over the limit of 4294967296");
+  CHECK(error({"--seed", "-1"}).starts_with("--seed -1: "));  // a negative value names its flag
+  // A day in the clocks the collectives are timed with: no overflow (a year, in nanoseconds, would be 3e16 of 9.2e18).
+  const auto day = std::chrono::seconds(86400);
+  CHECK(std::chrono::duration_cast<std::chrono::nanoseconds>(day).count() == 86400000000000LL);
+  CHECK(std::chrono::steady_clock::now() + day > std::chrono::steady_clock::now());
 }
 
 TEST_CASE("offloaded host steps: overlapped and speculative give the sync step's losses and weights bit for bit") {

@@ -92,18 +92,22 @@ inline Document record_document(const nlohmann::json& record, DocumentFormat for
 template <class F>
 void read_documents(const std::filesystem::path& path, DocumentFormat format, F&& on_document) {
   const auto name = path.string();
+  regular_file_size(path, "a document file (.txt, .jsonl or .json)");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail<IoError>(name, ": cannot open");
+  // Data files are as large as they come; what a record may not be is deeper than any record is (core/json.hpp).
+  constexpr JsonLimits records{~uint64_t{0}, 64};
   if (format == DocumentFormat::Text) {
     on_document(Document{{}, std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>())}, name);
     return;
   }
   const auto first = (in >> std::ws).peek();
   if (format == DocumentFormat::Alpaca && first == '[') {  // one JSON array of records
-    const auto records = parse_json(in, name);
-    for (size_t i = 0; i < records.size(); ++i) {
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto all = parse_json_limited(text, name, records);
+    for (size_t i = 0; i < all.size(); ++i) {
       const auto where = name + ": record " + std::to_string(i + 1);
-      on_document(detail::record_document(records[i], format, where), where);
+      on_document(detail::record_document(all[i], format, where), where);
     }
     return;
   }
@@ -112,7 +116,7 @@ void read_documents(const std::filesystem::path& path, DocumentFormat format, F&
   for (size_t number = 1; std::getline(in, line); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const auto where = name + ":" + std::to_string(number);
-    on_document(detail::record_document(parse_json(line, where), format, where), where);
+    on_document(detail::record_document(parse_json_limited(line, where, records), format, where), where);
   }
 }
 

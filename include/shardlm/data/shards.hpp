@@ -1,14 +1,9 @@
 #pragma once
 // Token shards on disk, as shardlm_tokenize writes them and TokenDataset reads them:
-//   NAME.bin   the tokens, raw little-endian uint32 (what TokenDataset memory-maps);
+//   NAME.bin   the tokens, raw little-endian uint32 (what TokenDataset reads);
 //   NAME.mask  the loss mask, one uint8 per token of NAME.bin: 1 = the token counts in the loss as a target,
 //              0 = it does not (a prompt, a BOS). Optional for readers: no mask means every token counts.
 // Torch-free, like the tokenizer.
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -24,6 +19,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/files.hpp"
 
 namespace shardlm::data {
 
@@ -101,59 +97,57 @@ class ShardWriter {
   std::vector<std::filesystem::path> files_;
 };
 
-/// The loss mask of a token file (NAME.mask next to NAME.bin), memory-mapped and checked against the token count.
-/// Copies and ranges share the mapping.
+/// The loss mask of a token file (NAME.mask next to NAME.bin), read by offset (core/files.hpp: a mask rewritten under a
+/// running job is an error naming it) and checked against the token count. Copies and ranges share the file.
 class LossMask {
  public:
-  /// Maps the mask of `bin` (a .bin token file); an IoError if it is missing or of the wrong length, or, with
-  /// `check_values`, if an entry is not 0/1 (that reads every page; readers that skip it check what they read).
+  /// Opens the mask of `bin` (a .bin token file); an IoError if it is missing or of the wrong length, or, with
+  /// `check_values`, if an entry is not 0/1 (that reads the whole file; readers that skip it check what they read).
   static LossMask open(const std::filesystem::path& bin, bool check_values = true) {
     const auto path = mask_path(bin);
-    const auto p = path.string();
-    std::error_code ec;
-    const auto bin_bytes = std::filesystem::file_size(bin, ec);
-    if (ec) fail<IoError>(bin.string(), ": cannot stat: ", ec.message());
-    const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail<IoError>(p, ": cannot open (the loss mask of ", bin.string(), "): ", std::strerror(errno));
-    struct stat st {};
-    const bool stat_ok = ::fstat(fd, &st) == 0;
-    const auto size = stat_ok ? static_cast<size_t>(st.st_size) : 0;
-    void* map = stat_ok && size ? ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0) : nullptr;
-    ::close(fd);
-    if (!stat_ok) fail<IoError>(p, ": cannot stat");
-    if (map == MAP_FAILED) fail<IoError>(p, ": mmap failed: ", std::strerror(errno));
-    LossMask m;
-    m.name_ = p;
-    m.mapping_ = std::shared_ptr<void>(map, [size](void* a) { if (a) ::munmap(a, size); });
-    m.data_ = static_cast<const uint8_t*>(map);
-    m.size_ = static_cast<int64_t>(size);
-    if (bin_bytes != 4 * size) fail<IoError>(p, ": ", size, " mask entries for ", bin_bytes / 4, " tokens in ", bin.string());
-    if (check_values) m.check(0, m.size_);
+    const auto bin_bytes = regular_file_size(bin, "a token file");
+    if (!std::filesystem::exists(path))
+      fail<IoError>(path.string(), ": cannot open (the loss mask of ", bin.string(), "): ", std::strerror(ENOENT));
+    LossMask m(WatchedFile(path, shardlm::detail::cat("the loss mask of ", bin.string())));
+    m.size_ = static_cast<int64_t>(m.file_.size());
+    if (bin_bytes != 4 * m.file_.size())
+      fail<IoError>(m.name(), ": ", m.size_, " mask entries for ", bin_bytes / 4, " tokens in ", bin.string());
+    if (check_values)
+      for (int64_t at = 0; at < m.size_; at += int64_t{1} << 24) m.check(at, std::min(m.size_ - at, int64_t{1} << 24));
     return m;
   }
 
   int64_t size() const { return size_; }
-  const std::string& name() const { return name_; }
+  const std::string& name() const { return file_.name(); }
   /// Whether token i counts in the loss.
-  bool operator[](int64_t i) const { return data_[i] != 0; }
-  std::span<const uint8_t> values() const { return {data_, static_cast<size_t>(size_)}; }
-  /// Entries [begin, begin + len) as a mask of their own (sharing the mapping; positions in errors stay the file's).
+  bool operator[](int64_t i) const { return read(i, 1)[0] != 0; }
+  /// Entries [begin, begin + len).
+  std::vector<uint8_t> read(int64_t begin, int64_t len) const {
+    SHARDLM_ASSERT(begin >= 0 && len >= 0 && begin + len <= size_, "entries outside ", name());
+    std::vector<uint8_t> out(static_cast<size_t>(len));
+    file_.read(static_cast<uint64_t>(offset_ + begin), static_cast<uint64_t>(len), out.data());
+    return out;
+  }
+  /// Entries [begin, begin + len) as a mask of their own (sharing the file; positions in errors stay the file's).
   LossMask range(int64_t begin, int64_t len) const {
-    SHARDLM_ASSERT(begin >= 0 && len >= 0 && begin + len <= size_, "range outside ", name_);
+    SHARDLM_ASSERT(begin >= 0 && len >= 0 && begin + len <= size_, "range outside ", name());
     LossMask m = *this;
-    m.data_ += begin, m.size_ = len, m.offset_ += begin;
+    m.size_ = len, m.offset_ += begin;
     return m;
   }
-  /// An IoError naming the first entry of [begin, begin + len) that is not 0 or 1.
-  void check(int64_t begin, int64_t len) const {
-    for (int64_t i = begin; i < begin + len; ++i)
-      if (data_[i] > 1) fail<IoError>(name_, ": entry ", offset_ + i, " is ", int(data_[i]), ", not 0 or 1");
+  /// Entries [begin, begin + len), each checked: an IoError names the first that is not 0 or 1.
+  std::vector<uint8_t> checked(int64_t begin, int64_t len) const {
+    auto v = read(begin, len);
+    for (size_t i = 0; i < v.size(); ++i)
+      if (v[i] > 1) fail<IoError>(name(), ": entry ", offset_ + begin + static_cast<int64_t>(i), " is ", int(v[i]), ", not 0 or 1");
+    return v;
   }
+  void check(int64_t begin, int64_t len) const { checked(begin, len); }
 
  private:
-  std::string name_;
-  std::shared_ptr<void> mapping_;
-  const uint8_t* data_ = nullptr;
+  explicit LossMask(WatchedFile file) : file_(std::move(file)) {}
+
+  WatchedFile file_;
   int64_t size_ = 0, offset_ = 0;
 };
 

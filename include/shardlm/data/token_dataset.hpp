@@ -1,8 +1,10 @@
 #pragma once
 // Token streams and the order in which training reads them.
-//   A token file is raw little-endian uint32 tokens (`.bin`), memory-mapped, with its loss mask (`.mask`, one byte
-//   per token, data/shards.hpp) memory-mapped too when it exists; a `.txt` file is read as bytes (one token per
-//   byte: the byte-level vocabulary of the bundled examples; no mask: every token counts).
+//   A token file is raw little-endian uint32 tokens (`.bin`), read by offset as windows are needed, with its loss
+//   mask (`.mask`, one byte per token, data/shards.hpp) beside it when it exists; a `.txt` file is read as bytes (one
+//   token per byte: the byte-level vocabulary of the bundled examples; no mask: every token counts). Reads go
+//   through core/files.hpp's WatchedFile rather than a memory mapping: a token file truncated or rewritten under a
+//   running job stops it with an error naming the file, where a mapping ends the process with SIGBUS.
 //   Packing: the documents of a token file follow each other, each ending with EOS (shardlm_tokenize), and
 //   training samples are windows of T + 1 tokens at stride T over that stream, crossing document boundaries
 //   (window w is tokens [w T, w T + T]; its inputs are the first T, its targets the last T, whose mask entries
@@ -11,12 +13,9 @@
 //   and k, so any split of a global batch over ranks and micro-batches reads the same samples, and a run
 //   resumed at step s (k = s x global batch) reads what the uninterrupted run would have read.
 #include <ATen/ATen.h>
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -30,17 +29,21 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/files.hpp"
 #include "shardlm/data/shards.hpp"
 
 namespace shardlm::data {
 
-/// A read-only sequence of tokens, memory-mapped from a file or held in memory.
+/// A read-only sequence of tokens, read from a file or held in memory.
 class TokenDataset {
  public:
-  /// `.bin`: uint32 tokens, memory-mapped (with NAME.mask when it exists); `.txt`: bytes as tokens.
+  /// `.bin`: uint32 tokens (with NAME.mask when it exists); `.txt`: bytes as tokens.
   static TokenDataset open(const std::filesystem::path& path) {
     const auto p = path.string();
+    if (std::filesystem::is_directory(path))
+      fail<IoError>(p, ": is a directory, expected a token file (.bin: uint32 tokens, or .txt: bytes as tokens)");
     if (path.extension() == ".txt") {
+      regular_file_size(path, "a text file of bytes as tokens (.txt)");
       std::ifstream in(path, std::ios::binary);
       if (!in) fail<IoError>(p, ": cannot open");
       std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -48,26 +51,11 @@ class TokenDataset {
     }
     if (path.extension() != ".bin")
       fail<IoError>(p, ": unknown token file type: use .bin (uint32 tokens) or .txt (bytes as tokens)");
-    const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail<IoError>(p, ": cannot open: ", std::strerror(errno));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      ::close(fd);
-      fail<IoError>(p, ": cannot stat: ", std::strerror(errno));
-    }
-    const auto size = static_cast<size_t>(st.st_size);
-    if (size % 4 != 0) {
-      ::close(fd);
-      fail<IoError>(p, ": ", size, " bytes is not a whole number of uint32 tokens");
-    }
-    void* map = size ? ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0) : nullptr;
-    ::close(fd);
-    if (map == MAP_FAILED) fail<IoError>(p, ": mmap failed: ", std::strerror(errno));
     TokenDataset d;
+    d.file_ = std::make_shared<WatchedFile>(path, "a token file of uint32 tokens (.bin)");
+    if (d.file_->size() % 4 != 0) fail<IoError>(p, ": ", d.file_->size(), " bytes is not a whole number of uint32 tokens");
     d.name_ = p;
-    d.mapping_ = std::shared_ptr<void>(map, [size](void* m) { if (m) ::munmap(m, size); });
-    d.tokens_ = static_cast<const uint32_t*>(map);
-    d.size_ = static_cast<int64_t>(size / 4);
+    d.size_ = static_cast<int64_t>(d.file_->size() / 4);
     if (std::filesystem::exists(mask_path(path))) d.mask_ = LossMask::open(path, /*check_values=*/false);
     return d;
   }
@@ -82,23 +70,26 @@ class TokenDataset {
   static TokenDataset from_tokens(std::shared_ptr<std::vector<uint32_t>> tokens, std::string name) {
     TokenDataset d;
     d.name_ = std::move(name);
-    d.tokens_ = tokens->data();
     d.size_ = static_cast<int64_t>(tokens->size());
-    d.mapping_ = std::move(tokens);
+    d.memory_ = std::move(tokens);
     return d;
   }
 
   int64_t size() const { return size_; }
   const std::string& name() const { return name_; }
-  uint32_t operator[](int64_t i) const { return tokens_[i]; }
+  uint32_t operator[](int64_t i) const {
+    uint32_t t;
+    read(i, 1, &t);
+    return t;
+  }
   /// The loss mask (null when every token counts).
   const LossMask* mask() const { return mask_ ? &*mask_ : nullptr; }
 
-  /// Tokens [begin, begin + len) (and their mask) as a dataset of their own, sharing the mapping.
+  /// Tokens [begin, begin + len) (and their mask) as a dataset of their own, sharing the file or memory.
   TokenDataset range(int64_t begin, int64_t len, std::string name) const {
     SHARDLM_ASSERT(begin >= 0 && len >= 0 && begin + len <= size_, "range outside ", name_);
     TokenDataset d = *this;
-    d.name_ = std::move(name), d.tokens_ += begin, d.size_ = len;
+    d.name_ = std::move(name), d.offset_ += begin, d.size_ = len;
     if (mask_) d.mask_ = mask_->range(begin, len);
     return d;
   }
@@ -110,38 +101,51 @@ class TokenDataset {
     *counted = len;
     if (!mask_) return out;
     auto* dst = out.data_ptr<int64_t>();
-    mask_->check(start + 1, len);
+    const auto keep = mask_->checked(start + 1, len);
     for (int64_t i = 0; i < len; ++i)
-      if (!(*mask_)[start + 1 + i]) dst[i] = ignore_index, --*counted;
+      if (!keep[static_cast<size_t>(i)]) dst[i] = ignore_index, --*counted;
     return out;
   }
   /// How many targets of the window at `start` count in the loss (all `len` without a mask).
   int64_t counted_targets(int64_t start, int64_t len) const {
     if (!mask_) return len;
-    mask_->check(start + 1, len);
-    const auto v = mask_->values().subspan(static_cast<size_t>(start + 1), static_cast<size_t>(len));
+    const auto v = mask_->checked(start + 1, len);
     return std::count_if(v.begin(), v.end(), [](uint8_t b) { return b != 0; });
   }
 
   /// Tokens [start, start + len) as int64, checked against the vocabulary.
   at::Tensor slice(int64_t start, int64_t len, int64_t vocab_size) const {
     SHARDLM_ASSERT(start >= 0 && len >= 0 && start + len <= size_, "slice outside ", name_);
+    std::vector<uint32_t> tokens(static_cast<size_t>(len));
+    read(start, len, tokens.data());
     auto out = at::empty({len}, at::kLong);
     auto* dst = out.data_ptr<int64_t>();
     for (int64_t i = 0; i < len; ++i) {
-      const auto t = tokens_[start + i];
+      const auto t = tokens[static_cast<size_t>(i)];
       if (t >= static_cast<uint64_t>(vocab_size))
-        fail<IoError>(name_, ": token ", t, " at position ", start + i, " is outside the model's vocabulary of ", vocab_size);
+        fail<IoError>(name_, ": token ", t, " at position ", offset_ + start + i, " is outside the model's vocabulary of ", vocab_size);
       dst[i] = t;
     }
     return out;
   }
 
  private:
+  /// Tokens [start, start + len) of this dataset into `dst`, from memory or from the file (little-endian).
+  void read(int64_t start, int64_t len, uint32_t* dst) const {
+    SHARDLM_ASSERT(start >= 0 && len >= 0 && start + len <= size_, "read outside ", name_);
+    if (memory_) {
+      std::copy_n(memory_->data() + offset_ + start, len, dst);
+      return;
+    }
+    file_->read(static_cast<uint64_t>(offset_ + start) * 4, static_cast<uint64_t>(len) * 4, dst);
+    if constexpr (std::endian::native == std::endian::big)
+      for (int64_t i = 0; i < len; ++i) dst[i] = __builtin_bswap32(dst[i]);
+  }
+
   std::string name_;
-  std::shared_ptr<void> mapping_;
-  const uint32_t* tokens_ = nullptr;
-  int64_t size_ = 0;
+  std::shared_ptr<const std::vector<uint32_t>> memory_;  // or
+  std::shared_ptr<WatchedFile> file_;
+  int64_t offset_ = 0, size_ = 0;
   std::optional<LossMask> mask_;
 };
 

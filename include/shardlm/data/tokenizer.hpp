@@ -181,17 +181,18 @@ inline std::optional<std::string> byte_level_decode(std::string_view text) {
 /// merged: one Tokenizer must not encode from two threads at once (copies are independent).
 class Tokenizer {
  public:
-  static Tokenizer from_file(const std::filesystem::path& path) { return from_json(read_json(path), path.string()); }
+  /// What a tokenizer.json may be: the largest released ones are tens of megabytes, a few levels deep.
+  static constexpr JsonLimits limits{uint64_t{1} << 28, 64};
 
-  /// `name` (the file) is what errors name.
+  static Tokenizer from_file(const std::filesystem::path& path) {
+    return from_json(read_json(path, limits), path.string());
+  }
+
+  /// `name` (the file) is what errors name: each field is checked as it is read (its type, an id's range).
   static Tokenizer from_json(const nlohmann::json& j, const std::string& name) {
     Tokenizer t;
     t.name_ = name;
-    try {
-      t.read(j);
-    } catch (const nlohmann::json::exception& e) {  // a field of the wrong JSON type
-      fail<IoError>(name, ": ", e.what());
-    }
+    t.read(JsonFields<IoError>(j, name));
     return t;
   }
 
@@ -251,59 +252,65 @@ class Tokenizer {
   // Bounds the cache on endless streams of distinct pieces (random strings, hashes): cleared when full.
   static constexpr size_t kCacheLimit = size_t{1} << 20;
 
-  void read(const nlohmann::json& j) {
-    const auto& model = j.at("model");
-    const auto type = model.value("type", std::string("BPE"));
+  void read(const JsonFields<IoError>& j) {
+    const auto model = j.object("model");
+    const auto type = model.string_or("type", "BPE");
     if (type != "BPE")
       fail<IoError>(name_, ": model.type '", type, "' is not supported: shardlm reads byte-level BPE tokenizers");
-    if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() != 0.0)
+    if (model.has("dropout") && model.number("dropout", 0, 1) != 0.0)
       fail<IoError>(name_, ": model.dropout is not supported (BPE dropout is for training a tokenizer)");
     for (const char* field : {"continuing_subword_prefix", "end_of_word_suffix"})
-      if (model.contains(field) && !model[field].is_null() && !model[field].get<std::string>().empty())
+      if (model.has(field) && !model.string(field).empty())
         fail<IoError>(name_, ": model.", field, " is not supported by byte-level BPE");
-    if (model.value("byte_fallback", false)) fail<IoError>(name_, ": model.byte_fallback is not supported");
-    ignore_merges_ = model.value("ignore_merges", false);
+    if (model.boolean_or("byte_fallback", false)) fail<IoError>(name_, ": model.byte_fallback is not supported");
+    ignore_merges_ = model.boolean_or("ignore_merges", false);
 
-    if (j.contains("normalizer") && !j["normalizer"].is_null())
-      fail<IoError>(name_, ": normalizer '", j["normalizer"].value("type", "?"),
+    if (j.has("normalizer"))
+      fail<IoError>(name_, ": normalizer '", j.object("normalizer").string_or("type", "?"),
                     "' is not supported (byte-level BPE tokenizers have none)");
-    if (!j.contains("pre_tokenizer") || j["pre_tokenizer"].is_null())
-      fail<IoError>(name_, ": no pre_tokenizer: byte-level BPE needs a ByteLevel pre-tokenizer");
+    if (!j.has("pre_tokenizer")) fail<IoError>(name_, ": no pre_tokenizer: byte-level BPE needs a ByteLevel pre-tokenizer");
     bool byte_level = false;
-    read_pre_tokenizer(j["pre_tokenizer"], "pre_tokenizer", byte_level);
+    read_pre_tokenizer(j.object("pre_tokenizer"), byte_level);
     if (!byte_level) fail<IoError>(name_, ": pre_tokenizer has no ByteLevel step: only byte-level BPE is supported");
-    if (j.contains("decoder") && !j["decoder"].is_null() && j["decoder"].value("type", "") != "ByteLevel")
-      fail<IoError>(name_, ": decoder '", j["decoder"].value("type", "?"), "' is not supported (expected ByteLevel)");
+    if (j.has("decoder") && j.object("decoder").string_or("type", "") != "ByteLevel")
+      fail<IoError>(name_, ": decoder '", j.object("decoder").string_or("type", "?"), "' is not supported (expected ByteLevel)");
 
-    read_vocab(model.at("vocab"));
-    read_merges(model.at("merges"));
-    if (j.contains("added_tokens")) read_added(j["added_tokens"]);
+    // Ids index a table of tokens: one past the largest is what it allocates, so ids far beyond the number of
+    // tokens the file defines (a hostile id of 2^31 would take 64 GB) are refused.
+    const auto& vocab = model.value("vocab");
+    if (!vocab.is_object())
+      fail<IoError>(name_, ": field 'model.vocab' must be an object of token: id, got ", JsonFields<>::shown(vocab));
+    const size_t added = j.has("added_tokens") ? j.array("added_tokens").size() : 0;
+    max_id_ = static_cast<int64_t>(vocab.size() + added) + (int64_t{1} << 16);
+    read_vocab(vocab);
+    read_merges(model.array("merges"));
+    if (added > 0) read_added(j);
   }
 
-  void read_pre_tokenizer(const nlohmann::json& p, const std::string& where, bool& byte_level) {
-    const auto type = p.value("type", std::string());
+  void read_pre_tokenizer(const JsonFields<IoError>& p, bool& byte_level) {
+    const auto type = p.string_or("type", "");
+    const auto& where = p.path();
     if (byte_level) fail<IoError>(name_, ": ", where, " ('", type, "') comes after ByteLevel: not supported");
     if (type == "Sequence") {
-      const auto& steps = p.at("pretokenizers");
-      for (size_t i = 0; i < steps.size(); ++i)
-        read_pre_tokenizer(steps[i], where + ".pretokenizers[" + std::to_string(i) + "]", byte_level);
+      const auto& steps = p.array("pretokenizers");
+      for (size_t i = 0; i < steps.size(); ++i) read_pre_tokenizer(p.element("pretokenizers", i), byte_level);
     } else if (type == "Split") {
-      const auto behavior = p.value("behavior", std::string());
+      const auto behavior = p.string_or("behavior", "");
       if (behavior != "Isolated")
         fail<IoError>(name_, ": ", where, ": Split behavior '", behavior, "' is not supported (only Isolated)");
-      if (p.value("invert", false)) fail<IoError>(name_, ": ", where, ": Split with invert is not supported");
-      const auto& pattern = p.at("pattern");
-      if (pattern.contains("Regex"))
-        splits_.emplace_back(pattern["Regex"].get<std::string>(), false, name_ + ": " + where);
-      else if (pattern.contains("String"))
-        splits_.emplace_back(pattern["String"].get<std::string>(), true, name_ + ": " + where);
+      if (p.boolean_or("invert", false)) fail<IoError>(name_, ": ", where, ": Split with invert is not supported");
+      const auto pattern = p.object("pattern");
+      if (pattern.has("Regex"))
+        splits_.emplace_back(pattern.string("Regex"), false, name_ + ": " + where);
+      else if (pattern.has("String"))
+        splits_.emplace_back(pattern.string("String"), true, name_ + ": " + where);
       else
         fail<IoError>(name_, ": ", where, ".pattern has neither Regex nor String");
     } else if (type == "ByteLevel") {
-      if (p.value("add_prefix_space", false))
+      if (p.boolean_or("add_prefix_space", false))
         fail<IoError>(name_, ": ", where, ": ByteLevel add_prefix_space is not supported");
       // GPT-2's own split, which ByteLevel applies unless use_regex is false (Llama 3 splits with Split instead).
-      if (p.value("use_regex", true))
+      if (p.boolean_or("use_regex", true))
         splits_.emplace_back(R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)", false,
                              name_ + ": " + where);
       byte_level = true;
@@ -319,16 +326,23 @@ class Tokenizer {
     token_bytes_[id] = std::move(bytes);
   }
 
+  /// An id of `what`, checked against the ids the file may use (read()).
+  uint32_t id_of(const nlohmann::json& value, const std::string& what) const {
+    if (!value.is_number_integer() || value.get<int64_t>() < 0 || value.get<int64_t>() >= max_id_)
+      fail<IoError>(name_, ": ", what, " = ", JsonFields<>::shown(value), " is not a valid id: expected an integer in 0..",
+                    max_id_ - 1, " (the number of tokens in the file, plus 65536)");
+    return static_cast<uint32_t>(value.get<int64_t>());
+  }
+
   void read_vocab(const nlohmann::json& vocab) {
     vocab_.reserve(vocab.size());
     for (const auto& [token, value] : vocab.items()) {
-      const auto id = value.get<int64_t>();
-      if (id < 0 || id > int64_t{INT32_MAX}) fail<IoError>(name_, ": model.vocab['", token, "'] = ", id, " is not a valid id");
+      const auto id = id_of(value, "model.vocab['" + token + "']");
       if (token.empty()) fail<IoError>(name_, ": model.vocab has an empty token (id ", id, ")");
       auto bytes = byte_level_decode(token);
       if (!bytes) fail<IoError>(name_, ": model.vocab token '", token, "' is not in the byte-level alphabet");
-      vocab_.emplace(*bytes, static_cast<uint32_t>(id));
-      define(static_cast<uint32_t>(id), std::move(*bytes));
+      vocab_.emplace(*bytes, id);
+      define(id, std::move(*bytes));
     }
     for (unsigned b = 0; b < 256; ++b) {
       const auto it = vocab_.find(std::string_view(reinterpret_cast<const char*>(&b), 1));
@@ -351,7 +365,7 @@ class Tokenizer {
           fail<IoError>(name_, ": model.merges[", rank, "] '", s, "' is not two tokens separated by one space");
         left = s.substr(0, space);
         right = s.substr(space + 1);
-      } else if (m.is_array() && m.size() == 2) {
+      } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
         left = m[0].get<std::string>();
         right = m[1].get<std::string>();
       } else {
@@ -368,22 +382,22 @@ class Tokenizer {
     }
   }
 
-  void read_added(const nlohmann::json& added) {
-    for (size_t i = 0; i < added.size(); ++i) {
-      const auto& a = added[i];
+  void read_added(const JsonFields<IoError>& j) {
+    const auto& list = j.array("added_tokens");
+    for (size_t i = 0; i < list.size(); ++i) {
+      const auto a = j.element("added_tokens", i);
       const auto where = name_ + ": added_tokens[" + std::to_string(i) + "]";
-      const auto content = a.at("content").get<std::string>();
+      const auto content = a.string("content");
       if (content.empty()) fail<IoError>(where, ": empty content");
       if (detail::invalid_utf8_at(content) != std::string::npos) fail<IoError>(where, ": content is not valid UTF-8");
       for (const char* flag : {"single_word", "lstrip", "rstrip"})
-        if (a.value(flag, false)) fail<IoError>(where, " ('", content, "'): ", flag, " is not supported");
-      const auto id = a.at("id").get<int64_t>();
-      if (id < 0 || id > int64_t{INT32_MAX}) fail<IoError>(where, ": id ", id, " is not valid");
+        if (a.boolean_or(flag, false)) fail<IoError>(where, " ('", content, "'): ", flag, " is not supported");
+      const auto id = id_of(a.value("id"), a.name("id"));
       // Tokens matched on the raw text go first; normalized ones after (the same text here: no normalizer).
-      auto& set = added_[a.value("normalized", true) ? 1 : 0];
-      set.tokens.push_back({content, static_cast<uint32_t>(id)});
+      auto& set = added_[a.boolean_or("normalized", true) ? 1 : 0];
+      set.tokens.push_back({content, id});
       if (set.first_bytes.find(content[0]) == std::string::npos) set.first_bytes += content[0];
-      define(static_cast<uint32_t>(id), content);
+      define(id, content);
     }
     for (auto& set : added_)
       std::stable_sort(set.tokens.begin(), set.tokens.end(),
@@ -478,6 +492,7 @@ class Tokenizer {
   }
 
   std::string name_;
+  int64_t max_id_ = 0;  // ids are below this (read())
   bool ignore_merges_ = false;
   std::vector<detail::Regex> splits_;                  // the pre-tokenizer, applied in order
   detail::StringMap<uint32_t> vocab_;                  // token bytes -> id

@@ -181,6 +181,8 @@ class Engine {
 
   /// Optimizer steps taken (the AdamW step count of every shard).
   int64_t optimizer_steps() const { return optimizer_steps_; }
+  /// The device the engine computes on (collectives take tensors there).
+  const at::Device& device() const { return device_; }
 
   /// After this rank's master shards and AdamW state were replaced (a resumed checkpoint): sets the step count
   /// and refreshes what derives from the masters (device copies under offload, gathered parameters).

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -45,30 +46,34 @@ struct PeftAdapter {
 
 /// Reads a PEFT LoRA/DoRA adapter directory. Errors name the file and the field or key.
 inline PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
+  if (std::filesystem::exists(dir) && !std::filesystem::is_directory(dir))
+    fail<IoError>(dir.string(), ": not a directory (expected a PEFT adapter directory: adapter_config.json, "
+                  "adapter_model.safetensors)");
   const auto config_path = dir / "adapter_config.json";
-  const auto j = read_json(config_path);
-  const auto where = config_path.string();
-  auto field = [&](const char* key) -> const nlohmann::json& {
-    if (!j.contains(key)) fail<IoError>(where, ": no \"", key, "\" field");
-    return j[key];
-  };
+  const auto json = read_json(config_path);
+  const JsonFields<IoError> j(json, config_path.string());
+  const auto& where = j.file();
   PeftAdapter out;
-  if (field("peft_type") != "LORA") fail<IoError>(where, ": peft_type ", field("peft_type").dump(), " is not LORA");
+  if (const auto type = j.string("peft_type"); type != "LORA")
+    fail<IoError>(where, ": peft_type \"", type, "\" is not LORA");
   auto& c = out.config;
-  c.kind = j.value("use_dora", false) ? adapter::DoRA::rules : adapter::LoRA::rules;
-  c.rank = field("r").get<int64_t>();
-  c.alpha = field("lora_alpha").get<double>();
-  c.dropout = j.value("lora_dropout", 0.0);
-  c.rslora = j.value("use_rslora", false);
+  c.kind = j.boolean_or("use_dora", false) ? adapter::DoRA::rules : adapter::LoRA::rules;
+  c.rank = j.integer("r", 1, model::AdapterConfig::max_rank);
+  c.alpha = j.number("lora_alpha", 0, std::numeric_limits<double>::max());
+  c.dropout = j.number_or("lora_dropout", 0.0, 0, 1);
+  c.rslora = j.boolean_or("use_rslora", false);
   for (const char* unsupported : {"rank_pattern", "alpha_pattern"})
-    if (j.contains(unsupported) && j[unsupported].is_object() && !j[unsupported].empty())
+    if (j.has(unsupported) && !j.value(unsupported).empty())
       fail<IoError>(where, ": \"", unsupported, "\" (per-layer ranks or alphas) is not supported");
-  if (j.value("bias", std::string("none")) != "none") fail<IoError>(where, ": bias \"", j["bias"].get<std::string>(), "\" is not supported: only \"none\"");
-  const auto& targets = field("target_modules");
+  if (const auto bias = j.string_or("bias", "none"); bias != "none")
+    fail<IoError>(where, ": bias \"", bias, "\" is not supported: only \"none\"");
+  const auto& targets = j.value("target_modules");
   if (!targets.is_array())
-    fail<IoError>(where, ": target_modules ", targets.dump(), " is not a list of module names (a regular expression is not supported)");
+    fail<IoError>(where, ": target_modules ", JsonFields<>::shown(targets),
+                  " is not a list of module names (a regular expression is not supported)");
   c.targets.clear();
   for (const auto& t : targets) {
+    if (!t.is_string()) fail<IoError>(where, ": target_modules holds ", JsonFields<>::shown(t), ", expected module names");
     const auto name = t.get<std::string>();
     if (name.size() < 6 || name.compare(name.size() - 5, 5, "_proj") != 0)
       fail<IoError>(where, ": target module '", name, "' is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
@@ -79,8 +84,8 @@ inline PeftAdapter read_peft_adapter(const std::filesystem::path& dir) {
   } catch (const ConfigError& e) {
     fail<IoError>(where, ": ", e.what());
   }
-  if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string())
-    out.base_model = j["base_model_name_or_path"].get<std::string>();
+  if (j.has("base_model_name_or_path") && j.value("base_model_name_or_path").is_string())
+    out.base_model = j.string("base_model_name_or_path");
   const auto weights = dir / "adapter_model.safetensors";
   SafetensorsFile file(weights);
   for (const auto& t : file.tensors()) {

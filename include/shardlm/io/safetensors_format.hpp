@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/files.hpp"
 #include "shardlm/core/json.hpp"
 
 namespace shardlm::io {
@@ -194,38 +195,9 @@ inline std::string safetensors_header_text(std::vector<TensorInfo>& tensors, std
 }
 
 namespace detail {
-/// Reads exactly n bytes at offset, retrying on EINTR and short reads.
-inline void pread_all(int fd, void* dst, uint64_t n, uint64_t offset, const std::string& path) {
-  auto* p = static_cast<char*>(dst);
-  while (n > 0) {
-    const ssize_t got = ::pread(fd, p, std::min<uint64_t>(n, 1ull << 30), static_cast<off_t>(offset));
-    if (got < 0 && errno == EINTR) continue;
-    if (got < 0) fail<IoError>(path, ": read failed at byte ", offset, ": ", std::strerror(errno));
-    if (got == 0) fail<IoError>(path, ": truncated: ", n, " bytes missing at byte ", offset);
-    p += got, n -= static_cast<uint64_t>(got), offset += static_cast<uint64_t>(got);
-  }
-}
-/// Writes exactly n bytes at offset (pwrite), retrying on EINTR and short writes.
-inline void pwrite_all(int fd, const void* src, uint64_t n, uint64_t offset, const std::string& path) {
-  const auto* p = static_cast<const char*>(src);
-  while (n > 0) {
-    const ssize_t put = ::pwrite(fd, p, std::min<uint64_t>(n, 1ull << 30), static_cast<off_t>(offset));
-    if (put < 0 && errno == EINTR) continue;
-    if (put < 0) fail<IoError>(path, ": write failed at byte ", offset, ": ", std::strerror(errno));
-    p += put, n -= static_cast<uint64_t>(put), offset += static_cast<uint64_t>(put);
-  }
-}
-class Fd {
- public:
-  Fd(int fd = -1) : fd_(fd) {}
-  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  Fd& operator=(Fd&& o) noexcept { std::swap(fd_, o.fd_); return *this; }
-  ~Fd() { if (fd_ >= 0) ::close(fd_); }
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
+using shardlm::detail::Fd;
+using shardlm::detail::pread_all;
+using shardlm::detail::pwrite_all;
 /// The 8 little-endian bytes of a header length.
 inline std::string header_length_bytes(uint64_t n) {
   std::string out(8, '\0');
@@ -240,6 +212,7 @@ class SafetensorsReader {
  public:
   explicit SafetensorsReader(std::filesystem::path path) : path_(std::move(path)) {
     const auto p = path_.string();
+    regular_file_size(path_, "a safetensors file");  // a directory opens, and reads then fail without saying why
     fd_ = detail::Fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC));
     if (fd_.get() < 0) fail<IoError>(p, ": cannot open: ", std::strerror(errno));
     struct stat st {};

@@ -35,10 +35,13 @@ struct AdapterConfig {
     return out;
   }
 
+  /// Far past any adapter (ranks are 8 to 256), small enough that r x dims cannot overflow.
+  static constexpr int64_t max_rank = int64_t{1} << 16;
+
   void validate() const {
     if (!active()) return;
-    if (rank <= 0) fail<ConfigError>("--lora-rank must be positive, got ", rank);
-    if (!(alpha > 0)) fail<ConfigError>("--lora-alpha must be positive, got ", alpha);
+    if (rank <= 0 || rank > max_rank) fail<ConfigError>("--lora-rank must lie in 1..", max_rank, ", got ", rank);
+    if (!(alpha > 0) || !std::isfinite(alpha)) fail<ConfigError>("--lora-alpha must be positive and finite, got ", alpha);
     if (dropout < 0 || dropout >= 1) fail<ConfigError>("--lora-dropout must lie in [0, 1), got ", dropout);
     if (targets.empty()) fail<ConfigError>("--lora-targets is empty: name some of q,k,v,o,gate,up,down");
     for (const auto& t : targets)

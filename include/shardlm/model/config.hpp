@@ -3,7 +3,9 @@
 // `rope_scaling`, and the v5 form with `rope_parameters`).
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -42,6 +44,21 @@ inline ExpertKernel expert_kernel_named(std::string_view s) {
   fail<ConfigError>("--moe-kernel '", s, "': use auto, loop, padded or grouped");
 }
 
+/// The largest sizes a config may declare: far beyond any released model (Llama 3.1 405B: hidden 16384, intermediate
+/// 53248, 126 layers, 128 heads, a vocabulary of 128256), and small enough that every tensor's element count and the
+/// parameter count fit int64 with room to spare, so no product computed from a config.json can overflow.
+struct ConfigLimits {
+  static constexpr int64_t vocab_size = int64_t{1} << 24;
+  static constexpr int64_t hidden_size = int64_t{1} << 20;
+  static constexpr int64_t intermediate_size = int64_t{1} << 22;
+  static constexpr int64_t layers = int64_t{1} << 14;
+  static constexpr int64_t heads = int64_t{1} << 14;
+  static constexpr int64_t head_dim = int64_t{1} << 14;
+  static constexpr int64_t experts = int64_t{1} << 14;
+  static constexpr int64_t positions = int64_t{1} << 31;
+  static constexpr double params = 1125899906842624.0;  // 2^50 (1.1e15): 2,800 times Llama 3.1 405B
+};
+
 struct ModelConfig {
   std::string model_type = "llama";
   int64_t vocab_size = 0;
@@ -69,43 +86,8 @@ struct ModelConfig {
 
   bool is_moe() const { return num_experts > 0; }
 
-  /// Throws ConfigError naming the field when the shape cannot work.
-  void validate(const std::string& origin = "config") const {
-    auto positive = [&](int64_t v, const char* field) {
-      if (v <= 0) fail<ConfigError>(origin, ": ", field, " must be positive, got ", v);
-    };
-    positive(vocab_size, "vocab_size");
-    positive(hidden_size, "hidden_size");
-    positive(intermediate_size, "intermediate_size");
-    positive(num_layers, "num_hidden_layers");
-    positive(num_heads, "num_attention_heads");
-    positive(num_kv_heads, "num_key_value_heads");
-    positive(head_dim, "head_dim");
-    if (num_heads % num_kv_heads != 0)
-      fail<ConfigError>(origin, ": num_attention_heads(", num_heads, ") is not a multiple of num_key_value_heads(",
-                        num_kv_heads, ")");
-    if (head_dim % 2 != 0) fail<ConfigError>(origin, ": head_dim(", head_dim, ") must be even for rotary embeddings");
-    if (rms_norm_eps <= 0) fail<ConfigError>(origin, ": rms_norm_eps must be positive, got ", rms_norm_eps);
-    if (rope.theta <= 0) fail<ConfigError>(origin, ": rope_theta must be positive, got ", rope.theta);
-    if (rope.type != "default" && rope.type != "llama3" && rope.type != "linear")
-      fail<ConfigError>(origin, ": rope type '", rope.type, "' is not supported: use default, linear or llama3");
-    if (rope.type != "default" && rope.factor <= 0)
-      fail<ConfigError>(origin, ": rope factor must be positive, got ", rope.factor);
-    if (rope.type == "llama3" && !(rope.high_freq_factor > rope.low_freq_factor))
-      fail<ConfigError>(origin, ": llama3 rope needs high_freq_factor(", rope.high_freq_factor,
-                        ") > low_freq_factor(", rope.low_freq_factor, ")");
-    if (model_type == "mixtral") {
-      positive(num_experts, "num_local_experts");
-      positive(num_experts_per_tok, "num_experts_per_tok");
-      if (num_experts_per_tok > num_experts)
-        fail<ConfigError>(origin, ": num_experts_per_tok(", num_experts_per_tok, ") exceeds num_local_experts(",
-                          num_experts, ")");
-      if (mlp_bias) fail<ConfigError>(origin, ": mlp_bias is not supported for Mixtral experts");
-    } else if (num_experts != 0) {
-      fail<ConfigError>(origin, ": num_local_experts is set but model_type is '", model_type, "' (expected 'mixtral')");
-    }
-    if (sliding_window < 0) fail<ConfigError>(origin, ": sliding_window must be positive or null, got ", sliding_window);
-  }
+  /// Throws ConfigError naming the field when the shape cannot work, or is beyond every limit of ConfigLimits.
+  void validate(const std::string& origin = "config") const;
 
   /// Parameters of one block (attention, MLP or router and every expert, two norms).
   int64_t block_params() const { return block_params_with(is_moe() ? num_experts : 1); }
@@ -133,6 +115,68 @@ struct ModelConfig {
     return attn + experts * mlp + router + 2 * c;
   }
 };
+
+inline void ModelConfig::validate(const std::string& origin) const {
+  using L = ConfigLimits;
+  auto size = [&](int64_t v, int64_t hi, const char* field) {
+    if (v < 1 || v > hi) fail<ConfigError>(origin, ": ", field, " must lie in 1..", hi, ", got ", v);
+  };
+  size(vocab_size, L::vocab_size, "vocab_size");
+  size(hidden_size, L::hidden_size, "hidden_size");
+  size(intermediate_size, L::intermediate_size, "intermediate_size");
+  size(num_layers, L::layers, "num_hidden_layers");
+  size(num_heads, L::heads, "num_attention_heads");
+  size(num_kv_heads, L::heads, "num_key_value_heads");
+  size(head_dim, L::head_dim, "head_dim");
+  size(max_position_embeddings, L::positions, "max_position_embeddings");
+  if (num_heads % num_kv_heads != 0)
+    fail<ConfigError>(origin, ": num_attention_heads(", num_heads, ") is not a multiple of num_key_value_heads(",
+                      num_kv_heads, ")");
+  if (head_dim % 2 != 0) fail<ConfigError>(origin, ": head_dim(", head_dim, ") must be even for rotary embeddings");
+  auto finite_positive = [&](double v, const char* field) {
+    if (!(v > 0) || !std::isfinite(v)) fail<ConfigError>(origin, ": ", field, " must be positive and finite, got ", v);
+  };
+  finite_positive(rms_norm_eps, "rms_norm_eps");
+  finite_positive(rope.theta, "rope_theta");
+  if (!(initializer_range >= 0) || !std::isfinite(initializer_range))
+    fail<ConfigError>(origin, ": initializer_range must be >= 0 and finite, got ", initializer_range);
+  if (rope.type != "default" && rope.type != "llama3" && rope.type != "linear")
+    fail<ConfigError>(origin, ": rope type '", rope.type, "' is not supported: use default, linear or llama3");
+  if (rope.type != "default") finite_positive(rope.factor, "rope factor");
+  if (rope.type == "llama3") {
+    finite_positive(rope.low_freq_factor, "low_freq_factor");
+    finite_positive(rope.high_freq_factor, "high_freq_factor");
+    size(rope.original_max_position_embeddings, L::positions, "original_max_position_embeddings");
+    if (!(rope.high_freq_factor > rope.low_freq_factor))
+      fail<ConfigError>(origin, ": llama3 rope needs high_freq_factor(", rope.high_freq_factor, ") > low_freq_factor(",
+                        rope.low_freq_factor, ")");
+  }
+  if (model_type == "mixtral") {
+    size(num_experts, L::experts, "num_local_experts");
+    size(num_experts_per_tok, L::experts, "num_experts_per_tok");
+    if (num_experts_per_tok > num_experts)
+      fail<ConfigError>(origin, ": num_experts_per_tok(", num_experts_per_tok, ") exceeds num_local_experts(",
+                        num_experts, ")");
+    if (mlp_bias) fail<ConfigError>(origin, ": mlp_bias is not supported for Mixtral experts");
+    for (const auto& [v, field] :
+         {std::pair{router_aux_loss_coef, "router_aux_loss_coef"}, {router_z_loss_coef, "router_z_loss_coef"}})
+      if (!(v >= 0) || !std::isfinite(v)) fail<ConfigError>(origin, ": ", field, " must be >= 0 and finite, got ", v);
+  } else if (num_experts != 0) {
+    fail<ConfigError>(origin, ": num_local_experts is set but model_type is '", model_type, "' (expected 'mixtral')");
+  }
+  if (sliding_window < 0 || sliding_window > L::positions)
+    fail<ConfigError>(origin, ": sliding_window must lie in 1..", L::positions, " or be null, got ", sliding_window);
+  // The parameter count in floating point first: with every size within its limit it is the products of a few of
+  // them that could pass int64, and num_params() multiplies in int64.
+  const long double c = hidden_size, q = static_cast<long double>(num_heads) * head_dim,
+                    kv = static_cast<long double>(num_kv_heads) * head_dim, experts = is_moe() ? num_experts : 1;
+  const long double block = 2 * c * q + 2 * c * kv + experts * 3 * c * intermediate_size + (is_moe() ? num_experts * c : 0);
+  const long double params = static_cast<long double>(vocab_size) * c * 2 + num_layers * block;
+  if (params > L::params)
+    fail<ConfigError>(origin, ": ", static_cast<double>(params), " parameters (", num_layers, " layers of ",
+                      static_cast<double>(block), ", a vocabulary of ", vocab_size, " x ", hidden_size,
+                      ") is over the limit of ", L::params, ": check the sizes");
+}
 
 inline std::vector<std::string> preset_names() {
   return {"llama3-debug", "llama3-8b", "llama3-70b", "llama3-405b", "mixtral-debug", "mixtral-8x7b", "mixtral-8x22b"};
@@ -181,83 +225,66 @@ inline ModelConfig preset(const std::string& name, int64_t layers = 0) {
 }
 
 namespace detail {
-template <class T>
-T field(const nlohmann::json& j, const char* key, const std::string& origin) {
-  if (!j.contains(key) || j.at(key).is_null()) fail<ConfigError>(origin, ": missing field '", key, "'");
-  try {
-    return j.at(key).get<T>();
-  } catch (const nlohmann::json::exception&) {
-    fail<ConfigError>(origin, ": field '", key, "' has the wrong type (", j.at(key).type_name(), ")");
-  }
-}
-template <class T>
-T field_or(const nlohmann::json& j, const char* key, T fallback, const std::string& origin) {
-  if (!j.contains(key) || j.at(key).is_null()) return fallback;
-  return field<T>(j, key, origin);
-}
-
-inline void read_rope_scaling(const nlohmann::json& s, RopeConfig& rope, const std::string& origin) {
-  if (!s.is_object()) fail<ConfigError>(origin, ": rope scaling must be an object, got ", s.type_name());
-  rope.type = s.contains("rope_type") ? field<std::string>(s, "rope_type", origin)
-                                      : field_or<std::string>(s, "type", "default", origin);
-  rope.factor = field_or<double>(s, "factor", 1.0, origin);
+inline void read_rope_scaling(const JsonFields<ConfigError>& s, RopeConfig& rope) {
+  rope.type = s.has("rope_type") ? s.string("rope_type") : s.string_or("type", "default");
+  constexpr double big = 1e12;  // a factor or frequency factor past this is not a context extension
+  rope.factor = s.number_or("factor", 1.0, 0, big);
   if (rope.type == "llama3") {
-    rope.factor = field<double>(s, "factor", origin);
-    rope.low_freq_factor = field<double>(s, "low_freq_factor", origin);
-    rope.high_freq_factor = field<double>(s, "high_freq_factor", origin);
-    rope.original_max_position_embeddings =
-        field_or<int64_t>(s, "original_max_position_embeddings", rope.original_max_position_embeddings, origin);
+    rope.factor = s.number("factor", 0, big);
+    rope.low_freq_factor = s.number("low_freq_factor", 0, big);
+    rope.high_freq_factor = s.number("high_freq_factor", 0, big);
+    rope.original_max_position_embeddings = s.integer_or("original_max_position_embeddings",
+                                                         rope.original_max_position_embeddings, 1, ConfigLimits::positions);
   } else if (rope.type == "linear") {
-    rope.factor = field<double>(s, "factor", origin);
+    rope.factor = s.number("factor", 0, big);
   }
 }
 }  // namespace detail
 
-/// Reads a parsed Hugging Face config.json (`origin` names it in errors).
+/// Reads a parsed Hugging Face config.json (`origin` names it in errors): every field taken with its type and range
+/// checked (an integer field refuses 4096.5 and 4096.0 alike), then the whole validated.
 inline ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin) {
-  using detail::field;
-  using detail::field_or;
-  if (!j.is_object()) fail<ConfigError>(origin, ": expected a JSON object, got ", j.type_name());
+  using L = ConfigLimits;
+  const JsonFields<ConfigError> f(j, origin);
+  constexpr double unbounded = std::numeric_limits<double>::max();
   ModelConfig c;
-  c.model_type = field_or<std::string>(j, "model_type", "llama", origin);
+  c.model_type = f.string_or("model_type", "llama");
   if (c.model_type != "llama" && c.model_type != "mixtral")
     fail<ConfigError>(origin, ": model_type '", c.model_type, "' is not supported here: expected 'llama' or 'mixtral'");
-  const auto act = field_or<std::string>(j, "hidden_act", "silu", origin);
+  const auto act = f.string_or("hidden_act", "silu");
   if (act != "silu") fail<ConfigError>(origin, ": hidden_act '", act, "' is not supported: Llama and Mixtral use 'silu'");
   if (c.model_type == "mixtral") {
-    c.num_experts = field<int64_t>(j, "num_local_experts", origin);
-    c.num_experts_per_tok = field<int64_t>(j, "num_experts_per_tok", origin);
-    c.router_aux_loss_coef = field_or<double>(j, "router_aux_loss_coef", 0.001, origin);
-    c.output_router_logits = field_or<bool>(j, "output_router_logits", false, origin);
-    c.router_z_loss_coef = field_or<double>(j, "router_z_loss_coef", 0.0, origin);
-    c.sliding_window = field_or<int64_t>(j, "sliding_window", 0, origin);
-    const double jitter = field_or<double>(j, "router_jitter_noise", 0.0, origin);
+    c.num_experts = f.integer("num_local_experts", 1, L::experts);
+    c.num_experts_per_tok = f.integer("num_experts_per_tok", 1, L::experts);
+    c.router_aux_loss_coef = f.number_or("router_aux_loss_coef", 0.001, 0, unbounded);
+    c.output_router_logits = f.boolean_or("output_router_logits", false);
+    c.router_z_loss_coef = f.number_or("router_z_loss_coef", 0.0, 0, unbounded);
+    c.sliding_window = f.integer_or("sliding_window", 0, 1, L::positions);
+    const double jitter = f.number_or("router_jitter_noise", 0.0, -unbounded, unbounded);
     if (jitter != 0.0)
       fail<ConfigError>(origin, ": router_jitter_noise ", jitter, " is not supported: set it to 0 (Mixtral's default)");
   }
-  c.vocab_size = field<int64_t>(j, "vocab_size", origin);
-  c.hidden_size = field<int64_t>(j, "hidden_size", origin);
-  c.intermediate_size = field<int64_t>(j, "intermediate_size", origin);
-  c.num_layers = field<int64_t>(j, "num_hidden_layers", origin);
-  c.num_heads = field<int64_t>(j, "num_attention_heads", origin);
-  c.num_kv_heads = field_or<int64_t>(j, "num_key_value_heads", c.num_heads, origin);
-  if (c.num_heads <= 0) fail<ConfigError>(origin, ": num_attention_heads must be positive, got ", c.num_heads);
-  c.head_dim = field_or<int64_t>(j, "head_dim", c.hidden_size / c.num_heads, origin);
-  c.max_position_embeddings = field_or<int64_t>(j, "max_position_embeddings", 2048, origin);
-  c.rms_norm_eps = field_or<double>(j, "rms_norm_eps", 1e-6, origin);
-  c.initializer_range = field_or<double>(j, "initializer_range", 0.02, origin);
-  c.tie_word_embeddings = field_or<bool>(j, "tie_word_embeddings", false, origin);
-  c.attention_bias = field_or<bool>(j, "attention_bias", false, origin);
-  c.mlp_bias = field_or<bool>(j, "mlp_bias", false, origin);
+  c.vocab_size = f.integer("vocab_size", 1, L::vocab_size);
+  c.hidden_size = f.integer("hidden_size", 1, L::hidden_size);
+  c.intermediate_size = f.integer("intermediate_size", 1, L::intermediate_size);
+  c.num_layers = f.integer("num_hidden_layers", 1, L::layers);
+  c.num_heads = f.integer("num_attention_heads", 1, L::heads);
+  c.num_kv_heads = f.integer_or("num_key_value_heads", c.num_heads, 1, L::heads);
+  c.head_dim = f.integer_or("head_dim", c.hidden_size / c.num_heads, 1, L::head_dim);
+  c.max_position_embeddings = f.integer_or("max_position_embeddings", 2048, 1, L::positions);
+  c.rms_norm_eps = f.number_or("rms_norm_eps", 1e-6, 0, unbounded);
+  c.initializer_range = f.number_or("initializer_range", 0.02, 0, unbounded);
+  c.tie_word_embeddings = f.boolean_or("tie_word_embeddings", false);
+  c.attention_bias = f.boolean_or("attention_bias", false);
+  c.mlp_bias = f.boolean_or("mlp_bias", false);
   c.rope.original_max_position_embeddings = c.max_position_embeddings;  // transformers' fallback
-  if (j.contains("rope_parameters") && !j.at("rope_parameters").is_null()) {  // transformers v5
-    const auto& p = j.at("rope_parameters");
-    detail::read_rope_scaling(p, c.rope, origin + " rope_parameters");
-    c.rope.theta = field<double>(p, "rope_theta", origin + " rope_parameters");
+  if (f.has("rope_parameters")) {  // transformers v5
+    const auto p = f.object("rope_parameters");
+    detail::read_rope_scaling(p, c.rope);
+    c.rope.theta = p.number("rope_theta", 0, unbounded);
   } else {  // transformers v4
-    c.rope.theta = field_or<double>(j, "rope_theta", 10000.0, origin);
-    if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null())
-      detail::read_rope_scaling(j.at("rope_scaling"), c.rope, origin + " rope_scaling");
+    c.rope.theta = f.number_or("rope_theta", 10000.0, 0, unbounded);
+    if (f.has("rope_scaling")) detail::read_rope_scaling(f.object("rope_scaling"), c.rope);
   }
   c.validate(origin);
   return c;

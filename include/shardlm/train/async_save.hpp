@@ -7,8 +7,8 @@
 // The background thread issues no collective. Whether every rank has written its file is agreed on the training
 // thread: each step's loss all-reduce carries two more numbers, the ranks still writing and the ranks whose write
 // failed (votes()); with the sums (the same on every rank) settle() either waits (some rank is still writing),
-// commits (rank 0: meta.json, COMMITTED, --keep-last) or stops every rank with an error, leaving the checkpoint
-// uncommitted. At most one save is in flight: the next save point, the end of the run and a stop first wait for
+// commits (every rank's checksums gathered; rank 0: meta.json, COMMITTED, --keep-last) or stops every rank with an
+// error, leaving the checkpoint uncommitted. At most one save is in flight: the next save point, the end of the run and a stop first wait for
 // it (finish(): one all-reduce). A process that ends with a save in flight (an error) waits for its writer in the
 // destructor and commits nothing, so a committed checkpoint is always complete.
 #include <ATen/ATen.h>
@@ -54,9 +54,11 @@ class AsyncCheckpointWriter {
     SHARDLM_ASSERT(!in_flight_, "an asynchronous save is in flight already");
     path_ = begin_checkpoint(groups, dir, step);
     meta_ = checkpoint_meta(engine, groups, step, run_info);
+    units_ = engine.num_units();
     auto file = shard_tensors(engine, groups, path_);
     snapshot(file);
     error_.clear();
+    crcs_.clear();
     done_.store(false, std::memory_order_relaxed);
     in_flight_ = true;
     thread_ = std::thread([this, delay, file = std::move(file)] {
@@ -64,7 +66,7 @@ class AsyncCheckpointWriter {
 #if SHARDLM_HAVE_CUDA
         if (copied_) copied_->synchronize();
 #endif
-        write_shard(file, delay);
+        crcs_ = write_shard(file, delay);
       } catch (const std::exception& e) {
         error_ = e.what();
       }
@@ -90,8 +92,9 @@ class AsyncCheckpointWriter {
     return {done ? 0.f : 1.f, done && !error_.empty() ? 1.f : 0.f};
   }
 
-  /// With the sums of every rank's votes: when no rank is still writing, settles the save in flight: rank 0
-  /// commits it, or, when some rank failed, every rank throws and the checkpoint stays uncommitted.
+  /// With the sums of every rank's votes: when no rank is still writing, settles the save in flight: every rank's
+  /// checksums are gathered (a collective) and rank 0 commits, or, when some rank failed, every rank throws and the
+  /// checkpoint stays uncommitted.
   void settle(dist::ProcessGroups& groups, double writing, double failed, int64_t keep_last) {
     if (!in_flight_ || writing > 0) return;
     if (thread_.joinable()) thread_.join();  // its file is written: this rank voted 0
@@ -100,8 +103,9 @@ class AsyncCheckpointWriter {
       fail<IoError>(path_.string(), ": the asynchronous save failed on ", failed, " rank(s)",
                     error_.empty() ? std::string("; the failing rank's own error says why") : "; on this rank: " + error_,
                     "; the checkpoint stays uncommitted");
+    const auto crcs = gather_checksums(groups, device_, units_, crcs_);
     if (groups.rank() == 0) {
-      commit_checkpoint(path_, meta_, keep_last);
+      commit_checkpoint(path_, meta_, crcs, keep_last);
       log::info("shardlm: checkpoint ", path_.string(), " committed (written in the background)");
     }
   }
@@ -152,6 +156,8 @@ class AsyncCheckpointWriter {
   std::vector<at::Tensor> buffers_;  // host copies of this rank's shards, reused by every save
   fs::path path_;
   nlohmann::json meta_;
+  size_t units_ = 0;
+  std::vector<uint32_t> crcs_;  // the file's CRC32Cs, written by the writer before done_
   bool in_flight_ = false;
   std::thread thread_;
   std::atomic<bool> done_{false};

@@ -2,12 +2,15 @@
 // Sharded training checkpoints. A checkpoint of step s is the directory DIR/step-<s, 8 digits>/ holding
 //   shard-<k>-of-<G>.safetensors  shard k of the shard group (written by the ranks of replica 0): per unit u
 //                                 the tensors u<u>.master, u<u>.exp_avg, u<u>.exp_avg_sq (this shard, padded)
-//   meta.json                     step, optimizer steps, world and shard group size, policies, and per unit
-//                                 its name, element count and padded size
-//   COMMITTED                     written by rank 0 last, after every rank's files are durable (a barrier)
+//   meta.json                     step, optimizer steps, world and shard group size, policies, per unit its name,
+//                                 element count and padded size, and the CRC32C of every shard tensor
+//                                 (train/checkpoint_format.hpp: the format, its checks and the checksums)
+//   COMMITTED                     written by rank 0 last, after every rank's files are durable (the checksums'
+//                                 all-gather)
 // A directory without COMMITTED is never loaded, and never removed by --keep-last (a save may be in progress).
 // Loading re-slices: a rank reads, for each unit, only the byte ranges of the saved shards that overlap its own
-// shard, so a run resumes on another world size or shard group size.
+// shard, so a run resumes on another world size or shard group size; the bytes read are checked against the
+// checksums (each rank's pieces combined over the shard group).
 // Training state beyond this is derived: data order and learning rate follow from the step.
 #include <fcntl.h>
 #include <nlohmann/json.hpp>
@@ -33,10 +36,9 @@
 #include "shardlm/dist/groups.hpp"
 #include "shardlm/engine/engine.hpp"
 #include "shardlm/io/safetensors.hpp"
+#include "shardlm/train/checkpoint_format.hpp"
 
 namespace shardlm::train {
-
-namespace fs = std::filesystem;
 
 inline fs::path checkpoint_path(const fs::path& dir, int64_t step) {
   char name[32];
@@ -116,11 +118,13 @@ inline void write_file_atomically(const fs::path& path, const std::string& text)
 ///   begin_checkpoint     a collective: rank 0 creates the directory (refusing a committed one), every rank waits
 ///   checkpoint_meta      meta.json's content, taken when the state is (the optimizer step count moves on)
 ///   shard_tensors        this rank's shard file: views of the engine's state, or nothing outside replica 0
-///   write_shard          writes the file (fsynced, renamed into place)
-///   commit_checkpoint    rank 0, once every rank's file is in place: meta.json, then COMMITTED, then --keep-last
+///   write_shard          writes the file (fsynced, renamed into place) and returns its tensors' CRC32Cs
+///   gather_checksums     a collective: every rank's CRC32Cs, once every rank's file is in place
+///   commit_checkpoint    rank 0: meta.json with the checksums, then COMMITTED, then --keep-last
 struct ShardFile {
   fs::path path;                                           ///< empty: this rank writes no file (a replica)
   std::vector<std::pair<std::string, at::Tensor>> tensors; ///< u<u>.master, u<u>.exp_avg, u<u>.exp_avg_sq
+  std::vector<uint64_t> covered_bytes;                     ///< per tensor: the bytes its checksum covers (not the padding)
 };
 
 inline fs::path begin_checkpoint(dist::ProcessGroups& groups, const fs::path& dir, int64_t step) {
@@ -136,7 +140,7 @@ inline fs::path begin_checkpoint(dist::ProcessGroups& groups, const fs::path& di
 inline nlohmann::json checkpoint_meta(const engine::Engine& engine, dist::ProcessGroups& groups, int64_t step,
                                       const nlohmann::json& run_info) {
   nlohmann::json meta = run_info;
-  meta["format"] = 1;
+  meta["format"] = checkpoint_format;
   meta["step"] = step;
   meta["optimizer_steps"] = engine.optimizer_steps();
   meta["world_size"] = groups.size();
@@ -153,27 +157,66 @@ inline ShardFile shard_tensors(engine::Engine& engine, dist::ProcessGroups& grou
   engine.settle();  // an offloaded update may still be running
   ShardFile file;
   if (groups.replicate().rank() != 0) return file;
-  file.path = path / detail::cat("shard-", groups.shard().rank(), "-of-", groups.shard().size(), ".safetensors");
+  const int k = groups.shard().rank();
+  file.path = path / shard_file_name(k, groups.shard().size());
   for (size_t u = 0; u < engine.num_units(); ++u) {
     auto& unit = engine.unit(u);
-    const auto tag = "u" + std::to_string(u) + ".";
-    file.tensors.emplace_back(tag + "master", unit.master());
-    file.tensors.emplace_back(tag + "exp_avg", unit.exp_avg());
-    file.tensors.emplace_back(tag + "exp_avg_sq", unit.exp_avg_sq());
+    const auto covered = static_cast<uint64_t>(covered_elements(unit.numel(), unit.shard_numel(), k));
+    for (size_t kind = 0; kind < shard_tensor_kinds.size(); ++kind) {
+      const auto& t = kind == 0 ? unit.master() : kind == 1 ? unit.exp_avg() : unit.exp_avg_sq();
+      file.tensors.emplace_back(shard_tensor_name(u, kind), t);
+      file.covered_bytes.push_back(covered * t.element_size());
+    }
   }
   return file;
 }
 
-/// Writes this rank's shard file; then waits `delay` (a test's injected fault: a window in which to kill a job
-/// mid-save, train::Faults).
-inline void write_shard(const ShardFile& file, std::chrono::milliseconds delay = {}) {
-  if (!file.path.empty()) io::save_safetensors(file.path, file.tensors);
+/// Writes this rank's shard file and returns, per unit, the CRC32C of its three tensors' covered bytes (computed as
+/// they are written; none without a file); then waits `delay` (a test's injected fault: a window in which to kill a
+/// job mid-save, train::Faults).
+inline std::vector<uint32_t> write_shard(const ShardFile& file, std::chrono::milliseconds delay = {}) {
+  std::vector<uint32_t> units;
+  if (!file.path.empty()) {
+    const auto crcs = io::save_safetensors(file.path, file.tensors, {}, file.covered_bytes);
+    for (size_t i = 0; i < crcs.size(); i += 3)  // master || exp_avg || exp_avg_sq
+      units.push_back(crc32c_combine(crc32c_combine(crcs[i], crcs[i + 1], file.covered_bytes[i + 1]), crcs[i + 2],
+                                     file.covered_bytes[i + 2]));
+  }
   if (delay.count() > 0) std::this_thread::sleep_for(delay);
+  return units;
 }
 
-/// Rank 0, once every rank's shard file is durable: meta.json, then the COMMITTED marker, then --keep-last
-/// (`keep_last` > 0) removes older checkpoints.
-inline void commit_checkpoint(const fs::path& path, const nlohmann::json& meta, int64_t keep_last) {
+/// A collective, once this rank's file is written: every rank's CRC32Cs (`mine`, empty for a rank that writes no
+/// file), as the shard files' lists (k: the writer's rank in its shard group) for meta.json. `units`: the engine's.
+inline std::vector<std::vector<uint32_t>> gather_checksums(dist::ProcessGroups& groups, const at::Device& device,
+                                                           size_t units, const std::vector<uint32_t>& mine) {
+  const int64_t n = static_cast<int64_t>(units) + 1;  // [shard rank or -1, a CRC per unit]
+  SHARDLM_ASSERT(mine.empty() || static_cast<int64_t>(mine.size()) == n - 1, "CRCs of ", mine.size(), " tensors");
+  auto in = at::full({n}, -1, at::kLong);
+  if (!mine.empty()) {
+    in[0] = groups.shard().rank();
+    for (size_t i = 0; i < mine.size(); ++i) in[static_cast<int64_t>(i) + 1] = static_cast<int64_t>(mine[i]);
+  }
+  auto out = at::empty({n * groups.size()}, at::TensorOptions().dtype(at::kLong).device(device));
+  groups.world().all_gather(out, in.to(device), "checkpoint checksums");
+  const auto all = out.cpu();
+  const auto* p = all.data_ptr<int64_t>();
+  std::vector<std::vector<uint32_t>> files(static_cast<size_t>(groups.shard().size()));
+  for (int r = 0; r < groups.size(); ++r) {
+    const auto* row = p + r * n;
+    if (row[0] < 0) continue;
+    auto& file = files[static_cast<size_t>(row[0])];
+    for (int64_t i = 1; i < n; ++i) file.push_back(static_cast<uint32_t>(row[i]));
+  }
+  return files;
+}
+
+/// Rank 0, once every rank's shard file is durable: meta.json with the files' checksums, then the COMMITTED marker,
+/// then --keep-last (`keep_last` > 0) removes older checkpoints.
+inline void commit_checkpoint(const fs::path& path, nlohmann::json meta, const std::vector<std::vector<uint32_t>>& crcs,
+                              int64_t keep_last) {
+  meta["checksum"] = "crc32c";
+  meta["checksums"] = checksums_json(crcs);
   write_file_atomically(path / "meta.json", meta.dump(2) + "\n");
   write_file_atomically(path / "COMMITTED", "");
   for (const auto& old : prune_checkpoints(path.parent_path(), meta.at("step").get<int64_t>(), keep_last))
@@ -185,70 +228,18 @@ inline void commit_checkpoint(const fs::path& path, const nlohmann::json& meta, 
 inline fs::path save_checkpoint(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& dir, int64_t step,
                                 const nlohmann::json& run_info, int64_t keep_last = 0, std::chrono::milliseconds delay = {}) {
   const auto path = begin_checkpoint(groups, dir, step);
-  write_shard(shard_tensors(engine, groups, path), delay);  // views of the state: written before training goes on
-  groups.world().barrier("checkpoint shards");      // every shard file is durable (save_safetensors fsyncs and renames)
-  if (groups.rank() == 0) commit_checkpoint(path, checkpoint_meta(engine, groups, step, run_info), keep_last);
+  // views of the state: written before training goes on; the gather waits for every rank's file (fsynced, renamed)
+  const auto crcs = write_shard(shard_tensors(engine, groups, path), delay);
+  const auto all = gather_checksums(groups, engine.device(), engine.num_units(), crcs);
+  if (groups.rank() == 0) commit_checkpoint(path, checkpoint_meta(engine, groups, step, run_info), all, keep_last);
   groups.world().barrier("checkpoint commit");
   return path;
 }
 
-/// A checkpoint's meta.json, every field checked before use (CheckpointMeta::read).
-struct CheckpointMeta {
-  struct Unit {
-    std::string name;
-    int64_t numel = 0, padded = 0;
-  };
-  int64_t step = 0;             ///< the optimizer steps the run had taken (data order and learning rate follow)
-  int64_t optimizer_steps = 0;  ///< AdamW's step count (steps skipped for non-finite gradients do not count)
-  int64_t world_size = 0;
-  int64_t shard_group_size = 0;
-  int64_t global_batch = 0;     ///< 0: not recorded
-  std::vector<Unit> units;
-
-  /// Reads and checks `path`/meta.json: every key present with an integer in its range, each unit's padded size a
-  /// multiple of the shard group holding at least its elements. Errors name the file and the key.
-  static CheckpointMeta read(const fs::path& dir) {
-    const auto file = dir / "meta.json";
-    const auto j = read_json(file);
-    const auto where = file.string();
-    if (!j.is_object()) fail<IoError>(where, ": must hold a JSON object, got ", j.type_name());
-    auto integer = [&](const nlohmann::json& obj, const std::string& key, int64_t lo, int64_t hi, const std::string& in = "") {
-      if (!obj.contains(key)) fail<IoError>(where, ": no \"", in, key, "\" key");
-      const auto& v = obj[key];
-      if (!v.is_number_integer())
-        fail<IoError>(where, ": \"", in, key, "\" must be an integer, got ", v.is_number() ? v.dump() : v.type_name());
-      const auto x = v.get<int64_t>();
-      if (x < lo || x > hi) fail<IoError>(where, ": \"", in, key, "\" is ", x, ", expected ", lo, "..", hi);
-      return x;
-    };
-    constexpr int64_t huge = int64_t{1} << 50;  // more than any count here can be
-    CheckpointMeta m;
-    m.step = integer(j, "step", 0, huge);
-    m.optimizer_steps = integer(j, "optimizer_steps", 0, m.step);
-    m.world_size = integer(j, "world_size", 1, 1 << 24);
-    m.shard_group_size = integer(j, "shard_group_size", 1, m.world_size);
-    if (m.world_size % m.shard_group_size != 0)
-      fail<IoError>(where, ": \"shard_group_size\" ", m.shard_group_size, " does not divide \"world_size\" ", m.world_size);
-    if (j.contains("global_batch")) m.global_batch = integer(j, "global_batch", 1, huge);
-    if (!j.contains("units") || !j["units"].is_array()) fail<IoError>(where, ": no \"units\" list");
-    for (size_t u = 0; u < j["units"].size(); ++u) {
-      const auto& unit = j["units"][u];
-      const auto in = detail::cat("units[", u, "].");
-      if (!unit.is_object()) fail<IoError>(where, ": \"units[", u, "]\" must be an object");
-      Unit x;
-      if (unit.contains("name") && unit["name"].is_string()) x.name = unit["name"].get<std::string>();
-      x.numel = integer(unit, "numel", 0, huge, in);
-      x.padded = integer(unit, "padded", x.numel, huge, in);
-      if (x.padded % m.shard_group_size != 0 || x.padded - x.numel >= m.shard_group_size)
-        fail<IoError>(where, ": \"", in, "padded\" ", x.padded, " is not the ", x.numel, " elements padded to a multiple of ",
-                      "the shard group size ", m.shard_group_size);
-      m.units.push_back(std::move(x));
-    }
-    return m;
-  }
-};
-
-/// Loads a committed checkpoint into the engine (every rank calls it); returns its meta.json.
+/// Loads a committed checkpoint into the engine (every rank calls it); returns its meta.json. Each rank reads the
+/// pieces of the saved shards that overlap its own shard; their checksums are combined over the shard group unit by
+/// unit, with a flag for a rank whose reads failed, so that every rank stops together, with the error of the rank
+/// that found it, rather than leaving the others waiting in a collective.
 inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
   if (!fs::is_directory(path)) fail<IoError>(path.string(), ": not a checkpoint directory");
   if (!fs::exists(path / "COMMITTED"))
@@ -258,46 +249,80 @@ inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroup
   if (units.size() != engine.num_units())
     fail<IoError>(path.string(), ": the checkpoint has ", units.size(), " units, this model ", engine.num_units(),
                   " (a different model or depth)");
-  const int64_t saved_group = meta.shard_group_size;
-  engine.settle();
-  std::map<int64_t, std::unique_ptr<io::SafetensorsFile>> files;
-  auto file = [&](int64_t k) -> io::SafetensorsFile& {
-    auto& f = files[k];
-    if (!f) f = std::make_unique<io::SafetensorsFile>(path / detail::cat("shard-", k, "-of-", saved_group, ".safetensors"));
-    return *f;
+  for (size_t u = 0; u < units.size(); ++u) {
+    const auto& unit = engine.unit(u);
+    if (!units[u].name.empty() && units[u].name != unit.name())
+      fail<IoError>(path.string(), ": unit ", u, " is '", units[u].name, "' in the checkpoint and '", unit.name(),
+                    "' in this model (a different model)");
+    if (units[u].numel != unit.numel())
+      fail<IoError>(path.string(), ": ", unit_label(u, unit.name()), " has ", units[u].numel,
+                    " elements in the checkpoint and ", unit.numel(), " in this model");
+  }
+  if (!meta.has_checksums() && groups.rank() == 0)
+    log::warn(path.string(), ": written before checkpoints carried checksums (format ", meta.format,
+              "): its shards are loaded unverified");
+  engine.settle();  // an offloaded update may still be running
+  ShardFiles files(path, meta.shard_group_size);
+  std::string error;  // this rank's first failure: reported once every rank has reached the end
+  const auto device = engine.device();
+  // A collective over the shard group: the sum of `values` over its ranks.
+  const auto group_sum = [&](const std::vector<int32_t>& values) {
+    auto t = at::tensor(values, at::kInt).to(device);
+    groups.shard().all_reduce(t, dist::Reduce::Sum, "checkpoint checksums");
+    const auto host = t.cpu();
+    return std::vector<int32_t>(host.data_ptr<int32_t>(), host.data_ptr<int32_t>() + host.numel());
   };
   at::NoGradGuard no_grad;
   for (size_t u = 0; u < engine.num_units(); ++u) {
     auto& unit = engine.unit(u);
-    const int64_t numel = units[u].numel, padded = units[u].padded;
-    if (numel != unit.numel())
-      fail<IoError>(path.string(), ": unit ", u, " (", unit.name(), ") has ", numel, " elements in the checkpoint and ",
-                    unit.numel(), " in this model");
+    const int64_t numel = units[u].numel;
     if (numel == 0) continue;  // nothing trains in this unit (a LoRA run's embedding)
-    const int64_t saved_shard = padded / saved_group, shard = unit.shard_numel();
-    const int64_t lo = shard * groups.shard().rank(), hi = std::min(lo + shard, numel);
-    for (auto [what, dst] : {std::pair<const char*, at::Tensor*>{"master", &unit.master()},
-                             {"exp_avg", &unit.exp_avg()}, {"exp_avg_sq", &unit.exp_avg_sq()}}) {
-      dst->zero_();
-      const auto name = detail::cat("u", u, ".", what);
-      for (int64_t k = lo / saved_shard; k * saved_shard < hi; ++k) {
-        const auto& saved = file(k).info(name);
-        if (saved.numel() != saved_shard)
-          fail<IoError>(file(k).path().string(), ": tensor '", name, "' has ", saved.numel(), " elements, expected ", saved_shard);
-        const auto type = io::scalar_type_of(saved);
-        if (!at::isFloatingType(type))
-          fail<IoError>(file(k).path().string(), ": tensor '", name, "' has dtype ", saved.dtype, ", expected a floating dtype");
-        // Only the overlap [a, b) of saved shard k and this rank's shard is read: straight into the state when
-        // it is a host tensor of the saved dtype, else through a host buffer of that size.
-        const int64_t a = std::max(lo, k * saved_shard), b = std::min(hi, (k + 1) * saved_shard);
-        auto part = dst->narrow(0, a - lo, b - a);
-        auto host = part.is_cpu() && part.scalar_type() == type ? part : at::empty({b - a}, at::TensorOptions().dtype(type));
-        const uint64_t size = saved.element_size();
-        file(k).read_bytes(saved, (a - k * saved_shard) * size, (b - a) * size, host.data_ptr());
-        if (!host.is_same(part)) part.copy_(host);
+    const int64_t saved_shard = meta.saved_shard(u), shard = unit.shard_numel();
+    const int64_t lo = std::min(shard * groups.shard().rank(), numel), hi = std::min(lo + shard, numel);
+    std::optional<PieceCrc> crc;
+    if (meta.has_checksums()) crc.emplace(static_cast<size_t>(meta.shard_group_size));
+    if (error.empty()) {
+      try {
+        for (size_t kind = 0; kind < shard_tensor_kinds.size(); ++kind) {
+          at::Tensor& dst = kind == 0 ? unit.master() : kind == 1 ? unit.exp_avg() : unit.exp_avg_sq();
+          dst.zero_();
+          for_each_saved_piece(saved_shard, lo, hi, [&](const SavedPiece& piece) {
+            const auto& saved = files.tensor(piece.file, u, kind, saved_shard);
+            const auto type = io::scalar_type_of(saved);
+            const auto [covered, start] =
+                files.covered_bytes(piece.file, u, kind, saved_shard, covered_elements(numel, saved_shard, piece.file));
+            // Straight into the state when it is a host tensor of the saved dtype, else through a host buffer.
+            auto part = dst.narrow(0, piece.begin - lo, piece.end - piece.begin);
+            auto host = part.is_cpu() && part.scalar_type() == type ? part : at::empty({piece.end - piece.begin}, type);
+            files.read(piece.file, saved, piece.begin - piece.file * saved_shard, piece.end - piece.begin, host.data_ptr(),
+                       crc ? &*crc : nullptr, start, covered);
+            if (!host.is_same(part)) part.copy_(host);
+          });
+        }
+      } catch (const Error& e) {
+        error = e.what();
+      }
+    }
+    // Whether every rank of the shard group read its pieces, then their checksums combined (an xor, as bit counts).
+    if (group_sum({error.empty() ? 0 : 1})[0] > 0) {
+      if (error.empty())
+        error = detail::cat(path.string(), ": ", unit_label(u, unit.name()), " could not be read by another rank of the ",
+                            "shard group (its error says why)");
+      continue;
+    }
+    if (crc) {
+      try {
+        PieceCrc::verify(group_sum(crc->counts()), meta, u, unit.name(), path);
+      } catch (const Error& e) {
+        error = e.what();
       }
     }
   }
+  auto failed = at::full({1}, error.empty() ? 0 : 1, at::TensorOptions().dtype(at::kInt).device(device));
+  groups.world().all_reduce(failed, dist::Reduce::Sum, "checkpoint loaded");
+  if (!error.empty()) fail<IoError>(error);
+  if (const auto n = failed.cpu().item<int>(); n > 0)
+    fail<IoError>(path.string(), ": loading failed on ", n, " rank(s) (their errors say why)");
   engine.state_loaded(meta.optimizer_steps);
   return meta;
 }

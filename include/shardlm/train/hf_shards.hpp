@@ -129,8 +129,8 @@ inline at::ScalarType checkpoint_dtype(const std::filesystem::path& model_dir) {
   if (model_dir.empty()) return at::kBFloat16;
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(std::ifstream(model_dir / "config.json"));
-  } catch (const nlohmann::json::exception&) {
+    j = read_json(model_dir / "config.json");
+  } catch (const Error&) {
     return at::kBFloat16;  // load_config already reported an unreadable config
   }
   for (const char* key : {"dtype", "torch_dtype"}) {

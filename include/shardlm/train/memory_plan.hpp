@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/host_memory.hpp"
 #include "shardlm/engine/schedule.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/policy/policies.hpp"
@@ -411,6 +412,22 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
                            gpus * shard_total * 3 * master});
   }
   return plan;
+}
+
+/// The host bytes one node of the run needs by `plan`: the offloaded state of its ranks (MemoryPlan::host is per
+/// host), and, when the ranks compute on the CPU (--device cpu), what the plan counts per GPU for each of them.
+inline double host_bytes_needed(const MemoryPlan& plan, int64_t ranks_on_node, bool computes_on_host) {
+  return plan.host_total() + (computes_on_host ? static_cast<double>(ranks_on_node) * plan.gpu_peak() : 0.0);
+}
+
+/// Refuses a run whose node needs more host memory than `available` (MemAvailable): a ConfigError naming both, per
+/// node and per rank, and the flag that starts it anyway. Better now than the OOM killer's SIGKILL in an hour.
+inline void check_host_memory(double needed, int64_t ranks_on_node, int64_t available) {
+  if (needed <= static_cast<double>(available)) return;
+  fail<ConfigError>("this node's ", ranks_on_node, " rank(s) need ", gib_text(needed), " of host memory by the memory plan (",
+                    gib_text(needed / static_cast<double>(ranks_on_node)), " each; shardlm_plan shows what for), but ",
+                    gib_text(static_cast<double>(available)), " are available (MemAvailable in /proc/meminfo): use more ",
+                    "nodes or a smaller model, batch or --seq-len, or pass --skip-memory-check to start anyway");
 }
 
 }  // namespace shardlm::plan

@@ -7,6 +7,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -21,6 +22,7 @@
 #include "shardlm/core/arg.hpp"
 #include "shardlm/core/compiled.hpp"
 #include "shardlm/core/errors.hpp"
+#include "shardlm/core/json.hpp"
 #include "shardlm/engine/schedule.hpp"
 #include "shardlm/model/adapter.hpp"
 #include "shardlm/model/config.hpp"
@@ -139,6 +141,8 @@ struct DistOptions {
   SHARDLM_ARG(int64_t, shard_group_size) = 0;
   /// Seconds to wait for every rank at rendezvous, group setup and each collective.
   SHARDLM_ARG(int64_t, timeout) = 300;
+  /// Start even when the memory plan needs more host memory than the node has available (train/host_memory.hpp).
+  SHARDLM_ARG(bool, skip_memory_check) = false;
 };
 
 /// What the run reports.
@@ -217,6 +221,12 @@ struct TrainOptions {
     positive(seq_len_, "seq-len");
     positive(micro_batch_, "micro-batch");
     positive(grad_accum_, "grad-accum");
+    // Bounds far past any run, so that sample and token counts (x the world size) cannot overflow.
+    constexpr int64_t big = int64_t{1} << 32;
+    if (seq_len_ > big) fail<ConfigError>("--seq-len must be at most ", big, ", got ", seq_len_);
+    if (micro_batch_ > big / grad_accum_)
+      fail<ConfigError>("--micro-batch ", micro_batch_, " x --grad-accum ", grad_accum_, " samples per rank and step is over ",
+                        "the limit of ", big);
     if (steps_ < 0) fail<ConfigError>("--steps must be >= 0, got ", steps_);
     positive(log_.every(), "log-every");
     optim_.validate();
@@ -337,6 +347,7 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
                      "the backward, redone when clipping applies)", s(o.offload().step()))
     ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.dist().shard_group_size()))
     ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist().timeout()))
+    ("skip-memory-check", "start even when the memory plan needs more host memory than this node has available", b(o.dist().skip_memory_check()))
     ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(out.save_final()))
     ("export-dir", "export the trained model here as a Hugging Face checkpoint (sharded safetensors + index, config.json)", s(out.export_dir()))
     ("export-max-file-gb", "--export-dir: cut weight files at this size", s(out.export_max_file_gb()))
@@ -375,13 +386,16 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
 
 /// `--config FILE`'s flags as `--key=value` arguments, each checked alone (errors name the file and the key).
 inline std::vector<std::string> config_arguments(const std::string& file, const std::function<void(int, const char**)>& parse_one) {
-  std::ifstream in(file);
-  if (!in) fail<IoError>("--config ", file, ": cannot open");
+  try {
+    regular_file_size(file, "a JSON object of flags");
+  } catch (const IoError& e) {
+    fail<IoError>("--config ", e.what());
+  }
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail<ConfigError>("--config ", file, ": malformed JSON: ", e.what());
+    j = read_json(file);  // the size and depth limits of core/json.hpp
+  } catch (const IoError& e) {
+    fail<ConfigError>("--config ", e.what());
   }
   if (!j.is_object()) fail<ConfigError>("--config ", file, ": must hold a JSON object of flags, got ", j.type_name());
   std::vector<std::string> out;
@@ -450,7 +464,11 @@ TrainOptions parse_once(int argc, const char* const* argv, TrainOptions o, bool 
         try_parse(static_cast<int>(n), args.data());
       } catch (const cxxopts::exceptions::missing_argument&) {
       } catch (const cxxopts::exceptions::exception&) {
-        const std::string_view flag = args[n - 1][0] == '-' || n == 2 ? "" : args[n - 2];
+        // A value may start with '-' (--seed -1): a flag is '-' and a letter, or "--".
+        const auto is_flag = [](std::string_view a) {
+          return a.size() > 1 && a[0] == '-' && (a[1] == '-' || std::isalpha(static_cast<unsigned char>(a[1])));
+        };
+        const std::string_view flag = is_flag(args[n - 1]) || n == 2 ? "" : args[n - 2];
         fail<ConfigError>(flag, flag.empty() ? "" : " ", args[n - 1], ": ", e.what());
       }
     }

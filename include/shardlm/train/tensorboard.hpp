@@ -21,25 +21,12 @@
 #include <utility>
 #include <vector>
 
+#include "shardlm/core/crc32c.hpp"
 #include "shardlm/core/errors.hpp"
 
 namespace shardlm::train::tensorboard {
 
-/// CRC32C (Castagnoli, reflected polynomial 0x82F63B78) of `data`.
-inline uint32_t crc32c(std::string_view data) {
-  static const auto table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  uint32_t c = 0xFFFFFFFFu;
-  for (const unsigned char b : data) c = table[(c ^ b) & 0xFF] ^ (c >> 8);
-  return c ^ 0xFFFFFFFFu;
-}
+using shardlm::crc32c;  // core/crc32c.hpp
 inline uint32_t masked_crc(std::string_view data) {
   const uint32_t c = crc32c(data);
   return ((c >> 15) | (c << 17)) + 0xa282ead8u;

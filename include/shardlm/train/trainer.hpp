@@ -199,6 +199,8 @@ class BasicTrainer {
   }
 
   int64_t global_batch() const { return options_.micro_batch() * options_.grad_accum() * groups_->size(); }
+  /// Samples a run may read: sample indices (step x global batch + ...) stay far inside int64.
+  static constexpr int64_t max_samples = int64_t{1} << 62;
 
   /// Offloaded on a multi-socket host: this rank's threads (the host optimizer's among them, started later) on the
   /// CPUs of its GPU's NUMA node, where its pinned state is then allocated (core/numa.hpp). A launcher's binding is
@@ -225,6 +227,37 @@ class BasicTrainer {
     if (m.loss_tokens == 0 && rank() == 0)
       log::warn("step ", m.step, ": the loss mask leaves no target of the global batch in the loss");
     return m;
+  }
+
+  /// Refuses a run whose node cannot hold it: the memory plan's host bytes for this node against MemAvailable
+  /// (--skip-memory-check: not asked). Every rank reads MemAvailable before any allocates its state, and the verdict
+  /// is all-reduced, so that all stop together. (The placeholders of the model take no memory: never touched.)
+  void check_host_memory() {
+    if (options_.dist().skip_memory_check()) return;
+    std::string error;
+    double needed = 0;
+    try {
+      auto in = plan_input(options_, recipe_, config_, env_);
+      // --offload-step auto steps speculatively only where the second copy of the state fits: the run needs at least
+      // what it needs without it.
+      const auto asked = engine::host_step_named(options_.offload().step());
+      in.host_step = asked == engine::HostStep::automatic ? engine::HostStep::overlapped : asked;
+      needed = plan::host_bytes_needed(plan::plan_memory(in), env_.local_world_size, !device_.is_cuda());
+    } catch (const Error& e) {
+      if (rank() == 0) log::warn("the memory plan is not available (", e.what(), "): host memory is not checked");
+    }
+    if (needed > 0)
+      if (const auto available = host_memory_available()) try {
+          plan::check_host_memory(needed, env_.local_world_size, *available);
+        } catch (const ConfigError& e) {
+          error = e.what();
+        }
+    auto failed = at::full({1}, error.empty() ? 0 : 1, at::TensorOptions().dtype(at::kInt).device(device_));
+    groups_->world().all_reduce(failed, dist::Reduce::Sum, "host memory check");
+    if (!error.empty()) fail<ConfigError>(error);
+    if (const auto n = failed.cpu().item<int>(); n > 0)
+      fail<ConfigError>("the host memory check failed on ", n, " rank(s) of another node (their errors say why; ",
+                        "--skip-memory-check starts anyway)");
   }
 
   void hang_if_asked(int64_t step) {
@@ -429,6 +462,9 @@ class BasicTrainer {
     const auto t0 = std::chrono::steady_clock::now();
     const auto meta = load_checkpoint(*engine_, *groups_, *from);
     const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (meta.step > max_samples / global_batch())
+      fail<IoError>((*from / "meta.json").string(), ": field 'step' ", meta.step, " x the global batch of ", global_batch(),
+                    " samples is past the ", max_samples, " samples a run may read");
     step_ = meta.step;
     if (meta.global_batch > 0 && meta.global_batch != global_batch() && rank() == 0)
       log::warn("resuming with a global batch of ", global_batch(), " samples; the checkpoint's run used ",
@@ -557,6 +593,10 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
     at::set_num_threads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env_.local_world_size));
     if (recipe_.offload.host) bind_near_gpu();
   }
+  if (o.steps() > max_samples / global_batch())
+    fail<ConfigError>("--steps ", o.steps(), " x the global batch of ", global_batch(), " samples is past the ", max_samples,
+                      " samples a run may read");
+  check_host_memory();
   // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
   if (adapter_.active() && config_.is_moe())
     fail<ConfigError>("--adapter ", adapter_.kind.name, ": adapters are built for Llama models only (this model is a ",
