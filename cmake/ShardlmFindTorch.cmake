@@ -22,7 +22,10 @@ if(SHARDLM_TOP_LEVEL)
   # NVRTC for the GPU they run on), so the list only feeds LibTorch's own nvcc flags: a given CMAKE_CUDA_ARCHITECTURES
   # (90, 90a, 100-real, native, all) becomes TORCH_CUDA_ARCH_LIST (9.0, 9.0a, 10.0, Auto, All), and CMake is kept from
   # defining its default (policy CMP0104 OLD in CMakeLists.txt: it matters only to targets with CUDA sources, and
-  # there are none).
+  # there are none). CMake's environment default, CUDAARCHS, is translated the same way.
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT "$ENV{CUDAARCHS}" STREQUAL "")
+    set(CMAKE_CUDA_ARCHITECTURES "$ENV{CUDAARCHS}")
+  endif()
   if(DEFINED CMAKE_CUDA_ARCHITECTURES)
     set(_shardlm_arch_list "")
     foreach(_arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
@@ -43,6 +46,7 @@ if(SHARDLM_TOP_LEVEL)
   endif()
   unset(CMAKE_CUDA_ARCHITECTURES CACHE)
   unset(CMAKE_CUDA_ARCHITECTURES)
+  set(ENV{CUDAARCHS} "")  # (this configure's environment only)
   # 2. It looks for a separate kineto library and warns when there is none: the wheel links kineto (the profiler) into
   # libtorch_cpu, so that library is the answer (linking it twice changes nothing).
   if(NOT kineto_LIBRARY)
