@@ -36,6 +36,9 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   train::TrainerCore trainer(o, data::TokenDataset::from_tokens(tokens, "random tokens"), nullptr, o.recipe(),
                              train::model_factory_for(config));
   const double setup_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // Offloaded: the host's memory bandwidth as the host optimizer's threads see it (STREAM's triad), to set its
+  // AdamW's bytes per second against.
+  const double triad = trainer.recipe().offload.host ? optim::host_triad_bytes_per_s() : 0;
   std::vector<train::StepMetrics> steps;
   std::vector<double> losses;  // every step's, warm-up included: the run trains
   for (int64_t s = 0; s < warmup + o.steps(); ++s) {
@@ -62,7 +65,7 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   const auto& r = trainer.recipe();
   double alloc = 0, reserved = 0;
   for (const auto& m : steps) alloc = std::max(alloc, m.mem_alloc_gb), reserved = std::max(reserved, m.mem_reserved_gb);
-  return {{"impl", "shardlm"}, {"preset", o.model().preset()}, {"layers", config.num_layers}, {"seq", o.seq_len()},
+  nlohmann::json out = {{"impl", "shardlm"}, {"preset", o.model().preset()}, {"layers", config.num_layers}, {"seq", o.seq_len()},
           {"batch", o.micro_batch()}, {"world", trainer.groups().size()}, {"sharding", std::string(r.sharding.name)},
           {"checkpointing", r.checkpointing.name()}, {"precision", std::string(r.precision.name)},
           {"offload", std::string(r.offload.name)}, {"device", o.dist().device()},
@@ -76,6 +79,17 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
           {"expert_kernel", o.model().moe_kernel()},
           {"adapter", std::string(r.adapter.name)}, {"lora_rank", trainer.adapter().active() ? trainer.adapter().rank : 0},
           {"quant", std::string(r.quant.name)}, {"setup_s", setup_s}, {"rank", trainer.rank()}};
+  if (r.offload.host) {
+    out["offload_step"] = engine::host_step_name(trainer.offload_step());
+    out["host_triad_gbs"] = triad / 1e9;
+    out["host_step_s"] = median(&M::host_step_s);
+    out["host_adamw_gbs"] = median(&M::host_step_gbs);
+    out["host_threads"] = at::get_num_threads();
+    int64_t redone = 0;
+    for (const auto& m : steps) redone += m.host_step_redone ? 1 : 0;
+    out["host_steps_redone"] = redone;
+  }
+  return out;
 }
 
 }  // namespace

@@ -11,12 +11,15 @@
 #   bench   the step benchmark and the peer (HF transformers + FSDP2, eager), same machine, same call: Llama3-8B
 #           dims with 8 layers at 1 and N GPUs (FullShard, MixedBF16, seq 4096, micro-batch 2), then a table
 #   full8b  full Llama3-8B (32 layers) on N GPUs
-#   offload CPU offload on one GPU: Llama3-8B dims with 4 layers with and without --offload cpu, the peer's
-#           CPUOffloadPolicy beside it, and full Llama3-8B with offload + every-block checkpointing
-#   offload_ours  the two 4-layer runs of shardlm only
+#   offload CPU offload on one GPU: Llama3-8B dims with 4 layers without offload and offloaded with each host step
+#           (--offload-step sync, overlapped, speculative), the peer without and with CPUOffloadPolicy beside them, and
+#           full Llama3-8B with offload + every-block checkpointing
+#   offload_ours  the 4-layer runs of shardlm only; offload_full8b the full 8B run only
+#   regress the step benchmark of another tree (BASE_BUILD, default build-base: carry its bin/step_benchmark) and of
+#           this one, alternating twice, Llama3-8B dims with 4 layers on one GPU
 #   memory  the memory planner against measured peaks: 8B dims (8 layers) on 1 and N GPUs, full 8B with
 #           checkpointing, 4 layers offloaded on one GPU; one run traced unit by unit (--memory-trace)
-#   l405    Llama3-405B dims with 2 and 4 layers on N GPUs with the seed recipe (FullShard, EveryBlock, CPU
+#   l405    Llama3-405B dims with 1 and 2 layers on N GPUs with the seed recipe (FullShard, EveryBlock, CPU
 #           offload, PureBF16, seq 4096, batch 1): per-layer time and memory from the difference
 #   ckpt    checkpoint save and load times: Llama3-8B dims with 4 layers on N GPUs (FullShard, MixedBF16),
 #           saves every 3 steps, synchronous then --async-save (the training thread's stall per save), then a
@@ -195,17 +198,35 @@ q405_fp8() {  # the LoRA-on-fp8 run of q405 alone
     --adapter lora --quant fp8 --lora-rank 64 --lora-alpha 16
 }
 
-offload() {
+offload() {  # CPU offload on one GPU: the 4-layer runs below, the peer's CPUOffloadPolicy beside them, full Llama3-8B
   offload_ours
+  peer "peer_4L_1gpu" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 5
   peer "peer_4L_1gpu_offload" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --offload --steps 2 --warmup 1
-  ours "ours_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
-    --sharding full --layers 32 --steps 2 --offload cpu --checkpointing every-block
+  offload_full8b
 }
 
-offload_ours() {  # the 4-layer pair of the offload phase alone
-  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full"
-  ours "ours_4L_1gpu" 1 $common --layers 4 --steps 5
-  ours "ours_4L_1gpu_offload" 1 $common --layers 4 --steps 5 --offload cpu
+offload_full8b() {  # full Llama3-8B offloaded with every-block recompute on one GPU (the host step as --offload-step auto picks)
+  ours "ours_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
+    --sharding full --layers 32 --steps 3 --offload cpu --checkpointing every-block
+}
+
+offload_ours() {  # Llama3-8B dims, 4 layers, one GPU: no offload, then offloaded with each host step (engine/offload.hpp);
+  # speculative twice: with the default --grad-clip 1 (random weights clip every step: after the first redone step it
+  # steps as overlapped does) and with clipping off (every speculative update stands)
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --layers 4"
+  ours "ours_4L_1gpu" 1 $common --steps 8
+  for step in sync overlapped speculative; do
+    ours "ours_4L_1gpu_offload_$step" 1 $common --steps 8 --offload cpu --offload-step $step
+  done
+  ours "ours_4L_1gpu_offload_speculative_noclip" 1 $common --steps 8 --offload cpu --offload-step speculative --grad-clip 0
+}
+
+regress() {  # the same step benchmark built from BASE_BUILD (another tree) and from this one, alternating, same call
+  local common="--preset llama3-8b --layers 4 --seq-len 4096 --micro-batch 2 --steps 10 --precision mixed-bf16 --sharding full"
+  for i in 1 2; do
+    BUILD=${BASE_BUILD:-$PWD/build-base} ours "base_4L_1gpu_$i" 1 $common
+    ours "new_4L_1gpu_$i" 1 $common
+  done
 }
 
 bench4() {  # the 8-layer run at N GPUs alone
@@ -225,10 +246,12 @@ memory() {
     --sharding grad-op --layers 8 --steps 3 --checkpointing every-2
 }
 
-l405() {
-  local common="--preset llama3-405b --seq-len 4096 --micro-batch 1 --precision pure-bf16 --sharding full --checkpointing every-block --offload cpu"
-  ours "l405_2L_${NGPU}gpu" "$NGPU" $common --layers 2 --steps 2
-  ours "l405_4L_${NGPU}gpu" "$NGPU" $common --layers 4 --steps 2
+l405() {  # Llama3-405B dims, the seed recipe (FullShard, every-block, CPU offload, pure bf16, seq 4096, batch 1) with 1 and
+  # 2 layers: per-layer forward/backward/host-step times from the difference; L405_STEP: --offload-step (overlapped: the
+  # second copy of the state of 2 layers does not fit a 128 GB host)
+  local common="--preset llama3-405b --seq-len 4096 --micro-batch 1 --precision pure-bf16 --sharding full --checkpointing every-block --offload cpu --offload-step ${L405_STEP:-overlapped}"
+  ours "l405_1L_${NGPU}gpu" "$NGPU" $common --layers 1 --steps 3
+  ours "l405_2L_${NGPU}gpu" "$NGPU" $common --layers 2 --steps 3
 }
 
 ckpt() {
@@ -380,6 +403,12 @@ for r in rows:
     print(f"| {r['label']} | {fmt(tps, 0)} | {fmt(r.get('mfu'), 3)} | {fmt(r.get('step_s'), 3)} | "
           f"{'/'.join(fmt(v, 3) for v in f)} | {fmt(r.get('peak_alloc_gb'), 1)} | {fmt(r.get('peak_reserved_gb'), 1)} | "
           + (f"{r['plan_gb']:.1f} ({(r['plan_gb'] / r['peak_alloc_gb'] - 1) * 100:+.1f}%)" if r.get("plan_gb") else "-") + " |")
+off = [r for r in rows if "offload_step" in r]
+if off:
+    print("\n| offloaded run | host step | host AdamW s/step | host AdamW GB/s | host triad GB/s | ratio | threads | redone |\n|---|---|---|---|---|---|---|---|")
+    for r in off:
+        print(f"| {r['label']} | {r['offload_step']} | {r['host_step_s']:.3f} | {r['host_adamw_gbs']:.1f} | {r['host_triad_gbs']:.1f} | "
+              f"{r['host_adamw_gbs'] / max(r['host_triad_gbs'], 1e-9):.2f} | {r['host_threads']} | {r['host_steps_redone']} |")
 for r in rows:
     if "check" in r: print(f"{r['check']}: {r['result']}")
 PY

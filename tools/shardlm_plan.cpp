@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
     in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.dist().shard_group_size();
     in.micro_batch = o.micro_batch(), in.seq_len = o.seq_len(), in.grad_accum = o.grad_accum(), in.loss_chunk = m.loss_chunk();
     in.lora_rank = a.rank(), in.lora_targets = shardlm::model::split_targets(a.targets());
+    in.host_step = shardlm::engine::host_step_named(o.offload().step());
     const auto plan = shardlm::plan::plan_memory(in);
     const auto& r = in.recipe;
     std::cout << (m.model_dir().empty() ? m.preset() : m.model_dir()) << ", " << in.model.num_layers << " layers, "

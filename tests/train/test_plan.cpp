@@ -179,7 +179,13 @@ TEST_CASE("planner: offloaded on one GPU with one micro-batch, gradients stay in
   // One shard of 202048 elements (64000 + 2 x 36992 + 64064): pinned master 4 + bf16 gradient 2, moments 8.
   CHECK(item(p.host, "master weights and gradients (pinned)") == 202048.0 * 6);
   CHECK(item(p.host, "AdamW moments") == 202048.0 * 8);
-  CHECK(p.host.size() == 2);
+  // The speculative host step (counted unless another is named) writes a second copy of masters and moments.
+  CHECK(item(p.host, "speculative step's second state (when it fits)") == 202048.0 * 12);
+  CHECK(p.host.size() == 3);
+  in.host_step = engine::HostStep::overlapped;  // exact and without a second copy
+  CHECK(plan::plan_memory(in).host.size() == 2);
+  in.host_step = engine::HostStep::speculative;
+  CHECK(item(plan::plan_memory(in).host, "speculative step's second state") == 202048.0 * 12);
   // With accumulation the gradients are summed in fp32.
   in.grad_accum = 2;
   p = plan::plan_memory(in);

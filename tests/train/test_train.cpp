@@ -989,3 +989,58 @@ TEST_CASE("the planner replays the engine's schedule: the same gathers, releases
             }
   CHECK(recipes == 2 * 21 * 3 * 2);  // 21 sharding x checkpointing x offload combinations the engine serves, 3 precisions
 }
+
+TEST_CASE("offloaded host steps: overlapped and speculative give the sync step's losses and weights bit for bit") {
+  const auto corpus = text_corpus();
+  struct Run {
+    std::vector<double> losses;
+    std::vector<bool> redone;
+    std::vector<at::Tensor> weights;
+  };
+  // 5 steps; step 3's backward is NaN (dropped: a speculative update is dropped too); `clip` decides whether the
+  // speculative updates stand (a loose clip) or are redone with clipping (a tight one). After a clipped or dropped
+  // step the next one does not speculate.
+  const auto run = [&]<class Recipe>(Recipe, const char* mode, double clip, int64_t accum) {
+    auto o = tiny(corpus);
+    o.steps(5).grad_accum(accum).micro_batch(4 / accum);
+    o.optim().grad_clip(clip);
+    o.offload().step(mode);
+    train::Faults faults;
+    faults.nan_steps = {3};
+    train::Trainer<model::Llama3, Recipe> t(o, train::open_dataset(o.data()), nullptr, faults);
+    Run r;
+    for (int s = 0; s < 5; ++s) {
+      const auto m = t.step();
+      r.losses.push_back(m.loss), r.redone.push_back(m.host_step_redone);
+    }
+    r.weights = t.master_weights();
+    return r;
+  };
+  const auto check = [&]<class Recipe>(Recipe recipe, double clip, int64_t accum, std::vector<bool> redone) {
+    CAPTURE(Recipe::rules().describe());
+    CAPTURE(clip);
+    CAPTURE(accum);
+    const auto sync = run(recipe, "sync", clip, accum);
+    for (const char* mode : {"overlapped", "speculative"}) {
+      const std::string mode_name = mode;
+      CAPTURE(mode_name);
+      const auto other = run(recipe, mode, clip, accum);
+      CHECK(other.losses == sync.losses);
+      REQUIRE(other.weights.size() == sync.weights.size());
+      for (size_t i = 0; i < sync.weights.size(); ++i) CHECK(at::equal(other.weights[i], sync.weights[i]));
+      const bool speculative = std::string_view(mode) == "speculative";
+      // A speculative step is redone when clipping applied and dropped with the NaN step; the other modes never.
+      CHECK(other.redone == (speculative ? redone : std::vector<bool>(5, false)));
+    }
+  };
+  using MixedOffload = Policies<sharding::FullShard, precision::MixedBF16, offload::Cpu>;
+  using Fp32Offload = Policies<sharding::ShardGradOp, checkpointing::EveryBlock, offload::Cpu>;
+  // No clipping: steps 1, 2 stand, 3 is dropped, 4 does not speculate, 5 stands.
+  const std::vector<bool> loose{false, false, true, false, false};
+  // Always clipping: step 1 is redone, and no later step speculates.
+  const std::vector<bool> tight{true, false, false, false, false};
+  check(MixedOffload{}, 1e9, 1, loose);
+  check(MixedOffload{}, 1e-3, 1, tight);
+  check(Fp32Offload{}, 1e9, 2, loose);  // accumulation: the norms taken on the host
+  check(Fp32Offload{}, 1e-3, 2, tight);
+}

@@ -76,6 +76,9 @@ struct EngineOptions {
   /// Every gather, release, forward, recompute, backward and reduction, in order (tests compare it with the
   /// planner's replay).
   SHARDLM_ARG(std::add_pointer_t<Trace>, trace) = nullptr;
+  /// Offloaded: when the host steps (engine/offload.hpp); automatic here means overlapped (the trainer resolves
+  /// automatic by the host's memory before it makes the engine).
+  SHARDLM_ARG(HostStep, host_step) = HostStep::automatic;
 };
 
 class Engine {
@@ -87,7 +90,8 @@ class Engine {
       : model_(model), groups_(groups), device_(device), streams_(device), options_(std::move(options)),
         schedule_(rules, blocks_of(model), reads_of(model), groups.shard().size()),
         storage_(make_storage(rules.offload, device, rules.precision,
-                              schedule_.grad_dtype(groups.replicate().size(), options_.micro_batches()))) {
+                              schedule_.grad_dtype(groups.replicate().size(), options_.micro_batches()),
+                              options_.host_step() == HostStep::automatic ? HostStep::overlapped : options_.host_step())) {
     if (!engine_serves(rules.sharding, rules.offload))
       fail<ConfigError>("--offload ", rules.offload.name, " with --sharding ", rules.sharding.name, ": ",
                         SHARDLM_OFFLOAD_NEEDS_SHARDING);
@@ -148,6 +152,7 @@ class Engine {
   /// Sets trainable parameters of unit u to full values (name -> tensor of the parameter's shape; parameters not
   /// named keep theirs): this rank copies its slices into its master shard. Every rank passes the same values.
   void set_trainable(size_t u, const std::map<std::string, at::Tensor>& values) {
+    settle();
     at::NoGradGuard no_grad;
     auto& unit = units_.at(u);
     unit.for_each_in_shard([&](const Slot& s, int64_t in_param, int64_t in_shard, int64_t count) {
@@ -169,6 +174,7 @@ class Engine {
   /// After this rank's master shards and AdamW state were replaced (a resumed checkpoint): sets the step count
   /// and refreshes what derives from the masters (device copies under offload, gathered parameters).
   void state_loaded(int64_t optimizer_steps) {
+    settle();
     optimizer_steps_ = optimizer_steps;
     storage_->set_step_count(optimizer_steps);
     for (auto& u : units_) storage_->refresh(u);
@@ -176,11 +182,13 @@ class Engine {
   }
   dist::ProcessGroups& groups() { return groups_; }
 
-  /// Starts an optimizer step: the first micro-batch's backward overwrites the gradient shards (every unit is
-  /// reduced in every backward), later ones add to them.
-  void begin_step() {
+  /// Starts an optimizer step at learning rate `lr`: the first micro-batch's backward overwrites the gradient shards
+  /// (every unit is reduced in every backward), later ones add to them. (An offloaded step may start on the host
+  /// before the backward ends: it needs the rate now.)
+  void begin_step(double lr = 0) {
     micro_batch_ = MicroBatch{};
-    storage_->begin_step(units_.size());
+    lr_ = lr;
+    storage_->begin_step(units_, options_.adamw(), StepScalars{lr, 1.0, optimizer_steps_ + 1});
   }
 
   /// Runs every unit forward on `input` (token ids); returns the last unit's output with its local graph.
@@ -269,17 +277,35 @@ class Engine {
     return norm;
   }
 
-  /// AdamW on this rank's shards where the storage keeps them (engine/offload.hpp), clipping entering as the
-  /// gradients' scale; then the parameters of the persistent policies are gathered again.
-  void optimizer_step(double lr) {
-    storage_->step(units_, options_.adamw(), StepScalars{lr, clip_coef_, optimizer_steps_ + 1});
+  /// AdamW on this rank's shards at begin_step's rate, where the storage keeps them (engine/offload.hpp), clipping
+  /// entering as the gradients' scale; then the parameters of the persistent policies are gathered again. An
+  /// offloaded step may go on after this returns: each unit's next gather waits for its update.
+  void optimizer_step() {
+    storage_->step(units_, StepScalars{lr_, clip_coef_, optimizer_steps_ + 1});
     clip_coef_ = 1.0;
     ++optimizer_steps_;
     if (schedule_.keeps_all()) gather_all();
   }
 
+  /// The step is dropped (a non-finite gradient norm): the state stays as it was, whatever was stepped ahead.
+  void skip_step() {
+    storage_->skip(units_);
+    clip_coef_ = 1.0;
+  }
+
+  /// Waits until every update is done: the shards may then be read or written directly (checkpoints, exports).
+  void settle() { storage_->settle(); }
+
+  /// Offloaded steps whose speculative host update was redone or dropped (HostStep::speculative), since the start.
+  int64_t redone_steps() const { return storage_->redone(); }
+  /// Offloaded: the host AdamW's seconds and bytes since the start.
+  ShardStorage::HostWork host_work() const { return storage_->host_work(); }
+
   /// Unit u's full master weights (every rank takes part; collective over the shard group).
-  NamedTensors full_master(size_t u) { return units_.at(u).full_master(groups_.shard()); }
+  NamedTensors full_master(size_t u) {
+    settle();
+    return units_.at(u).full_master(groups_.shard());
+  }
 
  private:
   static std::vector<bool> blocks_of(const UnitModel& m) {
@@ -316,6 +342,7 @@ class Engine {
     auto& fixed = frozen_[u];
     if (unit.is_gathered()) return;
     note(Event::gather, u);
+    storage_->await(u, streams_);  // its update of the last step is done (offloaded: it may still be running)
     unit.allocate();
     fixed.allocate();
     streams_.on_comm([&] {
@@ -364,7 +391,7 @@ class Engine {
       const auto flat = unit.take_grads(storage_->grad_dtype(), [&](const at::Tensor& g) { streams_.used_by_comm(g); },
                                         cast ? &unit.grad() : nullptr);
       if (cast) return;  // replicas, if any, all-reduce the shards after the last micro-batch
-      storage_->reduce(u, unit, flat, groups_, micro_batch_);
+      storage_->reduce(u, unit, flat, groups_, streams_, micro_batch_);
     });
   }
 
@@ -381,6 +408,7 @@ class Engine {
   std::vector<at::Tensor> x_in_, out_, rng_;  // rng_: generator state before a recomputed unit's forward
   std::vector<at::Tensor> side_, side_values_;  // each unit's side output: with its graph, and detached
   MicroBatch micro_batch_;
+  double lr_ = 0;
   double clip_coef_ = 1.0;
   int64_t optimizer_steps_ = 0;
 };

@@ -12,8 +12,10 @@
 #include <cstdint>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "shardlm/core/errors.hpp"
 #include "shardlm/policy/policies.hpp"
 
 namespace shardlm::engine {
@@ -32,6 +34,32 @@ struct MicroBatch {
   bool first = true;  ///< the step's first: its gradients overwrite the shards
   bool last = true;   ///< the step's last: accumulation ends
 };
+
+/// When an offloaded run's host step runs (HostShards; --offload-step).
+enum class HostStep {
+  automatic,    ///< speculative where its second copy of the state fits the host's memory, else overlapped
+  sync,         ///< after the backward and the norm, before the step returns
+  overlapped,   ///< after the norm, during the next forward
+  speculative,  ///< during the backward, redone when the norm asks for clipping
+};
+
+/// --offload-step auto|sync|overlapped|speculative.
+inline HostStep host_step_named(std::string_view s) {
+  if (s == "auto") return HostStep::automatic;
+  if (s == "sync") return HostStep::sync;
+  if (s == "overlapped") return HostStep::overlapped;
+  if (s == "speculative") return HostStep::speculative;
+  fail<ConfigError>("--offload-step '", s, "': use auto, sync, overlapped or speculative");
+}
+inline const char* host_step_name(HostStep s) {
+  switch (s) {
+    case HostStep::automatic: return "auto";
+    case HostStep::sync: return "sync";
+    case HostStep::overlapped: return "overlapped";
+    case HostStep::speculative: return "speculative";
+  }
+  return "?";
+}
 
 /// What the engine does to a unit: the events of a Trace.
 struct Event {

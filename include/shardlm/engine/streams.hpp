@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <optional>
 
 #include "shardlm/core/compat.hpp"
 
@@ -77,11 +78,51 @@ class Streams {
   /// Compute waits for all communication enqueued so far.
   void join() { compute_waits(mark_comm()); }
 
+  /// The communication stream waits (on the device) for a marker of another stream: work enqueued on it later
+  /// starts after that point (a copy made by the offloaded host step, HostShards).
+  void comm_waits(const Marker& m) {
+#if SHARDLM_HAVE_CUDA
+    if (cuda_ && m) m->block(*comm_);
+#else
+    (void)m;
+#endif
+  }
+
+  /// Blocks the calling host thread until the point a marker recorded is reached (nothing on the CPU).
+  static void wait_for(const Marker& m) {
+#if SHARDLM_HAVE_CUDA
+    if (m) m->synchronize();
+#else
+    (void)m;
+#endif
+  }
+
   /// The host waits for everything enqueued on both streams.
   void synchronize() {
 #if SHARDLM_HAVE_CUDA
     if (cuda_) comm_->synchronize(), compute_->synchronize();
 #endif
+  }
+
+  /// Runs f with a stream of its own for `device` current (made on first use by the calling thread: the offloaded host
+  /// step's copies to the device) and returns a marker of the point after f's work; on the CPU f runs and nothing is
+  /// returned.
+  template <class F>
+  static Marker on_side_stream(const at::Device& device, F&& f) {
+#if SHARDLM_HAVE_CUDA
+    if (device.is_cuda()) {
+      thread_local std::optional<c10::cuda::CUDAStream> side;
+      if (!side) side.emplace(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index()));
+      c10::cuda::CUDAStreamGuard guard(*side);
+      f();
+      auto e = std::make_shared<at::cuda::CUDAEvent>();
+      e->record(*side);
+      return e;
+    }
+#endif
+    (void)device;
+    f();
+    return {};
   }
 
   /// `t`, made on compute, is read by the communication stream: its memory is not reused before that is done.

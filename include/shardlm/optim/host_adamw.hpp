@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -29,6 +30,11 @@ struct AdamWStep {
   double lr = 0, beta1 = 0.9, beta2 = 0.95, weight_decay = 0, eps = 1e-8;
   int64_t step = 1;
   double grad_coef = 1.0;
+};
+
+/// One shard's AdamW state: master weights and the two moments (contiguous CPU tensors of one size and dtype).
+struct AdamWState {
+  at::Tensor param, exp_avg, exp_avg_sq;
 };
 
 namespace detail {
@@ -84,7 +90,8 @@ inline void store4(T* p, int64_t i, __m128 v) {
 #endif
 
 template <class P, class G>
-void adamw_range(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, int64_t begin, int64_t end, const AdamWCoef& c) {
+void adamw_range(const P* param, const G* grad, const P* exp_avg, const P* exp_avg_sq, P* param_out, P* exp_avg_out,
+                 P* exp_avg_sq_out, int64_t begin, int64_t end, const AdamWCoef& c) {
 #if defined(__SSE2__)
   const __m128 keep = _mm_set1_ps(c.keep), b2 = _mm_set1_ps(c.b2), omb1 = _mm_set1_ps(c.one_minus_b1),
                omb2 = _mm_set1_ps(c.one_minus_b2), step = _mm_set1_ps(c.step_size), ibc2 = _mm_set1_ps(c.inv_bc2_sqrt),
@@ -96,9 +103,9 @@ void adamw_range(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, int64_t beg
     const __m128 m1 = _mm_add_ps(m, _mm_mul_ps(omb1, _mm_sub_ps(g, m)));
     const __m128 v1 = _mm_add_ps(_mm_mul_ps(b2, load4(exp_avg_sq, begin)), _mm_mul_ps(_mm_mul_ps(omb2, g), g));
     const __m128 denom = _mm_add_ps(_mm_mul_ps(_mm_sqrt_ps(v1), ibc2), eps);
-    store4(param, begin, _mm_sub_ps(p, _mm_div_ps(_mm_mul_ps(step, m1), denom)));
-    store4(exp_avg, begin, m1);
-    store4(exp_avg_sq, begin, v1);
+    store4(param_out, begin, _mm_sub_ps(p, _mm_div_ps(_mm_mul_ps(step, m1), denom)));
+    store4(exp_avg_out, begin, m1);
+    store4(exp_avg_sq_out, begin, v1);
   }
 #endif
   for (int64_t i = begin; i < end; ++i) {
@@ -108,34 +115,40 @@ void adamw_range(P* param, const G* grad, P* exp_avg, P* exp_avg_sq, int64_t beg
     const float m1 = m + c.one_minus_b1 * (g - m);  // lerp(m, g, 1 - beta1)
     const float v1 = c.b2 * load(exp_avg_sq, i) + (c.one_minus_b2 * g) * g;
     const float denom = std::sqrt(v1) * c.inv_bc2_sqrt + c.eps;
-    store(param, i, p - (c.step_size * m1) / denom);
-    store(exp_avg, i, m1);
-    store(exp_avg_sq, i, v1);
+    store(param_out, i, p - (c.step_size * m1) / denom);
+    store(exp_avg_out, i, m1);
+    store(exp_avg_sq_out, i, v1);
   }
 }
 
 template <class P, class G>
-void adamw_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                  const at::Tensor& exp_avg_sq, const AdamWCoef& c) {
-  auto* p = static_cast<P*>(param.data_ptr());
+void adamw_tensor(const AdamWState& in, const at::Tensor& grad, const AdamWState& out, const AdamWCoef& c) {
+  const auto* p = static_cast<const P*>(in.param.data_ptr());
   const auto* g = static_cast<const G*>(grad.data_ptr());
-  auto* m = static_cast<P*>(exp_avg.data_ptr());
-  auto* v = static_cast<P*>(exp_avg_sq.data_ptr());
-  parallel_ranges(param.numel(), int64_t{1} << 18, [&](int64_t begin, int64_t end) { adamw_range(p, g, m, v, begin, end, c); });
+  const auto* m = static_cast<const P*>(in.exp_avg.data_ptr());
+  const auto* v = static_cast<const P*>(in.exp_avg_sq.data_ptr());
+  auto* po = static_cast<P*>(out.param.data_ptr());
+  auto* mo = static_cast<P*>(out.exp_avg.data_ptr());
+  auto* vo = static_cast<P*>(out.exp_avg_sq.data_ptr());
+  parallel_ranges(in.param.numel(), int64_t{1} << 18,
+                  [&](int64_t begin, int64_t end) { adamw_range(p, g, m, v, po, mo, vo, begin, end, c); });
 }
 }  // namespace detail
 
-/// AdamW on `param` (updated in place) with moments `exp_avg`, `exp_avg_sq`: contiguous CPU tensors of one
-/// size; param and moments of one dtype (fp32 or bf16), the gradient fp32 or bf16.
-inline void host_adamw(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                       const at::Tensor& exp_avg_sq, const AdamWStep& s) {
-  const auto pt = param.scalar_type(), gt = grad.scalar_type();
+/// AdamW from the state `in` and the gradient `grad` into the state `out` (which may be `in` itself: in place):
+/// contiguous CPU tensors of one size; parameters and moments of one dtype (fp32 or bf16), the gradient fp32 or bf16.
+/// Reading one state and writing another costs the same memory traffic as an update in place, which is what lets an
+/// offloaded run step speculatively and keep the state it may have to return to (engine/offload.hpp).
+inline void host_adamw(const AdamWState& in, const at::Tensor& grad, const AdamWState& out,
+                       const AdamWStep& s) {
+  const auto pt = in.param.scalar_type(), gt = grad.scalar_type();
   auto supported = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; };
-  if (!supported(pt) || !supported(gt) || exp_avg.scalar_type() != pt || exp_avg_sq.scalar_type() != pt)
-    fail<ConfigError>("host AdamW: parameters and moments must share fp32 or bf16, gradients fp32 or bf16 (got ", pt,
-                      ", ", exp_avg.scalar_type(), ", ", exp_avg_sq.scalar_type(), " and ", gt, ")");
-  for (const auto* t : {&param, &grad, &exp_avg, &exp_avg_sq})
-    SHARDLM_ASSERT(t->device().is_cpu() && t->is_contiguous() && t->numel() == param.numel(),
+  for (const auto* t : {&in.exp_avg, &in.exp_avg_sq, &out.param, &out.exp_avg, &out.exp_avg_sq})
+    if (t->scalar_type() != pt || !supported(pt) || !supported(gt))
+      fail<ConfigError>("host AdamW: parameters and moments must share fp32 or bf16, gradients fp32 or bf16 (got ", pt,
+                        ", ", t->scalar_type(), " and ", gt, ")");
+  for (const auto* t : {&in.param, &grad, &in.exp_avg, &in.exp_avg_sq, &out.param, &out.exp_avg, &out.exp_avg_sq})
+    SHARDLM_ASSERT(t->device().is_cpu() && t->is_contiguous() && t->numel() == in.param.numel(),
                    "host AdamW takes contiguous CPU tensors of one size");
   SHARDLM_ASSERT(s.step >= 1, "AdamW steps count from 1");
   const double bc1 = 1 - std::pow(s.beta1, static_cast<double>(s.step));
@@ -145,10 +158,44 @@ inline void host_adamw(const at::Tensor& param, const at::Tensor& grad, const at
                             static_cast<float>(1 - s.beta2),         static_cast<float>(s.lr / bc1),
                             static_cast<float>(1 / std::sqrt(bc2)),  static_cast<float>(s.eps),
                             static_cast<float>(s.grad_coef)};
-  if (pt == at::kFloat && gt == at::kFloat) detail::adamw_tensor<float, float>(param, grad, exp_avg, exp_avg_sq, c);
-  else if (pt == at::kFloat) detail::adamw_tensor<float, uint16_t>(param, grad, exp_avg, exp_avg_sq, c);
-  else if (gt == at::kFloat) detail::adamw_tensor<uint16_t, float>(param, grad, exp_avg, exp_avg_sq, c);
-  else detail::adamw_tensor<uint16_t, uint16_t>(param, grad, exp_avg, exp_avg_sq, c);
+  if (pt == at::kFloat && gt == at::kFloat) detail::adamw_tensor<float, float>(in, grad, out, c);
+  else if (pt == at::kFloat) detail::adamw_tensor<float, uint16_t>(in, grad, out, c);
+  else if (gt == at::kFloat) detail::adamw_tensor<uint16_t, float>(in, grad, out, c);
+  else detail::adamw_tensor<uint16_t, uint16_t>(in, grad, out, c);
+}
+
+/// The bytes host_adamw moves per element: parameters and moments read and written, the gradient read.
+inline int64_t host_adamw_bytes_per_element(at::ScalarType state, at::ScalarType grad) {
+  return 6 * static_cast<int64_t>(c10::elementSize(state)) + static_cast<int64_t>(c10::elementSize(grad));
+}
+
+/// The host's memory bandwidth as the host AdamW's threads see it: STREAM's triad a = b + s c over three fp32 arrays
+/// of `bytes` in all, split by parallel_ranges over the same threads; the best of `repeats`, in bytes moved (two
+/// arrays read, one written) per second.
+inline double host_triad_bytes_per_s(int64_t bytes = int64_t{3} << 30, int repeats = 5) {
+  const int64_t n = bytes / 12;
+  auto a = at::empty({n}, at::kFloat), b = at::ones({n}, at::kFloat), c = at::full({n}, 2.0f, at::kFloat);
+  float* pa = a.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  const float* pc = c.data_ptr<float>();
+  double best = 0;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    parallel_ranges(n, int64_t{1} << 18, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) pa[i] = pb[i] + 3.0f * pc[i];
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(n) * 12 / s);
+  }
+  SHARDLM_ASSERT(a[n - 1].item<float>() == 7.0f, "triad result");
+  return best;
+}
+
+/// AdamW on `param` (updated in place) with moments `exp_avg`, `exp_avg_sq`.
+inline void host_adamw(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                       const at::Tensor& exp_avg_sq, const AdamWStep& s) {
+  const AdamWState state{param, exp_avg, exp_avg_sq};
+  host_adamw(state, grad, state, s);
 }
 
 }  // namespace shardlm::optim

@@ -150,6 +150,7 @@ inline nlohmann::json checkpoint_meta(const engine::Engine& engine, dist::Proces
 }
 
 inline ShardFile shard_tensors(engine::Engine& engine, dist::ProcessGroups& groups, const fs::path& path) {
+  engine.settle();  // an offloaded update may still be running
   ShardFile file;
   if (groups.replicate().rank() != 0) return file;
   file.path = path / detail::cat("shard-", groups.shard().rank(), "-of-", groups.shard().size(), ".safetensors");
@@ -258,6 +259,7 @@ inline CheckpointMeta load_checkpoint(engine::Engine& engine, dist::ProcessGroup
     fail<IoError>(path.string(), ": the checkpoint has ", units.size(), " units, this model ", engine.num_units(),
                   " (a different model or depth)");
   const int64_t saved_group = meta.shard_group_size;
+  engine.settle();
   std::map<int64_t, std::unique_ptr<io::SafetensorsFile>> files;
   auto file = [&](int64_t k) -> io::SafetensorsFile& {
     auto& f = files[k];

@@ -165,6 +165,7 @@ struct File {
 /// across nodes).
 inline void export_hf(engine::Engine& engine, dist::ProcessGroups& groups, const ExportOptions& o) {
   namespace fs = std::filesystem;
+  engine.settle();  // an offloaded update may still be running
   const bool lead = groups.rank() == 0;
   const char* dtype = io::safetensors_dtype_name(o.dtype);
   const uint64_t element = io::safetensors_dtype_size(dtype);

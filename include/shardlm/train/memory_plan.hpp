@@ -50,6 +50,7 @@ struct PlanInput {
   int64_t seq_len = 4096;
   int64_t grad_accum = 1;
   int64_t loss_chunk = 4096;             ///< tokens per chunk of the fused head and loss (0: whole logits)
+  engine::HostStep host_step = engine::HostStep::automatic;  ///< offloaded: automatic counts the speculative step's state
   int64_t lora_rank = 16;                ///< with an adapter policy
   std::vector<std::string> lora_targets = {"q", "k", "v", "o", "gate", "up", "down"};
 };
@@ -403,6 +404,11 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
                  {"AdamW moments", gpus * shard_total * 2 * master}};
     if (frozen_bytes > 0) plan.host.push_back({"frozen base (pinned)", gpus * frozen_bytes});
     if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * bytes(r.precision.reduce)});
+    // engine/offload.hpp: a speculative host step writes a second copy of masters (pinned) and moments
+    if (in.host_step == engine::HostStep::speculative || in.host_step == engine::HostStep::automatic)
+      plan.host.push_back({in.host_step == engine::HostStep::automatic ? "speculative step's second state (when it fits)"
+                                                                       : "speculative step's second state",
+                           gpus * shard_total * 3 * master});
   }
   return plan;
 }

@@ -25,6 +25,9 @@ struct StepMetrics {
   int64_t eval_tokens = 0;   ///< validation targets the eval loss is the mean over
   double save_s = 0;         ///< seconds the training thread was blocked by checkpointing after (or within) this step
   bool skipped = false;      ///< non-finite gradients: no update
+  bool host_step_redone = false;  ///< offloaded, speculative host step: its update was redone (clipping) or dropped
+  double host_step_s = -1;   ///< offloaded: seconds of host AdamW since the last step's end (overlapped work included)
+  double host_step_gbs = -1; ///< offloaded: the host AdamW's bytes moved per second (GB/s) in that time
   bool stop_requested = false;  ///< some rank got SIGTERM/SIGUSR1 (not in the JSON)
 
   /// The JSONL record; eval_loss and eval_tokens only after an evaluation.
@@ -33,9 +36,10 @@ struct StepMetrics {
             {"mfu", mfu < 0 ? nlohmann::json(nullptr) : nlohmann::json(mfu)}, {"step_s", step_s}, {"data_s", data_s},
             {"forward_s", forward_s}, {"backward_s", backward_s}, {"optimizer_s", optimizer_s},
             {"mem_alloc_gb", mem_alloc_gb}, {"mem_reserved_gb", mem_reserved_gb}, {"tokens", tokens},
-            {"save_s", save_s}, {"skipped", skipped}, {"loss_tokens", loss_tokens}};
+            {"save_s", save_s}, {"skipped", skipped}, {"loss_tokens", loss_tokens}, {"host_step_redone", host_step_redone}};
     if (eval_loss >= 0) j["eval_loss"] = eval_loss, j["eval_tokens"] = eval_tokens;
     if (aux_loss >= 0) j["aux_loss"] = aux_loss;
+    if (host_step_s >= 0) j["host_step_s"] = host_step_s, j["host_step_gbs"] = host_step_gbs;
     return j;
   }
 

@@ -21,6 +21,7 @@
 #include "shardlm/core/arg.hpp"
 #include "shardlm/core/compiled.hpp"
 #include "shardlm/core/errors.hpp"
+#include "shardlm/engine/schedule.hpp"
 #include "shardlm/model/adapter.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/optim/options.hpp"
@@ -154,6 +155,13 @@ struct LogOptions {
   SHARDLM_ARG(bool, memory_trace) = false;
 };
 
+/// CPU offload (offload::Cpu): when the host steps (engine/offload.hpp's HostStep).
+struct OffloadOptions {
+  /// auto (speculative where the host has room for a second copy of the state, else overlapped), sync, overlapped
+  /// or speculative.
+  SHARDLM_ARG(std::string, step) = "auto";
+};
+
 /// The policies of a program that picks them at run time (shardlm_train, the step benchmark): tag names.
 struct PolicyOptions {
   /// none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid.
@@ -195,6 +203,8 @@ struct TrainOptions {
   SHARDLM_ARG(DistOptions, dist);
   /// Reporting.
   SHARDLM_ARG(LogOptions, log);
+  /// CPU offload's host step.
+  SHARDLM_ARG(OffloadOptions, offload);
   /// The policies, for programs that pick them at run time.
   SHARDLM_ARG(PolicyOptions, policy);
 
@@ -218,6 +228,7 @@ struct TrainOptions {
     if (model_.loss_chunk() < 0)
       fail<ConfigError>("--loss-chunk must be >= 0 (0: the plain loss on whole logits), got ", model_.loss_chunk());
     model::expert_kernel_named(model_.moe_kernel());
+    engine::host_step_named(offload_.step());
     if (dist_.shard_group_size() < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", dist_.shard_group_size());
     // A day bounds every wait: larger values would overflow the clocks the collectives are timed with.
     if (dist_.timeout() <= 0 || dist_.timeout() > 86400)
@@ -329,6 +340,9 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
     ("log-every", "print a log line every N steps", s(log.every()))
     ("peak-tflops", "peak TFLOP/s for MFU (0: 989 on CUDA, none on CPU)", s(log.peak_tflops()))
     ("memory-trace", "log the GPU allocator's bytes after each unit's forward and backward (rank 0)", b(log.memory_trace()))
+    ("offload-step", "with --offload cpu, when the host steps: auto (speculative where the host has room for a second copy "
+                     "of the state, else overlapped), sync, overlapped (during the next forward) or speculative (during "
+                     "the backward, redone when clipping applies)", s(o.offload().step()))
     ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.dist().shard_group_size()))
     ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist().timeout()))
     ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(out.save_final()))

@@ -1,7 +1,7 @@
 #pragma once
 // The trainer: the engine (engine/engine.hpp) driven over the data. One optimizer step is
 //   for each of grad_accum micro-batches: loss = engine.forward(ids); engine.backward(loss_sum / global tokens)
-//   norm = engine.clip_grad_norm(); engine.optimizer_step(lr)
+//   norm = engine.clip_grad_norm(); engine.optimizer_step() (or skip_step() when the norm is not finite)
 // Data order is defined by the global batch: step s takes samples [s * G, (s + 1) * G), G = micro_batch x
 // grad_accum x world size; rank r's micro-batch a holds samples s * G + (a * W + r) * micro_batch + [0, micro_batch).
 // The same seed and G give the same samples per step at any world size and accumulation split. The loss is the
@@ -24,6 +24,8 @@
 
 #include "shardlm/core/compiled.hpp"
 #include "shardlm/core/device.hpp"
+#include "shardlm/core/host_memory.hpp"
+#include "shardlm/core/numa.hpp"
 #include "shardlm/core/progress.hpp"
 #include "shardlm/core/log.hpp"
 #include "shardlm/data/token_dataset.hpp"
@@ -167,6 +169,8 @@ class BasicTrainer {
   const TrainOptions& options() const { return options_; }
   int64_t steps_done() const { return step_; }
   const model::AdapterConfig& adapter() const { return adapter_; }
+  /// Offloaded: when the host steps (--offload-step, automatic resolved).
+  engine::HostStep offload_step() const { return host_step_; }
 
   /// The full master weights with their Hugging Face names, unit by unit (a collective: every rank calls it;
   /// every rank gets them).
@@ -195,6 +199,21 @@ class BasicTrainer {
   }
 
   int64_t global_batch() const { return options_.micro_batch() * options_.grad_accum() * groups_->size(); }
+
+  /// Offloaded on a multi-socket host: this rank's threads (the host optimizer's among them, started later) on the
+  /// CPUs of its GPU's NUMA node, where its pinned state is then allocated (core/numa.hpp). A launcher's binding is
+  /// kept.
+  void bind_near_gpu() {
+#if SHARDLM_HAVE_CUDA
+    char bus[32] = {};
+    if (cudaDeviceGetPCIBusId(bus, sizeof bus, device_.index()) != cudaSuccess) return (void)cudaGetLastError();
+    const auto node = numa::node_of_pci(bus);
+    if (!node) return;
+    const auto cpus = numa::bind_to_node(*node);
+    if (!cpus.empty())
+      log::info("shardlm: rank ", rank(), " (GPU ", bus, ") bound to the ", cpus.size(), " CPUs of NUMA node ", *node);
+#endif
+  }
 
   /// The step's metrics before it runs: its number and the targets of the global batch in the loss (every rank
   /// counts them all from the loss mask: no collective needed).
@@ -235,13 +254,22 @@ class BasicTrainer {
 
   /// The update, unless the gradient norm is not finite (the step is skipped).
   void update(StepMetrics& m) {
+    const int64_t redone = engine_->redone_steps();
     if (!std::isfinite(m.grad_norm)) {
       m.skipped = true;
       log::warn("step ", m.step, ": gradient norm is not finite; the update is skipped");
-      return;
+      engine_->skip_step();
+    } else {
+      if (async_) async_->before_update();  // the snapshot of a save in flight is copied before the update
+      engine_->optimizer_step();
     }
-    if (async_) async_->before_update();  // the snapshot of a save in flight is copied before the update
-    engine_->optimizer_step(m.lr);
+    // Offloaded with a speculative host step: the update made during the backward did not stand (clipping or a
+    // non-finite norm) and was redone or dropped.
+    m.host_step_redone = engine_->redone_steps() > redone;
+    if (m.host_step_redone && rank() == 0)
+      log::info("shardlm: step ", m.step, ": the speculative host update was ", m.skipped ? "dropped" : "redone with clipping",
+                " (grad norm ", m.grad_norm, ", --grad-clip ", options_.optim().grad_clip(), "); ",
+                engine_->redone_steps(), " so far");
   }
 
   /// The step's one all-reduce: the loss and aux sums, a stop request and the state of an asynchronous save travel
@@ -266,6 +294,12 @@ class BasicTrainer {
   /// Timing, throughput and memory of a finished step.
   StepMetrics diagnostics(StepMetrics m, const StepClock& clock) {
     const int64_t W = groups_->size();
+    if (recipe_.offload.host) {
+      const auto work = engine_->host_work();
+      m.host_step_s = work.seconds - host_work_.seconds;
+      m.host_step_gbs = m.host_step_s > 0 ? (work.bytes - host_work_.bytes) / m.host_step_s / 1e9 : 0;
+      host_work_ = work;
+    }
     m.step_s = clock.elapsed();
     m.tokens = global_batch() * options_.seq_len();
     m.tokens_per_s = static_cast<double>(m.tokens) / W / m.step_s;  // per rank (per GPU)
@@ -273,6 +307,25 @@ class BasicTrainer {
     std::tie(m.mem_alloc_gb, m.mem_reserved_gb) = memory_gb(device_);
     ++step_;
     return m;
+  }
+
+  /// Offloaded: when the host steps. --offload-step auto is speculative where the planner's host bytes with the
+  /// speculative step's second state fit in 90% of the host's available memory, else overlapped (exact, no memory).
+  engine::HostStep host_step() const {
+    const auto asked = engine::host_step_named(options_.offload().step());
+    if (!recipe_.offload.host || asked != engine::HostStep::automatic) return asked;
+    auto in = plan_input(options_, recipe_, config_, env_);
+    in.host_step = engine::HostStep::speculative;
+    const double needed = plan::plan_memory(in).host_total();
+    const auto available = host_memory_available();
+    const bool fits = available && needed <= 0.9 * static_cast<double>(*available);
+    if (rank() == 0)
+      log::info("shardlm: offload: the host steps ", fits ? "speculatively during the backward" : "during the next forward",
+                " (", std::round(needed / plan::MemoryPlan::gib * 10) / 10, " GiB per host with a second copy of the state; ",
+                available ? detail::cat(std::round(static_cast<double>(*available) / plan::MemoryPlan::gib * 10) / 10, " GiB available")
+                          : std::string("available memory unknown"),
+                "; --offload-step chooses)");
+    return fits ? engine::HostStep::speculative : engine::HostStep::overlapped;
   }
 
   /// The engine over the model's units: each unit's trainable group filled by a --model-dir checkpoint read by
@@ -325,7 +378,8 @@ class BasicTrainer {
             .adamw(o.optim())
             .micro_batches(o.grad_accum())
             .frozen(frozen)
-            .memory_trace(o.log().memory_trace()));
+            .memory_trace(o.log().memory_trace())
+            .host_step(host_step_ = host_step()));
     if (loader && rank() == 0) io::warn_unused(loader->checkpoint(), loader->used());
   }
 
@@ -474,6 +528,8 @@ class BasicTrainer {
   std::filesystem::path resumed_from_;
   std::unique_ptr<AsyncCheckpointWriter> async_;  // --async-save
   double peak_flops_ = -1;
+  engine::ShardStorage::HostWork host_work_;  // the host AdamW's work at the last step's end
+  engine::HostStep host_step_ = engine::HostStep::sync;  // offloaded: when the host steps (resolved)
   int64_t step_ = 0;
 };
 
@@ -501,9 +557,8 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
   if (device_.is_cuda()) {
     // Host work of a GPU rank (weight initialization; with offload, the optimizer step) gets this rank's share
     // of the cores (launchers set OMP_NUM_THREADS=1 for ranks that compute on GPUs).
-    const int threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env_.local_world_size);
-    at::set_num_threads(threads);
-    if (recipe_.offload.host && rank() == 0) log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
+    at::set_num_threads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / env_.local_world_size));
+    if (recipe_.offload.host) bind_near_gpu();
   }
   // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
   if (adapter_.active() && config_.is_moe())
@@ -513,6 +568,12 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
   // The default generators draw the adapters' dropout masks: seeded per rank (LibTorch seeds them at random).
   at::manual_seed(o.seed() * 1000003 + static_cast<uint64_t>(rank()));
   build_engine();
+  if (device_.is_cuda() && recipe_.offload.host) {
+    // A host step that overlaps the GPU's work leaves one core to the thread that keeps the GPU busy.
+    int threads = at::get_num_threads();
+    if (host_step_ != engine::HostStep::sync && threads > 2) at::set_num_threads(--threads);
+    if (rank() == 0) log::info("shardlm: offload: the host optimizer uses ", threads, " threads per rank");
+  }
   if (adapter_.dora()) init_magnitudes();
   if (!o.adapter().load().empty()) load_adapter(o.adapter().load());
   resume();
@@ -527,7 +588,8 @@ StepMetrics BasicTrainer<V>::step() {
   const double global_tokens = static_cast<double>(std::max<int64_t>(m.loss_tokens, 1));
   const double scale = faults_.nan_steps.count(m.step) ? std::nan("") : 1.0 / global_tokens;
   hang_if_asked(m.step);
-  engine_->begin_step();
+  m.lr = schedule_.at(step_);
+  engine_->begin_step(m.lr);
   StepTotals totals(device_);
   for (int64_t a = 0; a < options_.grad_accum(); ++a) {
     auto [ids, targets] = clock.time(m.data_s, [&] { return micro_batch(a); });                // [B, T] each
@@ -536,7 +598,6 @@ StepMetrics BasicTrainer<V>::step() {
   }
   clock.time(m.optimizer_s, [&] {
     m.grad_norm = engine_->clip_grad_norm(options_.optim().grad_clip());
-    m.lr = schedule_.at(step_);
     update(m);
     finish_step(m, totals, global_tokens);
   });
@@ -641,6 +702,7 @@ std::vector<at::Tensor> BasicTrainer<V>::master_weights() {
 
 template <class V>
 std::vector<at::Tensor> BasicTrainer<V>::gradient_shards() {
+  engine_->settle();
   std::vector<at::Tensor> out;
   for (size_t u = 0; u < engine_->num_units(); ++u) out.push_back(engine_->unit(u).grad());
   return out;
