@@ -2,8 +2,8 @@
 // row scales while they stream from the checkpoint (each rank its own rows, on its GPU), sharded over the node's
 // GPUs as FP8 bytes (405 GB: ~51 GB per GPU of 8) and dequantized to bf16 one block at a time; rank-64 adapters
 // on every projection trained with AdamW in fp32, blocks recomputed in backward.
-//   shardlm_launch --nproc-per-node 8 -- 03_llama405b_lora_fp8 --model-dir /models/Llama-3.1-405B --data tokens.bin \
-//       --export-adapter out/adapter
+//   shardlm_launch --nproc-per-node 8 -- 03_llama405b_lora_fp8 --model-dir /models/Llama-3.1-405B --data tokens.bin
+//       --export-adapter out/adapter                          (one command line)
 //   shardlm_merge --base /models/Llama-3.1-405B --adapter out/adapter --out out/merged     (a merged HF checkpoint)
 // Without --model-dir it starts from a random llama3-405b; on a CPU, a smoke run of the same code:
 //   03_llama405b_lora_fp8 --preset llama3-debug --device cpu --seq-len 32 --micro-batch 2 --steps 3

@@ -3,8 +3,8 @@
 // while it streams from the checkpoint (each rank its own rows, on its GPU), sharded and all-gathered as 4-bit
 // bytes, dequantized to bf16 one block at a time by a CUDA kernel; DoRA's magnitudes start at the row norms of the
 // dequantized weights; rank-64 adapters on every projection, blocks recomputed in backward.
-//   shardlm_launch --nproc-per-node 4 -- 04_llama405b_qdora --model-dir /models/Llama-3.1-405B --data tokens.bin \
-//       --export-adapter out/adapter
+//   shardlm_launch --nproc-per-node 4 -- 04_llama405b_qdora --model-dir /models/Llama-3.1-405B --data tokens.bin
+//       --export-adapter out/adapter                          (one command line)
 //   shardlm_merge --base /models/Llama-3.1-405B --adapter out/adapter --out out/merged
 // Without --model-dir it starts from a random llama3-405b; on a CPU, a smoke run of the same code:
 //   04_llama405b_qdora --preset llama3-debug --device cpu --seq-len 32 --micro-batch 2 --steps 3

@@ -5,8 +5,8 @@
 // checkpoint directory read by byte ranges (--model-dir: each rank reads only its shards) and writes one at the end
 // (--export-dir: each rank writes its shards' bytes). The 8-node x 8-GPU launch, with a hostfile or Slurm, and the
 // plan of its memory are in docs/llama405b_full.md:
-//   shardlm_launch --hostfile hosts --nproc-per-node 8 -- 05_llama405b_full --model-dir /data/Llama-3.1-405B \
-//     --data tokens.bin --checkpoint-dir /shared/ckpt --save-every 100 --export-dir /shared/out
+//   shardlm_launch --hostfile hosts --nproc-per-node 8 -- 05_llama405b_full --model-dir /data/Llama-3.1-405B
+//     --data tokens.bin --checkpoint-dir /shared/ckpt --save-every 100 --export-dir /shared/out     (one command line)
 #include <shardlm/shardlm.hpp>
 
 #include "embedded_corpus.hpp"

@@ -4,6 +4,7 @@
 # reference stack. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
 pkgs=(build-essential cmake ninja-build python3-venv doctest-dev librange-v3-dev libcxxopts-dev nlohmann-json3-dev
       libbenchmark-dev libgtest-dev libpcre2-dev libgloo-dev zlib1g-dev
       clang libclang-rt-14-dev)  # clang + libFuzzer: the safetensors fuzz test (tests/fuzz)
@@ -15,16 +16,19 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The venv is filled when it is missing or broken, and again when scripts/requirements.txt changed since it was last
+# installed (a copy is kept in .venv), so that a pull that adds a package brings it.
 if ! .venv/bin/python -c 'import torch, transformers, safetensors' >/dev/null 2>&1 ||
-   ! .venv/bin/pip freeze 2>/dev/null | grep -qx 'torch==2.11.0'; then
-  echo "setup: creating .venv with the pinned torch wheel and reference stack (a few GB, several minutes)"
-  python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
+   ! .venv/bin/pip freeze 2>/dev/null | grep -qx 'torch==2.11.0' ||
+   ! cmp -s scripts/requirements.txt .venv/shardlm-requirements.txt; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with the pinned torch wheel and reference stack (2.8 GB of wheels, 5 GB installed: minutes)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+  else
+    echo "setup: installing scripts/requirements.txt into .venv"
+  fi
   .venv/bin/pip install -q -r scripts/requirements.txt
+  cp scripts/requirements.txt .venv/shardlm-requirements.txt
 fi
-# A venv made before a requirement was added gets what it lacks (pip leaves what is installed alone).
-if ! .venv/bin/python -c 'import conan' >/dev/null 2>&1; then
-  echo "setup: installing the missing requirements of scripts/requirements.txt into .venv"
-  .venv/bin/pip install -q -r scripts/requirements.txt
-fi
-echo "setup: ready (torch $(.venv/bin/python -c 'import torch;print(torch.__version__)' 2>/dev/null))"
+echo "setup: ready in $((SECONDS - start)) s (torch $(.venv/bin/python -c 'import torch;print(torch.__version__)' 2>/dev/null))"

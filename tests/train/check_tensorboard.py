@@ -1,6 +1,6 @@
 """TensorBoard reads the event files of `shardlm_train --tensorboard DIR`: its EventAccumulator (which checks the
 record CRCs) finds the scalars of every step, equal (as float32) to the metrics JSONL of the same run.
-Exit 77 (skipped) when this Python has no tensorboard package."""
+tensorboard is in scripts/requirements.txt: a Python without it fails, naming the fix."""
 import argparse
 import json
 import os
@@ -13,8 +13,8 @@ import numpy as np
 try:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 except ImportError:
-    print("tensorboard is not installed for", sys.executable, "- skipped")
-    sys.exit(77)
+    sys.exit(f"tensorboard is not installed for {sys.executable}: pip install -r scripts/requirements.txt (or set "
+             "SHARDLM_TENSORBOARD_PYTHON to a Python that has it)")
 
 p = argparse.ArgumentParser()
 p.add_argument("--train", required=True)

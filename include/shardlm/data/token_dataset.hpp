@@ -96,8 +96,10 @@ class TokenDataset {
 
   /// Targets of the window of len + 1 tokens at `start` (tokens [start + 1, start + len]) as int64 [len], with
   /// those the mask leaves out of the loss set to `ignore_index`; `counted` gets the number of targets that count.
-  at::Tensor targets(int64_t start, int64_t len, int64_t vocab_size, int64_t ignore_index, int64_t* counted) const {
-    auto out = slice(start + 1, len, vocab_size);
+  /// `fix`: as for slice.
+  at::Tensor targets(int64_t start, int64_t len, int64_t vocab_size, int64_t ignore_index, int64_t* counted,
+                     std::string_view fix = {}) const {
+    auto out = slice(start + 1, len, vocab_size, fix);
     *counted = len;
     if (!mask_) return out;
     auto* dst = out.data_ptr<int64_t>();
@@ -113,8 +115,9 @@ class TokenDataset {
     return std::count_if(v.begin(), v.end(), [](uint8_t b) { return b != 0; });
   }
 
-  /// Tokens [start, start + len) as int64, checked against the vocabulary.
-  at::Tensor slice(int64_t start, int64_t len, int64_t vocab_size) const {
+  /// Tokens [start, start + len) as int64, checked against the vocabulary. `fix` ends the error of a token outside
+  /// it: what to do about it, which the caller knows (where the vocabulary size came from).
+  at::Tensor slice(int64_t start, int64_t len, int64_t vocab_size, std::string_view fix = {}) const {
     SHARDLM_ASSERT(start >= 0 && len >= 0 && start + len <= size_, "slice outside ", name_);
     std::vector<uint32_t> tokens(static_cast<size_t>(len));
     read(start, len, tokens.data());
@@ -123,7 +126,8 @@ class TokenDataset {
     for (int64_t i = 0; i < len; ++i) {
       const auto t = tokens[static_cast<size_t>(i)];
       if (t >= static_cast<uint64_t>(vocab_size))
-        fail<IoError>(name_, ": token ", t, " at position ", offset_ + start + i, " is outside the model's vocabulary of ", vocab_size);
+        fail<IoError>(name_, ": token ", t, " at position ", offset_ + start + i, " is outside the model's vocabulary of ",
+                      vocab_size, fix.empty() ? "" : ": ", fix);
       dst[i] = t;
     }
     return out;

@@ -50,7 +50,7 @@ struct FrozenSlot {
   int64_t byte_offset = 0;      ///< first byte in the unit's buffer (16-byte aligned)
   int64_t row_bytes = 0;
   int64_t value_offset = 0;     ///< first element in the values buffer
-  FrozenCodec codec;
+  FrozenCodec codec{};
   int64_t bytes() const { return rows * row_bytes; }
 };
 

@@ -293,6 +293,14 @@ inline model::ModelConfig resolve_config(const ModelOptions& o) {
   c.expert_kernel = model::expert_kernel_named(o.moe_kernel());
   return c;
 }
+
+/// What a token outside the vocabulary of resolve_config(o) calls for (the end of that error): a preset's vocabulary is
+/// a flag; a checkpoint's is its tokenizer's.
+inline std::string vocabulary_fix(const ModelOptions& o) {
+  if (!o.model_dir().empty())
+    return detail::cat("the data was not tokenized for ", o.model_dir(), ": tokenize it with that model's tokenizer.json");
+  return "pass --vocab-size N with N above the data's largest token id (128256 for Llama 3's tokenizer)";
+}
 }  // namespace train
 
 namespace cli {

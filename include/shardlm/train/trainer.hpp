@@ -538,8 +538,9 @@ class BasicTrainer {
       const bool pad = eval_samples >= 0 && k >= eval_samples;
       const int64_t start = eval_samples < 0 ? sampler_.window_start(k) : (pad ? 0 : k * T);
       int64_t counted = 0;
-      ids[b].copy_(d.slice(start, T, config_.vocab_size));
-      targets[b].copy_(pad ? at::full({T}, -100, at::kLong) : d.targets(start, T, config_.vocab_size, -100, &counted));
+      ids[b].copy_(d.slice(start, T, config_.vocab_size, vocab_fix_));
+      targets[b].copy_(pad ? at::full({T}, -100, at::kLong)
+                           : d.targets(start, T, config_.vocab_size, -100, &counted, vocab_fix_));
     }
     return {ids.to(device_), targets.to(device_)};
   }
@@ -558,6 +559,7 @@ class BasicTrainer {
   int64_t eval_windows_ = 0;
   optim::CosineSchedule schedule_;
   Faults faults_;
+  std::string vocab_fix_;  ///< what a token outside the vocabulary calls for (vocabulary_fix)
   std::unique_ptr<engine::Engine> engine_;
   std::filesystem::path resumed_from_;
   std::unique_ptr<AsyncCheckpointWriter> async_;  // --async-save
@@ -586,7 +588,8 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
       dataset_(std::move(dataset)),
       sampler_(dataset_.size(), o.seq_len(), o.seed(), dataset_.name()),
       schedule_{o.optim().lr(), o.schedule().warmup_steps(), o.steps(), o.schedule().min_lr_ratio()},
-      faults_(std::move(faults)) {
+      faults_(std::move(faults)),
+      vocab_fix_(vocabulary_fix(o.model())) {
   if (device_.is_cuda()) {
     // Host work of a GPU rank (weight initialization; with offload, the optimizer step) gets this rank's share
     // of the cores (launchers set OMP_NUM_THREADS=1 for ranks that compute on GPUs).
