@@ -33,6 +33,8 @@
 #   q405    405B dims on N GPUs: QDoRA (int4, rank 64, all 126 layers) and LoRA on fp8 (Q405_FP8_LAYERS layers,
 #           100), seq Q405_SEQ (4096), FullShard + every-block + mixed-bf16; setup_s is the initialize + quantize time;
 #           q405_int4 and q405_fp8 run one of the two; Q405_STEPS (3) measured steps after as many warm-up steps
+#   smoke   the merged tree's training state on one GPU over NCCL: llama3-debug (byte text) with CPU offload and each host
+#           step, checkpoints saved synchronously and asynchronously, resumed, one shard flipped and refused
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
 #   load    HF checkpoint loading: full Llama3-8B dims (32 layers, bf16, ~16 GB in 4 GB files) written by transformers,
 #           read with a cold page cache (posix_fadvise DONTNEED before each read) by `cat > /dev/null`, then loaded by
@@ -288,6 +290,26 @@ ckpt() {
   "$BUILD/bin/shardlm_launch" --nproc-per-node "$NGPU" -- "$BUILD/bin/shardlm_train" $common --steps 7 \
     --checkpoint-dir "$dir" 2>&1 | grep "rank 0" | grep -E "resumed|trained" | sed 's/^\[rank 0\] //'
   du -sh "$dir"/step-* 2>/dev/null
+  rm -rf "$dir"
+}
+
+smoke() {  # small runs on one GPU that touch the checkpoint's checksums over NCCL, the host steps and a resume
+  local dir=/tmp/shardlm-smoke
+  local common="--preset llama3-debug --seq-len 128 --micro-batch 2 --device cuda --data examples/data/corpus.txt --log-every 1"
+  for step in sync overlapped speculative; do
+    rm -rf "$dir"
+    "$BUILD/bin/shardlm_train" $common --precision mixed-bf16 --offload cpu --offload-step $step --grad-clip 0 --steps 4 \
+      --save-every 2 --checkpoint-dir "$dir" --async-save 2>&1 | grep -E "trained|error|Error" | sed "s/^/$step: /"
+    "$BUILD/bin/shardlm_train" $common --precision mixed-bf16 --offload cpu --offload-step $step --grad-clip 0 --steps 6 \
+      --checkpoint-dir "$dir" 2>&1 | grep -E "resumed|trained|error" | sed "s/^/$step resume: /"
+  done
+  python3 - "$dir/step-00000006" <<'PY'
+import sys, glob
+f = sorted(glob.glob(sys.argv[1] + "/shard-*.safetensors"))[0]
+b = bytearray(open(f, "rb").read()); b[-100] ^= 1; open(f, "wb").write(b)
+PY
+  "$BUILD/bin/shardlm_train" $common --precision mixed-bf16 --offload cpu --steps 7 --checkpoint-dir "$dir" 2>&1 | tail -2 | sed "s/^/flipped: /"
+  echo "flipped exit: ${PIPESTATUS[0]}"
   rm -rf "$dir"
 }
 

@@ -354,9 +354,8 @@ class BasicTrainer {
     const bool fits = available && needed <= 0.9 * static_cast<double>(*available);
     if (rank() == 0)
       log::info("shardlm: offload: the host steps ", fits ? "speculatively during the backward" : "during the next forward",
-                " (", std::round(needed / plan::MemoryPlan::gib * 10) / 10, " GiB per host with a second copy of the state; ",
-                available ? detail::cat(std::round(static_cast<double>(*available) / plan::MemoryPlan::gib * 10) / 10, " GiB available")
-                          : std::string("available memory unknown"),
+                " (", gib_text(needed), " per host with a second copy of the state; ",
+                available ? gib_text(static_cast<double>(*available)) + " available" : std::string("available memory unknown"),
                 "; --offload-step chooses)");
     return fits ? engine::HostStep::speculative : engine::HostStep::overlapped;
   }
