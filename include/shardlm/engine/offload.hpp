@@ -49,6 +49,7 @@
 #include "shardlm/engine/schedule.hpp"
 #include "shardlm/engine/streams.hpp"
 #include "shardlm/optim/adamw.hpp"
+#include "shardlm/optim/adamw_kernel.hpp"
 #include "shardlm/optim/clip.hpp"
 #include "shardlm/optim/host_adamw.hpp"
 
@@ -144,6 +145,7 @@ class DeviceShards final : public ShardStorage {
       };
       for (auto [a, b] : unit.decay_runs()) add(decayed_, a, b);
       for (auto [a, b] : unit.plain_runs()) add(plain_, a, b);
+      if (!unit.empty() && !kernel_decided_) kernel_ = optim::adamw_kernel_serves(unit.master(), unit.grad()), kernel_decided_ = true;
     }
   }
 
@@ -183,6 +185,18 @@ class DeviceShards final : public ShardStorage {
 
   void step(std::vector<FlatUnit>&, const StepScalars& s) override {
     at::NoGradGuard no_grad;
+    ++steps_;
+    if (kernel_) {  // one launch per contiguous run (optim/adamw_kernel.hpp): the fused kernel's update, bit for bit
+      optim::AdamWStep a;
+      a.step = steps_, a.lr = s.lr, a.beta1 = hyper_.beta1(), a.beta2 = hyper_.beta2(), a.eps = hyper_.eps();
+      a.grad_coef = s.clip_coef;
+      for (auto [runs, weight_decay] : {std::pair<Runs*, double>{&decayed_, hyper_.weight_decay()}, {&plain_, 0.0}}) {
+        a.weight_decay = weight_decay;
+        for (size_t i = 0; i < runs->params.size(); ++i)
+          optim::adamw_run(runs->params[i], runs->grads[i], runs->exp_avg[i], runs->exp_avg_sq[i], a);
+      }
+      return;
+    }
     std::optional<at::Tensor> scale;
     if (s.clip_coef != 1.0)  // the fused kernel divides gradients by the scale
       scale = at::full({}, 1.0 / s.clip_coef, at::TensorOptions().device(device_).dtype(at::kFloat));
@@ -193,15 +207,18 @@ class DeviceShards final : public ShardStorage {
   }
 
   void set_step_count(int64_t steps) override {
+    steps_ = steps;
     for (auto* r : {&decayed_, &plain_})
       for (auto& t : r->steps) t.fill_(static_cast<double>(steps));
   }
 
  private:
   struct Runs {
-    std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
+    std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;  ///< steps: the fused kernel's, on the device
   };
   Runs decayed_, plain_;
+  bool kernel_ = false, kernel_decided_ = false;  ///< the project's AdamW kernel steps (CUDA, fp32 masters)
+  int64_t steps_ = 0;                             ///< the kernel's step count
   optim::AdamWOptions hyper_;
 };
 
