@@ -47,7 +47,8 @@
 #           tiny Mixtral checkpoints (with transformers' own bf16 error beside ours), then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
 #           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
 #   moe_bench  that step benchmark (grouped) and the peer alone
-#           MOE_LAYERS: the layers of these Mixtral runs (default 4; 1 fits one 80 GB GPU); SKIP_PEER=1: ours only
+#           MOE_LAYERS: the layers of these Mixtral runs (default 4; 1 fits one 80 GB GPU); SKIP_PEER=1: ours only;
+#           with several GPUs also ours with --reduce-dtype bf16 (the gradient collectives in bf16)
 #   profile the step benchmark with SHARDLM_PROFILE (two profiled steps after the measured ones) on PROFILE_ARGS
 #           (default: the moe phase's Mixtral-8x7B run): a Chrome trace in $OUT/profile and rank 0's summary of the
 #           GPU time (kernels by time, NCCL, how busy the compute kernels kept the GPU)
@@ -421,6 +422,8 @@ MOE_LAYERS=${MOE_LAYERS:-4}
 MOE_COMMON="--preset mixtral-8x7b --layers $MOE_LAYERS --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
 moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped expert GEMM where it applies)
   ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" $MOE_COMMON
+  # one GPU reduces nothing: the bf16 reduction is measured where there is a collective
+  if [ "$NGPU" -gt 1 ]; then ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu_reduce_bf16" "$NGPU" $MOE_COMMON --reduce-dtype bf16; fi
   [ "${SKIP_PEER:-0}" = 1 ] && return 0  # SKIP_PEER=1: ours only
   peer "moe_peer_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers "$MOE_LAYERS" --seq 4096 --batch 1
 }

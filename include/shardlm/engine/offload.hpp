@@ -81,10 +81,10 @@ class ShardStorage {
   virtual void begin_step(std::vector<FlatUnit>& units, const optim::AdamWOptions& hyper, const StepScalars& s) {
     (void)units, (void)hyper, (void)s;
   }
-  /// Puts unit u's reduction of `flat` (its [padded] gradients in grad_dtype) into its gradient shard; on the
-  /// communication stream. Not called for GradientPath::cast_into_shard.
+  /// Puts unit u's reduction of `flat` (its [padded] gradients in the flat dtype: Schedule::flat_dtype) into its
+  /// gradient shard as `path` says; on the communication stream. Not called for GradientPath::cast_into_shard.
   virtual void reduce(size_t u, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams& streams,
-                      MicroBatch mb) = 0;
+                      MicroBatch mb, GradientPath path) = 0;
   /// After a micro-batch's backward: what remains of its reduction, then compute waits for the communication.
   virtual void after_backward(std::vector<FlatUnit>& units, dist::ProcessGroups& groups, Streams& streams, MicroBatch mb) = 0;
   /// The squared L2 norm of this rank's gradient shards, an fp32 [1] tensor (on the device or the host).
@@ -151,10 +151,11 @@ class DeviceShards final : public ShardStorage {
 
   void begin_step(std::vector<FlatUnit>&, const optim::AdamWOptions& hyper, const StepScalars&) override { hyper_ = hyper; }
 
-  void reduce(size_t, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams&, MicroBatch mb) override {
+  void reduce(size_t, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams&, MicroBatch mb,
+              GradientPath path) override {
     if (unit.empty()) return;
     auto& shard_group = groups.shard();
-    if (mb.first && shard_group.size() > 1) {  // GradientPath::reduce_scatter_into_shard
+    if (path == GradientPath::reduce_scatter_into_shard) {
       shard_group.reduce_scatter(unit.grad(), flat, dist::Reduce::Sum, unit.name().c_str());
       return;
     }
@@ -163,15 +164,26 @@ class DeviceShards final : public ShardStorage {
       part = at::empty({unit.shard_numel()}, flat.options());
       shard_group.reduce_scatter(part, flat, dist::Reduce::Sum, unit.name().c_str());
     }
-    mb.first ? unit.grad().copy_(part) : unit.grad().add_(part);
+    mb.first ? unit.grad().copy_(part) : unit.grad().add_(part);  // a reduce dtype other than the shard's: cast
   }
 
   void after_backward(std::vector<FlatUnit>& units, dist::ProcessGroups& groups, Streams& streams, MicroBatch mb) override {
-    // Replicas (NoShard, HybridShard) all-reduce the gradient shards once, after the step's last micro-batch.
+    // Replicas (NoShard, HybridShard) all-reduce the gradient shards once, after the step's last micro-batch: in the
+    // reduce dtype, through one unit's copy at a time where the shards' dtype differs (less than a unit's flat
+    // buffer, which the planner counts at the unit's reduction).
     if (mb.last && groups.replicate().size() > 1) {
       streams.on_comm([&] {
-        for (auto& unit : units)
-          if (!unit.empty()) groups.replicate().all_reduce(unit.grad(), dist::Reduce::Sum, unit.name().c_str());
+        for (auto& unit : units) {
+          if (unit.empty()) continue;
+          auto& grad = unit.grad();
+          if (grad.scalar_type() == precision_.reduce) {
+            groups.replicate().all_reduce(grad, dist::Reduce::Sum, unit.name().c_str());
+          } else {
+            auto sum = grad.to(precision_.reduce);
+            groups.replicate().all_reduce(sum, dist::Reduce::Sum, unit.name().c_str());
+            grad.copy_(sum);
+          }
+        }
       });
     }
     streams.join();
@@ -274,7 +286,7 @@ class HostShards final : public ShardStorage {
   }
 
   void reduce(size_t u, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams& streams,
-              MicroBatch mb) override {
+              MicroBatch mb, GradientPath) override {
     if (unit.empty()) return;
     auto& shard_group = groups.shard();
     at::Tensor part = flat;
