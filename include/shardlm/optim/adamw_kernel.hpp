@@ -123,6 +123,7 @@ inline void adamw_run(const at::Tensor& master, const at::Tensor& grad, const at
   if (n == 0) return;
   const bool bf16 = grad.scalar_type() == at::kBFloat16;
   const int device = master.get_device();
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   void* kernel = nvrtc::function(device, detail::adamw_program, bf16 ? "shardlm_adamw_bf16grad" : "shardlm_adamw_f32");
   // ATen's kernel takes the hyperparameters, the gradient scale and the step count as fp32 (its opmath for fp32).
   const auto f = [](double x) { return static_cast<float>(x); };
