@@ -225,13 +225,14 @@ TEST_CASE("checkpointing policies: recomputed blocks give the gradients of kept 
     MESSAGE("max gradient rel err vs no checkpointing: ", worst);
     CHECK(worst <= 1e-6);
   }
-  // Selective: the same math, its backward summing in another order (model/selective.hpp): fp32 rounding.
+  // Selective (fp32): the same ATen ops in backward (model/selective.hpp), a norm's input gradients added in another
+  // order: fp32 rounding.
   const auto selective = grads_of(checkpointing::Selective{});
   REQUIRE(selective.size() == none.size());
   double worst = 0;
   for (size_t u = 0; u < none.size(); ++u) worst = std::max(worst, test::rel_err(selective[u], none[u]));
   MESSAGE("selective: max gradient rel err vs no checkpointing: ", worst);
-  CHECK(worst <= 1e-5);
+  CHECK(worst <= 1e-6);
   CHECK(checkpointing::Selective::rules.name() == "selective");
   CHECK(checkpointing::EveryNth<2>::rules.name() == "every-2");
   CHECK(checkpointing::EveryNth<12>::rules.name() == "every-12");

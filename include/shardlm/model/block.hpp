@@ -35,9 +35,9 @@ class TransformerBlockImpl : public torch::nn::Module {
     return h + ffn->forward(post_attention_layernorm->forward(h));
   }
 
-  /// The same math keeping for backward only the matmul and attention outputs and each norm's input and rstd
+  /// The same math keeping for backward only the matmul and attention outputs and each norm's input
   /// (checkpointing::Selective; model/selective.hpp). A feed-forward without forward_selective (the MoE, whose own
-  /// nodes keep what its experts need) reads a norm that keeps only its input and rstd.
+  /// nodes keep what its experts need) reads a norm that keeps only its input.
   at::Tensor forward_selective(const at::Tensor& x, const ops::Rope& rope) {
     const auto h = x + attn->forward_selective(x, *input_layernorm, rope);
     if constexpr (requires { ffn->forward_selective(h, *post_attention_layernorm); })

@@ -71,7 +71,7 @@ class RMSNormImpl : public torch::nn::Module {
   RMSNormImpl(const ModelConfig& c, const at::TensorOptions& opts)
       : weight(register_parameter("weight", at::empty({c.hidden_size}, opts))), eps_(c.rms_norm_eps) {}
   at::Tensor forward(const at::Tensor& x) { return ops::rms_norm(x, weight, eps_); }
-  /// The same output, keeping only x and the per-row rstd for backward (checkpointing::Selective).
+  /// The same output, keeping only x for backward (checkpointing::Selective; the norm recomputed in backward).
   at::Tensor forward_saving_input(const at::Tensor& x) { return ops::rms_norm_saving_input(x, weight, eps_); }
   double eps() const { return eps_; }
   at::Tensor weight;
@@ -129,7 +129,7 @@ class SwiGLUImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x) {
     return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
   }
-  /// forward(norm(x)) keeping only x, the norm's rstd, gate and up (checkpointing::Selective, model/selective.hpp).
+  /// forward(norm(x)) keeping only x, gate and up (checkpointing::Selective, model/selective.hpp).
   template <class Norm>
   at::Tensor forward_selective(const at::Tensor& x, Norm& norm) {
     auto gu = ops::rms_norm_linear(x, norm.weight, norm.eps(), {gate_proj->weight, up_proj->weight});  // [B, T, I] x 2

@@ -7,16 +7,22 @@
 // SDPA returns it and re-laid out for the output projection; a kernel that follows the query's [B, T, H, D] layout,
 // as LibTorch 2.11's CPU flash kernel does, makes the re-layout a view). These nodes keep instead:
 //
-//   rms_norm_linear   x and the per-row rstd (fp32 [..., 1]); norm(x) is recomputed for the weight gradients
+//   rms_norm_linear   x; norm(x) is recomputed in backward (one reduction per row) for the weight gradients and x's
 //   swiglu_down       gate and up; silu(gate) * up is recomputed for the down projection's weight gradient
 //   heads_linear      the attention output as SDPA returns it (which SDPA keeps anyway); re-laid out in backward
 //   rope              nothing but the cos/sin tables (the model's cache)
-//   rms_norm          x and rstd, for a norm whose reader keeps its output itself (a MoE block's router and experts)
+//   rms_norm          x, for a norm whose reader keeps its output itself (a MoE block's router and experts)
 //
-// Each node's forward is the plain ops' forward (the same ATen ops, the same roundings); backward is written out, in
-// the same dtypes as autograd's (bf16 products where the plain path has them, the norm's backward in fp32).
-// ATen ops only: CPU and CUDA alike. Shapes: B = batch, T = time, C = hidden, N = B x T, O = a projection's outputs.
+// The norm keeps no rstd: recomputing it with the norm lets x's gradient be autograd's own over ops::rms_norm (the
+// composite on the CPU, the fused kernel on CUDA), so that nothing differs from the plain path but what is kept.
+// Each node's forward is the plain ops' forward (the same ATen ops, the same roundings); its backward makes the
+// products autograd makes over them, in the same dtypes, and sums the projections' input gradients in the engine's
+// order. A Llama or Mixtral block's gradients then equal the plain path's bit for bit where the norm's input is not
+// fp32 (bf16 compute); with fp32 input on the CPU the plain path adds the residual's gradient and the norm's two (the
+// composite uses x twice) in one buffer, the node adds the norm's two first: fp32 rounding
+// (tests/model/test_model.cpp). ATen ops only: CPU and CUDA alike. Shapes: B = batch, T = time, C = hidden, N = B x T, O = a projection's outputs.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <vector>
@@ -29,76 +35,78 @@ namespace detail {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-/// x [..., C] in its dtype -> (the plain path's normalized x in x's dtype, before the weight; rstd fp32 [..., 1]).
-/// The kernel at::rms_norm runs on fp32 input (CPU and CUDA), which also returns rstd; its output is x rstd.
-inline std::pair<at::Tensor, at::Tensor> rms_normalize(const at::Tensor& x, double eps) {
-  auto [n, rstd] = at::_fused_rms_norm(x.to(at::kFloat), {x.size(-1)}, std::nullopt, eps);
-  return {n.to(x.scalar_type()), rstd};
-}
-/// The normalized x again from the saved rstd (the forward's values: the same product).
-inline at::Tensor rms_renormalize(const at::Tensor& x, const at::Tensor& rstd) {
-  return (x.to(at::kFloat) * rstd).to(x.scalar_type());
-}
-/// RMSNorm's input gradient from the normalized input's, in fp32: rstd (dn - n mean(dn n)), n = x rstd.
-inline at::Tensor rms_norm_input_grad(const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& dn) {
-  const auto n = x.to(at::kFloat) * rstd;
-  const auto dnf = dn.to(at::kFloat);
-  return (rstd * (dnf - n * (dnf * n).mean(-1, /*keepdim=*/true))).to(x.scalar_type());
-}
-/// y [..., O] = x [..., I] W^T: the weight's gradient dy^T x over all leading dimensions, [O, I].
+/// The normalized x [..., C] again in backward, with a graph from `xd` (x detached, requiring its gradient when
+/// `input_grad`): the forward's values, and x's gradient as autograd over the plain ops computes it (whichever
+/// kernel at::rms_norm runs on this device), for one reduction per row recomputed.
+struct Renormalized {
+  at::Tensor xd, n;
+  Renormalized(const at::Tensor& x, double eps, bool input_grad) {
+    at::AutoGradMode grad_mode(input_grad);
+    xd = x.detach().requires_grad_(input_grad);
+    n = rms_normalize(xd, eps);
+  }
+  /// x's gradient from n's.
+  at::Tensor input_grad(const at::Tensor& dn) const { return torch::autograd::grad({n}, {xd}, {dn})[0]; }
+};
+/// y [..., O] = x [..., I] W^T: the weight's gradient dy^T x over all leading dimensions, [O, I] (the product
+/// autograd's linear backward computes).
 inline at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   return dy.reshape({-1, dy.size(-1)}).t().mm(x.reshape({-1, x.size(-1)}));
 }
 }  // namespace detail
 
-/// RMSNorm (ops::rms_norm) followed by the projections that read its output: [x W_i^T for each W_i]. Keeps x and the
-/// per-row rstd; the normalized input of the weight gradients is recomputed in backward.
+/// RMSNorm (ops::rms_norm) followed by the projections that read its output: [x W_i^T for each W_i]. Keeps x only;
+/// the normalized input of the weight gradients (and of x's) is recomputed in backward.
 struct RmsNormLinear : torch::autograd::Function<RmsNormLinear> {
   static detail::variable_list forward(detail::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& norm_weight,
                                        at::TensorList weights, double eps) {  // TensorList: one input each
-    auto [n, rstd] = detail::rms_normalize(x, eps);  // [B, T, C], [B, T, 1]
-    const auto h = norm_weight * n;                  // [B, T, C]
+    const auto h = rms_norm(x, norm_weight, eps);  // [B, T, C]
     detail::variable_list ys;
     for (const auto& w : weights) ys.push_back(at::linear(h, w));  // [B, T, O_i]
-    detail::variable_list saved{x, rstd, norm_weight};
+    detail::variable_list saved{x, norm_weight};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
+    ctx->saved_data["eps"] = eps;
     return ys;
   }
   static detail::variable_list backward(detail::AutogradContext* ctx, detail::variable_list dys) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &rstd = saved[1], &norm_weight = saved[2];
-    const size_t k = saved.size() - 3;
-    const auto n = detail::rms_renormalize(x, rstd);  // [B, T, C]
-    const auto h = norm_weight * n;                  // [B, T, C]: the projections' input, recomputed
-    detail::variable_list grads(2 + k + 1);          // x, norm weight, each W, (eps)
-    at::Tensor dh;                                   // [B, T, C]
+    const auto &x = saved[0], &norm_weight = saved[1];
+    const size_t k = saved.size() - 2;
+    const detail::Renormalized norm(x, ctx->saved_data["eps"].toDouble(), ctx->needs_input_grad(0));
+    const auto n = norm.n.detach();
+    const auto h = norm_weight * n;        // [B, T, C]: the projections' input, recomputed
+    detail::variable_list grads(2 + k + 1);  // x, norm weight, each W, (eps)
+    at::Tensor dh;                           // [B, T, C]
+    // Summed in the projections' order: over the plain attention autograd's engine adds q's and k's first (their
+    // RoPE nodes are the newest, so run first), then v's; with two projections (gate, up) the order does not matter.
     for (size_t i = 0; i < k; ++i) {
-      const auto& w = saved[3 + i];
+      const auto& w = saved[2 + i];
       const auto part = at::matmul(dys[i], w);
       dh = dh.defined() ? dh + part : part;
       if (ctx->needs_input_grad(2 + i)) grads[2 + i] = detail::weight_grad(dys[i], h);  // [O_i, C]
     }
     if (ctx->needs_input_grad(1)) grads[1] = at::sum_to(dh * n, norm_weight.sizes());     // [C]
-    if (ctx->needs_input_grad(0)) grads[0] = detail::rms_norm_input_grad(x, rstd, dh * norm_weight);
+    if (ctx->needs_input_grad(0)) grads[0] = norm.input_grad(dh * norm_weight);
     return grads;
   }
 };
 
-/// RMSNorm alone (ops::rms_norm) for a reader that keeps its output itself: keeps x and rstd, not the fp32 input
-/// and the normalized output that the plain ops keep beside it.
+/// RMSNorm alone (ops::rms_norm) for a reader that keeps its output itself: keeps x, not the fp32 input, rstd and
+/// the normalized output that the plain ops keep beside it.
 struct RmsNormNode : torch::autograd::Function<RmsNormNode> {
   static at::Tensor forward(detail::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
-    auto [n, rstd] = detail::rms_normalize(x, eps);
-    ctx->save_for_backward({x, rstd, weight});
-    return weight * n;
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["eps"] = eps;
+    return rms_norm(x, weight, eps);
   }
   static detail::variable_list backward(detail::AutogradContext* ctx, detail::variable_list dys) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &rstd = saved[1], &weight = saved[2];
+    const auto &x = saved[0], &weight = saved[1];
+    const detail::Renormalized norm(x, ctx->saved_data["eps"].toDouble(), ctx->needs_input_grad(0));
     detail::variable_list grads(3);
-    if (ctx->needs_input_grad(1)) grads[1] = at::sum_to(dys[0] * detail::rms_renormalize(x, rstd), weight.sizes());
-    if (ctx->needs_input_grad(0)) grads[0] = detail::rms_norm_input_grad(x, rstd, dys[0] * weight);
+    if (ctx->needs_input_grad(1)) grads[1] = at::sum_to(dys[0] * norm.n.detach(), weight.sizes());
+    if (ctx->needs_input_grad(0)) grads[0] = norm.input_grad(dys[0] * weight);
     return grads;
   }
 };

@@ -65,7 +65,7 @@ namespace checkpointing {
 /// What a block whose graph is kept (not recomputed whole) saves for backward.
 enum class Saved {
   everything,      ///< what autograd saves over the plain ops: every elementwise op's inputs and outputs too
-  matmul_outputs,  ///< the matmul and attention outputs, each RMSNorm's input and per-row rstd: the normalized
+  matmul_outputs,  ///< the matmul and attention outputs and each RMSNorm's input: the normalized
                    ///< inputs of the projections and SwiGLU's silu(gate) * up are recomputed in backward
 };
 /// Which blocks are recomputed in backward (their activations are not kept from the forward), and what the others

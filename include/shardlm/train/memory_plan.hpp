@@ -103,8 +103,8 @@ namespace detail {
 /// input and output (4 H + c H); the MLP saves its input (c H), gate, up, silu(gate) and their product (4 c I).
 /// A MoE block instead saves its input, per pick (k per token) the sorted input and the expert output (2 c H) and
 /// the expert's intermediates (4 c I), and the router's logits and fp32 probabilities (c E + 8 E).
-/// Selective (model/selective.hpp): the input x and RMSNorm 1's fp32 rstd (4); attention as above, the output
-/// projection reading SDPA's own output (0); RMSNorm 2's input h (c H) and rstd (4); gate and up (2 c I), or the MoE
+/// Selective (model/selective.hpp): the input x (RMSNorm 1's input); attention as above, the output projection
+/// reading SDPA's own output (0); RMSNorm 2's input h (c H); gate and up (2 c I), or the MoE
 /// block's own as above.
 inline double block_activation_bytes_per_token(const model::ModelConfig& m, double c, const checkpointing::Rules& ck) {
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
@@ -112,7 +112,7 @@ inline double block_activation_bytes_per_token(const model::ModelConfig& m, doub
   const double k = static_cast<double>(m.num_experts_per_tok), E = static_cast<double>(m.num_experts);
   const double moe = c * H + k * (2 * c * H + 4 * c * I) + (c + 8) * E;
   const double attention = c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads);
-  if (ck.selective()) return c * H + 4 + attention + c * H + 4 + (m.is_moe() ? moe : 2 * c * I);
+  if (ck.selective()) return c * H + attention + c * H + (m.is_moe() ? moe : 2 * c * I);
   const double norm1 = (c == 4 ? 0 : 4 * H) + c * H, norm2 = 4 * H + c * H;
   const double mlp = m.is_moe() ? moe : c * H + 4 * c * I;
   return c * H + norm1 + c * H + attention + c * Hq + norm2 + mlp;
