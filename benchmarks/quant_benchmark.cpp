@@ -41,8 +41,7 @@ bool check(int64_t rows, int64_t cols, int64_t offset) {
   P::dequantize_rows(q.cpu(), cols, cpu);
   // The ATen-op path on the GPU (the fallback when NVRTC is not available).
   auto aten = at::empty({rows, cols}, cuda.dtype(at::kBFloat16));
-  if constexpr (std::is_same_v<P, quant::Int4>) quant::int4::dequantize_rows(q, cols, aten);
-  else quant::fp8::dequantize_rows(q, cols, aten);
+  P::dequantize_rows_aten(q, cols, aten);
   // Idempotence of quantization on the GPU.
   auto q2 = at::empty_like(q);
   P::quantize_rows(gpu, q2);
@@ -65,10 +64,7 @@ void throughput(int64_t rows, int64_t cols) {
   const double quant_s = seconds_of([&] { P::quantize_rows(w, q); }, 1);
   auto out = at::empty({rows, cols}, cuda.dtype(at::kBFloat16));
   const double kernel_s = seconds_of([&] { P::dequantize_rows(q, cols, out); }, 20);
-  const double aten_s = seconds_of([&] {
-    if constexpr (std::is_same_v<P, quant::Int4>) quant::int4::dequantize_rows(q, cols, out);
-    else quant::fp8::dequantize_rows(q, cols, out);
-  }, 3);
+  const double aten_s = seconds_of([&] { P::dequantize_rows_aten(q, cols, out); }, 3);
   const double bytes = static_cast<double>(q.numel() + out.numel() * 2);  // read + written
   std::cout << nlohmann::json{{"bench", std::string(P::name) + " dequantize"}, {"rows", rows}, {"cols", cols},
                               {"quantized_bytes", q.numel()}, {"kernel_ms", kernel_s * 1e3},

@@ -72,7 +72,7 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
   nlohmann::json out = {{"impl", "shardlm"}, {"preset", o.model().preset()}, {"layers", config.num_layers}, {"seq", o.seq_len()},
           {"batch", o.micro_batch()}, {"world", trainer.groups().size()}, {"sharding", std::string(r.sharding.name)},
           {"checkpointing", r.checkpointing.name()}, {"precision", std::string(r.precision.name)},
-          {"offload", std::string(r.offload.name)}, {"device", o.dist().device()},
+          {"reduce_dtype", reduce_dtype_name(r.precision.reduce)}, {"offload", std::string(r.offload.name)}, {"device", o.dist().device()},
           {"params", config.num_params()}, {"vocab", config.vocab_size}, {"step_s", step_s},
           {"fwd_bwd_opt_s", {median(&M::forward_s), median(&M::backward_s), median(&M::optimizer_s)}},
           {"tokens_per_s_per_gpu", tps}, {"mfu", tps * config.flops_per_token(o.seq_len()) / peak},

@@ -33,6 +33,8 @@
 #   q405    405B dims on N GPUs: QDoRA (int4, rank 64, all 126 layers) and LoRA on fp8 (Q405_FP8_LAYERS layers,
 #           100), seq Q405_SEQ (4096), FullShard + every-block + mixed-bf16; setup_s is the initialize + quantize time;
 #           q405_int4 and q405_fp8 run one of the two; Q405_STEPS (3) measured steps after as many warm-up steps
+#   smoke   the merged tree's training state on one GPU over NCCL: llama3-debug (byte text) with CPU offload and each host
+#           step, checkpoints saved synchronously and asynchronously, resumed, one shard flipped and refused
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
 #   load    HF checkpoint loading: full Llama3-8B dims (32 layers, bf16, ~16 GB in 4 GB files) written by transformers,
 #           read with a cold page cache (posix_fadvise DONTNEED before each read) by `cat > /dev/null`, then loaded by
@@ -45,7 +47,8 @@
 #           tiny Mixtral checkpoints (with transformers' own bf16 error beside ours), then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
 #           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
 #   moe_bench  that step benchmark (grouped) and the peer alone
-#           MOE_LAYERS: the layers of these Mixtral runs (default 4; 1 fits one 80 GB GPU); SKIP_PEER=1: ours only
+#           MOE_LAYERS: the layers of these Mixtral runs (default 4; 1 fits one 80 GB GPU); SKIP_PEER=1: ours only;
+#           with several GPUs also ours with --reduce-dtype bf16 (the gradient collectives in bf16)
 #   profile the step benchmark with SHARDLM_PROFILE (two profiled steps after the measured ones) on PROFILE_ARGS
 #           (default: the moe phase's Mixtral-8x7B run): a Chrome trace in $OUT/profile and rank 0's summary of the
 #           GPU time (kernels by time, NCCL, how busy the compute kernels kept the GPU)
@@ -291,6 +294,26 @@ ckpt() {
   rm -rf "$dir"
 }
 
+smoke() {  # small runs on one GPU that touch the checkpoint's checksums over NCCL, the host steps and a resume
+  local dir=/tmp/shardlm-smoke
+  local common="--preset llama3-debug --seq-len 128 --micro-batch 2 --device cuda --data examples/data/corpus.txt --log-every 1"
+  for step in sync overlapped speculative; do
+    rm -rf "$dir"
+    "$BUILD/bin/shardlm_train" $common --precision mixed-bf16 --offload cpu --offload-step $step --grad-clip 0 --steps 4 \
+      --save-every 2 --checkpoint-dir "$dir" --async-save 2>&1 | grep -E "trained|error|Error" | sed "s/^/$step: /"
+    "$BUILD/bin/shardlm_train" $common --precision mixed-bf16 --offload cpu --offload-step $step --grad-clip 0 --steps 6 \
+      --checkpoint-dir "$dir" 2>&1 | grep -E "resumed|trained|error" | sed "s/^/$step resume: /"
+  done
+  python3 - "$dir/step-00000006" <<'PY'
+import sys, glob
+f = sorted(glob.glob(sys.argv[1] + "/shard-*.safetensors"))[0]
+b = bytearray(open(f, "rb").read()); b[-100] ^= 1; open(f, "wb").write(b)
+PY
+  "$BUILD/bin/shardlm_train" $common --precision mixed-bf16 --offload cpu --steps 7 --checkpoint-dir "$dir" 2>&1 | tail -2 | sed "s/^/flipped: /"
+  echo "flipped exit: ${PIPESTATUS[0]}"
+  rm -rf "$dir"
+}
+
 h100() {
   ours "h100_32L_1gpu_offload_ac" 1 --preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 \
     --sharding full --layers 32 --steps 2 --offload cpu --checkpointing every-block
@@ -399,6 +422,8 @@ MOE_LAYERS=${MOE_LAYERS:-4}
 MOE_COMMON="--preset mixtral-8x7b --layers $MOE_LAYERS --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
 moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped expert GEMM where it applies)
   ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" $MOE_COMMON
+  # one GPU reduces nothing: the bf16 reduction is measured where there is a collective
+  if [ "$NGPU" -gt 1 ]; then ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu_reduce_bf16" "$NGPU" $MOE_COMMON --reduce-dtype bf16; fi
   [ "${SKIP_PEER:-0}" = 1 ] && return 0  # SKIP_PEER=1: ours only
   peer "moe_peer_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers "$MOE_LAYERS" --seq 4096 --batch 1
 }

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
     shardlm::plan::PlanInput in;
     in.model = shardlm::train::resolve_config(m);
     in.recipe = o.recipe();
+    in.recipe.precision = shardlm::with_reduce_dtype(in.recipe.precision, shardlm::reduce_dtype_named(o.dist().reduce_dtype()));
     in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.dist().shard_group_size();
     in.micro_batch = o.micro_batch(), in.seq_len = o.seq_len(), in.grad_accum = o.grad_accum(), in.loss_chunk = m.loss_chunk();
     in.lora_rank = a.rank(), in.lora_targets = shardlm::model::split_targets(a.targets());
@@ -34,7 +35,9 @@ int main(int argc, char** argv) {
     const auto& r = in.recipe;
     std::cout << (m.model_dir().empty() ? m.preset() : m.model_dir()) << ", " << in.model.num_layers << " layers, "
               << static_cast<double>(plan.params) / 1e9 << "B parameters; sharding " << r.sharding.name << " (groups of "
-              << plan.shard_group << "), precision " << r.precision.name << ", checkpointing " << r.checkpointing.name()
+              << plan.shard_group << "), precision " << r.precision.name
+              << (r.precision.reduce_overridden() ? std::string(" (reduce ") + shardlm::reduce_dtype_name(r.precision.reduce) + ")" : "")
+              << ", checkpointing " << r.checkpointing.name()
               << ", offload " << r.offload.name
               << (!r.adapter.active() ? std::string()
                                       : ", adapter " + std::string(r.adapter.name) + " rank " + std::to_string(a.rank()) +

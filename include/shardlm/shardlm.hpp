@@ -47,6 +47,7 @@
 #include "shardlm/quant/kernels.hpp"
 #include "shardlm/quant/policies.hpp"
 #include "shardlm/optim/adamw.hpp"
+#include "shardlm/optim/adamw_kernel.hpp"
 #include "shardlm/optim/host_adamw.hpp"
 #include "shardlm/optim/options.hpp"
 #include "shardlm/optim/clip.hpp"

@@ -182,6 +182,69 @@ TEST_CASE("Gloo collectives among three ranks: gather, reduce-scatter, all-reduc
   }
 }
 
+TEST_CASE("two ranks reducing in another dtype than the shards': the planner replays the engine; shards in the master dtype") {
+  // FullShard over two threads (Gloo), two micro-batches: the first goes through a slice (a reduce dtype the shards
+  // cannot take straight), the second is added to it; offloaded, the host shards. The engine's events against the
+  // planner's replay, and the gradient shards' dtype.
+  auto config = model::preset("llama3-debug", 2);
+  const auto ids = at::randint(config.vocab_size, {2, 8}, at::kLong);  // [B, T]
+  struct Case {
+    const char *precision, *reduce, *offload;
+    int64_t accum;
+    at::ScalarType shard;
+  };
+  for (const auto& k : {Case{"mixed-bf16", "bf16", "none", 2, at::kFloat}, Case{"mixed-bf16", "bf16", "cpu", 2, at::kFloat},
+                        Case{"mixed-bf16", "bf16", "cpu", 1, at::kBFloat16}, Case{"pure-bf16", "fp32", "none", 2, at::kBFloat16}}) {
+    auto rules = recipe_named("full", k.precision, "none", k.offload);
+    rules.precision = with_reduce_dtype(rules.precision, reduce_dtype_named(k.reduce));
+    CAPTURE(rules.describe());
+    CAPTURE(k.accum);
+    const int W = 2, port = free_port();
+    std::vector<engine::Trace> traces(W);
+    std::vector<std::string> errors(W);
+    std::vector<at::ScalarType> shard_dtypes(W, at::kDouble);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r) {
+      threads.emplace_back([&, r] {
+        try {
+          dist::LaunchEnv env;
+          env.rank = r, env.world_size = W, env.local_rank = r, env.local_world_size = W, env.master_port = port;
+          dist::ProcessGroups groups(env, W, at::Device(at::kCPU), std::chrono::seconds(60));
+          model::Llama3 m(config, at::TensorOptions().dtype(rules.precision.master));
+          engine::UnitModelOf units(*m);
+          engine::Engine e(units, groups, at::Device(at::kCPU), rules,
+                           engine::UnitInit([&](size_t u, engine::NamedTensors& params) {
+                             model::init_parameters(params, config.initializer_range, u + 1);
+                           }),
+                           engine::EngineOptions().micro_batches(k.accum).trace(&traces[r]).host_step(engine::HostStep::sync));
+          e.begin_step(1e-3);
+          for (int64_t a = 0; a < k.accum; ++a)
+            e.backward(model::ops::next_token_loss_sum(e.forward(ids), ids), a + 1 == k.accum);
+          shard_dtypes[r] = e.unit(1).grad().scalar_type();
+          if (!std::isfinite(e.clip_grad_norm(1.0))) errors[r] = "a non-finite gradient norm";
+          e.optimizer_step();
+        } catch (const std::exception& ex) {
+          errors[r] = ex.what();
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    plan::PlanInput in;
+    in.model = config, in.recipe = rules, in.world_size = W, in.gpus_per_node = W, in.grad_accum = k.accum;
+    in.micro_batch = 2, in.seq_len = 8;
+    std::string planner_side;
+    for (const auto& event : plan::plan_memory(in).trace) planner_side += event.str() + ", ";
+    for (int r = 0; r < W; ++r) {
+      CAPTURE(r);
+      CHECK(errors[r] == "");
+      std::string engine_side;
+      for (const auto& event : traces[r]) engine_side += event.str() + ", ";
+      CHECK(engine_side == planner_side);
+      CHECK(std::string(c10::toString(shard_dtypes[r])) == c10::toString(k.shard));
+    }
+  }
+}
+
 TEST_CASE("a Gloo collective that times out names itself, its label and the ranks that did not arrive") {
   // Ranks 0 and 1 enter all-gather #2 ("block 7"); rank 2 does not. Rank 0's error must name the collective and
   // rank 2: silent (it reports nothing) or behind (it reports being stuck at #1).

@@ -214,6 +214,63 @@ TEST_CASE("planner: offloaded on one GPU with one micro-batch, gradients stay in
   CHECK(item(p.host, "gradient staging (pinned)") == 202048.0 * 4);
 }
 
+TEST_CASE("planner: --reduce-dtype bf16 halves the flat buffers and slices; the gradient shards stay fp32") {
+  plan::PlanInput in;
+  in.model = small();
+  in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 2, in.gpus_per_node = 2;
+  in.recipe.precision = with_reduce_dtype(in.recipe.precision, reduce_dtype_named("bf16"));
+  in.micro_batch = 2, in.seq_len = 8;
+  const auto p = plan::plan_memory(in);
+  // The state as with fp32 reduction (the first case): master 4 + fp32 gradient 4 + moments 8.
+  CHECK(item(p.gpu, "sharded state") == 101024.0 * 16);
+  // The head's bf16 gradients, its flat buffer in bf16 (64064 x 2, not x 4) and, since the fp32 shard cannot take a
+  // bf16 reduce-scatter, a bf16 slice of its own (32032 x 2) that is cast into the shard.
+  CHECK(p.peak_at == "the head's gradient reduction");
+  CHECK(item(p.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 2 + 32032.0 * 2);
+  in.grad_accum = 2;
+  CHECK(item(plan::plan_memory(in).gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 2 + 32032.0 * 2);
+  // Offloaded over 2 hosts of 2: one micro-batch keeps the reduced gradients in bf16 on the host; accumulation sums
+  // them in fp32 (pinned gradients and staging of 4 bytes).
+  in.recipe.sharding = sharding_named("hybrid"), in.recipe.offload = offload_named("cpu"), in.world_size = 4;
+  in.grad_accum = 1;
+  auto off = plan::plan_memory(in);
+  CHECK(item(off.host, "master weights and gradients (pinned)") == 2 * 101024.0 * 6);
+  in.grad_accum = 2;
+  off = plan::plan_memory(in);
+  CHECK(item(off.host, "master weights and gradients (pinned)") == 2 * 101024.0 * 8);
+  CHECK(item(off.host, "gradient staging (pinned)") == 2 * 101024.0 * 4);
+  // On one rank nothing is reduced: the plan is fp32 reduction's (the second case).
+  plan::PlanInput one;
+  one.model = small(), one.loss_chunk = 0, one.micro_batch = 1, one.seq_len = 2, one.grad_accum = 2;
+  one.recipe.sharding = sharding_named("full"), one.recipe.precision = precision_named("mixed-bf16");
+  const auto fp32_one = plan::plan_memory(one);
+  one.recipe.precision = with_reduce_dtype(one.recipe.precision, ReduceDtype::bf16);
+  CHECK(item(plan::plan_memory(one).gpu, "gradients in flight") == item(fp32_one.gpu, "gradients in flight"));
+  CHECK(item(fp32_one.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4);
+}
+
+TEST_CASE("--reduce-dtype: pure-bf16 sums in fp32 into bf16 shards; bf16 under fp32 and unknown names are refused") {
+  plan::PlanInput in;
+  in.model = small();
+  in.loss_chunk = 0;
+  in.recipe.sharding = sharding_named("full"), in.world_size = 2, in.gpus_per_node = 2, in.micro_batch = 2, in.seq_len = 8;
+  in.recipe.precision = with_reduce_dtype(precision_named("pure-bf16"), ReduceDtype::fp32);
+  CHECK(in.recipe.precision.reduce_overridden());
+  CHECK(in.recipe.describe() == "full / none / none / pure-bf16 (reduce fp32)");
+  const auto p = plan::plan_memory(in);
+  // master 2 + bf16 gradient 2 + moments 4; the head's bf16 gradients, an fp32 flat buffer and slice.
+  CHECK(item(p.gpu, "sharded state") == 101024.0 * 8);
+  CHECK(item(p.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 4 + 32032.0 * 4);
+  // The policy's own dtype is the policy.
+  CHECK(!with_reduce_dtype(precision_named("mixed-bf16"), ReduceDtype::fp32).reduce_overridden());
+  CHECK(!with_reduce_dtype(precision_named("pure-bf16"), ReduceDtype::bf16).reduce_overridden());
+  CHECK(!with_reduce_dtype(precision_named("fp32"), ReduceDtype::fp32).reduce_overridden());
+  CHECK_THROWS_WITH_AS(with_reduce_dtype(precision_named("fp32"), ReduceDtype::bf16),
+                       doctest::Contains("--reduce-dtype bf16 with precision fp32"), ConfigError);
+  CHECK_THROWS_WITH_AS(reduce_dtype_named("fp16"), doctest::Contains("--reduce-dtype 'fp16': use policy"), ConfigError);
+}
+
 TEST_CASE("planner: NoShard keeps every unit gathered; errors name the flag") {
   plan::PlanInput in;
   in.model = small();

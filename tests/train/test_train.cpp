@@ -101,6 +101,44 @@ TEST_CASE("host AdamW (offload): the fused kernel's update, from fp32 or bf16 gr
   }
 }
 
+TEST_CASE("CUDA: the AdamW kernel gives LibTorch's fused AdamW bit for bit, from fp32 and bf16 gradients") {
+  if (!torch::cuda::is_available()) {
+    MESSAGE("no CUDA device: skipped (scripts/gpu.sh runs it)");
+    return;
+  }
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  // Runs at element offsets 0, 1 and 3 of their buffers (the scalar head before 16-byte loads), of lengths that are no
+  // multiple of 4; weight decay on and off; clipping (a gradient scale) on some steps.
+  for (const int64_t offset : {0, 1, 3}) {
+    for (const int64_t n : {int64_t{5}, int64_t{1000003}}) {
+      for (const auto grad_dtype : {at::kFloat, at::kBFloat16}) {
+        CAPTURE(offset);
+        CAPTURE(n);
+        CAPTURE(grad_dtype);
+        at::manual_seed(7);
+        const auto buffer = [&] { return at::empty({n + offset}, cuda).narrow(0, offset, n); };
+        auto p = buffer(), m = buffer(), v = buffer();
+        p.copy_(at::randn({n}, cuda)), m.zero_(), v.zero_();
+        auto rp = p.clone(), rm = m.clone(), rv = v.clone(), step = at::zeros({}, cuda);
+        REQUIRE(optim::adamw_kernel_serves(p, at::empty({1}, cuda.dtype(grad_dtype))));
+        for (int64_t i = 1; i <= 4; ++i) {
+          const auto g = (at::randn({n}, cuda) * (i == 3 ? 1e-6 : 1.0)).to(grad_dtype);  // step 3: tiny gradients
+          auto gbuf = at::empty({n + offset}, cuda.dtype(grad_dtype)).narrow(0, offset, n);
+          gbuf.copy_(g);
+          const double coef = i % 2 == 0 ? 0.37 : 1.0, wd = i == 4 ? 0.0 : 0.1;
+          optim::adamw_run(p, gbuf, m, v, optim::AdamWStep{1e-2, 0.9, 0.95, wd, 1e-8, i, coef});
+          std::optional<at::Tensor> scale;
+          if (coef != 1.0) scale = at::full({}, 1.0 / coef, cuda);
+          compat::fused_adamw({rp}, {g.to(at::kFloat)}, {rm}, {rv}, {step}, 1e-2, 0.9, 0.95, wd, 1e-8, scale);
+        }
+        CHECK(at::equal(p, rp));
+        CHECK(at::equal(m, rm));
+        CHECK(at::equal(v, rv));
+      }
+    }
+  }
+}
+
 TEST_CASE("cosine schedule: linear warmup, cosine to min_ratio") {
   optim::CosineSchedule s{1.0, 10, 110, 0.1};
   CHECK(s.at(0) == doctest::Approx(0.1));

@@ -30,6 +30,9 @@ namespace shardlm::nvrtc {
 struct Program {
   const char* name;
   const char* source;
+  /// Contract a * b + c into fused multiply-adds (nvcc's default, which ATen's kernels are built with): for a kernel
+  /// that must round as an ATen kernel does. Off by default: the project's kernels round as their CPU references.
+  bool fmad = false;
 };
 
 /// A header every program may include as "shardlm_bf16.cuh": bf16 as raw uint16, read exactly and written with
@@ -151,7 +154,7 @@ inline std::string compile(const Program& program, int arch) {
   if (int r = a.nvrtcCreateProgram(&prog, program.source, program.name, 1, headers, header_names); r != 0)
     throw std::runtime_error(std::string("nvrtcCreateProgram: ") + a.nvrtcGetErrorString(r));
   const std::string arch_flag = "--gpu-architecture=sm_" + std::to_string(arch);
-  const char* opts[] = {arch_flag.c_str(), "--std=c++17", "--fmad=false"};
+  const char* opts[] = {arch_flag.c_str(), "--std=c++17", program.fmad ? "--fmad=true" : "--fmad=false"};
   const int r = a.nvrtcCompileProgram(prog, 3, opts);
   std::string result;
   if (r != 0) {

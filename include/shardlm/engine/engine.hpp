@@ -89,6 +89,7 @@ class Engine {
          const UnitInit& init, EngineOptions options = {})
       : model_(model), groups_(groups), device_(device), streams_(device), options_(std::move(options)),
         schedule_(rules, blocks_of(model), reads_of(model), groups.shard().size()),
+        flat_dtype_(schedule_.flat_dtype(groups.replicate().size(), options_.micro_batches())),
         storage_(make_storage(rules.offload, device, rules.precision,
                               schedule_.grad_dtype(groups.replicate().size(), options_.micro_batches()),
                               options_.host_step() == HostStep::automatic ? HostStep::overlapped : options_.host_step())) {
@@ -402,10 +403,10 @@ class Engine {
     streams_.on_comm([&] {
       const auto path = schedule_.gradient_path(micro_batch_);
       const bool cast = path == GradientPath::cast_into_shard && !unit.empty();
-      const auto flat = unit.take_grads(storage_->grad_dtype(), [&](const at::Tensor& g) { streams_.used_by_comm(g); },
+      const auto flat = unit.take_grads(flat_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); },
                                         cast ? &unit.grad() : nullptr);
       if (cast) return;  // replicas, if any, all-reduce the shards after the last micro-batch
-      storage_->reduce(u, unit, flat, groups_, streams_, micro_batch_);
+      storage_->reduce(u, unit, flat, groups_, streams_, micro_batch_, path);
     });
   }
 
@@ -415,6 +416,7 @@ class Engine {
   Streams streams_;
   EngineOptions options_;
   Schedule schedule_;
+  at::ScalarType flat_dtype_;  // of the flat gradient buffers the collectives read (Schedule::flat_dtype)
   std::vector<FlatUnit> units_;
   std::vector<FrozenUnit> frozen_;
   std::unique_ptr<ShardStorage> storage_;  // after the units: destroyed (its stepping thread joined) before them

@@ -49,6 +49,7 @@
 #include "shardlm/engine/schedule.hpp"
 #include "shardlm/engine/streams.hpp"
 #include "shardlm/optim/adamw.hpp"
+#include "shardlm/optim/adamw_kernel.hpp"
 #include "shardlm/optim/clip.hpp"
 #include "shardlm/optim/host_adamw.hpp"
 
@@ -80,10 +81,10 @@ class ShardStorage {
   virtual void begin_step(std::vector<FlatUnit>& units, const optim::AdamWOptions& hyper, const StepScalars& s) {
     (void)units, (void)hyper, (void)s;
   }
-  /// Puts unit u's reduction of `flat` (its [padded] gradients in grad_dtype) into its gradient shard; on the
-  /// communication stream. Not called for GradientPath::cast_into_shard.
+  /// Puts unit u's reduction of `flat` (its [padded] gradients in the flat dtype: Schedule::flat_dtype) into its
+  /// gradient shard as `path` says; on the communication stream. Not called for GradientPath::cast_into_shard.
   virtual void reduce(size_t u, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams& streams,
-                      MicroBatch mb) = 0;
+                      MicroBatch mb, GradientPath path) = 0;
   /// After a micro-batch's backward: what remains of its reduction, then compute waits for the communication.
   virtual void after_backward(std::vector<FlatUnit>& units, dist::ProcessGroups& groups, Streams& streams, MicroBatch mb) = 0;
   /// The squared L2 norm of this rank's gradient shards, an fp32 [1] tensor (on the device or the host).
@@ -144,15 +145,17 @@ class DeviceShards final : public ShardStorage {
       };
       for (auto [a, b] : unit.decay_runs()) add(decayed_, a, b);
       for (auto [a, b] : unit.plain_runs()) add(plain_, a, b);
+      if (!unit.empty() && !kernel_decided_) kernel_ = optim::adamw_kernel_serves(unit.master(), unit.grad()), kernel_decided_ = true;
     }
   }
 
   void begin_step(std::vector<FlatUnit>&, const optim::AdamWOptions& hyper, const StepScalars&) override { hyper_ = hyper; }
 
-  void reduce(size_t, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams&, MicroBatch mb) override {
+  void reduce(size_t, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams&, MicroBatch mb,
+              GradientPath path) override {
     if (unit.empty()) return;
     auto& shard_group = groups.shard();
-    if (mb.first && shard_group.size() > 1) {  // GradientPath::reduce_scatter_into_shard
+    if (path == GradientPath::reduce_scatter_into_shard) {
       shard_group.reduce_scatter(unit.grad(), flat, dist::Reduce::Sum, unit.name().c_str());
       return;
     }
@@ -161,15 +164,26 @@ class DeviceShards final : public ShardStorage {
       part = at::empty({unit.shard_numel()}, flat.options());
       shard_group.reduce_scatter(part, flat, dist::Reduce::Sum, unit.name().c_str());
     }
-    mb.first ? unit.grad().copy_(part) : unit.grad().add_(part);
+    mb.first ? unit.grad().copy_(part) : unit.grad().add_(part);  // a reduce dtype other than the shard's: cast
   }
 
   void after_backward(std::vector<FlatUnit>& units, dist::ProcessGroups& groups, Streams& streams, MicroBatch mb) override {
-    // Replicas (NoShard, HybridShard) all-reduce the gradient shards once, after the step's last micro-batch.
+    // Replicas (NoShard, HybridShard) all-reduce the gradient shards once, after the step's last micro-batch: in the
+    // reduce dtype, through one unit's copy at a time where the shards' dtype differs (less than a unit's flat
+    // buffer, which the planner counts at the unit's reduction).
     if (mb.last && groups.replicate().size() > 1) {
       streams.on_comm([&] {
-        for (auto& unit : units)
-          if (!unit.empty()) groups.replicate().all_reduce(unit.grad(), dist::Reduce::Sum, unit.name().c_str());
+        for (auto& unit : units) {
+          if (unit.empty()) continue;
+          auto& grad = unit.grad();
+          if (grad.scalar_type() == precision_.reduce) {
+            groups.replicate().all_reduce(grad, dist::Reduce::Sum, unit.name().c_str());
+          } else {
+            auto sum = grad.to(precision_.reduce);
+            groups.replicate().all_reduce(sum, dist::Reduce::Sum, unit.name().c_str());
+            grad.copy_(sum);
+          }
+        }
       });
     }
     streams.join();
@@ -183,6 +197,18 @@ class DeviceShards final : public ShardStorage {
 
   void step(std::vector<FlatUnit>&, const StepScalars& s) override {
     at::NoGradGuard no_grad;
+    ++steps_;
+    if (kernel_) {  // one launch per contiguous run (optim/adamw_kernel.hpp): the fused kernel's update, bit for bit
+      optim::AdamWStep a;
+      a.step = steps_, a.lr = s.lr, a.beta1 = hyper_.beta1(), a.beta2 = hyper_.beta2(), a.eps = hyper_.eps();
+      a.grad_coef = s.clip_coef;
+      for (auto [runs, weight_decay] : {std::pair<Runs*, double>{&decayed_, hyper_.weight_decay()}, {&plain_, 0.0}}) {
+        a.weight_decay = weight_decay;
+        for (size_t i = 0; i < runs->params.size(); ++i)
+          optim::adamw_run(runs->params[i], runs->grads[i], runs->exp_avg[i], runs->exp_avg_sq[i], a);
+      }
+      return;
+    }
     std::optional<at::Tensor> scale;
     if (s.clip_coef != 1.0)  // the fused kernel divides gradients by the scale
       scale = at::full({}, 1.0 / s.clip_coef, at::TensorOptions().device(device_).dtype(at::kFloat));
@@ -193,15 +219,18 @@ class DeviceShards final : public ShardStorage {
   }
 
   void set_step_count(int64_t steps) override {
+    steps_ = steps;
     for (auto* r : {&decayed_, &plain_})
       for (auto& t : r->steps) t.fill_(static_cast<double>(steps));
   }
 
  private:
   struct Runs {
-    std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
+    std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;  ///< steps: the fused kernel's, on the device
   };
   Runs decayed_, plain_;
+  bool kernel_ = false, kernel_decided_ = false;  ///< the project's AdamW kernel steps (CUDA, fp32 masters)
+  int64_t steps_ = 0;                             ///< the kernel's step count
   optim::AdamWOptions hyper_;
 };
 
@@ -257,7 +286,7 @@ class HostShards final : public ShardStorage {
   }
 
   void reduce(size_t u, FlatUnit& unit, const at::Tensor& flat, dist::ProcessGroups& groups, Streams& streams,
-              MicroBatch mb) override {
+              MicroBatch mb, GradientPath) override {
     if (unit.empty()) return;
     auto& shard_group = groups.shard();
     at::Tensor part = flat;

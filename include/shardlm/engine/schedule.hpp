@@ -24,9 +24,11 @@ namespace shardlm::engine {
 enum class GradientPath {
   cast_into_shard,            ///< one rank in the shard group, shards on the device, first micro-batch: the
                               ///< gradients are cast straight into the shard (no flat buffer, nothing to reduce)
-  reduce_scatter_into_shard,  ///< shards on the device, first micro-batch: a flat buffer, reduce-scattered into the shard
-  through_slice,              ///< later micro-batches and offload: a flat buffer, reduced into a slice (with more than
-                              ///< one rank in the group a temporary of its own) that is added to or copied into the shard
+  reduce_scatter_into_shard,  ///< shards on the device, first micro-batch, reduced in the shards' dtype: a flat buffer,
+                              ///< reduce-scattered into the shard
+  through_slice,              ///< later micro-batches, offload, or a reduce dtype other than the shards': a flat buffer,
+                              ///< reduced into a slice (with more than one rank in the group a temporary of its own)
+                              ///< that is added to or copied (cast) into the shard
 };
 
 /// A micro-batch's place in its optimizer step.
@@ -106,7 +108,10 @@ class Schedule {
   /// How the gradients of micro-batch `mb` reach the shard.
   GradientPath gradient_path(MicroBatch mb) const {
     if (!mb.first || rules_.offload.host) return GradientPath::through_slice;
-    return shard_group_ == 1 ? GradientPath::cast_into_shard : GradientPath::reduce_scatter_into_shard;
+    if (shard_group_ == 1) return GradientPath::cast_into_shard;
+    // The device's gradient shards are in the master dtype (offload::Rules::grad_dtype).
+    const auto& p = rules_.precision;
+    return p.reduce == p.master ? GradientPath::reduce_scatter_into_shard : GradientPath::through_slice;
   }
   /// Whether a micro-batch's reduction needs a slice of its own beside the flat buffer (with one rank in the shard
   /// group the flat buffer is the reduced value).
@@ -117,6 +122,11 @@ class Schedule {
   /// `micro_batches` per step (0: not fixed).
   c10::ScalarType grad_dtype(int64_t replicas, int64_t micro_batches) const {
     return rules_.offload.grad_dtype(rules_.precision, shard_group_, replicas, micro_batches);
+  }
+  /// The dtype of a unit's flat gradient buffer, which the collectives read: the reduce dtype (--reduce-dtype), or,
+  /// with one rank per shard group and no replicas (nothing is reduced), the gradient shards' dtype.
+  c10::ScalarType flat_dtype(int64_t replicas, int64_t micro_batches) const {
+    return shard_group_ == 1 && replicas == 1 ? grad_dtype(replicas, micro_batches) : rules_.precision.reduce;
   }
 
  private:

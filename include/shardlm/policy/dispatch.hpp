@@ -34,6 +34,32 @@ inline precision::Rules precision_named(std::string_view value) {
   fail<ConfigError>("--precision '", value, "' is not a precision policy: use fp32, mixed-bf16 or pure-bf16");
 }
 
+/// --reduce-dtype policy|fp32|bf16: the dtype the gradient collectives run in.
+enum class ReduceDtype {
+  policy,  ///< the precision policy's (its master dtype)
+  fp32,
+  bf16,
+};
+inline ReduceDtype reduce_dtype_named(std::string_view value) {
+  if (value == "policy") return ReduceDtype::policy;
+  if (value == "fp32") return ReduceDtype::fp32;
+  if (value == "bf16") return ReduceDtype::bf16;
+  fail<ConfigError>("--reduce-dtype '", value, "': use policy (the precision policy's), fp32 or bf16");
+}
+
+/// The precision rules `p` with the gradient collectives in `dtype`. bf16 halves the bytes that mixed-bf16's
+/// reduce-scatters and all-reduces move; its sums are widened into fp32 gradient shards (offload::Rules::grad_dtype).
+/// fp32 under pure-bf16 sums the bf16 gradients in fp32 and rounds them once into the bf16 shards. bf16 under fp32 is
+/// refused: that policy is the exact reference, and mixed-bf16 is the recipe whose gradients are bf16 already.
+inline precision::Rules with_reduce_dtype(precision::Rules p, ReduceDtype dtype) {
+  if (dtype == ReduceDtype::policy) return p;
+  if (dtype == ReduceDtype::bf16 && p.compute == c10::ScalarType::Float)
+    fail<ConfigError>("--reduce-dtype bf16 with precision ", p.name, ": that policy computes and reduces in fp32 (the "
+                      "exact reference); use --precision mixed-bf16 (precision::MixedBF16) to reduce bf16 gradients in bf16");
+  p.reduce = dtype == ReduceDtype::bf16 ? c10::ScalarType::BFloat16 : c10::ScalarType::Float;
+  return p;
+}
+
 /// --offload none|cpu.
 inline offload::Rules offload_named(std::string_view value) {
   if (auto r = detail::rules_of_named<offload::None, offload::Cpu>(value)) return *r;

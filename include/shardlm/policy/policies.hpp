@@ -99,11 +99,15 @@ struct Selective { static constexpr Rules rules{0, Saved::matmul_outputs}; };
 
 namespace precision {
 /// The dtypes of the master weights and optimizer state, of the gathered parameters and the compute, and of the
-/// gradient reduction.
+/// gradient reduction. Each policy reduces in its master dtype; --reduce-dtype (policy/dispatch.hpp) may change
+/// `reduce` of a run's rules, never the policy's name: the collectives then run in it, while the gradient shards,
+/// where micro-batches accumulate and the optimizer reads, stay in the master dtype (offload::Rules::grad_dtype).
 struct Rules {
   std::string_view name;
   c10::ScalarType master, compute, reduce;
   static constexpr int64_t bytes(c10::ScalarType t) { return t == c10::ScalarType::Float ? 4 : 2; }
+  /// Whether --reduce-dtype changed the policy's reduction (every policy reduces in its master dtype).
+  constexpr bool reduce_overridden() const { return reduce != master; }
 };
 /// fp32 everywhere.
 struct FP32 { static constexpr Rules rules{"fp32", c10::ScalarType::Float, c10::ScalarType::Float, c10::ScalarType::Float}; };
@@ -117,18 +121,24 @@ struct PureBF16 {
 };
 }  // namespace precision
 
+/// The name of a reduce dtype, as --reduce-dtype and checkpoint metadata write it.
+constexpr const char* reduce_dtype_name(c10::ScalarType t) { return t == c10::ScalarType::Float ? "fp32" : "bf16"; }
+
 namespace offload {
 /// Where the sharded state lives and where the optimizer steps (engine/offload.hpp holds the two storages).
 struct Rules {
   std::string_view name;
   bool host;  ///< master weights, gradients and AdamW state in host memory (pinned on a GPU); the step on the host
-  /// The dtype of the gradient shards: the reduce dtype, except offloaded with one rank per shard group, no replicas
-  /// and one micro-batch per step, where the reduction is the identity and nothing accumulates: the host keeps the
-  /// gradients in the compute dtype, unrounded (mixed-bf16: 2 bytes per parameter instead of 4, what fits full
-  /// Llama3-8B in the host memory of a one-GPU machine).
+  /// The dtype of the gradient shards, where micro-batches accumulate and the optimizer reads: the master dtype
+  /// (a bf16 reduction's sums are widened into fp32 shards, as FSDP2 does: accumulation never rounds to bf16),
+  /// except offloaded with one micro-batch per step, where nothing accumulates on the host: there the host keeps the
+  /// gradients as they arrive, unwidened: in the reduce dtype, or, with one rank per shard group and no replicas
+  /// (nothing reduced), in the compute dtype (mixed-bf16: 2 bytes per parameter instead of 4, what fits full
+  /// Llama3-8B in the host memory of a one-GPU machine). `micro_batches` 0: not fixed.
   constexpr c10::ScalarType grad_dtype(const precision::Rules& p, int64_t shard_group, int64_t replicas,
                                        int64_t micro_batches) const {
-    return host && p.compute != p.reduce && shard_group == 1 && replicas == 1 && micro_batches == 1 ? p.compute : p.reduce;
+    if (!host || micro_batches != 1) return p.master;
+    return shard_group == 1 && replicas == 1 ? p.compute : p.reduce;
   }
 };
 struct None { static constexpr Rules rules{"none", false}; };
@@ -173,7 +183,8 @@ struct RecipeRules {
   /// "full / every-block / cpu / mixed-bf16": the log line's and shardlm_train's names.
   std::string describe() const {
     return std::string(sharding.name) + " / " + checkpointing.name() + " / " + std::string(offload.name) +
-           " / " + std::string(precision.name);
+           " / " + std::string(precision.name) +
+           (precision.reduce_overridden() ? std::string(" (reduce ") + reduce_dtype_name(precision.reduce) + ")" : "");
   }
 };
 

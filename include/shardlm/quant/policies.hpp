@@ -103,6 +103,8 @@ struct Int4 {
     if (in.is_cuda() && kernels::dequantize(kernels::Kind::Int4, in, out.size(0), cols, row_bytes(cols), out)) return;
     int4::dequantize_rows(in, cols, out);
   }
+  /// The ATen-op path alone: what dequantize_rows falls back to without NVRTC (the benchmark's reference).
+  static void dequantize_rows_aten(const at::Tensor& in, int64_t cols, const at::Tensor& out) { int4::dequantize_rows(in, cols, out); }
 };
 
 /// e4m3 with a power-of-two fp32 scale per row. Row: cols bytes of codes, the fp32 scale, padded to 16 bytes.
@@ -120,6 +122,8 @@ struct FP8 {
     if (in.is_cuda() && kernels::dequantize(kernels::Kind::FP8, in, out.size(0), cols, row_bytes(cols), out)) return;
     fp8::dequantize_rows(in, cols, out);
   }
+  /// The ATen-op path alone: what dequantize_rows falls back to without NVRTC (the benchmark's reference).
+  static void dequantize_rows_aten(const at::Tensor& in, int64_t cols, const at::Tensor& out) { fp8::dequantize_rows(in, cols, out); }
 };
 
 /// Calls f(Tag{}) for the policy named `name` ("none" | "int4" | "fp8", the --quant flag's values).

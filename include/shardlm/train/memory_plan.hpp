@@ -14,7 +14,8 @@
 //   logits and loss      the head's logits and the fp32 cross-entropy (log-softmax and its gradients); with the
 //                        fused head and loss (loss_chunk > 0) one chunk's logits, whose gradients the head's
 //                        activations then keep (model/loss.hpp)
-//   gradients in flight  a unit's parameter gradients, its flat buffer in the reduce dtype and the shard slice
+//   gradients in flight  a unit's parameter gradients, its flat buffer and the shard slice in the reduce dtype
+//                        (--reduce-dtype bf16 halves them; the gradient shards stay in the master dtype)
 //   workspace            cuBLAS workspaces of the two streams
 // Counted per host: the offloaded state of the host's GPUs (pinned master and gradients, pageable moments,
 // staging for gradient accumulation).
@@ -296,9 +297,11 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     padded[u] = numel[u] - trained[u] + pad;  // gathered: the frozen values and the adapters
   }
 
-  // The gradient shards' dtype, as the engine picks it (offload::Rules::grad_dtype).
+  // The gradient shards' dtype and the flat buffers' (the reduce dtype: --reduce-dtype), as the engine picks them
+  // (offload::Rules::grad_dtype, Schedule::flat_dtype).
   const double grad_bytes = bytes(schedule.grad_dtype(in.world_size / G, in.grad_accum));
-  const double state_per = master * 3 + bytes(r.precision.reduce);  // master, gradient, two moments
+  const double flat_bytes = bytes(schedule.flat_dtype(in.world_size / G, in.grad_accum));
+  const double state_per = master * 3 + grad_bytes;  // master, gradient, two moments
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
   const double workspace = 2 * 32.0 * (1 << 20);
   const double blk_full =
@@ -390,13 +393,13 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
       }
       live.acts -= kept[u];
       // The unit's parameter gradients (compute dtype), and as the schedule's gradient path says: cast straight into
-      // the shard (no flat buffer), or a flat buffer in the gradient dtype reduce-scattered into the shard or into a
-      // slice of its own.
+      // the shard (no flat buffer), or a flat buffer in the flat dtype reduce-scattered into the shard or into a
+      // slice of its own (the flat dtype too).
       note(engine::Event::reduce, u);
       const auto path = schedule.gradient_path(mb);
       const double flat = path == engine::GradientPath::cast_into_shard ? 0 : shard[u] * static_cast<double>(G);
       const double slice = schedule.reduces_through_temporary(mb) ? shard[u] : 0;
-      live.grads += trained[u] * c + (flat + slice) * grad_bytes;
+      live.grads += trained[u] * c + (flat + slice) * flat_bytes;
       event(u == 0 ? std::string("the embedding's gradient reduction")
                    : u == head ? std::string("the head's gradient reduction")
                                : "gradient reduction of block " + std::to_string(u - 1));
@@ -418,7 +421,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (master + grad_bytes)},
                  {"AdamW moments", gpus * shard_total * 2 * master}};
     if (frozen_bytes > 0) plan.host.push_back({"frozen base (pinned)", gpus * frozen_bytes});
-    if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * bytes(r.precision.reduce)});
+    if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * grad_bytes});
     // engine/offload.hpp: a speculative host step writes a second copy of masters (pinned) and moments
     if (in.host_step == engine::HostStep::speculative || in.host_step == engine::HostStep::automatic)
       plan.host.push_back({in.host_step == engine::HostStep::automatic ? "speculative step's second state (when it fits)"

@@ -133,12 +133,14 @@ struct AdapterOptions {
   }
 };
 
-/// The job: the device, the shard groups and the collectives' patience.
+/// The job: the device, the shard groups, the gradient collectives' dtype and the collectives' patience.
 struct DistOptions {
   /// cpu, cuda or cuda:N.
   SHARDLM_ARG(std::string, device) = "cpu";
   /// HybridShard: ranks per shard group (0: the ranks of one node).
   SHARDLM_ARG(int64_t, shard_group_size) = 0;
+  /// The gradient reduce-scatters' and all-reduces' dtype: policy (the precision policy's), fp32 or bf16.
+  SHARDLM_ARG(std::string, reduce_dtype) = "policy";
   /// Seconds to wait for every rank at rendezvous, group setup and each collective.
   SHARDLM_ARG(int64_t, timeout) = 300;
   /// Start even when the memory plan needs more host memory than the node has available (train/host_memory.hpp).
@@ -240,6 +242,7 @@ struct TrainOptions {
     model::expert_kernel_named(model_.moe_kernel());
     engine::host_step_named(offload_.step());
     if (dist_.shard_group_size() < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", dist_.shard_group_size());
+    reduce_dtype_named(dist_.reduce_dtype());
     // A day bounds every wait: larger values would overflow the clocks the collectives are timed with.
     if (dist_.timeout() <= 0 || dist_.timeout() > 86400)
       fail<ConfigError>("--dist-timeout must lie in [1, 86400] seconds, got ", dist_.timeout());
@@ -354,6 +357,8 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
                      "of the state, else overlapped), sync, overlapped (during the next forward) or speculative (during "
                      "the backward, redone when clipping applies)", s(o.offload().step()))
     ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.dist().shard_group_size()))
+    ("reduce-dtype", "dtype of the gradient reduce-scatters and all-reduces: policy (the precision's), fp32 or bf16 "
+                     "(half the bytes with mixed-bf16; gradients still accumulate in fp32)", s(o.dist().reduce_dtype()))
     ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist().timeout()))
     ("skip-memory-check", "start even when the memory plan needs more host memory than this node has available", b(o.dist().skip_memory_check()))
     ("save-final", "write the trained weights here (one safetensors file, Hugging Face names)", s(out.save_final()))

@@ -91,8 +91,10 @@ inline std::unique_ptr<dist::ProcessGroups> make_groups(const sharding::Rules& s
 }
 
 /// The recipe of a run: `typed` (a program's recipe, or the policy flags' in shardlm_train), its adapter and
-/// quantization taken from the flags where it names none (a different --adapter or --quant is an error).
+/// quantization taken from the flags where it names none (a different --adapter or --quant is an error), and its
+/// gradient collectives in --reduce-dtype: what the engine, the planner and checkpoint metadata read.
 inline RecipeRules resolve_recipe(const TrainOptions& o, RecipeRules r) {
+  r.precision = with_reduce_dtype(r.precision, reduce_dtype_named(o.dist().reduce_dtype()));
   const auto a = adapter_named(o.adapter().kind());
   if (!r.adapter.active()) r.adapter = a;
   else if (a.active() && a != r.adapter)
@@ -354,9 +356,8 @@ class BasicTrainer {
     const bool fits = available && needed <= 0.9 * static_cast<double>(*available);
     if (rank() == 0)
       log::info("shardlm: offload: the host steps ", fits ? "speculatively during the backward" : "during the next forward",
-                " (", std::round(needed / plan::MemoryPlan::gib * 10) / 10, " GiB per host with a second copy of the state; ",
-                available ? detail::cat(std::round(static_cast<double>(*available) / plan::MemoryPlan::gib * 10) / 10, " GiB available")
-                          : std::string("available memory unknown"),
+                " (", gib_text(needed), " per host with a second copy of the state; ",
+                available ? gib_text(static_cast<double>(*available)) + " available" : std::string("available memory unknown"),
                 "; --offload-step chooses)");
     return fits ? engine::HostStep::speculative : engine::HostStep::overlapped;
   }
@@ -651,6 +652,7 @@ double BasicTrainer<V>::save_checkpoint(bool last) {
   const auto& c = options_.checkpoint();
   const nlohmann::json info = {{"sharding", std::string(recipe_.sharding.name)},
                                {"precision", std::string(recipe_.precision.name)},
+                               {"reduce_dtype", reduce_dtype_name(recipe_.precision.reduce)},
                                {"adapter", std::string(adapter_.kind.name)}, {"quant", std::string(recipe_.quant.name)},
                                {"layers", config_.num_layers}, {"hidden_size", config_.hidden_size}, {"seed", options_.seed()},
                                {"global_batch", global_batch()}};
