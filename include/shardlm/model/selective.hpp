@@ -122,11 +122,13 @@ struct SwiGLUDown : torch::autograd::Function<SwiGLUDown> {
   static detail::variable_list backward(detail::AutogradContext* ctx, detail::variable_list dys) {
     const auto saved = ctx->get_saved_variables();
     const auto &gate = saved[0], &up = saved[1], &w_down = saved[2];
-    const auto act = at::silu(gate);              // [B, T, I]
     const auto dprod = at::matmul(dys[0], w_down);  // [B, T, I]
     detail::variable_list grads(3);
-    if (ctx->needs_input_grad(2)) grads[2] = detail::weight_grad(dys[0], act * up);  // [C, I]
-    if (ctx->needs_input_grad(1)) grads[1] = dprod * act;
+    {  // silu(gate) lives only here: at most 4 [B, T, I] tensors at once (train/memory_plan.hpp counts them)
+      const auto act = at::silu(gate);  // [B, T, I]
+      if (ctx->needs_input_grad(2)) grads[2] = detail::weight_grad(dys[0], act * up);  // [C, I]
+      if (ctx->needs_input_grad(1)) grads[1] = dprod * act;
+    }
     if (ctx->needs_input_grad(0)) grads[0] = at::silu_backward(dprod * up, gate);
     return grads;
   }
