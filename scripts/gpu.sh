@@ -33,6 +33,10 @@
 #   q405    405B dims on N GPUs: QDoRA (int4, rank 64, all 126 layers) and LoRA on fp8 (Q405_FP8_LAYERS layers,
 #           100), seq Q405_SEQ (4096), FullShard + every-block + mixed-bf16; setup_s is the initialize + quantize time;
 #           q405_int4 and q405_fp8 run one of the two; Q405_STEPS (3) measured steps after as many warm-up steps
+#   dense1  one GPU, Llama3-8B dims with 4 layers, seq 4096, micro-batch 2, mixed-bf16: ours, the step benchmark of
+#           BASE_BUILD (another tree) and the peer eager, with torch.compile on each layer, and compiled with
+#           Liger-Kernel (.deps/whl/liger_kernel-*.whl installed into $OUT/site when carried), then 8 layers with and
+#           without block recompute
 #   smoke   the merged tree's training state on one GPU over NCCL: llama3-debug (byte text) with CPU offload and each host
 #           step, checkpoints saved synchronously and asynchronously, resumed, one shard flipped and refused
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
@@ -292,6 +296,22 @@ ckpt() {
     --checkpoint-dir "$dir" 2>&1 | grep "rank 0" | grep -E "resumed|trained" | sed 's/^\[rank 0\] //'
   du -sh "$dir"/step-* 2>/dev/null
   rm -rf "$dir"
+}
+
+dense1() {  # the one-GPU dense comparison of issue 28 (see the phase list above)
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --layers 4 --steps 10"
+  ours "ours_4L_1gpu" 1 $common
+  local base=${BASE_BUILD:-$PWD/build-base}
+  [ -x "$base/bin/step_benchmark" ] && BUILD=$base ours "base_4L_1gpu" 1 $common
+  peer "peer_4L_1gpu" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 8
+  peer "peer_4L_1gpu_compile" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 8 --compile
+  if ls .deps/whl/liger_kernel-*.whl >/dev/null 2>&1; then
+    pip install -q --no-index --no-deps --target "$OUT/site" .deps/whl/liger_kernel-*.whl >/dev/null 2>&1
+    PYTHONPATH=$OUT/site peer "peer_4L_1gpu_compile_liger" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 8 --compile --liger
+  fi
+  ours "ours_4L_1gpu_again" 1 $common
+  ours "ours_8L_1gpu" 1 ${common/--layers 4/--layers 8}
+  ours "ours_8L_1gpu_every_block" 1 ${common/--layers 4/--layers 8} --checkpointing every-block
 }
 
 smoke() {  # small runs on one GPU that touch the checkpoint's checksums over NCCL, the host steps and a resume

@@ -355,9 +355,16 @@ TEST_CASE("precision policies set the dtypes of master weights and compute weigh
     CHECK(std::isfinite(m.loss));
     for (const auto& w : t.master_weights()) CHECK((w.scalar_type() == at::kFloat));
     for (const auto& p : t.model()->parameters()) CHECK((p.scalar_type() == at::kBFloat16));
-    // the compute weights are the master weights rounded to bf16; gradients are reduced in fp32
+    // the compute weights are the master weights rounded to bf16; on one rank with one micro-batch nothing is
+    // reduced and nothing accumulates: the gradient shards keep autograd's bf16 (offload::Rules::grad_dtype)
     CHECK(at::equal(t.model()->parameters()[0], t.master_weights()[0].to(at::kBFloat16)));
-    for (const auto& g : t.gradient_shards()) CHECK((g.scalar_type() == at::kFloat));
+    for (const auto& g : t.gradient_shards()) CHECK((g.scalar_type() == at::kBFloat16));
+    // micro-batches accumulate in fp32
+    auto accum = o;
+    accum.grad_accum(2);
+    train::Trainer<model::Llama3, Policies<precision::MixedBF16>> a(accum, train::open_dataset(accum.data()));
+    CHECK(std::isfinite(a.step().loss));
+    for (const auto& g : a.gradient_shards()) CHECK((g.scalar_type() == at::kFloat));
   }
   SUBCASE("PureBF16: bf16 everywhere") {
     train::Trainer<model::Llama3, Policies<precision::PureBF16>> t(o, train::open_dataset(o.data()));

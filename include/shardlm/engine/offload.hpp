@@ -212,10 +212,16 @@ class DeviceShards final : public ShardStorage {
     std::optional<at::Tensor> scale;
     if (s.clip_coef != 1.0)  // the fused kernel divides gradients by the scale
       scale = at::full({}, 1.0 / s.clip_coef, at::TensorOptions().device(device_).dtype(at::kFloat));
-    for (auto [runs, weight_decay] : {std::pair<Runs*, double>{&decayed_, hyper_.weight_decay()}, {&plain_, 0.0}})
-      if (!runs->params.empty())
-        compat::fused_adamw(runs->params, runs->grads, runs->exp_avg, runs->exp_avg_sq, runs->steps, s.lr, hyper_.beta1(),
-                            hyper_.beta2(), weight_decay, hyper_.eps(), scale);
+    for (auto [runs, weight_decay] : {std::pair<Runs*, double>{&decayed_, hyper_.weight_decay()}, {&plain_, 0.0}}) {
+      if (runs->params.empty()) continue;
+      // The fused kernel takes gradients in the masters' dtype: compute-dtype shards (nothing reduced) are widened,
+      // exactly, one step's copy (the CPU, or a GPU without the kernel).
+      std::vector<at::Tensor> widened;
+      if (runs->grads.front().scalar_type() != precision_.master)
+        for (const auto& g : runs->grads) widened.push_back(g.to(precision_.master));
+      compat::fused_adamw(runs->params, widened.empty() ? runs->grads : widened, runs->exp_avg, runs->exp_avg_sq,
+                          runs->steps, s.lr, hyper_.beta1(), hyper_.beta2(), weight_decay, hyper_.eps(), scale);
+    }
   }
 
   void set_step_count(int64_t steps) override {

@@ -131,14 +131,16 @@ struct Rules {
   bool host;  ///< master weights, gradients and AdamW state in host memory (pinned on a GPU); the step on the host
   /// The dtype of the gradient shards, where micro-batches accumulate and the optimizer reads: the master dtype
   /// (a bf16 reduction's sums are widened into fp32 shards, as FSDP2 does: accumulation never rounds to bf16),
-  /// except offloaded with one micro-batch per step, where nothing accumulates on the host: there the host keeps the
-  /// gradients as they arrive, unwidened: in the reduce dtype, or, with one rank per shard group and no replicas
-  /// (nothing reduced), in the compute dtype (mixed-bf16: 2 bytes per parameter instead of 4, what fits full
-  /// Llama3-8B in the host memory of a one-GPU machine). `micro_batches` 0: not fixed.
+  /// except with one micro-batch per step, where nothing accumulates. With one rank per shard group and no replicas
+  /// nothing is reduced either: the shards keep the gradients as autograd made them, in the compute dtype, on the
+  /// device or the host (mixed-bf16: 2 bytes per parameter instead of 4, and no cast; what fits full Llama3-8B in the
+  /// host memory of a one-GPU machine); the optimizer reads them as they are. Offloaded, the host keeps a reduction's
+  /// sums as they arrive, in the reduce dtype. `micro_batches` 0: not fixed.
   constexpr c10::ScalarType grad_dtype(const precision::Rules& p, int64_t shard_group, int64_t replicas,
                                        int64_t micro_batches) const {
-    if (!host || micro_batches != 1) return p.master;
-    return shard_group == 1 && replicas == 1 ? p.compute : p.reduce;
+    if (micro_batches != 1) return p.master;
+    if (shard_group == 1 && replicas == 1) return p.compute;
+    return host ? p.reduce : p.master;
   }
 };
 struct None { static constexpr Rules rules{"none", false}; };
