@@ -18,6 +18,8 @@ using Recipe = Policies<sharding::FullShard, quant::Int4>;
 using Recipe = Policies<adapter::LoRA, quant::Int4, quant::FP8>;
 #elif defined(SHARDLM_CASE_every_zero)
 using Recipe = Policies<checkpointing::EveryNth<0>>;
+#elif defined(SHARDLM_CASE_selective_adapter)
+using Recipe = Policies<sharding::FullShard, checkpointing::Selective, adapter::LoRA>;
 #else
 #error "no SHARDLM_CASE_ given"
 #endif

@@ -4,7 +4,12 @@
 For each precision, one reference run (1 rank, grad-accum 2, --sharding none, no checkpointing, no offload) and
 then every combination of --sharding (none, grad-op, full, hybrid with shard groups of 1: replicated),
 --checkpointing (none, every-block, every-2) and --offload (none, cpu; not with --sharding none, which is
-refused) on 2 ranks with the same global batch. The losses of every step and the final weights must agree with
+refused) on 2 ranks with the same global batch. --checkpointing selective (which changes the model's autograd nodes,
+not what the engine does) runs with every sharding and offload in fp32 and with --sharding full in the bf16
+precisions: 9 runs, about 10 s, rather than 21. Its bf16 gradients are the plain path's bit for bit; in fp32 the
+nodes add an RMSNorm's input gradients in another order (model/selective.hpp): gradients 5e-7 apart, which AdamW's
+early sign-like steps carry into near-zero weights: 1.6e-5 after 3 steps, so its fp32 weights are held to
+SELECTIVE_FP32_WEIGHT_TOL. The losses of every step and the final weights must agree with
 the reference of that precision within its tolerance: sharding, recompute and offload move tensors around but
 do not change the math; what differs is the order of the cross-rank sums, in fp32 for fp32 and mixed-bf16
 (reduced in fp32) and in bf16 for pure-bf16.
@@ -36,6 +41,7 @@ spec.loader.exec_module(eq)
 # largest differences measured (mixed-bf16 with clipping: losses 0, weights 1.7e-4, without: 0; pure-bf16, whose gradients are summed in
 # bf16: losses 2.1e-5, weights 6.7e-3, about two bf16 steps of the largest weight).
 TOLERANCES = {"fp32": (1e-5, 1e-5), "mixed-bf16": (1e-4, 1e-3), "pure-bf16": (2e-4, 2e-2)}
+SELECTIVE_FP32_WEIGHT_TOL = 1e-4  # about 6x the 1.6e-5 measured (module docstring)
 
 
 def main():
@@ -62,8 +68,10 @@ def main():
         ref_losses, ref_weights, _ = eq.run(run_args, workdir, f"{precision}_reference", 1, 2, "none", base)
         worst_loss = worst_weight = 0.0
         for sharding, ckpt, offload in itertools.product(["none", "grad-op", "full", "hybrid"],
-                                                         ["none", "every-block", "every-2"], ["none", "cpu"]):
+                                                         ["none", "every-block", "every-2", "selective"], ["none", "cpu"]):
             if sharding == "none" and offload == "cpu":
+                continue
+            if ckpt == "selective" and precision != "fp32" and (sharding, offload) != ("full", "none"):
                 continue
             extra = base + ["--checkpointing", ckpt, "--offload", offload]
             if sharding == "hybrid":
@@ -74,7 +82,8 @@ def main():
             if set(weights) != set(ref_weights):
                 sys.exit(f"FAIL {tag}: saved tensors differ from the reference")
             name, w_err = max(((n, eq.rel_err(weights[n], ref_weights[n])) for n in ref_weights), key=lambda t: t[1])
-            ok = loss_err <= loss_tol and w_err <= weight_tol and losses[-1] < losses[0]
+            w_tol = SELECTIVE_FP32_WEIGHT_TOL if ckpt == "selective" and precision == "fp32" else weight_tol
+            ok = loss_err <= loss_tol and w_err <= w_tol and losses[-1] < losses[0]
             count += 1
             worst_loss, worst_weight = max(worst_loss, loss_err), max(worst_weight, w_err)
             if not ok:

@@ -4,6 +4,7 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <c10/core/CPUAllocator.h>
 #include <shardlm/shardlm.hpp>
 
 #include <cmath>
@@ -619,4 +620,212 @@ TEST_CASE("parity with PEFT in fp32: LoRA and DoRA logits, loss and adapter grad
     CHECK(grads == static_cast<int64_t>(ref.tensors().size()) - 2);
   }
   CHECK(variants >= 3);
+}
+
+// --- selective activation checkpointing (model/selective.hpp) -------------------------------------------
+
+namespace {
+/// The gradients of `inputs` for outputs `ys` with incoming gradients `gs` (each input's .grad cleared first).
+std::vector<at::Tensor> grads_of(const std::vector<at::Tensor>& ys, const std::vector<at::Tensor>& gs,
+                                 const std::vector<at::Tensor>& inputs) {
+  for (auto t : inputs) t.mutable_grad() = at::Tensor();
+  torch::autograd::backward(ys, gs);
+  std::vector<at::Tensor> out;
+  for (const auto& t : inputs) out.push_back(t.grad().clone());
+  return out;
+}
+}  // namespace
+
+TEST_CASE("selective nodes equal autograd over the plain ops bit for bit, forward and gradients, fp32 and bf16") {
+  // The same ATen ops in the same dtypes, the projections' input gradients summed in the engine's order, the norm's
+  // input gradient autograd's own over the recomputed norm.
+  for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+    CAPTURE(dtype);
+    const int64_t B = 2, T = 5, C = 16, O1 = 24, O2 = 8, I = 12, H = 2, D = 8;
+    const auto opts = at::TensorOptions().dtype(dtype);
+    const double eps = 1e-5;
+    SUBCASE("rms_norm_linear: norm(x) W_i^T for several W_i, keeping x") {
+      const auto x = (3 * at::randn({B, T, C}, opts)).requires_grad_(true);
+      const auto nw = (1 + 0.1 * at::randn({C}, opts)).requires_grad_(true);
+      const auto w1 = (0.2 * at::randn({O1, C}, opts)).requires_grad_(true);
+      const auto w2 = (0.2 * at::randn({O2, C}, opts)).requires_grad_(true);
+      const auto g1 = at::randn({B, T, O1}, opts), g2 = at::randn({B, T, O2}, opts);
+      // two projections (gate, up), whose input gradients add in either order; three (q, k, v): the block test below
+      const auto h = model::ops::rms_norm(x, nw, eps);
+      const std::vector<at::Tensor> ref{at::linear(h, w1), at::linear(h, w2)};
+      const auto ref_g = grads_of(ref, {g1, g2}, {x, nw, w1, w2});
+      const auto ys = model::ops::rms_norm_linear(x, nw, eps, {w1, w2});
+      for (size_t i = 0; i < ys.size(); ++i) CHECK(at::equal(ys[i], ref[i]));
+      const auto got = grads_of(ys, {g1, g2}, {x, nw, w1, w2});
+      for (size_t i = 0; i < got.size(); ++i) {
+        CAPTURE(i);
+        CHECK(at::equal(got[i], ref_g[i]));
+      }
+      // a frozen weight gets no gradient and costs none
+      w2.requires_grad_(false);
+      w2.mutable_grad() = at::Tensor();
+      const auto ys2 = model::ops::rms_norm_linear(x, nw, eps, {w1, w2});
+      torch::autograd::backward({ys2[0]}, {g1});
+      CHECK_FALSE(w2.grad().defined());
+      w2.requires_grad_(true);
+    }
+    SUBCASE("rms_norm_saving_input: the norm alone") {
+      const auto x = (3 * at::randn({B, T, C}, opts)).requires_grad_(true);
+      const auto nw = (1 + 0.1 * at::randn({C}, opts)).requires_grad_(true);
+      const auto g = at::randn({B, T, C}, opts);
+      const auto ref = model::ops::rms_norm(x, nw, eps);
+      const auto ref_g = grads_of({ref}, {g}, {x, nw});
+      const auto y = model::ops::rms_norm_saving_input(x, nw, eps);
+      CHECK(at::equal(y, ref));
+      const auto got = grads_of({y}, {g}, {x, nw});
+      CHECK(at::equal(got[0], ref_g[0]));
+      CHECK(at::equal(got[1], ref_g[1]));
+    }
+    SUBCASE("swiglu_down: silu(gate) * up times W_down^T, keeping gate and up") {
+      const auto gate = at::randn({B, T, I}, opts).requires_grad_(true), up = at::randn({B, T, I}, opts).requires_grad_(true);
+      const auto wd = (0.3 * at::randn({C, I}, opts)).requires_grad_(true);
+      const auto g = at::randn({B, T, C}, opts);
+      const auto ref = at::linear(at::silu(gate) * up, wd);
+      const auto ref_g = grads_of({ref}, {g}, {gate, up, wd});
+      const auto y = model::ops::swiglu_down(gate, up, wd);
+      CHECK(at::equal(y, ref));
+      const auto got = grads_of({y}, {g}, {gate, up, wd});
+      for (size_t i = 0; i < got.size(); ++i) {
+        CAPTURE(i);
+        CHECK(at::equal(got[i], ref_g[i]));
+      }
+    }
+    SUBCASE("heads_linear and rope: the output projection of SDPA's heads, RoPE keeping nothing") {
+      const auto q = at::randn({B, H, T, D}, opts).requires_grad_(true);
+      const auto wo = (0.3 * at::randn({C, H * D}, opts)).requires_grad_(true);
+      const auto rope = model::ops::rope_tables(model::ops::rope_inv_freq(model::RopeConfig{}, D), T, dtype);
+      const auto g = at::randn({B, T, C}, opts);
+      const auto rotated = model::ops::apply_rope(q, rope);
+      const auto ref = at::linear(rotated.transpose(1, 2).reshape({B, T, H * D}), wo);
+      const auto ref_g = grads_of({ref}, {g}, {q, wo});
+      const auto y = model::ops::heads_linear(model::ops::apply_rope_saving_nothing(q, rope), wo);
+      CHECK(at::equal(y, ref));
+      const auto got = grads_of({y}, {g}, {q, wo});
+      CHECK(at::equal(got[0], ref_g[0]));
+      CHECK(at::equal(got[1], ref_g[1]));
+    }
+  }
+}
+
+namespace {
+/// Counts the bytes of live CPU allocations while installed (c10::SetCPUAllocator): what a forward leaves alive.
+struct CountingCpuAllocator final : c10::Allocator {
+  struct Block {
+    c10::DataPtr inner;
+    size_t bytes;
+    CountingCpuAllocator* owner;
+  };
+  c10::Allocator* base = c10::GetCPUAllocator();
+  std::atomic<int64_t> live{0};
+  static void free_block(void* p) {
+    auto* b = static_cast<Block*>(p);
+    b->owner->live -= static_cast<int64_t>(b->bytes);
+    delete b;
+  }
+  c10::DataPtr allocate(size_t n) override {
+    auto inner = base->allocate(n);
+    void* data = inner.get();
+    const auto device = inner.device();
+    live += static_cast<int64_t>(n);
+    return {data, new Block{std::move(inner), n, this}, &free_block, device};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+};
+
+/// Bytes a block's forward leaves alive with its graph (its output and what autograd saves), under `rules`: None and
+/// Selective keep the graph, EveryBlock runs it without (the engine recomputes it in backward).
+int64_t block_forward_bytes(model::Llama3& m, const checkpointing::Rules& rules, const at::Tensor& x) {
+  static CountingCpuAllocator counting;
+  m->set_checkpointing(rules);
+  const auto& rope = m->rope(x.size(1), x.device(), x.scalar_type());  // cached before counting
+  c10::SetCPUAllocator(&counting, /*priority=*/100);
+  const int64_t before = counting.live;
+  at::Tensor y;
+  {
+    std::optional<at::NoGradGuard> no_grad;
+    if (rules.recomputes(0)) no_grad.emplace();
+    y = m->block(0, x, rope);
+  }
+  const int64_t bytes = counting.live - before;
+  c10::SetCPUAllocator(counting.base, /*priority=*/100);
+  return bytes;
+}
+}  // namespace
+
+TEST_CASE("selective: a Llama block's saved bytes, measured on the CPU, against the planner's per-policy count") {
+  // One llama3-debug block (C 128, I 384, 4 heads of 32, 2 KV heads), fp32, B 2 x T 64. What its forward leaves
+  // alive is counted by a CPU allocator that tracks live bytes; the planner counts CUDA's kernels (flash attention),
+  // so the attention part differs on the CPU, but None and Selective differ only in what the nodes drop: the planner's
+  // difference, plus the two RMSNorms' fp32 rstd that the plain path keeps and the planner leaves out, less the
+  // output projection's re-laid-out input where SDPA returns its output laid out as [B, T, H, D] already (then the
+  // plain path's reshape is a view: the LibTorch 2.11 CPU kernel does).
+  const auto c = model::preset("llama3-debug", 1);
+  model::Llama3 m(c);
+  model::init_weights(*m, 0.02, 1);
+  const int64_t B = 2, T = 64, tokens = B * T;
+  const auto x = at::randn({B, T, c.hidden_size}).requires_grad_(true);
+  const auto none = block_forward_bytes(m, checkpointing::None::rules, x);
+  const auto selective = block_forward_bytes(m, checkpointing::Selective::rules, x);
+  const auto every = block_forward_bytes(m, checkpointing::EveryBlock::rules, x);
+  const double planned_none = plan::detail::block_activation_bytes_per_token(c, 4, checkpointing::None::rules);
+  const double planned_sel = plan::detail::block_activation_bytes_per_token(c, 4, checkpointing::Selective::rules);
+  MESSAGE("llama3-debug block, fp32, ", tokens, " tokens: bytes per token left alive by the forward: none ",
+          none / tokens, ", selective ", selective / tokens, ", every-block ", every / tokens, " (the output alone: ",
+          4 * c.hidden_size, "); planner (CUDA kernels, with the input): none ", planned_none, ", selective ", planned_sel);
+  CHECK(every == tokens * 4 * c.hidden_size);
+  CHECK(selective < none);
+  // the heads as the model makes them: views [B, H, T, D] of the projections' [B, T, H, D]
+  const auto q = at::randn({B, T, c.num_heads, c.head_dim}).requires_grad_(true).transpose(1, 2);
+  const auto kv = at::randn({B, T, c.num_kv_heads, c.head_dim}).requires_grad_(true).transpose(1, 2);
+  const bool relaid_view = compat::causal_attention(q, kv, kv).transpose(1, 2).is_contiguous();
+  MESSAGE("SDPA's output laid out as [B, T, H, D] (the re-layout a view): ", relaid_view);
+  const int64_t relaid = relaid_view ? 4 * c.num_heads * c.head_dim : 0;
+  CHECK((none - selective) / tokens == static_cast<int64_t>(planned_none - planned_sel) + 2 * 4 - relaid);
+}
+
+TEST_CASE("selective: Llama and Mixtral give the loss and gradients of None, bit for bit in bf16, and refuse adapters") {
+  // bf16: the same ops in the same order. fp32 on the CPU: the plain path adds a norm's input gradients (the residual's
+  // and the composite RMSNorm's two uses of x) in one buffer, the node the norm's two first: fp32 rounding.
+  for (const auto dtype : {at::kFloat, at::kBFloat16})
+  for (const std::string preset : {"llama3-debug", "mixtral-debug"}) {
+    CAPTURE(preset);
+    CAPTURE(dtype);
+    const auto c = model::preset(preset, 2);
+    const auto ids = at::randint(0, c.vocab_size, {2, 16});
+    auto run = [&](const checkpointing::Rules& rules) {
+      at::manual_seed(0);
+      auto m = train::model_factory_for(c)(c, at::TensorOptions().dtype(dtype));
+      model::init_weights(m->module(), 0.02, 3);
+      m->set_checkpointing(rules);
+      std::vector<at::Tensor> sides;
+      at::Tensor x = ids;
+      for (size_t u = 0; u < m->num_units(); ++u) x = m->forward_unit(u, x), sides.push_back(m->take_side(u));
+      auto loss = model::ops::next_token_loss(x, ids);
+      loss.backward();
+      std::vector<at::Tensor> grads;
+      for (const auto& p : m->module().parameters()) grads.push_back(p.grad());
+      return std::pair{loss.item<double>(), grads};
+    };
+    const auto [loss_none, g_none] = run(checkpointing::None::rules);
+    const auto [loss_sel, g_sel] = run(checkpointing::Selective::rules);
+    CHECK(loss_sel == loss_none);
+    REQUIRE(g_sel.size() == g_none.size());
+    double worst = 0;
+    for (size_t i = 0; i < g_sel.size(); ++i) worst = std::max(worst, rel_err(g_sel[i], g_none[i]));
+    MESSAGE(preset, " ", dtype, ": loss ", loss_none, " vs ", loss_sel, ", worst gradient rel err ", worst);
+    CHECK(worst <= (dtype == at::kFloat ? 2e-6 : 0.0));
+  }
+  auto c = model::preset("llama3-debug", 1);
+  model::Llama3 m(c);
+  model::AdapterConfig lora;
+  lora.kind = adapter::LoRA::rules;
+  m->add_adapters(lora);
+  CHECK_THROWS_WITH_AS(m->set_checkpointing(checkpointing::Selective::rules),
+                       doctest::Contains("checkpointing::Selective fuses each RMSNorm"), ConfigError);
 }

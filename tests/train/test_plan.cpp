@@ -130,7 +130,7 @@ TEST_CASE("planner: the fused head and loss holds one chunk's logits, counted by
   CHECK(item(plan::plan_memory(in).gpu, "logits and loss") == 2.0 * 100000 * 256);
 }
 
-TEST_CASE("planner: checkpointing keeps block inputs and recomputes one block at a time") {
+TEST_CASE("planner: checkpointing keeps block inputs and recomputes one block at a time; selective keeps matmul outputs") {
   plan::PlanInput in;
   in.model = small();
   in.loss_chunk = 0;  // the plain loss on whole logits (the fused head and loss: its own case)
@@ -150,6 +150,17 @@ TEST_CASE("planner: checkpointing keeps block inputs and recomputes one block at
   CHECK(item(none.gpu, "activations") == 4 * 43264.0);
   // every-2 recomputes blocks 0 and 2: two inputs and two full blocks.
   CHECK(item(half.gpu, "activations") == 2 * 2048.0 + 2 * 43264.0);
+  // selective keeps per token (c 2, H 64, Hq 64, Hkv 32, I 128, 4 heads): input x 128, rotated q, k, v and SDPA's
+  // output 2 (2 x 64 + 2 x 32) = 384, the fp32 log-sum-exp 16, the attention residual h 128, gate and up
+  // 2 x 2 x 128 = 512: 1168 bytes, 16 tokens: 18688 per block.
+  in.recipe.checkpointing = checkpointing_named("selective");
+  CHECK(item(plan::plan_memory(in).gpu, "activations") == 4 * 18688.0);
+  // Selective with an adapter is refused as shardlm_train refuses it.
+  in.recipe.adapter = adapter::LoRA::rules;
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--checkpointing selective with --adapter lora"),
+                       ConfigError);
+  CHECK_THROWS_WITH_AS(recipe_named("full", "fp32", "selective", "none", "lora"),
+                       doctest::Contains("checkpointing::Selective fuses each RMSNorm"), ConfigError);
   // pure-bf16 state: 2 + 2 + 2 + 2 bytes per element.
   CHECK(item(every.gpu, "sharded state") == (32000.0 + 4 * 18496 + 32032) * 8);
 }

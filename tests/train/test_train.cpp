@@ -263,6 +263,15 @@ TEST_CASE("checkpointing policies: recomputed blocks give the gradients of kept 
     MESSAGE("max gradient rel err vs no checkpointing: ", worst);
     CHECK(worst <= 1e-6);
   }
+  // Selective (fp32): the same ATen ops in backward (model/selective.hpp), a norm's input gradients added in another
+  // order: fp32 rounding.
+  const auto selective = grads_of(checkpointing::Selective{});
+  REQUIRE(selective.size() == none.size());
+  double worst = 0;
+  for (size_t u = 0; u < none.size(); ++u) worst = std::max(worst, test::rel_err(selective[u], none[u]));
+  MESSAGE("selective: max gradient rel err vs no checkpointing: ", worst);
+  CHECK(worst <= 1e-6);
+  CHECK(checkpointing::Selective::rules.name() == "selective");
   CHECK(checkpointing::EveryNth<2>::rules.name() == "every-2");
   CHECK(checkpointing::EveryNth<12>::rules.name() == "every-12");
 }
@@ -1002,7 +1011,7 @@ TEST_CASE("the planner replays the engine's schedule: the same gathers, releases
   int recipes = 0;
   for (bool tied : {false, true})
     for (const auto* s : {"none", "grad-op", "full", "hybrid"})
-      for (const auto* c : {"none", "every-block", "every-2"})
+      for (const auto* c : {"none", "every-block", "every-2", "selective"})
         for (const auto* off : {"none", "cpu"})
           for (const auto* p : {"fp32", "mixed-bf16", "pure-bf16"})
             for (int64_t accum : {1, 3}) {
@@ -1034,7 +1043,7 @@ TEST_CASE("the planner replays the engine's schedule: the same gathers, releases
               CHECK(trace.size() >= static_cast<size_t>(3 * (config.num_layers + 2)));  // forward, backward, reduce of each unit
               ++recipes;
             }
-  CHECK(recipes == 2 * 21 * 3 * 2);  // 21 sharding x checkpointing x offload combinations the engine serves, 3 precisions
+  CHECK(recipes == 2 * 28 * 3 * 2);  // 28 sharding x checkpointing x offload combinations the engine serves, 3 precisions
 }
 
 // ---- Hardening (docs/testing.md): checkpoint metadata and checksums, token files changed under a job, the host

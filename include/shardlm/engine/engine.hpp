@@ -96,6 +96,7 @@ class Engine {
     if (!engine_serves(rules.sharding, rules.offload))
       fail<ConfigError>("--offload ", rules.offload.name, " with --sharding ", rules.sharding.name, ": ",
                         SHARDLM_OFFLOAD_NEEDS_SHARDING);
+    model_.set_checkpointing(rules.checkpointing);  // what a kept block saves (the recomputed ones: schedule_)
     const auto& precision = rules.precision;
     const auto& frozen = options_.frozen();
     const size_t n = model_.num_units();

@@ -9,6 +9,9 @@
 #include <utility>
 #include <vector>
 
+#include "shardlm/core/errors.hpp"
+#include "shardlm/policy/policies.hpp"
+
 namespace shardlm::engine {
 
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
@@ -26,6 +29,9 @@ class UnitModel {
   /// A small tensor unit u's last forward left besides its output (a MoE block's router statistics), whose loss
   /// depends on every unit's; undefined when it left none.
   virtual at::Tensor take_side(size_t u) { (void)u; return {}; }
+  /// What the blocks keep for backward when their graph is kept (checkpointing::Rules::selective); the engine hands
+  /// its recipe's rules in. A model without the choice keeps what autograd keeps.
+  virtual void set_checkpointing(const checkpointing::Rules& rules) { (void)rules; }
 };
 
 /// A module with the members of UnitModel (take_side optional).
@@ -51,6 +57,11 @@ class UnitModelOf : public UnitModel {
   at::Tensor take_side(size_t u) override {
     if constexpr (requires { { m_.take_side(u) } -> std::same_as<at::Tensor>; }) return m_.take_side(u);
     else return UnitModel::take_side(u);
+  }
+  void set_checkpointing(const checkpointing::Rules& rules) override {
+    if constexpr (requires { m_.set_checkpointing(rules); }) m_.set_checkpointing(rules);
+    else if (rules.selective())
+      fail<ConfigError>("--checkpointing ", rules.name(), ": this model has no set_checkpointing (model::DecoderImpl has)");
   }
 
  private:

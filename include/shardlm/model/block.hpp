@@ -15,6 +15,7 @@
 #include "shardlm/model/adapter.hpp"
 #include "shardlm/model/layers.hpp"
 #include "shardlm/model/loss.hpp"
+#include "shardlm/policy/policies.hpp"
 
 namespace shardlm::model {
 
@@ -29,14 +30,40 @@ class TransformerBlockImpl : public torch::nn::Module {
         ffn(register_module(FeedForward::ContainedType::hf_name, FeedForward(c, opts))) {}
 
   at::Tensor forward(const at::Tensor& x, const ops::Rope& rope) {  // [B, T, C] -> [B, T, C]
+    if (selective_) return forward_selective(x, rope);
     const auto h = x + attn->forward(input_layernorm->forward(x), rope);
     return h + ffn->forward(post_attention_layernorm->forward(h));
+  }
+
+  /// The same math keeping for backward only the matmul and attention outputs and each norm's input
+  /// (checkpointing::Selective; model/selective.hpp). A feed-forward without forward_selective (the MoE, whose own
+  /// nodes keep what its experts need) reads a norm that keeps only its input.
+  at::Tensor forward_selective(const at::Tensor& x, const ops::Rope& rope) {
+    const auto h = x + attn->forward_selective(x, *input_layernorm, rope);
+    if constexpr (requires { ffn->forward_selective(h, *post_attention_layernorm); })
+      return h + ffn->forward_selective(h, *post_attention_layernorm);
+    else
+      return h + ffn->forward(post_attention_layernorm->forward_saving_input(h));
+  }
+
+  /// What the block keeps for backward when its graph is kept: checkpointing::Rules::selective() or everything.
+  void set_checkpointing(const checkpointing::Rules& rules) {
+    if (rules.selective() && has_adapter())
+      fail<ConfigError>("--checkpointing ", rules.name(), ": ", SHARDLM_SELECTIVE_NEEDS_FULL_FT);
+    selective_ = rules.selective();
+  }
+  bool has_adapter() const {
+    if constexpr (requires { ffn->has_adapter(); }) return attn->has_adapter() || ffn->has_adapter();
+    else return attn->has_adapter();
   }
 
   Norm input_layernorm;
   Attention attn;
   Norm post_attention_layernorm;
   FeedForward ffn;
+
+ private:
+  bool selective_ = false;
 };
 template <class Attention, class FeedForward, class Norm>
 using TransformerBlock = torch::nn::ModuleHolder<TransformerBlockImpl<Attention, FeedForward, Norm>>;
@@ -125,6 +152,14 @@ class DecoderImpl : public torch::nn::Module {
     return head(x);
   }
 
+  /// What each block keeps for backward (the engine hands its recipe's checkpointing rules in: engine/unit_model.hpp).
+  /// With Selective, a model with adapters is refused (SHARDLM_SELECTIVE_NEEDS_FULL_FT).
+  void set_checkpointing(const checkpointing::Rules& rules) {
+    for (auto& layer : layers) layer->set_checkpointing(rules);
+    checkpointing_ = rules;
+  }
+  const checkpointing::Rules& checkpointing() const { return checkpointing_; }
+
   /// Unit u's side output of its last forward, handed over once: a MoE block's router statistics
   /// (model/moe.hpp), undefined for every other unit. The engine back-propagates a gradient into it.
   at::Tensor take_side(size_t u) {
@@ -149,6 +184,8 @@ class DecoderImpl : public torch::nn::Module {
   /// each target must name some layer of this model.
   void add_adapters(const AdapterConfig& a) {
     a.validate();
+    if (a.active() && checkpointing_.selective())
+      fail<ConfigError>("--adapter with --checkpointing ", checkpointing_.name(), ": ", SHARDLM_SELECTIVE_NEEDS_FULL_FT);
     adapter_ = a;
     if (!a.active()) return;
     const auto names = a.target_modules();
@@ -177,6 +214,7 @@ class DecoderImpl : public torch::nn::Module {
  private:
   ModelConfig config_;
   AdapterConfig adapter_;
+  checkpointing::Rules checkpointing_ = checkpointing::None::rules;
   at::Tensor loss_targets_;  // set_loss_targets, for the next forward of the head
   int64_t loss_chunk_ = 0;
   double loss_grad_scale_ = 1.0;

@@ -8,6 +8,7 @@
 
 #include "shardlm/model/config.hpp"
 #include "shardlm/model/ops.hpp"
+#include "shardlm/model/selective.hpp"
 
 namespace shardlm::model {
 
@@ -70,6 +71,9 @@ class RMSNormImpl : public torch::nn::Module {
   RMSNormImpl(const ModelConfig& c, const at::TensorOptions& opts)
       : weight(register_parameter("weight", at::empty({c.hidden_size}, opts))), eps_(c.rms_norm_eps) {}
   at::Tensor forward(const at::Tensor& x) { return ops::rms_norm(x, weight, eps_); }
+  /// The same output, keeping only x for backward (checkpointing::Selective; the norm recomputed in backward).
+  at::Tensor forward_saving_input(const at::Tensor& x) { return ops::rms_norm_saving_input(x, weight, eps_); }
+  double eps() const { return eps_; }
   at::Tensor weight;
 
  private:
@@ -92,6 +96,20 @@ class GroupedQueryAttentionImpl : public torch::nn::Module {
     return o_proj->forward(ops::attention_heads(q_proj->forward(x), k_proj->forward(x), v_proj->forward(x), rope,
                                                 num_heads_, num_kv_heads_, head_dim_));
   }
+  /// forward(norm(x)) keeping only the matmul and attention outputs (checkpointing::Selective): the norm fused with
+  /// q, k and v (model/selective.hpp), RoPE keeping nothing, the output projection reading SDPA's own output.
+  template <class Norm>
+  at::Tensor forward_selective(const at::Tensor& x, Norm& norm, const ops::Rope& rope) {
+    auto qkv = ops::rms_norm_linear(x, norm.weight, norm.eps(), {q_proj->weight, k_proj->weight, v_proj->weight});
+    if (q_proj->bias.defined())
+      qkv[0] = qkv[0] + q_proj->bias, qkv[1] = qkv[1] + k_proj->bias, qkv[2] = qkv[2] + v_proj->bias;
+    const auto y = ops::attention_heads_selective(qkv[0], qkv[1], qkv[2], rope, num_heads_, num_kv_heads_, head_dim_);
+    const auto out = ops::heads_linear(y, o_proj->weight);  // [B, T, C]
+    return o_proj->bias.defined() ? out + o_proj->bias : out;
+  }
+  bool has_adapter() const {
+    return q_proj->has_adapter() || k_proj->has_adapter() || v_proj->has_adapter() || o_proj->has_adapter();
+  }
   Linear q_proj, k_proj, v_proj, o_proj;
 
  private:
@@ -111,6 +129,15 @@ class SwiGLUImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x) {
     return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
   }
+  /// forward(norm(x)) keeping only x, gate and up (checkpointing::Selective, model/selective.hpp).
+  template <class Norm>
+  at::Tensor forward_selective(const at::Tensor& x, Norm& norm) {
+    auto gu = ops::rms_norm_linear(x, norm.weight, norm.eps(), {gate_proj->weight, up_proj->weight});  // [B, T, I] x 2
+    if (gate_proj->bias.defined()) gu[0] = gu[0] + gate_proj->bias, gu[1] = gu[1] + up_proj->bias;
+    const auto out = ops::swiglu_down(gu[0], gu[1], down_proj->weight);  // [B, T, C]
+    return down_proj->bias.defined() ? out + down_proj->bias : out;
+  }
+  bool has_adapter() const { return gate_proj->has_adapter() || up_proj->has_adapter() || down_proj->has_adapter(); }
   Linear gate_proj, up_proj, down_proj;
 };
 TORCH_MODULE(SwiGLU);

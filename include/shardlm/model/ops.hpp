@@ -11,10 +11,14 @@
 
 namespace shardlm::model::ops {
 
+/// RMSNorm's normalization as transformers computes it: in fp32, cast back to x's dtype (before the weight).
+inline at::Tensor rms_normalize(const at::Tensor& x, double eps) {
+  return at::rms_norm(x.to(at::kFloat), {x.size(-1)}, std::nullopt, eps).to(x.scalar_type());
+}
+
 /// RMSNorm as transformers computes it: normalize in fp32, cast back, then scale by the weight.
 inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const auto normed = at::rms_norm(x.to(at::kFloat), {x.size(-1)}, std::nullopt, eps);
-  return weight * normed.to(x.scalar_type());
+  return weight * rms_normalize(x, eps);
 }
 
 /// Inverse frequencies of the rotary embedding, [D/2], fp32, with the configured frequency scaling.

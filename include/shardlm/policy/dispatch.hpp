@@ -72,9 +72,9 @@ inline adapter::Rules adapter_named(std::string_view value) {
   fail<ConfigError>("--adapter '", value, "' is not an adapter: use none, lora or dora");
 }
 
-/// --checkpointing none|every-block|every-K: EveryNth<K>'s rules for any K >= 1.
+/// --checkpointing none|every-block|every-K|selective: EveryNth<K>'s rules for any K >= 1.
 inline checkpointing::Rules checkpointing_named(std::string_view value) {
-  for (const auto& r : {checkpointing::None::rules, checkpointing::EveryBlock::rules})
+  for (const auto& r : {checkpointing::None::rules, checkpointing::EveryBlock::rules, checkpointing::Selective::rules})
     if (value == r.name()) return r;
   if (value.starts_with("every-")) {
     const std::string digits(value.substr(6));
@@ -83,7 +83,7 @@ inline checkpointing::Rules checkpointing_named(std::string_view value) {
       if (k >= 1) return checkpointing::Rules{k};
     }
   }
-  fail<ConfigError>("--checkpointing '", value, "' is not a checkpointing policy: use none, every-block or every-K (K >= 1)");
+  fail<ConfigError>("--checkpointing '", value, "' is not a checkpointing policy: use none, every-block, every-K (K >= 1) or selective");
 }
 
 /// The recipe the policy flags name; a combination the engine refuses is a ConfigError with the static_assert's
@@ -94,6 +94,8 @@ inline RecipeRules recipe_named(std::string_view sharding, std::string_view prec
                 precision_named(precision),     adapter_named(adapter),             quant::rules_named(quant)};
   if (!engine_serves(r.sharding, r.offload))
     fail<ConfigError>("--offload ", offload, " with --sharding ", sharding, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
+  if (!model_serves(r.checkpointing, r.adapter))
+    fail<ConfigError>("--checkpointing ", checkpointing, " with --adapter ", adapter, ": ", SHARDLM_SELECTIVE_NEEDS_FULL_FT);
   return r;
 }
 

@@ -62,23 +62,39 @@ struct HybridShard { static constexpr Rules rules{"hybrid", false, true, Group::
 }  // namespace sharding
 
 namespace checkpointing {
-/// Which blocks are recomputed in backward (their activations are not kept from the forward).
+/// What a block whose graph is kept (not recomputed whole) saves for backward.
+enum class Saved {
+  everything,      ///< what autograd saves over the plain ops: every elementwise op's inputs and outputs too
+  matmul_outputs,  ///< the matmul and attention outputs and each RMSNorm's input: the normalized
+                   ///< inputs of the projections and SwiGLU's silu(gate) * up are recomputed in backward
+};
+/// Which blocks are recomputed in backward (their activations are not kept from the forward), and what the others
+/// save.
 struct Rules {
   int every;  ///< 0: none; k: blocks 0, k, 2k, ... (every-block: k = 1)
+  Saved saved = Saved::everything;
   constexpr bool recomputes(int64_t block) const { return every > 0 && block % every == 0; }
-  /// none, every-block or every-K (the --checkpointing values).
-  std::string name() const { return every == 0 ? "none" : every == 1 ? "every-block" : "every-" + std::to_string(every); }
+  /// Whether a kept block saves only its matmul outputs (model/selective.hpp's autograd nodes).
+  constexpr bool selective() const { return saved == Saved::matmul_outputs; }
+  /// none, every-block, every-K or selective (the --checkpointing values).
+  std::string name() const {
+    if (selective()) return "selective";  // Selective's every is 0: no tag recomputes whole blocks beside it
+    return every == 0 ? "none" : every == 1 ? "every-block" : "every-" + std::to_string(every);
+  }
 };
 /// Keep every activation for backward.
 struct None { static constexpr Rules rules{0}; };
 /// Recompute each block in backward.
 struct EveryBlock { static constexpr Rules rules{1}; };
-/// Recompute every k-th block (selective checkpointing).
+/// Recompute every k-th block (the others keep every activation).
 template <int K>
 struct EveryNth {
   static_assert(K >= 1, "EveryNth<k> needs k >= 1: EveryNth<1> is EveryBlock");
   static constexpr Rules rules{K};
 };
+/// Selective activation checkpointing: no block is recomputed whole; each keeps its matmul and attention outputs and
+/// recomputes the cheap elementwise ops (RMSNorm's output, SwiGLU's product) in backward.
+struct Selective { static constexpr Rules rules{0, Saved::matmul_outputs}; };
 }  // namespace checkpointing
 
 namespace precision {
@@ -181,6 +197,12 @@ struct RecipeRules {
 /// Whether the engine serves a recipe's combination of sharding and offload.
 constexpr bool engine_serves(const sharding::Rules& s, const offload::Rules& o) { return !o.host || s.shards_state(); }
 
+#define SHARDLM_SELECTIVE_NEEDS_FULL_FT                                                                        \
+  "checkpointing::Selective fuses each RMSNorm with the plain projections that read it, which an adapter's "  \
+  "LoRA/DoRA path would bypass: with adapter::LoRA or DoRA use checkpointing::None, EveryBlock or EveryNth<K>"
+/// Whether the model serves a recipe's combination of checkpointing and adapter.
+constexpr bool model_serves(const checkpointing::Rules& c, const adapter::Rules& a) { return !c.selective() || !a.active(); }
+
 namespace detail {
 template <class T, template <class> class IsFamily, class Default, class... Ps>
 struct pick;
@@ -229,6 +251,7 @@ struct Policies {
                 "quant::Int4 and quant::FP8 store the frozen base quantized: name adapter::LoRA or adapter::DoRA too "
                 "(full fine-tuning trains every weight, so nothing is frozen)");
   static_assert(engine_serves(Sharding::rules, Offload::rules), SHARDLM_OFFLOAD_NEEDS_SHARDING);
+  static_assert(model_serves(Checkpointing::rules, Adapter::rules), SHARDLM_SELECTIVE_NEEDS_FULL_FT);
 
   /// The recipe as values (the quantization tag is complete by the time this is called: shardlm.hpp).
   static constexpr RecipeRules rules() {

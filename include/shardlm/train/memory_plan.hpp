@@ -95,7 +95,8 @@ struct MemoryPlan {
 
 namespace detail {
 
-/// Bytes per token that autograd keeps for one block in forward (CUDA kernels), including the block's input.
+/// Bytes per token that autograd keeps for one block in forward (CUDA kernels), including the block's input, as the
+/// block saves with checkpointing rules `ck` (what a block that is not recomputed keeps).
 /// c = compute dtype size. Per block: input x (c H); RMSNorm 1 saves its fp32 input (4 H unless the compute
 /// dtype is fp32: then it is x itself) and the normalized output (c H); the projections save their input
 /// (c H); flash attention saves rotated q, k, v and its output (c (2 Hq + 2 Hkv)) and the fp32 log-sum-exp
@@ -103,13 +104,19 @@ namespace detail {
 /// input and output (4 H + c H); the MLP saves its input (c H), gate, up, silu(gate) and their product (4 c I).
 /// A MoE block instead saves its input, per pick (k per token) the sorted input and the expert output (2 c H) and
 /// the expert's intermediates (4 c I), and the router's logits and fp32 probabilities (c E + 8 E).
-inline double block_activation_bytes_per_token(const model::ModelConfig& m, double c) {
+/// Selective (model/selective.hpp): the input x (RMSNorm 1's input); attention as above, the output projection
+/// reading SDPA's own output (0); RMSNorm 2's input h (c H); gate and up (2 c I), or the MoE
+/// block's own as above.
+inline double block_activation_bytes_per_token(const model::ModelConfig& m, double c, const checkpointing::Rules& ck) {
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
-  const double norm1 = (c == 4 ? 0 : 4 * H) + c * H, norm2 = 4 * H + c * H;
   const double k = static_cast<double>(m.num_experts_per_tok), E = static_cast<double>(m.num_experts);
-  const double mlp = m.is_moe() ? c * H + k * (2 * c * H + 4 * c * I) + (c + 8) * E : c * H + 4 * c * I;
-  return c * H + norm1 + c * H + c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads) + c * Hq + norm2 + mlp;
+  const double moe = c * H + k * (2 * c * H + 4 * c * I) + (c + 8) * E;
+  const double attention = c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads);
+  if (ck.selective()) return c * H + attention + c * H + (m.is_moe() ? moe : 2 * c * I);
+  const double norm1 = (c == 4 ? 0 : 4 * H) + c * H, norm2 = 4 * H + c * H;
+  const double mlp = m.is_moe() ? moe : c * H + 4 * c * I;
+  return c * H + norm1 + c * H + attention + c * Hq + norm2 + mlp;
 }
 
 /// Bytes per token the head keeps for backward besides the loss: the final RMSNorm (as in a block) and the
@@ -152,9 +159,12 @@ inline double fused_loss_chunk_per_token(const model::ModelConfig& m, double c) 
 
 /// Extra bytes per token while a block's backward starts: the incoming gradient (c H) and the first gradients
 /// of the MLP's intermediate (the product's, then silu's and up's: 3 c I; k times for a MoE block's k picks).
-inline double block_backward_extra_per_token(const model::ModelConfig& m, double c) {
+/// Selective: the product's gradient, silu(gate) recomputed (or its product with up, for the down projection's
+/// weight), up's gradient, then gate's and the product of its making (4 c I).
+inline double block_backward_extra_per_token(const model::ModelConfig& m, double c, const checkpointing::Rules& ck) {
   const double picks = m.is_moe() ? static_cast<double>(m.num_experts_per_tok) : 1.0;
-  return c * static_cast<double>(m.hidden_size) + 3 * c * picks * static_cast<double>(m.intermediate_size);
+  const double intermediates = ck.selective() && !m.is_moe() ? 4 : 3;
+  return c * static_cast<double>(m.hidden_size) + intermediates * c * picks * static_cast<double>(m.intermediate_size);
 }
 
 /// Extra bytes, over a MoE block's kept activations, when its backward reaches the experts' first projection (the
@@ -244,6 +254,9 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     fail<ConfigError>("world size ", in.world_size, " is not divisible by the shard group size ", plan.shard_group);
   if (!engine_serves(r.sharding, r.offload))
     fail<ConfigError>("--offload ", r.offload.name, " with --sharding ", r.sharding.name, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
+  if (!model_serves(r.checkpointing, r.adapter))
+    fail<ConfigError>("--checkpointing ", r.checkpointing.name(), " with --adapter ", r.adapter.name, ": ",
+                      SHARDLM_SELECTIVE_NEEDS_FULL_FT);
   const int64_t G = plan.shard_group;
   plan.params = m.num_params();
 
@@ -292,7 +305,8 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   const double state_gpu = offload ? shard_total * c : shard_total * state_per;
   const double workspace = 2 * 32.0 * (1 << 20);
   const double blk_full =
-      (detail::block_activation_bytes_per_token(m, c) + detail::block_adapter_activation_bytes_per_token(in, c)) * tokens;
+      (detail::block_activation_bytes_per_token(m, c, r.checkpointing) + detail::block_adapter_activation_bytes_per_token(in, c)) *
+      tokens;
   const double blk_input = c * static_cast<double>(H) * tokens;
 
   // Replay: live bytes per category; every event compares the total with the peak so far.
@@ -366,9 +380,9 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
         live.logits = 0;
       } else if (u > 0) {
         if (recomputed) live.acts += blk_full - blk_input;
-        live.grads += detail::block_backward_extra_per_token(m, c) * tokens;
+        live.grads += detail::block_backward_extra_per_token(m, c, r.checkpointing) * tokens;
         event("backward of block " + std::to_string(u - 1));
-        live.grads -= detail::block_backward_extra_per_token(m, c) * tokens;
+        live.grads -= detail::block_backward_extra_per_token(m, c, r.checkpointing) * tokens;
         if (!r.adapter.active() && m.is_moe()) {
           const double experts = detail::moe_expert_backward_extra(m, c, tokens);
           live.grads += experts;

@@ -174,7 +174,7 @@ struct PolicyOptions {
   SHARDLM_ARG(std::string, sharding) = "full";
   /// fp32, mixed-bf16 or pure-bf16.
   SHARDLM_ARG(std::string, precision) = "fp32";
-  /// none, every-block or every-K.
+  /// none, every-block, every-K or selective.
   SHARDLM_ARG(std::string, checkpointing) = "none";
   /// none or cpu.
   SHARDLM_ARG(std::string, offload) = "none";
@@ -390,7 +390,7 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
     auto& p = o.policy();
     opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(p.precision()))(
         "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(p.sharding()))(
-        "checkpointing", "none, every-block or every-K (recompute every K-th block in backward)", s(p.checkpointing()))(
+        "checkpointing", "none, every-block or every-K (recompute every K-th block in backward), or selective (keep only the matmul outputs)", s(p.checkpointing()))(
         "offload", "none or cpu", s(p.offload()));
   }
   if (extra) extra(opts);
