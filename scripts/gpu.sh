@@ -36,7 +36,8 @@
 #   dense1  one GPU, Llama3-8B dims with 4 layers, seq 4096, micro-batch 2, mixed-bf16: ours, the step benchmark of
 #           BASE_BUILD (another tree) and the peer eager, with torch.compile on each layer, and compiled with
 #           Liger-Kernel (.deps/whl/liger_kernel-*.whl installed into $OUT/site when carried), then 8 layers with and
-#           without block recompute
+#           without block recompute and with selective recompute
+#   recompute8  those 8-layer runs alone: none, selective, every-block (and 4 layers selective)
 #   smoke   the merged tree's training state on one GPU over NCCL: llama3-debug (byte text) with CPU offload and each host
 #           step, checkpoints saved synchronously and asynchronously, resumed, one shard flipped and refused
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
@@ -310,8 +311,17 @@ dense1() {  # the one-GPU dense comparison of issue 28 (see the phase list above
     PYTHONPATH=$OUT/site peer "peer_4L_1gpu_compile_liger" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 8 --compile --liger
   fi
   ours "ours_4L_1gpu_again" 1 $common
+  ours "ours_4L_1gpu_selective" 1 $common --checkpointing selective
   ours "ours_8L_1gpu" 1 ${common/--layers 4/--layers 8}
   ours "ours_8L_1gpu_every_block" 1 ${common/--layers 4/--layers 8} --checkpointing every-block
+  ours "ours_8L_1gpu_selective" 1 ${common/--layers 4/--layers 8} --checkpointing selective
+}
+recompute8() {  # Llama3-8B dims with 8 layers on one GPU: no recompute, selective, every block (dense1's last runs)
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --layers 8 --steps 10"
+  ours "ours_8L_1gpu" 1 $common
+  ours "ours_8L_1gpu_selective" 1 $common --checkpointing selective
+  ours "ours_8L_1gpu_every_block" 1 $common --checkpointing every-block
+  ours "ours_4L_1gpu_selective" 1 ${common/--layers 8/--layers 4} --checkpointing selective
 }
 
 smoke() {  # small runs on one GPU that touch the checkpoint's checksums over NCCL, the host steps and a resume
