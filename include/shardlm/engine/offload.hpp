@@ -214,13 +214,17 @@ class DeviceShards final : public ShardStorage {
       scale = at::full({}, 1.0 / s.clip_coef, at::TensorOptions().device(device_).dtype(at::kFloat));
     for (auto [runs, weight_decay] : {std::pair<Runs*, double>{&decayed_, hyper_.weight_decay()}, {&plain_, 0.0}}) {
       if (runs->params.empty()) continue;
+      if (runs->grads.front().scalar_type() == precision_.master) {
+        compat::fused_adamw(runs->params, runs->grads, runs->exp_avg, runs->exp_avg_sq, runs->steps, s.lr,
+                            hyper_.beta1(), hyper_.beta2(), weight_decay, hyper_.eps(), scale);
+        continue;
+      }
       // The fused kernel takes gradients in the masters' dtype: compute-dtype shards (nothing reduced) are widened,
-      // exactly, one step's copy (the CPU, or a GPU without the kernel).
-      std::vector<at::Tensor> widened;
-      if (runs->grads.front().scalar_type() != precision_.master)
-        for (const auto& g : runs->grads) widened.push_back(g.to(precision_.master));
-      compat::fused_adamw(runs->params, widened.empty() ? runs->grads : widened, runs->exp_avg, runs->exp_avg_sq,
-                          runs->steps, s.lr, hyper_.beta1(), hyper_.beta2(), weight_decay, hyper_.eps(), scale);
+      // exactly, one run at a time (the CPU, or a GPU without the kernel), so the copy is one run's, not the model's.
+      for (size_t i = 0; i < runs->params.size(); ++i)
+        compat::fused_adamw({runs->params[i]}, {runs->grads[i].to(precision_.master)}, {runs->exp_avg[i]},
+                            {runs->exp_avg_sq[i]}, {runs->steps[i]}, s.lr, hyper_.beta1(), hyper_.beta2(), weight_decay,
+                            hyper_.eps(), scale);
     }
   }
 
