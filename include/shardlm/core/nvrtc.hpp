@@ -26,6 +26,12 @@
 
 namespace shardlm::nvrtc {
 
+/// A header a program includes by name (beside "shardlm_bf16.cuh", which every program may include).
+struct Header {
+  const char* name = nullptr;
+  const char* source = nullptr;
+};
+
 /// A kernel source and the name NVRTC gives it in its messages.
 struct Program {
   const char* name;
@@ -33,6 +39,8 @@ struct Program {
   /// Contract a * b + c into fused multiply-adds (nvcc's default, which ATen's kernels are built with): for a kernel
   /// that must round as an ATen kernel does. Off by default: the project's kernels round as their CPU references.
   bool fmad = false;
+  /// A header of its own (code that two programs compiled with different options share), if any.
+  Header header = {};
 };
 
 /// A header every program may include as "shardlm_bf16.cuh": bf16 as raw uint16, read exactly and written with
@@ -149,9 +157,10 @@ inline std::string cu_error(int r) {
 inline std::string compile(const Program& program, int arch) {
   const auto& a = api();
   Api::nvrtcProgram prog = nullptr;
-  const char* headers[] = {bf16_header};
-  const char* header_names[] = {"shardlm_bf16.cuh"};
-  if (int r = a.nvrtcCreateProgram(&prog, program.source, program.name, 1, headers, header_names); r != 0)
+  const char* headers[] = {bf16_header, program.header.source};
+  const char* header_names[] = {"shardlm_bf16.cuh", program.header.name};
+  const int header_count = program.header.source ? 2 : 1;
+  if (int r = a.nvrtcCreateProgram(&prog, program.source, program.name, header_count, headers, header_names); r != 0)
     throw std::runtime_error(std::string("nvrtcCreateProgram: ") + a.nvrtcGetErrorString(r));
   const std::string arch_flag = "--gpu-architecture=sm_" + std::to_string(arch);
   const char* opts[] = {arch_flag.c_str(), "--std=c++17", program.fmad ? "--fmad=true" : "--fmad=false"};
@@ -175,6 +184,15 @@ inline std::string compile(const Program& program, int arch) {
 }
 
 }  // namespace detail
+
+/// `program` compiled for sm_<arch> with NVRTC alone (no device, no driver): the check, on a machine without a GPU,
+/// that a source compiles. Returns the cubin's size in bytes; throws with NVRTC's log, or when NVRTC cannot be opened.
+inline size_t compile_for_arch(const Program& program, int arch) {
+  const auto& a = detail::api();
+  if (!a.nvrtcCreateProgram || !a.nvrtcCompileProgram || !a.nvrtcGetCUBIN)
+    throw std::runtime_error("NVRTC could not be opened (" + a.error + ")");
+  return detail::compile(program, arch).size();
+}
 
 /// Kernel `kernel` of `program` on `device`: the program compiled for the device's architecture on first use (once
 /// per process), its module loaded once per device. Throws on failure.
