@@ -44,6 +44,18 @@ inline ExpertKernel expert_kernel_named(std::string_view s) {
   fail<ConfigError>("--moe-kernel '", s, "': use auto, loop, padded or grouped");
 }
 
+/// How a block's RMSNorm, SwiGLU and RoPE compute on bf16 CUDA tensors. `fused`: the project's CUDA kernels, one per
+/// op and direction (model/block_kernels.hpp); `aten`: the ATen ops (model/ops.hpp), which CPU tensors and other
+/// dtypes always take. Both round alike (block_kernels.hpp says where the kernels' row sums may differ by a rounding).
+enum class BlockKernels { fused, aten };
+
+/// --block-kernels fused|aten.
+inline BlockKernels block_kernels_named(std::string_view s) {
+  if (s == "fused") return BlockKernels::fused;
+  if (s == "aten") return BlockKernels::aten;
+  fail<ConfigError>("--block-kernels '", s, "': use fused or aten");
+}
+
 /// The largest sizes a config may declare: far beyond any released model (Llama 3.1 405B: hidden 16384, intermediate
 /// 53248, 126 layers, 128 heads, a vocabulary of 128256), and small enough that every tensor's element count and the
 /// parameter count fit int64 with room to spare, so no product computed from a config.json can overflow.
@@ -83,6 +95,7 @@ struct ModelConfig {
   double router_z_loss_coef = 0.0;    ///< weight of the router z-loss (shardlm's; transformers' Mixtral has none)
   int64_t sliding_window = 0;         ///< 0: none; sequences longer than it are rejected (not implemented)
   ExpertKernel expert_kernel = ExpertKernel::automatic;  ///< how the experts compute (a run-time choice, not config.json's)
+  BlockKernels block_kernels = BlockKernels::fused;      ///< how norms, SwiGLU and RoPE compute (run time, not config.json's)
 
   bool is_moe() const { return num_experts > 0; }
 

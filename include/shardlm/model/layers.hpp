@@ -69,15 +69,18 @@ TORCH_MODULE(Embedding);
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(const ModelConfig& c, const at::TensorOptions& opts)
-      : weight(register_parameter("weight", at::empty({c.hidden_size}, opts))), eps_(c.rms_norm_eps) {}
-  at::Tensor forward(const at::Tensor& x) { return ops::rms_norm(x, weight, eps_); }
+      : weight(register_parameter("weight", at::empty({c.hidden_size}, opts))), eps_(c.rms_norm_eps),
+        kernels_(c.block_kernels) {}
+  at::Tensor forward(const at::Tensor& x) { return ops::rms_norm(x, weight, eps_, kernels_); }
   /// The same output, keeping only x for backward (checkpointing::Selective; the norm recomputed in backward).
-  at::Tensor forward_saving_input(const at::Tensor& x) { return ops::rms_norm_saving_input(x, weight, eps_); }
+  at::Tensor forward_saving_input(const at::Tensor& x) { return ops::rms_norm_saving_input(x, weight, eps_, kernels_); }
   double eps() const { return eps_; }
+  BlockKernels kernels() const { return kernels_; }
   at::Tensor weight;
 
  private:
   double eps_;
+  BlockKernels kernels_;
 };
 TORCH_MODULE(RMSNorm);
 
@@ -89,21 +92,23 @@ class GroupedQueryAttentionImpl : public torch::nn::Module {
         k_proj(register_module("k_proj", Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias, opts))),
         v_proj(register_module("v_proj", Linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias, opts))),
         o_proj(register_module("o_proj", Linear(c.num_heads * c.head_dim, c.hidden_size, c.attention_bias, opts))),
-        num_heads_(c.num_heads), num_kv_heads_(c.num_kv_heads), head_dim_(c.head_dim) {}
+        num_heads_(c.num_heads), num_kv_heads_(c.num_kv_heads), head_dim_(c.head_dim), kernels_(c.block_kernels) {}
   static constexpr const char* hf_name = "self_attn";
 
   at::Tensor forward(const at::Tensor& x, const ops::Rope& rope) {
     return o_proj->forward(ops::attention_heads(q_proj->forward(x), k_proj->forward(x), v_proj->forward(x), rope,
-                                                num_heads_, num_kv_heads_, head_dim_));
+                                                num_heads_, num_kv_heads_, head_dim_, kernels_));
   }
   /// forward(norm(x)) keeping only the matmul and attention outputs (checkpointing::Selective): the norm fused with
   /// q, k and v (model/selective.hpp), RoPE keeping nothing, the output projection reading SDPA's own output.
   template <class Norm>
   at::Tensor forward_selective(const at::Tensor& x, Norm& norm, const ops::Rope& rope) {
-    auto qkv = ops::rms_norm_linear(x, norm.weight, norm.eps(), {q_proj->weight, k_proj->weight, v_proj->weight});
+    auto qkv = ops::rms_norm_linear(x, norm.weight, norm.eps(), {q_proj->weight, k_proj->weight, v_proj->weight},
+                                    norm.kernels());
     if (q_proj->bias.defined())
       qkv[0] = qkv[0] + q_proj->bias, qkv[1] = qkv[1] + k_proj->bias, qkv[2] = qkv[2] + v_proj->bias;
-    const auto y = ops::attention_heads_selective(qkv[0], qkv[1], qkv[2], rope, num_heads_, num_kv_heads_, head_dim_);
+    const auto y = ops::attention_heads_selective(qkv[0], qkv[1], qkv[2], rope, num_heads_, num_kv_heads_, head_dim_,
+                                                  kernels_);
     const auto out = ops::heads_linear(y, o_proj->weight);  // [B, T, C]
     return o_proj->bias.defined() ? out + o_proj->bias : out;
   }
@@ -114,6 +119,7 @@ class GroupedQueryAttentionImpl : public torch::nn::Module {
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
+  BlockKernels kernels_;
 };
 TORCH_MODULE(GroupedQueryAttention);
 
@@ -123,22 +129,27 @@ class SwiGLUImpl : public torch::nn::Module {
   SwiGLUImpl(const ModelConfig& c, const at::TensorOptions& opts)
       : gate_proj(register_module("gate_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, opts))),
         up_proj(register_module("up_proj", Linear(c.hidden_size, c.intermediate_size, c.mlp_bias, opts))),
-        down_proj(register_module("down_proj", Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, opts))) {}
+        down_proj(register_module("down_proj", Linear(c.intermediate_size, c.hidden_size, c.mlp_bias, opts))),
+        kernels_(c.block_kernels) {}
   static constexpr const char* hf_name = "mlp";
 
   at::Tensor forward(const at::Tensor& x) {
-    return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
+    return down_proj->forward(ops::swiglu_product(gate_proj->forward(x), up_proj->forward(x), kernels_));
   }
   /// forward(norm(x)) keeping only x, gate and up (checkpointing::Selective, model/selective.hpp).
   template <class Norm>
   at::Tensor forward_selective(const at::Tensor& x, Norm& norm) {
-    auto gu = ops::rms_norm_linear(x, norm.weight, norm.eps(), {gate_proj->weight, up_proj->weight});  // [B, T, I] x 2
+    auto gu = ops::rms_norm_linear(x, norm.weight, norm.eps(), {gate_proj->weight, up_proj->weight},
+                                   norm.kernels());  // [B, T, I] x 2
     if (gate_proj->bias.defined()) gu[0] = gu[0] + gate_proj->bias, gu[1] = gu[1] + up_proj->bias;
-    const auto out = ops::swiglu_down(gu[0], gu[1], down_proj->weight);  // [B, T, C]
+    const auto out = ops::swiglu_down(gu[0], gu[1], down_proj->weight, kernels_);  // [B, T, C]
     return down_proj->bias.defined() ? out + down_proj->bias : out;
   }
   bool has_adapter() const { return gate_proj->has_adapter() || up_proj->has_adapter() || down_proj->has_adapter(); }
   Linear gate_proj, up_proj, down_proj;
+
+ private:
+  BlockKernels kernels_;
 };
 TORCH_MODULE(SwiGLU);
 

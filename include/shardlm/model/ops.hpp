@@ -1,12 +1,15 @@
 #pragma once
-// The math of one Llama block, as plain functions of tensors. Shapes:
+// The math of one Llama block, as plain functions of tensors: the ATen ops, and with BlockKernels::fused the
+// project's CUDA kernels for bf16 GPU tensors (model/block_kernels.hpp, rounding as the ATen ops). Shapes:
 //   B = batch, T = time, C = hidden size, H = query heads, Hkv = key/value heads, D = head dim, V = vocab.
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <numbers>
+#include <utility>
 
 #include "shardlm/core/compat.hpp"
+#include "shardlm/model/block_kernels.hpp"
 #include "shardlm/model/config.hpp"
 
 namespace shardlm::model::ops {
@@ -17,7 +20,9 @@ inline at::Tensor rms_normalize(const at::Tensor& x, double eps) {
 }
 
 /// RMSNorm as transformers computes it: normalize in fp32, cast back, then scale by the weight.
-inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                           BlockKernels kernels = BlockKernels::aten) {
+  if (fused::serve_rms_norm(kernels, x, weight)) return fused::RmsNormFunction::apply(x, weight, eps);
   return weight * rms_normalize(x, eps);
 }
 
@@ -58,16 +63,33 @@ inline at::Tensor apply_rope(const at::Tensor& x, const Rope& rope) {
   return x * rope.cos + rotated * rope.sin;
 }
 
+/// RoPE on queries [B, H, T, D] and keys [B, Hkv, T, D]: apply_rope on each, or one kernel for both.
+inline std::pair<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k, const Rope& rope,
+                                                 BlockKernels kernels = BlockKernels::aten) {
+  if (fused::serve(kernels, q)) {
+    const auto qk = fused::RopeFunction::apply(q, k, rope.cos, rope.sin);  // [B, T, heads, D] each
+    return {qk[0].transpose(1, 2), qk[1].transpose(1, 2)};
+  }
+  return {apply_rope(q, rope), apply_rope(k, rope)};
+}
+
+/// SwiGLU's activation silu(gate) * up.
+inline at::Tensor swiglu_product(const at::Tensor& gate, const at::Tensor& up, BlockKernels kernels = BlockKernels::aten) {
+  if (fused::serve(kernels, gate) && up.scalar_type() == gate.scalar_type())
+    return fused::SwiGLUFunction::apply(gate, up);
+  return at::silu(gate) * up;
+}
+
 /// Causal grouped-query attention of projected queries [B, T, H*D], keys and values [B, T, Hkv*D]:
 /// rotary positions, then softmax attention; returns [B, T, H*D] (before the output projection).
 inline at::Tensor attention_heads(const at::Tensor& q_proj, const at::Tensor& k_proj, const at::Tensor& v_proj,
-                                  const Rope& rope, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+                                  const Rope& rope, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  BlockKernels kernels = BlockKernels::aten) {
   const int64_t B = q_proj.size(0), T = q_proj.size(1);
-  auto q = q_proj.view({B, T, num_heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
-  auto k = k_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
-  auto v = v_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
-  q = apply_rope(q, rope);
-  k = apply_rope(k, rope);
+  const auto q_heads = q_proj.view({B, T, num_heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
+  const auto k_heads = k_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
+  const auto v = v_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);        // [B, Hkv, T, D]
+  const auto [q, k] = rope_qk(q_heads, k_heads, rope, kernels);
   const auto y = compat::causal_attention(q, k, v);                       // [B, H, T, D]
   return y.transpose(1, 2).reshape({B, T, num_heads * head_dim});         // [B, T, H*D]
 }

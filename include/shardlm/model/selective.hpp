@@ -20,11 +20,19 @@
 // order. A Llama or Mixtral block's gradients then equal the plain path's bit for bit where the norm's input is not
 // fp32 (bf16 compute); with fp32 input on the CPU the plain path adds the residual's gradient and the norm's two (the
 // composite uses x twice) in one buffer, the node adds the norm's two first: fp32 rounding
-// (tests/model/test_model.cpp). ATen ops only: CPU and CUDA alike. Shapes: B = batch, T = time, C = hidden, N = B x T, O = a projection's outputs.
+// (tests/model/test_model.cpp). With BlockKernels::fused on bf16 GPU tensors the nodes' elementwise work runs in the
+// project's kernels (model/block_kernels.hpp), which the plain path's nodes run too: the norm's backward (x's and the
+// weight's gradients) in one kernel from the rstd that the recomputed forward gives, SwiGLU's gradients and the
+// recomputed product in one pass, RoPE on q and k in one kernel. The forward is then the plain path's bit for bit;
+// the gradients may differ by bf16 roundings where the plain path's autograd engine, over its one RoPE node of q and k,
+// sums the projections' input gradients in another order (test_block_kernels.cpp states by how much).
+// Shapes: B = batch, T = time, C = hidden, N = B x T, O = a projection's outputs.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "shardlm/model/ops.hpp"
@@ -58,25 +66,37 @@ inline at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
 /// RMSNorm (ops::rms_norm) followed by the projections that read its output: [x W_i^T for each W_i]. Keeps x only;
 /// the normalized input of the weight gradients (and of x's) is recomputed in backward.
 struct RmsNormLinear : torch::autograd::Function<RmsNormLinear> {
+  /// `kernels`: fused only where fused::serve_rms_norm said so (rms_norm_linear decides).
   static detail::variable_list forward(detail::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& norm_weight,
-                                       at::TensorList weights, double eps) {  // TensorList: one input each
-    const auto h = rms_norm(x, norm_weight, eps);  // [B, T, C]
+                                       at::TensorList weights, double eps, BlockKernels kernels) {  // TensorList: one input each
+    const auto h = kernels == BlockKernels::fused ? fused::rms_norm_forward(x, norm_weight, eps).y
+                                                  : rms_norm(x, norm_weight, eps);  // [B, T, C]
     detail::variable_list ys;
     for (const auto& w : weights) ys.push_back(at::linear(h, w));  // [B, T, O_i]
     detail::variable_list saved{x, norm_weight};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["fused"] = kernels == BlockKernels::fused;
     return ys;
   }
   static detail::variable_list backward(detail::AutogradContext* ctx, detail::variable_list dys) {
     const auto saved = ctx->get_saved_variables();
     const auto &x = saved[0], &norm_weight = saved[1];
     const size_t k = saved.size() - 2;
-    const detail::Renormalized norm(x, ctx->saved_data["eps"].toDouble(), ctx->needs_input_grad(0));
-    const auto n = norm.n.detach();
-    const auto h = norm_weight * n;        // [B, T, C]: the projections' input, recomputed
-    detail::variable_list grads(2 + k + 1);  // x, norm weight, each W, (eps)
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool kernel = ctx->saved_data["fused"].toBool();
+    std::optional<detail::Renormalized> norm;
+    at::Tensor n, h, rstd;  // h [B, T, C]: the projections' input, recomputed
+    if (kernel) {
+      auto out = fused::rms_norm_forward(x, norm_weight, eps);
+      h = out.y, rstd = out.rstd;
+    } else {
+      norm.emplace(x, eps, ctx->needs_input_grad(0));
+      n = norm->n.detach();
+      h = norm_weight * n;
+    }
+    detail::variable_list grads(2 + k + 2);  // x, norm weight, each W, (eps, kernels)
     at::Tensor dh;                           // [B, T, C]
     // Summed in the projections' order: over the plain attention autograd's engine adds q's and k's first (their
     // RoPE nodes are the newest, so run first), then v's; with two projections (gate, up) the order does not matter.
@@ -86,25 +106,44 @@ struct RmsNormLinear : torch::autograd::Function<RmsNormLinear> {
       dh = dh.defined() ? dh + part : part;
       if (ctx->needs_input_grad(2 + i)) grads[2 + i] = detail::weight_grad(dys[i], h);  // [O_i, C]
     }
+    if (kernel && (ctx->needs_input_grad(0) || ctx->needs_input_grad(1))) {
+      auto g = fused::rms_norm_backward(dh, x, norm_weight, rstd);
+      if (ctx->needs_input_grad(0)) grads[0] = g.dx;
+      if (ctx->needs_input_grad(1)) grads[1] = g.dw;
+      return grads;
+    }
     if (ctx->needs_input_grad(1)) grads[1] = at::sum_to(dh * n, norm_weight.sizes());     // [C]
-    if (ctx->needs_input_grad(0)) grads[0] = norm.input_grad(dh * norm_weight);
+    if (ctx->needs_input_grad(0)) grads[0] = norm->input_grad(dh * norm_weight);
     return grads;
   }
 };
 
 /// RMSNorm alone (ops::rms_norm) for a reader that keeps its output itself: keeps x, not the fp32 input, rstd and
 /// the normalized output that the plain ops keep beside it.
+/// With the kernel it keeps rstd [N] too (4 bytes a row) instead of recomputing the norm.
 struct RmsNormNode : torch::autograd::Function<RmsNormNode> {
-  static at::Tensor forward(detail::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
-    ctx->save_for_backward({x, weight});
+  static at::Tensor forward(detail::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps,
+                            BlockKernels kernels) {
     ctx->saved_data["eps"] = eps;
+    if (kernels == BlockKernels::fused) {
+      auto out = fused::rms_norm_forward(x, weight, eps);
+      ctx->save_for_backward({x, weight, out.rstd});
+      return out.y;
+    }
+    ctx->save_for_backward({x, weight});
     return rms_norm(x, weight, eps);
   }
   static detail::variable_list backward(detail::AutogradContext* ctx, detail::variable_list dys) {
     const auto saved = ctx->get_saved_variables();
     const auto &x = saved[0], &weight = saved[1];
+    detail::variable_list grads(4);
+    if (saved.size() == 3) {  // the kernel's forward
+      auto g = fused::rms_norm_backward(dys[0], x, weight, saved[2]);
+      if (ctx->needs_input_grad(0)) grads[0] = g.dx;
+      if (ctx->needs_input_grad(1)) grads[1] = g.dw;
+      return grads;
+    }
     const detail::Renormalized norm(x, ctx->saved_data["eps"].toDouble(), ctx->needs_input_grad(0));
-    detail::variable_list grads(3);
     if (ctx->needs_input_grad(1)) grads[1] = at::sum_to(dys[0] * norm.n.detach(), weight.sizes());
     if (ctx->needs_input_grad(0)) grads[0] = norm.input_grad(dys[0] * weight);
     return grads;
@@ -115,15 +154,24 @@ struct RmsNormNode : torch::autograd::Function<RmsNormNode> {
 /// the product is recomputed for W_down's gradient.
 struct SwiGLUDown : torch::autograd::Function<SwiGLUDown> {
   static at::Tensor forward(detail::AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up,
-                            const at::Tensor& w_down) {
+                            const at::Tensor& w_down, BlockKernels kernels) {
     ctx->save_for_backward({gate, up, w_down});
-    return at::linear(at::silu(gate) * up, w_down);  // [B, T, I] -> [B, T, C]
+    ctx->saved_data["fused"] = kernels == BlockKernels::fused;
+    return at::linear(swiglu_product(gate, up, kernels), w_down);  // [B, T, I] -> [B, T, C]
   }
   static detail::variable_list backward(detail::AutogradContext* ctx, detail::variable_list dys) {
     const auto saved = ctx->get_saved_variables();
     const auto &gate = saved[0], &up = saved[1], &w_down = saved[2];
     const auto dprod = at::matmul(dys[0], w_down);  // [B, T, I]
-    detail::variable_list grads(3);
+    detail::variable_list grads(4);
+    if (ctx->saved_data["fused"].toBool()) {  // dprod, d gate and d up (one buffer), the product: 4 [B, T, I] too
+      at::Tensor product;
+      auto g = fused::swiglu_backward(dprod, gate, up, ctx->needs_input_grad(2) ? &product : nullptr);
+      if (ctx->needs_input_grad(2)) grads[2] = detail::weight_grad(dys[0], product);  // [C, I]
+      if (ctx->needs_input_grad(1)) grads[1] = g.d_up;
+      if (ctx->needs_input_grad(0)) grads[0] = g.d_gate;
+      return grads;
+    }
     {  // silu(gate) lives only here: at most 4 [B, T, I] tensors at once (train/memory_plan.hpp counts them)
       const auto act = at::silu(gate);  // [B, T, I]
       if (ctx->needs_input_grad(2)) grads[2] = detail::weight_grad(dys[0], act * up);  // [C, I]
@@ -176,15 +224,23 @@ struct RopeNode : torch::autograd::Function<RopeNode> {
 };
 
 /// RmsNormLinear: [norm(x) W_i^T] for the weights given.
+/// Where the kernels serve the tensors: `kernels`, else BlockKernels::aten.
+inline BlockKernels served_rms_norm(BlockKernels kernels, const at::Tensor& x, const at::Tensor& weight) {
+  return fused::serve_rms_norm(kernels, x, weight) ? BlockKernels::fused : BlockKernels::aten;
+}
 inline std::vector<at::Tensor> rms_norm_linear(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                                               const std::vector<at::Tensor>& weights) {
-  return RmsNormLinear::apply(x, norm_weight, at::TensorList(weights), eps);
+                                               const std::vector<at::Tensor>& weights,
+                                               BlockKernels kernels = BlockKernels::aten) {
+  return RmsNormLinear::apply(x, norm_weight, at::TensorList(weights), eps, served_rms_norm(kernels, x, norm_weight));
 }
-inline at::Tensor rms_norm_saving_input(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  return RmsNormNode::apply(x, weight, eps);
+inline at::Tensor rms_norm_saving_input(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                        BlockKernels kernels = BlockKernels::aten) {
+  return RmsNormNode::apply(x, weight, eps, served_rms_norm(kernels, x, weight));
 }
-inline at::Tensor swiglu_down(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& w_down) {
-  return SwiGLUDown::apply(gate, up, w_down);
+inline at::Tensor swiglu_down(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& w_down,
+                              BlockKernels kernels = BlockKernels::aten) {
+  const bool served = fused::serve(kernels, gate) && up.scalar_type() == gate.scalar_type();
+  return SwiGLUDown::apply(gate, up, w_down, served ? BlockKernels::fused : BlockKernels::aten);
 }
 inline at::Tensor heads_linear(const at::Tensor& y, const at::Tensor& w) { return HeadsLinear::apply(y, w); }
 inline at::Tensor apply_rope_saving_nothing(const at::Tensor& x, const Rope& rope) {
@@ -194,11 +250,16 @@ inline at::Tensor apply_rope_saving_nothing(const at::Tensor& x, const Rope& rop
 /// Attention heads as attention_heads() computes them, with RoPE through RopeNode; returns SDPA's output
 /// [B, H, T, D] (for heads_linear).
 inline at::Tensor attention_heads_selective(const at::Tensor& q_proj, const at::Tensor& k_proj, const at::Tensor& v_proj,
-                                            const Rope& rope, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+                                            const Rope& rope, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                            BlockKernels kernels = BlockKernels::aten) {
   const int64_t B = q_proj.size(0), T = q_proj.size(1);
-  const auto q = apply_rope_saving_nothing(q_proj.view({B, T, num_heads, head_dim}).transpose(1, 2), rope);     // [B, H, T, D]
-  const auto k = apply_rope_saving_nothing(k_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2), rope);  // [B, Hkv, T, D]
-  const auto v = v_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);                                   // [B, Hkv, T, D]
+  const auto q_heads = q_proj.view({B, T, num_heads, head_dim}).transpose(1, 2);     // [B, H, T, D]
+  const auto k_heads = k_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);  // [B, Hkv, T, D]
+  const auto v = v_proj.view({B, T, num_kv_heads, head_dim}).transpose(1, 2);        // [B, Hkv, T, D]
+  // The kernel's node keeps only the tables too.
+  const auto [q, k] = fused::serve(kernels, q_heads) ? rope_qk(q_heads, k_heads, rope, kernels)
+                                                     : std::pair{apply_rope_saving_nothing(q_heads, rope),
+                                                                 apply_rope_saving_nothing(k_heads, rope)};
   return compat::causal_attention(q, k, v);                                                                      // [B, H, T, D]
 }
 

@@ -46,6 +46,8 @@ struct ModelOptions {
   SHARDLM_ARG(int64_t, loss_chunk) = 4096;
   /// How a MoE model's experts compute: auto, loop, padded or grouped (model/moe.hpp).
   SHARDLM_ARG(std::string, moe_kernel) = "auto";
+  /// How RMSNorm, SwiGLU and RoPE compute on bf16 GPU tensors: fused (CUDA kernels) or aten (model/block_kernels.hpp).
+  SHARDLM_ARG(std::string, block_kernels) = "fused";
 };
 
 /// The training and validation data.
@@ -240,6 +242,7 @@ struct TrainOptions {
     if (model_.loss_chunk() < 0)
       fail<ConfigError>("--loss-chunk must be >= 0 (0: the plain loss on whole logits), got ", model_.loss_chunk());
     model::expert_kernel_named(model_.moe_kernel());
+    model::block_kernels_named(model_.block_kernels());
     engine::host_step_named(offload_.step());
     if (dist_.shard_group_size() < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", dist_.shard_group_size());
     reduce_dtype_named(dist_.reduce_dtype());
@@ -294,6 +297,7 @@ inline model::ModelConfig resolve_config(const ModelOptions& o) {
     if (o.vocab_size() > 0) c.vocab_size = o.vocab_size();
   }
   c.expert_kernel = model::expert_kernel_named(o.moe_kernel());
+  c.block_kernels = model::block_kernels_named(o.block_kernels());
   return c;
 }
 
@@ -347,6 +351,8 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
     ("loss-chunk", "tokens per chunk of the fused LM head and cross-entropy, which never holds whole logits "
                    "(0: whole logits and the plain loss)", s(m.loss_chunk()))
     ("moe-kernel", "how a MoE model's experts compute: auto, loop, padded or grouped", s(m.moe_kernel()))
+    ("block-kernels", "how RMSNorm, SwiGLU and RoPE compute on bf16 GPU tensors: fused (the project's CUDA kernels) "
+                      "or aten (ATen ops)", s(m.block_kernels()))
     ("seed", "seed of initialization and data order", s(o.seed()))
     ("device", "cpu, cuda or cuda:N", s(o.dist().device()))
     ("metrics", "write one JSON object per step to this file", s(log.metrics()))
