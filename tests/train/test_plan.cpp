@@ -10,11 +10,13 @@
 using namespace shardlm;
 
 namespace {
-// V 1000, H 64, I 128, 2 layers, 4 heads of 16, 2 KV heads, untied.
+// V 1000, H 64, I 128, 2 layers, 4 heads of 16, 2 KV heads, untied; RMSNorm, SwiGLU and RoPE as the ATen ops keep
+// their tensors (the hand counts below; the block kernels' own case counts theirs).
 model::ModelConfig small() {
   model::ModelConfig m;
   m.vocab_size = 1000, m.hidden_size = 64, m.intermediate_size = 128, m.num_layers = 2;
   m.num_heads = 4, m.num_kv_heads = 2, m.head_dim = 16;
+  m.block_kernels = model::BlockKernels::aten;
   return m;
 }
 double item(const std::vector<plan::PlanItem>& items, const std::string& name) {
@@ -81,6 +83,28 @@ TEST_CASE("planner: on one rank the first micro-batch casts the gradients straig
   const auto off = plan::plan_memory(in);
   CHECK(off.peak_at == "the head's gradient reduction");
   CHECK(item(off.gpu, "gradients in flight") == 64064.0 * 2 + 64064.0 * 2);
+}
+
+TEST_CASE("planner: the block kernels keep each norm's input and rstd, and SwiGLU no silu(gate), in bf16 only") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.block_kernels = model::BlockKernels::fused;
+  in.loss_chunk = 0;
+  in.model.vocab_size = 100000;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 8, in.gpus_per_node = 8;
+  in.micro_batch = 4, in.seq_len = 512;  // 2048 tokens
+  const auto p = plan::plan_memory(in);
+  // A block per token (bf16, H 64, I 128, Hq 64, Hkv 32): input 128, RMSNorm 1's rstd 4, the projections' input 128,
+  // attention 2 (128 + 64) + 4 x 4 = 400, the re-laid-out output 128, RMSNorm 2's input and rstd 128 + 4, the MLP's
+  // input 128 and gate, up and product 3 x 256: 1816 (the ATen ops': 2704). The head: rstd 4 and the projection's
+  // input 128 (the ATen ops': 512).
+  CHECK(item(p.gpu, "activations") == (2 * 1816.0 + 132) * 2048);
+  CHECK(plan::detail::block_activation_bytes_per_token(in.model, 2, checkpointing::None::rules) == 1816);
+  // Selective keeps no norm output either way; fp32 compute runs the ATen ops.
+  CHECK(plan::detail::block_activation_bytes_per_token(in.model, 2, checkpointing::Selective::rules) ==
+        plan::detail::block_activation_bytes_per_token(small(), 2, checkpointing::Selective::rules));
+  CHECK(plan::detail::block_activation_bytes_per_token(in.model, 4, checkpointing::None::rules) ==
+        plan::detail::block_activation_bytes_per_token(small(), 4, checkpointing::None::rules));
 }
 
 TEST_CASE("planner: the loss is the peak when the vocabulary dominates") {

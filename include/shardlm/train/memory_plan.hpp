@@ -10,7 +10,8 @@
 //   sharded state        master + gradient + AdamW moments of this rank's shards (offload: the compute-dtype
 //                        copy of the shard only; the rest is on the host)
 //   gathered parameters  units gathered in the compute dtype (the persistent policies keep all of them)
-//   activations          what autograd saves per block (CUDA kernels: fused RMSNorm, flash attention)
+//   activations          what autograd saves per block (CUDA kernels: flash attention; RMSNorm, SwiGLU and RoPE as
+//                        the model's block kernels keep them in bf16, else as the ATen ops do)
 //   logits and loss      the head's logits and the fp32 cross-entropy (log-softmax and its gradients); with the
 //                        fused head and loss (loss_chunk > 0) one chunk's logits, whose gradients the head's
 //                        activations then keep (model/loss.hpp)
@@ -95,6 +96,12 @@ struct MemoryPlan {
 
 namespace detail {
 
+/// Whether the model's block kernels run (model/block_kernels.hpp: BlockKernels::fused on bf16 GPU tensors; the
+/// planner counts a GPU's kernels, so the compute dtype's size `c` decides).
+inline bool block_kernels_run(const model::ModelConfig& m, double c) {
+  return m.block_kernels == model::BlockKernels::fused && c == 2;
+}
+
 /// Bytes per token that autograd keeps for one block in forward (CUDA kernels), including the block's input, as the
 /// block saves with checkpointing rules `ck` (what a block that is not recomputed keeps).
 /// c = compute dtype size. Per block: input x (c H); RMSNorm 1 saves its fp32 input (4 H unless the compute
@@ -107,22 +114,27 @@ namespace detail {
 /// Selective (model/selective.hpp): the input x (RMSNorm 1's input); attention as above, the output projection
 /// reading SDPA's own output (0); RMSNorm 2's input h (c H); gate and up (2 c I), or the MoE
 /// block's own as above.
+/// The block kernels (block_kernels_run) keep less: each RMSNorm its input and the fp32 rstd (4 bytes; RMSNorm 1's
+/// input is the block's, counted), SwiGLU gate and up but not silu(gate) (3 c I with the product); with Selective
+/// the MoE block's norm keeps rstd beside its input.
 inline double block_activation_bytes_per_token(const model::ModelConfig& m, double c, const checkpointing::Rules& ck) {
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
   const double k = static_cast<double>(m.num_experts_per_tok), E = static_cast<double>(m.num_experts);
   const double moe = c * H + k * (2 * c * H + 4 * c * I) + (c + 8) * E;
   const double attention = c * (2 * Hq + 2 * Hkv) + 4 * static_cast<double>(m.num_heads);
-  if (ck.selective()) return c * H + attention + c * H + (m.is_moe() ? moe : 2 * c * I);
-  const double norm1 = (c == 4 ? 0 : 4 * H) + c * H, norm2 = 4 * H + c * H;
-  const double mlp = m.is_moe() ? moe : c * H + 4 * c * I;
+  const bool kernels = block_kernels_run(m, c);
+  if (ck.selective()) return c * H + attention + c * H + (m.is_moe() ? moe + (kernels ? 4 : 0) : 2 * c * I);
+  const double norm1 = kernels ? 4 : (c == 4 ? 0 : 4 * H) + c * H, norm2 = kernels ? c * H + 4 : 4 * H + c * H;
+  const double mlp = m.is_moe() ? moe : c * H + (kernels ? 3 : 4) * c * I;
   return c * H + norm1 + c * H + attention + c * Hq + norm2 + mlp;
 }
 
-/// Bytes per token the head keeps for backward besides the loss: the final RMSNorm (as in a block) and the
-/// projection's input.
+/// Bytes per token the head keeps for backward besides the loss: the final RMSNorm (as in a block; with the block
+/// kernels rstd beside its input, the head's input) and the projection's input.
 inline double head_forward_bytes_per_token(const model::ModelConfig& m, double c) {
   const double H = static_cast<double>(m.hidden_size);
+  if (block_kernels_run(m, c)) return 4 + c * H;
   return (c == 4 ? 0 : 4 * H) + c * H + c * H;
 }
 
@@ -148,6 +160,7 @@ inline double head_forward_transient_per_token(const model::ModelConfig& m, doub
 /// computed in the forward.
 inline double fused_head_kept_per_token(const model::ModelConfig& m, double c) {
   const double H = static_cast<double>(m.hidden_size);
+  if (block_kernels_run(m, c)) return 4 + c * H;
   return (c == 4 ? 0 : 4 * H) + c * H + c * H;
 }
 
