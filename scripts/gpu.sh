@@ -54,6 +54,10 @@
 #   moe_bench  that step benchmark (grouped) and the peer alone
 #           MOE_LAYERS: the layers of these Mixtral runs (default 4; 1 fits one 80 GB GPU); SKIP_PEER=1: ours only;
 #           with several GPUs also ours with --reduce-dtype bf16 (the gradient collectives in bf16)
+#   fused   the block kernels (model/block_kernels.hpp): test_model's CUDA cases (each kernel against the ATen path,
+#           forward and gradients, odd sizes; whole bf16 models), then Llama3-8B dims with 4 layers on one GPU (seq 4096,
+#           micro-batch 2, mixed-bf16, as dense1) with --block-kernels fused and aten, each with no recompute and with
+#           selective, alternating, then one profiled run of each (SHARDLM_PROFILE: the kernels' GPU times)
 #   profile the step benchmark with SHARDLM_PROFILE (two profiled steps after the measured ones) on PROFILE_ARGS
 #           (default: the moe phase's Mixtral-8x7B run): a Chrome trace in $OUT/profile and rank 0's summary of the
 #           GPU time (kernels by time, NCCL, how busy the compute kernels kept the GPU)
@@ -85,7 +89,7 @@ build() {
     -DCMAKE_PREFIX_PATH="$PWD/.deps/prefix;$torch_prefix" -DSHARDLM_PYTHON="$(command -v python3)" >"$OUT/cmake.log" 2>&1 \
     || { tail -30 "$OUT/cmake.log"; return 1; }
   grep "shardlm:" "$OUT/cmake.log"
-  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist quant_benchmark} >"$OUT/build.log" 2>&1 \
+  cmake --build "$BUILD" -j 16 --target ${TARGETS:-shardlm_logits shardlm_train shardlm_launch step_benchmark test_dist test_model quant_benchmark} >"$OUT/build.log" 2>&1 \
     || { grep -B2 -A12 "error" "$OUT/build.log" | head -60; return 1; }
 }
 
@@ -457,6 +461,24 @@ moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped e
   [ "${SKIP_PEER:-0}" = 1 ] && return 0  # SKIP_PEER=1: ours only
   peer "moe_peer_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" --preset mixtral-8x7b --layers "$MOE_LAYERS" --seq 4096 --batch 1
 }
+fused() {  # the block kernels: their CUDA tests, then the dense step with them and without (see the phase list above)
+  "$BUILD/bin/test_model" -tc="*NVRTC*,*block kernels*,CUDA:*" -s >"$OUT/fused_tests.log" 2>&1
+  local rc=$?
+  grep -E "MESSAGE|ERROR|FAILED|test cases|assertions" -A1 "$OUT/fused_tests.log" | grep -v "^--$" | tail -60
+  echo "{\"check\": \"block kernels == ATen path (test_model CUDA cases)\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --layers 4 --steps 10"
+  for i in 1 2; do
+    for k in fused aten; do
+      ours "${k}_4L_1gpu_$i" 1 $common --block-kernels $k
+      ours "${k}_4L_1gpu_selective_$i" 1 $common --block-kernels $k --checkpointing selective
+    done
+  done
+  for k in fused aten; do
+    SHARDLM_PROFILE=$OUT/profile_$k ours "profile_${k}_4L_1gpu" 1 $common --block-kernels $k
+    grep "shardlm: profile" "$OUT/profile_${k}_4L_1gpu.log" | sed 's/^\[rank 0\] //'
+  done
+}
+
 profile() {  # PROFILE_ARGS (default: the moe phase's Mixtral run) with SHARDLM_PROFILE: two profiled steps, rank 0's summary
   local args=${PROFILE_ARGS:-$MOE_COMMON}
   SHARDLM_PROFILE=$OUT/profile ours "profile_${NGPU}gpu" "$NGPU" $args
