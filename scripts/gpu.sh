@@ -60,9 +60,9 @@
 #   moe1    the MoE dispatch/combine kernels on one GPU: test_model's CUDA cases of them against the ATen ops (built
 #           into $BUILD when missing; they print the kernels' and the ATen ops' times at Mixtral-8x7B size), then
 #           Mixtral-8x7B dims with 1 layer (vocab 128256), seq 4096, micro-batch 1, mixed-bf16, 10 steps: ours and
-#           BASE_BUILD's (another tree, default build-base: carry its bin/step_benchmark) alternating twice, the peer
-#           3 times, SHARDLM_PROFILE profiles of ours and of the base (the MoE nodes' and kernels' GPU time per step
-#           from the traces), and a table: tokens/s, MFU and the ratio to the best peer run
+#           BASE_BUILD's (another tree, default build-base: carry its bin/step_benchmark and bin/shardlm_launch)
+#           alternating twice, the peer 3 times, SHARDLM_PROFILE profiles of ours and of the base (the MoE nodes'
+#           and kernels' GPU time per step from the traces), and a table: tokens/s, MFU, ratio to the best peer run
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -479,7 +479,8 @@ moe1() {  # the MoE dispatch/combine kernels on one GPU (see the phase list abov
   echo "{\"check\": \"MoE kernels against the ATen ops (test_model CUDA cases)\", \"result\": \"$([ $rc = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
   local common="--preset mixtral-8x7b --layers 1 --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
   local base=${BASE_BUILD:-$PWD/build-base} have_base=0
-  [ -x "$base/bin/step_benchmark" ] && have_base=1 || echo "moe1: no $base/bin/step_benchmark: ours only"
+  [ -x "$base/bin/step_benchmark" ] && [ -x "$base/bin/shardlm_launch" ] && have_base=1 \
+    || echo "moe1: no $base/bin/step_benchmark and shardlm_launch: ours only"
   for i in 1 2; do
     [ $have_base = 1 ] && BUILD=$base ours "moe1_base_$i" 1 $common
     ours "moe1_ours_$i" 1 $common

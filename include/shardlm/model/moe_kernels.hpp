@@ -23,7 +23,6 @@
 #include <utility>
 
 #include "shardlm/core/compat.hpp"
-#include "shardlm/core/errors.hpp"
 #include "shardlm/core/nvrtc.hpp"
 
 #if SHARDLM_HAVE_CUDA
