@@ -484,16 +484,17 @@ TEST_CASE("every NVRTC program of the project compiles for sm_90 (NVRTC alone, n
 }
 
 namespace {
-/// Routed picks [N, k] (distinct per token) over E experts, of which `unused` get none; `one` routes every token's
-/// first pick to expert 0.
-at::Tensor random_picks(int64_t N, int64_t k, int64_t E, const std::vector<int64_t>& unused, bool one,
+/// Whether every token's first pick goes to expert 0.
+enum class Skew { none, all_to_expert0 };
+/// Routed picks [N, k] (distinct per token) over E experts, of which `unused` get none.
+at::Tensor random_picks(int64_t N, int64_t k, int64_t E, const std::vector<int64_t>& unused, Skew skew,
                         const at::TensorOptions& opts) {
   auto scores = at::rand({N, E}, opts.dtype(at::kFloat));
   for (auto e : unused) scores.select(1, e).fill_(-1.0);
-  if (one) scores.select(1, 0).fill_(2.0);
+  if (skew == Skew::all_to_expert0) scores.select(1, 0).fill_(2.0);
   return std::get<1>(scores.topk(k, -1));
 }
-/// A [rows, C] tensor of `dtype` whose data starts 2 bytes past an allocation (not 16-byte aligned): the kernels'
+/// t's values in a tensor whose data starts one element past an allocation (not 16-byte aligned): the kernels'
 /// one-element path even where C allows 16-byte accesses.
 at::Tensor misaligned(const at::Tensor& t) {
   auto flat = at::empty({t.numel() + 1}, t.options()).narrow(0, 1, t.numel());
@@ -514,15 +515,16 @@ TEST_CASE("CUDA: the MoE sort, gather backward and combine kernels give the ATen
     struct Case {
       int64_t N, k, E;
       std::vector<int64_t> unused;
-      bool one;
+      Skew skew;
     };
-    for (const auto& c : std::vector<Case>{{1, 1, 1, {}, false},     {7, 2, 4, {3}, false},  {4096, 2, 8, {}, false},
-                                           {5000, 2, 8, {2, 5}, true}, {3001, 3, 8, {}, false}, {2048, 8, 64, {0, 63}, false},
-                                           {1500, 1, 1024, {}, false},  {20000, 2, 300, {}, true}, {0, 2, 8, {}, false}}) {
+    const auto none = Skew::none, skewed = Skew::all_to_expert0;
+    for (const auto& c : std::vector<Case>{{1, 1, 1, {}, none},      {7, 2, 4, {3}, none},  {4096, 2, 8, {}, none},
+                                           {5000, 2, 8, {2, 5}, skewed}, {3001, 3, 8, {}, none}, {2048, 8, 64, {0, 63}, none},
+                                           {1500, 1, 1024, {}, none},   {20000, 2, 300, {}, skewed}, {0, 2, 8, {}, none}}) {
       CAPTURE(c.N);
       CAPTURE(c.k);
       CAPTURE(c.E);
-      const auto experts = random_picks(c.N, c.k, c.E, c.unused, c.one, cuda);
+      const auto experts = random_picks(c.N, c.k, c.E, c.unused, c.skew, cuda);
       const auto ref = moe_aten::sort_picks(experts, c.E);
       const auto got = moe_cuda::sort_picks(experts, c.E);
       REQUIRE(got.has_value());
@@ -546,7 +548,7 @@ TEST_CASE("CUDA: the MoE sort, gather backward and combine kernels give the ATen
             CAPTURE(C);
             CAPTURE(aligned);
             const int64_t N = C == 4096 ? 1000 : 333, E = 8;
-            const auto s = sort_picks(random_picks(N, k, E, {6}, k == 2, cuda), E);
+            const auto s = sort_picks(random_picks(N, k, E, {6}, k == 2 ? Skew::all_to_expert0 : Skew::none, cuda), E);
             const auto opts = cuda.dtype(dtype);
             const auto place = [&](const at::Tensor& t) { return aligned ? t : misaligned(t); };
             const auto g = place(at::randn({N * k, C}, opts)), ys = place(at::randn({N * k, C}, opts));
@@ -592,7 +594,7 @@ TEST_CASE("CUDA: the MoE sort, gather backward and combine kernels give the ATen
   }
   SUBCASE("the autograd nodes on the GPU: the ATen composition's outputs and gradients (k = 2, bf16)") {
     const int64_t N = 257, k = 2, C = 96, E = 4;
-    const auto s = sort_picks(random_picks(N, k, E, {1}, false, cuda), E);
+    const auto s = sort_picks(random_picks(N, k, E, {1}, Skew::none, cuda), E);
     const auto x = at::randn({N, C}, cuda.dtype(at::kBFloat16)).requires_grad_(true);
     const auto ys = at::randn({N * k, C}, cuda.dtype(at::kBFloat16)).requires_grad_(true);
     const auto w = at::rand({N, k}, cuda).requires_grad_(true);
@@ -618,7 +620,7 @@ TEST_CASE("CUDA: the MoE kernels' time against the ATen ops at Mixtral-8x7B's si
   const auto cuda = at::TensorOptions().device(at::kCUDA);
   at::manual_seed(31);
   const int64_t N = 4096, k = 2, C = 4096, E = 8;
-  const auto experts = random_picks(N, k, E, {}, false, cuda);
+  const auto experts = random_picks(N, k, E, {}, Skew::none, cuda);
   const auto s = sort_picks(experts, E);
   const auto bf = cuda.dtype(at::kBFloat16);
   const auto ys = at::randn({N * k, C}, bf), g = at::randn({N * k, C}, bf), gy = at::randn({N, C}, bf);
