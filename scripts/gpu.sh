@@ -61,6 +61,12 @@
 #   profile the step benchmark with SHARDLM_PROFILE (two profiled steps after the measured ones) on PROFILE_ARGS
 #           (default: the moe phase's Mixtral-8x7B run): a Chrome trace in $OUT/profile and rank 0's summary of the
 #           GPU time (kernels by time, NCCL, how busy the compute kernels kept the GPU)
+#   moe1    the MoE dispatch/combine kernels on one GPU: test_model's CUDA cases of them against the ATen ops (built
+#           into $BUILD when missing; they print the kernels' and the ATen ops' times at Mixtral-8x7B size), then
+#           Mixtral-8x7B dims with 1 layer (vocab 128256), seq 4096, micro-batch 1, mixed-bf16, 10 steps: ours and
+#           BASE_BUILD's (another tree, default build-base: carry its bin/step_benchmark and bin/shardlm_launch)
+#           alternating twice, the peer 3 times, SHARDLM_PROFILE profiles of ours and of the base (the MoE nodes'
+#           and kernels' GPU time per step from the traces), and a table: tokens/s, MFU, ratio to the best peer run
 # TARGETS: what the build phase builds (default: every program the phases run). NCCL_POLICIES: the sharding
 # policies of the nccl phase's equivalence check (default: full hybrid none).
 # PEER: path of peer_fsdp2.py (default .deps/peer_fsdp2.py, copied there from ../shared/device).
@@ -483,6 +489,78 @@ profile() {  # PROFILE_ARGS (default: the moe phase's Mixtral run) with SHARDLM_
   local args=${PROFILE_ARGS:-$MOE_COMMON}
   SHARDLM_PROFILE=$OUT/profile ours "profile_${NGPU}gpu" "$NGPU" $args
   grep "shardlm: profile" "$OUT/profile_${NGPU}gpu.log" | sed 's/^\[rank 0\] //'
+}
+
+moe1() {  # the MoE dispatch/combine kernels on one GPU (see the phase list above)
+  if [ ! -x "$BUILD/bin/test_model" ]; then
+    cmake --build "$BUILD" --target test_model >>"$OUT/build.log" 2>&1 || { echo "moe1: test_model did not build"; return 1; }
+  fi
+  "$BUILD/bin/test_model" -tc="every NVRTC program*,CUDA: the MoE*" >"$OUT/moe1_tests.log" 2>&1
+  local rc=$?
+  grep -E "MESSAGE|ERROR|FAILED|test cases:|assertions:|Status:" "$OUT/moe1_tests.log" | head -40
+  echo "{\"check\": \"MoE kernels against the ATen ops (test_model CUDA cases)\", \"result\": \"$([ $rc = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+  local common="--preset mixtral-8x7b --layers 1 --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
+  local base=${BASE_BUILD:-$PWD/build-base} have_base=0
+  [ -x "$base/bin/step_benchmark" ] && [ -x "$base/bin/shardlm_launch" ] && have_base=1 \
+    || echo "moe1: no $base/bin/step_benchmark and shardlm_launch: ours only"
+  for i in 1 2; do
+    [ $have_base = 1 ] && BUILD=$base ours "moe1_base_$i" 1 $common
+    ours "moe1_ours_$i" 1 $common
+  done
+  for i in 1 2 3; do peer "moe1_peer_$i" 1 --preset mixtral-8x7b --layers 1 --seq 4096 --batch 1; done
+  SHARDLM_PROFILE=$OUT/profile_moe1_ours ours "moe1_profile_ours" 1 $common
+  [ $have_base = 1 ] && SHARDLM_PROFILE=$OUT/profile_moe1_base BUILD=$base ours "moe1_profile_base" 1 $common
+  for who in ours base; do
+    [ -f "$OUT/profile_moe1_$who/trace_rank0.json" ] || continue
+    echo "-- profile of $who (2 steps; ms per step)"
+    grep "shardlm: profile:.*GPU span" "$OUT/moe1_profile_$who.log" | sed 's/^.*shardlm: profile: //'
+    python3 - "$OUT/profile_moe1_$who/trace_rank0.json" <<'PY'
+# GPU kernel time per step of the MoE autograd nodes' backward (the host op autograd names after the node encloses
+# the launch), and the MoE kernels by name (forward and backward; a node's forward has no host op of its own).
+import bisect, collections, json, sys
+ev = json.load(open(sys.argv[1]))["traceEvents"]
+steps = 2
+ops = collections.defaultdict(list)  # tid -> [(ts, end, name)] of host ops
+launch = {}                          # correlation -> (tid, ts) of the runtime / driver launch
+for e in ev:
+    c = e.get("cat", "")
+    if c == "cpu_op" and "dur" in e: ops[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    elif c in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}): launch[e["args"]["correlation"]] = (e["tid"], e["ts"])
+for v in ops.values(): v.sort()
+starts = {t: [o[0] for o in v] for t, v in ops.items()}
+nodes = ("GatherPicks", "CombinePicks", "SwiGLU")
+by_node, by_kernel, total = collections.Counter(), collections.Counter(), 0.0
+for e in ev:
+    if e.get("cat") != "kernel": continue
+    ms = e.get("dur", 0) / 1e3 / steps
+    total += ms
+    if e["name"].startswith("shardlm_moe"): by_kernel[e["name"]] += ms
+    where = launch.get(e.get("args", {}).get("correlation"))
+    if not where or where[0] not in ops: continue
+    tid, ts = where
+    i = bisect.bisect_right(starts[tid], ts)
+    for s, end, name in reversed(ops[tid][max(0, i - 400):i]):
+        hit = next((n for n in nodes if n in name), None)
+        if hit and s <= ts < end:
+            by_node[hit + " backward"] += ms
+            break
+print(f"all kernels {total:.2f} ms/step")
+for k, v in sorted(by_node.items()): print(f"  {k}: {v:.3f} ms/step")
+for k, v in sorted(by_kernel.items(), key=lambda x: -x[1]): print(f"  kernel {k}: {v:.3f} ms/step")
+PY
+  done
+  python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+runs = [r for r in rows if r.get("label", "").startswith("moe1_")]
+peers = [r for r in runs if "peer" in r]
+best = max((r["tokens_per_s_per_gpu"] for r in peers), default=None)
+print("\n| moe1 run (Mixtral-8x7B dims, 1 layer, 1 GPU) | tokens/s | MFU | step s | fwd/bwd/opt s | x best peer |\n|---|---|---|---|---|---|")
+for r in runs:
+    t = r["tokens_per_s_per_gpu"]
+    print(f"| {r['label']} | {t:,.0f} | {100 * r['mfu']:.1f}% | {r['step_s']:.4f} | {'/'.join(f'{v:.3f}' for v in r['fwd_bwd_opt_s'])} | "
+          + (f"{t / best:.2f}x" if best else "-") + " |")
+PY
 }
 
 table() {

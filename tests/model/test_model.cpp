@@ -7,6 +7,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <shardlm/shardlm.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <numbers>
 
@@ -453,6 +454,202 @@ TEST_CASE("MoE autograd nodes (gather, SwiGLU, combine) equal autograd's own for
       CHECK(at::equal(g[2], g_ref[2]));
       CHECK(rel_err(g[3], g_ref[3]) < 1e-6);
     }
+  }
+}
+
+TEST_CASE("every NVRTC program of the project compiles for sm_90 (NVRTC alone, no GPU needed)") {
+#if SHARDLM_HAVE_CUDA
+  try {  // a source that does not compile is refused with NVRTC's log, naming the program
+    (void)nvrtc::compile_for_arch({"broken.cu", "extern \"C\" __global__ void f() { undeclared(); }"}, 90);
+    FAIL("a broken source compiled");
+  } catch (const std::runtime_error& e) {
+    if (std::string(e.what()).find("could not be opened") != std::string::npos) {
+      MESSAGE("NVRTC not found: skipped (", e.what(), ")");
+      return;
+    }
+    CHECK(std::string(e.what()).find("broken.cu") != std::string::npos);
+    CHECK(std::string(e.what()).find("undeclared") != std::string::npos);
+  }
+  for (const auto* program : {&model::ops::detail::moe_program, &model::ops::detail::xent_program,
+                              &optim::detail::adamw_program, &quant::kernels::program}) {
+    const std::string name = program->name;
+    CAPTURE(name);
+    std::string cubin;
+    CHECK_NOTHROW(cubin = nvrtc::compile_for_arch(*program, 90));
+    CHECK(cubin.size() > 1000);
+  }
+#else
+  MESSAGE("LibTorch without CUDA: skipped");
+#endif
+}
+
+namespace {
+/// Whether every token's first pick goes to expert 0.
+enum class Skew { none, all_to_expert0 };
+/// Routed picks [N, k] (distinct per token) over E experts, of which `unused` get none.
+at::Tensor random_picks(int64_t N, int64_t k, int64_t E, const std::vector<int64_t>& unused, Skew skew,
+                        const at::TensorOptions& opts) {
+  auto scores = at::rand({N, E}, opts.dtype(at::kFloat));
+  for (auto e : unused) scores.select(1, e).fill_(-1.0);
+  if (skew == Skew::all_to_expert0) scores.select(1, 0).fill_(2.0);
+  return std::get<1>(scores.topk(k, -1));
+}
+/// t's values in a tensor whose data starts one element past an allocation (not 16-byte aligned): the kernels'
+/// one-element path even where C allows 16-byte accesses.
+at::Tensor misaligned(const at::Tensor& t) {
+  auto flat = at::empty({t.numel() + 1}, t.options()).narrow(0, 1, t.numel());
+  flat.copy_(t.reshape({-1}));
+  return flat.view(t.sizes());
+}
+}  // namespace
+
+TEST_CASE("CUDA: the MoE sort, gather backward and combine kernels give the ATen ops' results") {
+  if (!torch::cuda::is_available()) {
+    MESSAGE("no CUDA device: skipped (scripts/gpu.sh moe1 runs it)");
+    return;
+  }
+  using namespace model::ops;
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  at::manual_seed(29);
+  SUBCASE("sort: the order of a stable sort, counts as bincount, over many blocks, unused experts, one expert") {
+    struct Case {
+      int64_t N, k, E;
+      std::vector<int64_t> unused;
+      Skew skew;
+    };
+    const auto none = Skew::none, skewed = Skew::all_to_expert0;
+    for (const auto& c : std::vector<Case>{{1, 1, 1, {}, none},      {7, 2, 4, {3}, none},  {4096, 2, 8, {}, none},
+                                           {5000, 2, 8, {2, 5}, skewed}, {3001, 3, 8, {}, none}, {2048, 8, 64, {0, 63}, none},
+                                           {1500, 1, 1024, {}, none},   {20000, 2, 300, {}, skewed}, {0, 2, 8, {}, none}}) {
+      CAPTURE(c.N);
+      CAPTURE(c.k);
+      CAPTURE(c.E);
+      const auto experts = random_picks(c.N, c.k, c.E, c.unused, c.skew, cuda);
+      const auto ref = moe_aten::sort_picks(experts, c.E);
+      const auto got = moe_cuda::sort_picks(experts, c.E);
+      REQUIRE(got.has_value());
+      CHECK(got->k == c.k);
+      CHECK(at::equal(got->order, ref.order));
+      CHECK(at::equal(got->token, ref.token));
+      CHECK(at::equal(got->back, ref.back));
+      CHECK(at::equal(got->counts, ref.counts));
+      CHECK(at::equal(expert_counts(experts.reshape({-1}), c.E), ref.counts));
+      for (auto e : c.unused) CHECK(got->counts[e].item<int64_t>() == 0);
+    }
+    CHECK_FALSE(moe_cuda::sort_picks(at::zeros({4, 2}, cuda.dtype(at::kLong)), 1025).has_value());  // too many experts
+  }
+  SUBCASE("gather backward and combine, forward and backward: fp32 and bf16, k = 1, 2, 3, odd C, misaligned rows") {
+    for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+      for (const int64_t k : {1, 2, 3}) {
+        for (const int64_t C : {int64_t{4096}, int64_t{37}, int64_t{64}}) {
+          for (const bool aligned : {true, false}) {
+            CAPTURE(dtype);
+            CAPTURE(k);
+            CAPTURE(C);
+            CAPTURE(aligned);
+            const int64_t N = C == 4096 ? 1000 : 333, E = 8;
+            const auto s = sort_picks(random_picks(N, k, E, {6}, k == 2 ? Skew::all_to_expert0 : Skew::none, cuda), E);
+            const auto opts = cuda.dtype(dtype);
+            const auto place = [&](const at::Tensor& t) { return aligned ? t : misaligned(t); };
+            const auto g = place(at::randn({N * k, C}, opts)), ys = place(at::randn({N * k, C}, opts));
+            const auto gy = place(at::randn({N, C}, opts));
+            const auto w = at::rand({N, k}, cuda);
+            // the sums over k picks: one addition for k <= 2 (any order is the same), so bit for bit; k = 3 may
+            // add in another order than ATen's reduction: one fp32 rounding, at most one rounding of the dtype
+            const auto same = [&](const at::Tensor& a, const at::Tensor& b) {
+              if (k <= 2) return at::equal(a, b);
+              return rel_err(a, b) < (dtype == at::kBFloat16 ? 1e-2 : 1e-6);
+            };
+            const auto gx = moe_cuda::gather_backward(g, s.back, k);
+            REQUIRE(gx.has_value());
+            CHECK(same(*gx, moe_aten::gather_backward(g, s.back, k)));
+            const auto y = moe_cuda::combine_forward(ys, w, s.back);
+            REQUIRE(y.has_value());
+            CHECK(same(*y, moe_aten::combine_forward(ys, w, s.back)));
+            const auto got = moe_cuda::combine_backward(gy, ys, w, s.back);
+            REQUIRE(got.has_value());
+            const auto [g_ys, g_w] = moe_aten::combine_backward(gy, ys, w, s.order, s.token, s.back);
+            CHECK(at::equal(got->first, g_ys));  // elementwise: bit for bit for every k
+            // g_w: a dot product over C in another order than ATen's: within 1e-5 of the sum of |terms|
+            const auto terms = (ys.index_select(0, s.back).view({N, k, C}).to(at::kFloat).abs() *
+                                gy.to(at::kFloat).abs().unsqueeze(1)).sum(-1);  // [N, k]
+            const double worst = ((got->second - g_w).abs() / (terms + 1e-30)).max().item<double>();
+            CHECK(worst < 1e-5);
+            CHECK(got->second.dtype() == at::kFloat);
+            const auto again = moe_cuda::combine_backward(gy, ys, w, s.back);
+            CHECK(at::equal(again->second, got->second));  // deterministic
+          }
+        }
+      }
+    }
+  }
+  SUBCASE("no tokens; an unsupported dtype is left to ATen") {
+    const auto s = sort_picks(at::zeros({0, 2}, cuda.dtype(at::kLong)), 4);
+    const auto ys = at::zeros({0, 16}, cuda.dtype(at::kBFloat16)), w = at::zeros({0, 2}, cuda);
+    CHECK(moe_cuda::combine_forward(ys, w, s.back)->size(0) == 0);
+    CHECK(moe_cuda::gather_backward(ys, s.back, 2)->size(0) == 0);
+    CHECK(moe_cuda::combine_backward(at::zeros({0, 16}, ys.options()), ys, w, s.back)->second.size(0) == 0);
+    CHECK_FALSE(moe_cuda::combine_forward(at::zeros({4, 16}, cuda.dtype(at::kHalf)), at::zeros({2, 2}, cuda),
+                                          at::zeros({4}, cuda.dtype(at::kLong))).has_value());
+  }
+  SUBCASE("the autograd nodes on the GPU: the ATen composition's outputs and gradients (k = 2, bf16)") {
+    const int64_t N = 257, k = 2, C = 96, E = 4;
+    const auto s = sort_picks(random_picks(N, k, E, {1}, Skew::none, cuda), E);
+    const auto x = at::randn({N, C}, cuda.dtype(at::kBFloat16)).requires_grad_(true);
+    const auto ys = at::randn({N * k, C}, cuda.dtype(at::kBFloat16)).requires_grad_(true);
+    const auto w = at::rand({N, k}, cuda).requires_grad_(true);
+    const auto gxs = at::randn({N * k, C}, x.options().requires_grad(false)), gy = at::randn({N, C}, gxs.options());
+    const auto xs = GatherPicks::apply(x, s.token, s.back, k);
+    const auto y = CombinePicks::apply(ys, w, s.order, s.token, s.back);
+    CHECK(at::equal(xs, x.index_select(0, s.token)));
+    CHECK(at::equal(y, moe_aten::combine_forward(ys.detach(), w.detach(), s.back)));
+    torch::autograd::backward({xs, y}, {gxs, gy});
+    CHECK(at::equal(x.grad(), moe_aten::gather_backward(gxs, s.back, k)));
+    const auto [g_ys, g_w] = moe_aten::combine_backward(gy, ys.detach(), w.detach(), s.order, s.token, s.back);
+    CHECK(at::equal(ys.grad(), g_ys));
+    CHECK(rel_err(w.grad(), g_w) < 1e-5);
+  }
+}
+
+TEST_CASE("CUDA: the MoE kernels' time against the ATen ops at Mixtral-8x7B's size (N 4096, k 2, C 4096, bf16)") {
+  if (!torch::cuda::is_available()) {
+    MESSAGE("no CUDA device: skipped (scripts/gpu.sh moe1 runs it)");
+    return;
+  }
+  using namespace model::ops;
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  at::manual_seed(31);
+  const int64_t N = 4096, k = 2, C = 4096, E = 8;
+  const auto experts = random_picks(N, k, E, {}, Skew::none, cuda);
+  const auto s = sort_picks(experts, E);
+  const auto bf = cuda.dtype(at::kBFloat16);
+  const auto ys = at::randn({N * k, C}, bf), g = at::randn({N * k, C}, bf), gy = at::randn({N, C}, bf);
+  const auto w = at::rand({N, k}, cuda);
+  const auto ms = [&](const auto& f) {  // mean of 20 runs after 3 warm-up runs, in ms
+    for (int i = 0; i < 3; ++i) f();
+    torch::cuda::synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 20; ++i) f();
+    torch::cuda::synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 20;
+  };
+  struct Row {
+    const char* what;
+    double aten, kernel;
+  };
+  const std::vector<Row> rows = {
+      {"sort (order, token, back, counts)", ms([&] { moe_aten::sort_picks(experts, E); }),
+       ms([&] { moe_cuda::sort_picks(experts, E); })},
+      {"gather backward", ms([&] { moe_aten::gather_backward(g, s.back, k); }),
+       ms([&] { moe_cuda::gather_backward(g, s.back, k); })},
+      {"combine forward", ms([&] { moe_aten::combine_forward(ys, w, s.back); }),
+       ms([&] { moe_cuda::combine_forward(ys, w, s.back); })},
+      {"combine backward", ms([&] { moe_aten::combine_backward(gy, ys, w, s.order, s.token, s.back); }),
+       ms([&] { moe_cuda::combine_backward(gy, ys, w, s.back); })},
+  };
+  for (const auto& r : rows) {
+    MESSAGE(r.what, ": ATen ", r.aten, " ms, kernel ", r.kernel, " ms (", r.aten / r.kernel, "x)");
+    CHECK(r.kernel < r.aten);
   }
 }
 

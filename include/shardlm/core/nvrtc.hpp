@@ -229,6 +229,13 @@ inline void* function(int device, const Program& program, const char* kernel) {
   return f;
 }
 
+/// `program` compiled for sm_<arch> with NVRTC alone (no GPU, no driver): how a test on a machine without a GPU
+/// catches a kernel that does not compile. The cubin; throws with NVRTC's log, or when NVRTC cannot be opened.
+inline std::string compile_for_arch(const Program& program, int arch) {
+  if (!detail::api().nvrtcCompileProgram) throw std::runtime_error("libnvrtc.so could not be opened");
+  return detail::compile(program, arch);
+}
+
 /// function(), or nullptr having warned once per program with `fallback` (what the caller does instead).
 inline void* function_or_warn(int device, const Program& program, const char* kernel, const char* fallback) {
   try {

@@ -22,6 +22,7 @@
 #include "shardlm/core/errors.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/model/layers.hpp"
+#include "shardlm/model/moe_kernels.hpp"
 
 namespace shardlm::model {
 
@@ -60,27 +61,10 @@ inline at::Tensor router_stats(const at::Tensor& logits, int64_t k) {
   const int64_t N = logits.size(0), E = logits.size(1);
   const auto probs = at::softmax(logits, -1);                                               // [N, E]
   const auto picked = std::get<1>(at::topk(probs, k, -1)).reshape({-1});                    // [N k]
-  const auto counts = at::bincount(picked, {}, E).to(at::kFloat);                           // [E]
+  const auto counts = expert_counts(picked, E).to(at::kFloat);                              // [E]
   const auto z = at::logsumexp(logits.to(at::kFloat), {-1}).square().sum().reshape({1});   // [1]
   const auto rows = at::full({1}, static_cast<double>(N), counts.options());               // [1]
   return at::cat({probs.to(at::kFloat).sum(0), z, counts, rows});                          // [2E + 2]
-}
-
-/// The picks of N tokens sorted by expert (pick p = n k + j is token n's j-th expert): `order` [N k] lists the
-/// picks in sorted order, `token` [N k] the token of each sorted row, `back` [N k] the sorted row of each pick,
-/// `counts` [E] the rows of each expert.
-struct SortedPicks {
-  at::Tensor order, token, back, counts;
-  int64_t k;
-};
-
-inline SortedPicks sort_picks(const at::Tensor& experts, int64_t E) {  // experts [N, k] int64
-  const int64_t k = experts.size(1);
-  const auto flat = experts.reshape({-1});                                                    // [N k]
-  auto order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));  // [N k]
-  auto token = at::floor_divide(order, k);
-  auto back = at::empty_like(order).scatter_(0, order, at::arange(order.size(0), order.options()));
-  return {std::move(order), std::move(token), std::move(back), at::bincount(flat, {}, E), k};
 }
 
 /// xs [N k, C] = x[token]: each token's row once per pick, in sorted order. Its backward sums each token's k rows
@@ -96,10 +80,7 @@ struct GatherPicks : torch::autograd::Function<GatherPicks> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list g) {
     const auto back = ctx->get_saved_variables()[0];
-    const int64_t k = ctx->saved_data["k"].toInt(), C = g[0].size(1);
-    const auto picks = g[0].index_select(0, back).view({-1, k, C});                          // [N, k, C]
-    auto gx = k == 1 ? picks.squeeze(1) : picks.sum(1, /*keepdim=*/false, at::kFloat).to(g[0].scalar_type());
-    return {std::move(gx), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gather_backward(g[0], back, ctx->saved_data["k"].toInt()), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -110,19 +91,12 @@ struct CombinePicks : torch::autograd::Function<CombinePicks> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& ys, const at::Tensor& weights,
                             const at::Tensor& order, const at::Tensor& token, const at::Tensor& back) {
     ctx->save_for_backward({ys, weights, order, token, back});
-    const auto picks = ys.index_select(0, back).view({weights.size(0), weights.size(1), ys.size(1)});  // [N, k, C]
-    return (picks.to(at::kFloat) * weights.unsqueeze(-1)).sum(1).to(ys.scalar_type());
+    return combine_forward(ys, weights, back);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list g) {
     const auto saved = ctx->get_saved_variables();
-    const auto &ys = saved[0], &weights = saved[1], &order = saved[2], &token = saved[3], &back = saved[4];
-    const int64_t N = weights.size(0), k = weights.size(1), C = ys.size(1);
-    const auto& gy = g[0];                                                                    // [N, C]
-    const auto w_sorted = weights.reshape({-1}).index_select(0, order).unsqueeze(-1);         // [N k, 1] fp32
-    auto g_ys = (gy.index_select(0, token) * w_sorted).to(ys.scalar_type());                  // [N k, C]
-    const auto picks = ys.index_select(0, back).view({N, k, C});
-    auto g_w = (picks.to(at::kFloat) * gy.to(at::kFloat).unsqueeze(1)).sum(-1);              // [N, k] fp32
+    auto [g_ys, g_w] = combine_backward(g[0], saved[0], saved[1], saved[2], saved[3], saved[4]);
     return {std::move(g_ys), std::move(g_w), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
