@@ -15,14 +15,14 @@ using test::rel_err;
 
 TEST_CASE("the project's CUDA kernel sources compile with NVRTC for sm_90, without a GPU") {
 #if SHARDLM_HAVE_CUDA
+  // The block kernels' programs (test_model compiles the other programs of the project).
   const std::vector<const nvrtc::Program*> programs{&model::fused::detail::norm_rope_program,
-                                                    &model::fused::detail::swiglu_program, &model::ops::detail::xent_program,
-                                                    &optim::detail::adamw_program, &quant::kernels::program};
+                                                    &model::fused::detail::swiglu_program};
   for (const auto* p : programs) {
     CAPTURE(p->name);
-    size_t bytes = 0;
-    CHECK_NOTHROW(bytes = nvrtc::compile_for_arch(*p, 90));
-    CHECK(bytes > 0);
+    std::string cubin;
+    CHECK_NOTHROW(cubin = nvrtc::compile_for_arch(*p, 90));
+    CHECK(cubin.size() > 1000);
   }
   // An error comes back with NVRTC's log, naming the program.
   const nvrtc::Program broken{"shardlm_broken.cu", "extern \"C\" __global__ void f() { int x = ; }"};

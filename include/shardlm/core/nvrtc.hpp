@@ -185,15 +185,6 @@ inline std::string compile(const Program& program, int arch) {
 
 }  // namespace detail
 
-/// `program` compiled for sm_<arch> with NVRTC alone (no device, no driver): the check, on a machine without a GPU,
-/// that a source compiles. Returns the cubin's size in bytes; throws with NVRTC's log, or when NVRTC cannot be opened.
-inline size_t compile_for_arch(const Program& program, int arch) {
-  const auto& a = detail::api();
-  if (!a.nvrtcCreateProgram || !a.nvrtcCompileProgram || !a.nvrtcGetCUBIN)
-    throw std::runtime_error("NVRTC could not be opened (" + a.error + ")");
-  return detail::compile(program, arch).size();
-}
-
 /// Kernel `kernel` of `program` on `device`: the program compiled for the device's architecture on first use (once
 /// per process), its module loaded once per device. Throws on failure.
 inline void* function(int device, const Program& program, const char* kernel) {
