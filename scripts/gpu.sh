@@ -44,7 +44,7 @@
 #   fp8_curves  FP8_STEPS (300) steps of the bundled corpus tokenized with the Llama 3 tokenizer (TOKENIZER, default
 #           ../shared/data/llama3-tokenizer/tokenizer.json) on Llama3-8B dims with 2 layers, seq 512, micro-batch 4,
 #           with mixed-bf16 and with fp8 (same seed and data order): both smoothed curves and the relative difference
-#           of the last 50 steps' mean losses (PASS within 3%: tests/train/check_fp8.py's reasoning, docs/benchmarks.md)
+#           of the last 50 steps' mean losses (PASS within 3%; docs/benchmarks.md says why)
 #   smoke   the merged tree's training state on one GPU over NCCL: llama3-debug (byte text) with CPU offload and each host
 #           step, checkpoints saved synchronously and asynchronously, resumed, one shard flipped and refused
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run

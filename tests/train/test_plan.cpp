@@ -390,4 +390,11 @@ TEST_CASE("planner: precision fp8 adds one projection's float8 operands to mixed
   CHECK(fp8.gpu_peak() - bf16.gpu_peak() <= 198912);
   in.recipe.checkpointing = checkpointing_named("selective");
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--checkpointing selective with --precision fp8"), ConfigError);
+  // A Mixtral block: only the attention's projections are float8 (its experts multiply in bf16), even where the
+  // experts' intermediate size equals the hidden size. Forward, q or o (64 -> 64): 3 * 512*64 + 4 * (512 + 64) = 100608.
+  auto moe = small();
+  moe.model_type = "mixtral", moe.num_experts = 4, moe.num_experts_per_tok = 2, moe.intermediate_size = 64;
+  CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
+  moe.intermediate_size = 128;
+  CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
 }

@@ -189,9 +189,9 @@ inline double fp8_operand_bytes(const model::ModelConfig& m, double c, double to
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
   double most = 0;
-  const std::pair<double, double> projections[] = {{H, Hq}, {H, Hkv}, {Hq, H}, {H, I}, {I, H}};  // in K, out N
+  std::vector<std::pair<double, double>> projections{{H, Hq}, {H, Hkv}, {Hq, H}};  // in K, out N
+  if (!m.is_moe()) projections.insert(projections.end(), {{H, I}, {I, H}});        // a MoE block's experts: bf16
   for (const auto& [K, N] : projections) {
-    if (m.is_moe() && (N == I || K == I)) continue;  // a MoE block's experts multiply in bf16
     const double rows_a = tokens, cols_a = backward ? N : K, rows_b = backward ? K : N, cols_b = backward ? N : K;
     const double a = rows_a * cols_a, b = rows_b * cols_b;
     most = std::max(most, std::max((c + 1) * a, a + (c + 1) * b) + 4 * (rows_a + rows_b));
