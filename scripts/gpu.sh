@@ -38,6 +38,13 @@
 #           Liger-Kernel (.deps/whl/liger_kernel-*.whl installed into $OUT/site when carried), then 8 layers with and
 #           without block recompute and with selective recompute
 #   recompute8  those 8-layer runs alone: none, selective, every-block (and 4 layers selective)
+#   fp8     precision::FP8 on one GPU: (1) test_train's CUDA case (the float8 linear through at::_scaled_mm against its
+#           emulation, forward and backward), (2) the step benchmark with --precision fp8 and mixed-bf16 on dense1's
+#           shape (Llama3-8B dims, 4 layers, seq 4096, micro-batch 2), alternating twice, (3) fp8_curves
+#   fp8_curves  FP8_STEPS (300) steps of the bundled corpus tokenized with the Llama 3 tokenizer (TOKENIZER, default
+#           ../shared/data/llama3-tokenizer/tokenizer.json) on Llama3-8B dims with 2 layers, seq 512, micro-batch 4,
+#           with mixed-bf16 and with fp8 (same seed and data order): both smoothed curves and the relative difference
+#           of the last 50 steps' mean losses (PASS within 3%; docs/benchmarks.md says why)
 #   smoke   the merged tree's training state on one GPU over NCCL: llama3-debug (byte text) with CPU offload and each host
 #           step, checkpoints saved synchronously and asynchronously, resumed, one shard flipped and refused
 #   h100    full Llama3-8B on one GPU (FullShard + EveryBlock + CPU offload + MixedBF16), the 80 GB H100 run
@@ -332,6 +339,72 @@ recompute8() {  # Llama3-8B dims with 8 layers on one GPU: no recompute, selecti
   ours "ours_8L_1gpu_selective" 1 $common --checkpointing selective
   ours "ours_8L_1gpu_every_block" 1 $common --checkpointing every-block
   ours "ours_4L_1gpu_selective" 1 ${common/--layers 8/--layers 4} --checkpointing selective
+}
+
+fp8() {  # precision::FP8 on one GPU (see the phase list above)
+  if [ ! -x "$BUILD/bin/test_train" ]; then
+    cmake --build "$BUILD" -j 16 --target test_train >>"$OUT/build.log" 2>&1 || { echo "fp8: test_train does not build"; return 1; }
+  fi
+  "$BUILD/bin/test_train" '-tc=CUDA: precision::FP8*' >"$OUT/fp8_test.log" 2>&1
+  local rc=$?
+  grep -E "_scaled_mm vs emulation|skipped|refused|test cases" "$OUT/fp8_test.log" | sed 's/^ *//' | tail -8
+  echo "{\"check\": \"fp8 linear: _scaled_mm vs emulation\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --sharding full --layers 4 --steps 10"
+  for i in 1 2; do
+    ours "ours_4L_1gpu_bf16_$i" 1 $common --precision mixed-bf16
+    ours "ours_4L_1gpu_fp8_$i" 1 $common --precision fp8
+  done
+  fp8_curves
+}
+
+fp8_curves() {  # fp8 against mixed-bf16 on real text (see the phase list above)
+  local tok=${TOKENIZER:-../shared/data/llama3-tokenizer/tokenizer.json}
+  [ -f "$tok" ] || tok=shared/data/llama3-tokenizer/tokenizer.json
+  [ -f "$tok" ] || { echo "fp8_curves: no Llama 3 tokenizer.json (set TOKENIZER=PATH)"; return 1; }
+  if [ ! -x "$BUILD/bin/shardlm_tokenize" ]; then
+    cmake --build "$BUILD" -j 16 --target shardlm_tokenize >>"$OUT/build.log" 2>&1 || { echo "fp8_curves: shardlm_tokenize does not build"; return 1; }
+  fi
+  "$BUILD/bin/shardlm_tokenize" --tokenizer "$tok" --output "$OUT/corpus-llama3" examples/data/corpus.txt 2>&1 | tail -1 \
+    || return 1
+  local steps=${FP8_STEPS:-300}
+  local common="--preset llama3-8b --layers 2 --seq-len 512 --micro-batch 4 --steps $steps --lr 1e-4 --warmup-steps 20
+    --sharding full --seed 1 --device cuda --data $OUT/corpus-llama3.bin --log-every 50"
+  local p
+  for p in mixed-bf16 fp8; do
+    rm -f "$OUT/fp8_curve_$p.jsonl"
+    "$BUILD/bin/shardlm_train" $common --precision $p --metrics "$OUT/fp8_curve_$p.jsonl" >"$OUT/fp8_curve_$p.log" 2>&1 \
+      || { echo "fp8_curves: the $p run failed"; tail -5 "$OUT/fp8_curve_$p.log"; return 1; }
+    grep -E "shardlm: .*\| |trained" "$OUT/fp8_curve_$p.log" | head -1
+    grep -E "trained" "$OUT/fp8_curve_$p.log" | tail -1
+  done
+  python3 - "$OUT/fp8_curve_mixed-bf16.jsonl" "$OUT/fp8_curve_fp8.jsonl" "$RESULTS" <<'PY'
+import json, sys
+def losses(path):
+    with open(path) as f:
+        return [json.loads(line)["loss"] for line in f if line.strip()]
+bf16, fp8 = losses(sys.argv[1]), losses(sys.argv[2])
+n = min(len(bf16), len(fp8))
+def smooth(v, alpha=0.1):  # an exponential moving average, as TensorBoard's smoothing
+    out, s = [], v[0]
+    for x in v:
+        s = alpha * x + (1 - alpha) * s
+        out.append(s)
+    return out
+sb, s8 = smooth(bf16[:n]), smooth(fp8[:n])
+print("step   mixed-bf16  fp8      rel diff (smoothed, EMA 0.1)")
+for i in list(range(0, n, 25)) + [n - 1]:
+    print(f"{i + 1:5d}  {sb[i]:.4f}     {s8[i]:.4f}   {abs(s8[i] - sb[i]) / sb[i]:+.2e}")
+k = min(50, n)
+mb, m8 = sum(bf16[n - k:n]) / k, sum(fp8[n - k:n]) / k
+rel = abs(m8 - mb) / mb
+worst = max(abs(a - b) / b for a, b in zip(s8[n - k:], sb[n - k:]))
+tol = 0.03
+print(f"last {k} steps' mean loss: mixed-bf16 {mb:.4f}, fp8 {m8:.4f}: relative difference {rel:.2e} "
+      f"(tolerance {tol}); largest over those steps' smoothed values {worst:.2e}")
+with open(sys.argv[3], "a") as f:
+    f.write(json.dumps({"check": "fp8 loss curve vs mixed-bf16", "steps": n, "bf16_last50": mb, "fp8_last50": m8,
+                        "rel_diff": rel, "max_smoothed_rel_diff": worst, "result": "PASS" if rel <= tol else "FAIL"}) + "\n")
+PY
 }
 
 smoke() {  # small runs on one GPU that touch the checkpoint's checksums over NCCL, the host steps and a resume

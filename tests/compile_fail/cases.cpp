@@ -20,6 +20,8 @@ using Recipe = Policies<adapter::LoRA, quant::Int4, quant::FP8>;
 using Recipe = Policies<checkpointing::EveryNth<0>>;
 #elif defined(SHARDLM_CASE_selective_adapter)
 using Recipe = Policies<sharding::FullShard, checkpointing::Selective, adapter::LoRA>;
+#elif defined(SHARDLM_CASE_fp8_selective)
+using Recipe = Policies<sharding::FullShard, checkpointing::Selective, precision::FP8>;
 #else
 #error "no SHARDLM_CASE_ given"
 #endif

@@ -1026,3 +1026,152 @@ TEST_CASE("selective: Llama and Mixtral give the loss and gradients of None, bit
   CHECK_THROWS_WITH_AS(m->set_checkpointing(checkpointing::Selective::rules),
                        doctest::Contains("checkpointing::Selective fuses each RMSNorm"), ConfigError);
 }
+
+// precision::FP8's linears (model/fp8_linear.hpp) against a reference that quantizes every value itself, from the
+// e4m3 format's definition, in fp64.
+namespace {
+/// v (|v| <= 448) rounded to e4m3fn: 3 mantissa bits, normals from 2^-6, subnormals in steps of 2^-9, ties to even.
+double e4m3_round(double v) {
+  const double a = std::fabs(v);
+  if (a == 0) return 0;
+  int e = 0;
+  std::frexp(a, &e);  // a = f 2^e, f in [0.5, 1): the leading bit is 2^(e - 1)
+  const double step = std::ldexp(1.0, std::max(e - 1, -6) - 3);
+  return std::copysign(std::nearbyint(a / step) * step, v);
+}
+/// The smallest power of two s >= 2^-126 with amax / s <= 448; 1 for an all-zero group.
+double reference_scale(double amax) {
+  if (amax == 0) return 1;
+  double s = std::ldexp(1.0, -126);
+  while (amax / s > 448) s *= 2;
+  return s;
+}
+/// x [R, C] quantized per row by the reference: the values code x scale, fp64 [R, C], and the scales [R].
+std::pair<at::Tensor, at::Tensor> reference_rows(const at::Tensor& x) {
+  const auto d = x.to(at::kDouble).contiguous();
+  auto values = at::empty_like(d), scales = at::empty({d.size(0)}, d.options());
+  const auto in = d.accessor<double, 2>();
+  auto out = values.accessor<double, 2>();
+  for (int64_t r = 0; r < d.size(0); ++r) {
+    double amax = 0;
+    for (int64_t c = 0; c < d.size(1); ++c) amax = std::max(amax, std::fabs(in[r][c]));
+    const double s = reference_scale(amax);
+    scales[r] = s;
+    for (int64_t c = 0; c < d.size(1); ++c) out[r][c] = e4m3_round(in[r][c] / s) * s;
+  }
+  return {values, scales};
+}
+/// |got - want| within one rounding to bf16 of want (fp32 accumulation besides): the products of the dequantized
+/// operands are exact, only their sum and the final rounding differ from fp64.
+void check_within_bf16(const at::Tensor& got, const at::Tensor& want) {
+  const auto g = got.to(at::kDouble), w = want.to(at::kDouble);
+  const double worst = ((g - w).abs() - w.abs() * std::ldexp(1.0, -8) - 1e-30).max().item<double>();
+  CHECK(worst <= 0);
+}
+}  // namespace
+
+TEST_CASE("fp8 linear: codes and scales are the reference's bit for bit; zero rows, huge and tiny values") {
+  at::manual_seed(11);
+  // rows of magnitudes 1e-3 .. 1e3, an all-zero row, one huge value, a row of bf16 subnormals
+  auto x = (at::randn({6, 48}) * at::pow(10.0, at::arange(-3, 3).to(at::kFloat)).unsqueeze(1)).to(at::kBFloat16);
+  x[1].zero_();
+  x[2][5] = 1e30;
+  x[3] = at::full({48}, 3e-39, at::kFloat).to(at::kBFloat16) * at::randn({48}).sign().to(at::kBFloat16);
+  const auto q = model::fp8::quantize_rows(x);
+  CHECK((q.codes.scalar_type() == at::kFloat8_e4m3fn));
+  const auto [values, scales] = reference_rows(x);
+  CHECK(at::equal(q.scale.squeeze(1).to(at::kDouble), scales));
+  CHECK(at::equal((q.codes.to(at::kDouble) * q.scale.to(at::kDouble)), values));
+  CHECK(q.scale[1].item<float>() == 1.0f);
+  CHECK(q.codes[1].to(at::kFloat).abs().max().item<float>() == 0.0f);
+  CHECK(q.codes.to(at::kFloat).isfinite().all().item<bool>());
+  CHECK(q.codes.to(at::kFloat).abs().amax(1).min().item<float>() >= 0);  // no NaN codes
+  CHECK(q.codes[3].to(at::kFloat).abs().min().item<float>() > 0);        // subnormal inputs keep their values
+  // the huge value owns its row's scale; it leaves the other rows alone
+  const auto rest = model::fp8::quantize_rows(at::cat({x.narrow(0, 0, 2), x.narrow(0, 3, 3)}));
+  CHECK(at::equal(rest.codes.to(at::kFloat), at::cat({q.codes.narrow(0, 0, 2), q.codes.narrow(0, 3, 3)}).to(at::kFloat)));
+}
+
+TEST_CASE("fp8 linear: forward and backward against the reference's quantization; the weight gradient in bf16") {
+  at::manual_seed(12);
+  const int64_t B = 2, T = 5, K = 64, N = 32;
+  auto x = at::randn({B, T, K}).to(at::kBFloat16);
+  x[0][1].zero_();         // an all-zero token
+  x[1][2][7] = 3e4;        // an outlier in one token
+  auto w = (at::randn({N, K}) * 0.05).to(at::kBFloat16);
+  const auto xr = x.detach().requires_grad_(), wr = w.detach().requires_grad_();
+  const auto y = model::fp8::linear(xr, wr);  // [B, T, N]
+  REQUIRE((y.sizes() == at::IntArrayRef({B, T, N})));
+  CHECK((y.scalar_type() == at::kBFloat16));
+  const auto x2 = x.reshape({-1, K});
+  const auto [xq, xs] = reference_rows(x2);
+  const auto [wq, ws] = reference_rows(w);
+  check_within_bf16(y.reshape({-1, N}), xq.mm(wq.t()));
+  CHECK(y[0][1].abs().max().item<float>() == 0.0f);
+  // the plain bf16 product is close (e4m3 keeps 4 significant bits: a few percent)
+  const double vs_plain = rel_err(y, at::linear(x, w));
+  MESSAGE("fp8 vs bf16 forward: rel err ", vs_plain);
+  CHECK(vs_plain < 0.08);
+
+  const auto dy = at::randn({B, T, N}).to(at::kBFloat16);
+  y.backward(dy);
+  const auto dy2 = dy.reshape({-1, N});
+  const auto [dyq, dys] = reference_rows(dy2);
+  const auto [wtq, wts] = reference_rows(w.t());  // W per column: its transpose per row
+  check_within_bf16(xr.grad().reshape({-1, K}), dyq.mm(wtq.t()));
+  CHECK(at::equal(wr.grad(), dy2.t().mm(x2)));  // grad_weight: bf16, the plain path's product
+  // a frozen weight (an adapter's base) gets no gradient, the input still does
+  const auto xf = x.detach().requires_grad_();
+  model::fp8::linear(xf, w).backward(dy);
+  CHECK(at::equal(xf.grad(), xr.grad()));
+}
+
+TEST_CASE("fp8 linear: the decoder sets exactly the blocks' projections; odd sizes and Selective are refused") {
+  auto c = model::preset("llama3-debug", 2);
+  model::Llama3 m(c, at::TensorOptions().dtype(at::kBFloat16));
+  model::init_weights(*m, 0.02, 5);
+  m->set_precision(precision::FP8::rules);
+  int fp8 = 0;
+  for (const auto& item : m->named_modules("", false))
+    if (auto* l = dynamic_cast<model::LinearImpl*>(item.value().get()))
+      fp8 += l->compute() == precision::LinearCompute::fp8_rowwise;
+  CHECK(fp8 == 2 * 7);
+  CHECK((m->lm_head->compute() == precision::LinearCompute::plain));
+  // the forward goes through float8: different from the plain model's, close to it
+  const auto ids = at::randint(c.vocab_size, {2, 16}, at::kLong);
+  const auto logits = m->forward(ids);
+  m->set_precision(precision::MixedBF16::rules);
+  const auto plain = m->forward(ids);
+  CHECK(!at::equal(logits, plain));
+  CHECK(rel_err(logits, plain) < 0.1);
+  // a Linear with an adapter keeps its adapter's layers plain
+  model::AdapterConfig lora;
+  lora.kind = adapter::LoRA::rules;
+  m->add_adapters(lora);
+  m->set_precision(precision::FP8::rules);
+  CHECK((m->layers[0]->attn->q_proj->compute() == precision::LinearCompute::fp8_rowwise));
+  CHECK((m->layers[0]->attn->q_proj->lora_A->compute() == precision::LinearCompute::plain));
+
+  auto odd = model::preset("llama3-debug", 1);
+  odd.intermediate_size = 100;
+  model::Llama3 o(odd);
+  CHECK_THROWS_WITH_AS(o->set_precision(precision::FP8::rules),
+                       doctest::Contains("--precision fp8: layers.0.mlp.gate_proj maps 128 to 100 features; float8 matmuls "
+                                         "(at::_scaled_mm) need both multiples of 16"),
+                       ConfigError);
+  model::Llama3 s(model::preset("llama3-debug", 1));
+  s->set_checkpointing(checkpointing::Selective::rules);
+  CHECK_THROWS_WITH_AS(s->set_precision(precision::FP8::rules),
+                       doctest::Contains("--precision fp8 with --checkpointing selective: precision::FP8 computes"), ConfigError);
+  model::Llama3 f(model::preset("llama3-debug", 1));
+  f->set_precision(precision::FP8::rules);
+  CHECK_THROWS_WITH_AS(f->set_checkpointing(checkpointing::Selective::rules),
+                       doctest::Contains("--checkpointing selective with --precision fp8"), ConfigError);
+  CHECK_THROWS_WITH_AS(recipe_named("full", "fp8", "selective", "none"),
+                       doctest::Contains("--checkpointing selective with --precision fp8: precision::FP8 computes"), ConfigError);
+  // Mixtral: the attention's projections in float8, the router and the experts not
+  model::Mixtral x(model::preset("mixtral-debug", 1));
+  x->set_precision(precision::FP8::rules);
+  CHECK((x->layers[0]->attn->o_proj->compute() == precision::LinearCompute::fp8_rowwise));
+  CHECK((x->layers[0]->ffn->gate->compute() == precision::LinearCompute::plain));
+}

@@ -390,3 +390,35 @@ TEST_CASE("planner: a MoE block's backward peaks at its experts' first projectio
   // the shard on one rank) are there: 4280 x 8 + 221952 = 256192 bytes beside the same gathered units, less than
   // the 68480 + 192512 = 260992 here.
 }
+
+TEST_CASE("planner: precision fp8 adds one projection's float8 operands to mixed-bf16's plan, counted by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.vocab_size = 16;  // the blocks, not the loss, make the peak
+  in.loss_chunk = 0;
+  in.recipe.sharding = sharding_named("full"), in.world_size = 2, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 256;  // 512 tokens
+  in.recipe.precision = precision_named("mixed-bf16");
+  const auto bf16 = plan::plan_memory(in);
+  in.recipe.precision = precision_named("fp8");
+  const auto fp8 = plan::plan_memory(in);
+  // The largest (c + 1) a or a + (c + 1) b, plus 4 bytes a row, over the projections (c = 2, 512 tokens), K -> N:
+  // forward x [512, K], W [N, K]: down (128 -> 64): 3 * 512*128 + 4 * (512 + 64) = 198912, the largest (up/gate:
+  // 3 * 512*64 + 4 * (512 + 128) = 100864). Backward dy [512, N], W^T [K, N]: up/gate (64 -> 128): 3 * 512*128 +
+  // 4 * (512 + 64) = 198912 (down: 100864). The peak is a block's backward, whose activations are mixed-bf16's.
+  CHECK(fp8.table().find("float8 operands") != std::string::npos);
+  CHECK(fp8.peak_at == "backward of block 1");
+  CHECK(item(fp8.gpu, "float8 operands") == 198912);
+  CHECK(item(fp8.gpu, "activations") == item(bf16.gpu, "activations"));
+  CHECK(item(fp8.gpu, "sharded state") == item(bf16.gpu, "sharded state"));
+  CHECK(fp8.gpu_peak() - bf16.gpu_peak() <= 198912);
+  in.recipe.checkpointing = checkpointing_named("selective");
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--checkpointing selective with --precision fp8"), ConfigError);
+  // A Mixtral block: only the attention's projections are float8 (its experts multiply in bf16), even where the
+  // experts' intermediate size equals the hidden size. Forward, q or o (64 -> 64): 3 * 512*64 + 4 * (512 + 64) = 100608.
+  auto moe = small();
+  moe.model_type = "mixtral", moe.num_experts = 4, moe.num_experts_per_tok = 2, moe.intermediate_size = 64;
+  CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
+  moe.intermediate_size = 128;
+  CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
+}

@@ -7,6 +7,7 @@
 
 #include <shardlm/shardlm.hpp>
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <functional>
@@ -136,6 +137,56 @@ TEST_CASE("CUDA: the AdamW kernel gives LibTorch's fused AdamW bit for bit, from
         CHECK(at::equal(v, rv));
       }
     }
+  }
+}
+
+TEST_CASE("CUDA: precision::FP8's float8 linear through _scaled_mm against its emulation, forward and backward") {
+  if (!torch::cuda::is_available()) {
+    MESSAGE("no CUDA device: skipped (scripts/gpu.sh fp8 runs it)");
+    return;
+  }
+  const at::Device cuda(at::kCUDA);
+  if (!compat::has_scaled_mm_rowwise(cuda)) {
+    CHECK_THROWS_WITH_AS(model::fp8::matmul_on(cuda), doctest::Contains("--precision fp8 needs row-wise float8 matmuls"),
+                         ConfigError);
+    MESSAGE("no sm90+ GPU: the float8 path is refused, nothing more to compare");
+    return;
+  }
+  REQUIRE((model::fp8::matmul_on(cuda) == model::fp8::Matmul::scaled_mm));
+  using model::fp8::LinearFunction;
+  // Llama3-8B's projection shapes at 4096 tokens, and a token count that is no multiple of 16 (padded for _scaled_mm)
+  const std::vector<std::array<int64_t, 3>> shapes{{4096, 4096, 1024}, {4096, 14336, 4096}, {4096, 4096, 14336}, {37, 128, 384}};
+  for (const auto& shape : shapes) {
+    const int64_t M = shape[0], K = shape[1], N = shape[2];
+    CAPTURE(M);
+    CAPTURE(K);
+    CAPTURE(N);
+    at::manual_seed(3);
+    auto x = at::randn({M, K}).to(at::kBFloat16);
+    x[1].zero_();
+    x[2][3] = 1e4;
+    const auto w = (at::randn({N, K}) * 0.02).to(at::kBFloat16);
+    const auto dy = at::randn({M, N}).to(at::kBFloat16);
+    // the codes and scales on the GPU are the CPU's (the same ATen ops)
+    const auto qc = model::fp8::quantize_rows(x), qg = model::fp8::quantize_rows(x.to(cuda));
+    CHECK(at::equal(qc.codes.view(at::kByte), qg.codes.view(at::kByte).cpu()));
+    CHECK(at::equal(qc.scale, qg.scale.cpu()));
+    auto run = [&](model::fp8::Matmul how) {
+      const auto xr = x.to(cuda).requires_grad_(), wr = w.to(cuda).requires_grad_();
+      const auto y = LinearFunction::apply(xr, wr, static_cast<int64_t>(how));
+      y.backward(dy.to(cuda));
+      return std::tuple{y.detach().cpu(), xr.grad().cpu(), wr.grad().cpu()};
+    };
+    const auto [y_mm, dx_mm, dw_mm] = run(model::fp8::Matmul::scaled_mm);
+    const auto [y_em, dx_em, dw_em] = run(model::fp8::Matmul::emulated);
+    const double ey = test::rel_err(y_mm, y_em), edx = test::rel_err(dx_mm, dx_em);
+    MESSAGE("_scaled_mm vs emulation: y rel err ", ey, " (fast accumulation), dx ", edx, "; vs bf16: y ",
+            test::rel_err(y_mm, at::linear(x, w).to(at::kFloat)));
+    CHECK(ey < 1e-2);
+    CHECK(edx < 1e-2);
+    CHECK(at::equal(dw_mm, dw_em));  // the weight gradient is the same bf16 product on both paths
+    CHECK(y_mm[1].abs().max().item<float>() == 0.0f);
+    CHECK(y_mm.isfinite().all().item<bool>());
   }
 }
 

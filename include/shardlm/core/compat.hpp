@@ -91,6 +91,36 @@ inline bool has_grouped_mm(const at::Device& device, at::ScalarType dtype, std::
 #endif
 }
 
+/// The compute capability major of CUDA `device` (0 without CUDA).
+inline int cuda_major(const at::Device& device) {
+#if SHARDLM_HAVE_CUDA
+  int major = 0;
+  if (device.is_cuda() && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                                 device.has_index() ? device.index() : 0) == cudaSuccess)
+    return major;
+  (void)cudaGetLastError();
+#else
+  (void)device;
+#endif
+  return 0;
+}
+
+/// a [M, K] x b [K, N] in float8 e4m3 with fp32 row-wise scales sa [M, 1] (of a's rows) and sb [1, N] (of b's
+/// columns), in `out` dtype: at::_scaled_mm (2.11's form; 2.9+ also has _scaled_mm_v2 with explicit scaling kinds, the
+/// old form stays). Its constraints on Hopper, checked by the caller: both operands e4m3 (row-wise scaling takes no
+/// e5m2), a row-major, b column-major, M, K and N multiples of 16, out bf16, a GPU of compute capability 9.x or 10.x
+/// (where its row-wise kernels are built; has_scaled_mm_rowwise). `fast_accum`: the tensor cores' faster accumulation (torchao takes it for the forward only).
+inline at::Tensor scaled_mm_rowwise(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sa, const at::Tensor& sb,
+                                    at::ScalarType out, bool fast_accum) {
+  return at::_scaled_mm(a, b, sa, sb, /*bias=*/std::nullopt, /*scale_result=*/std::nullopt, out, fast_accum);
+}
+
+/// Whether scaled_mm_rowwise runs on `device`: CUDA of compute capability 9 (Hopper) or 10 (Blackwell).
+inline bool has_scaled_mm_rowwise(const at::Device& device) {
+  const int major = cuda_major(device);
+  return major == 9 || major == 10;
+}
+
 /// Bytes allocated and reserved by the CUDA caching allocator on `device` (current, peak).
 struct DeviceMemory {
   double allocated = 0, reserved = 0, peak_allocated = 0, peak_reserved = 0;

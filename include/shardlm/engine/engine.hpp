@@ -97,6 +97,7 @@ class Engine {
       fail<ConfigError>("--offload ", rules.offload.name, " with --sharding ", rules.sharding.name, ": ",
                         SHARDLM_OFFLOAD_NEEDS_SHARDING);
     model_.set_checkpointing(rules.checkpointing);  // what a kept block saves (the recomputed ones: schedule_)
+    model_.set_precision(rules.precision);          // how the blocks' projections multiply (float8 or not)
     const auto& precision = rules.precision;
     const auto& frozen = options_.frozen();
     const size_t n = model_.num_units();

@@ -32,6 +32,12 @@ class UnitModel {
   /// What the blocks keep for backward when their graph is kept (checkpointing::Rules::selective); the engine hands
   /// its recipe's rules in. A model without the choice keeps what autograd keeps.
   virtual void set_checkpointing(const checkpointing::Rules& rules) { (void)rules; }
+  /// How the blocks' linear layers multiply (precision::Rules::linears); the engine hands its recipe's rules in. A
+  /// model without the choice computes them in the compute dtype: float8 is refused.
+  virtual void set_precision(const precision::Rules& rules) {
+    if (rules.fp8_linears())
+      fail<ConfigError>("--precision ", rules.name, ": this model has no set_precision (model::DecoderImpl has)");
+  }
 };
 
 /// A module with the members of UnitModel (take_side optional).
@@ -62,6 +68,10 @@ class UnitModelOf : public UnitModel {
     if constexpr (requires { m_.set_checkpointing(rules); }) m_.set_checkpointing(rules);
     else if (rules.selective())
       fail<ConfigError>("--checkpointing ", rules.name(), ": this model has no set_checkpointing (model::DecoderImpl has)");
+  }
+  void set_precision(const precision::Rules& rules) override {
+    if constexpr (requires { m_.set_precision(rules); }) m_.set_precision(rules);
+    else UnitModel::set_precision(rules);
   }
 
  private:

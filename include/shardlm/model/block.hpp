@@ -8,6 +8,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -153,12 +154,45 @@ class DecoderImpl : public torch::nn::Module {
   }
 
   /// What each block keeps for backward (the engine hands its recipe's checkpointing rules in: engine/unit_model.hpp).
-  /// With Selective, a model with adapters is refused (SHARDLM_SELECTIVE_NEEDS_FULL_FT).
+  /// With Selective, a model with adapters is refused (SHARDLM_SELECTIVE_NEEDS_FULL_FT), and one with float8 linears
+  /// (SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING).
   void set_checkpointing(const checkpointing::Rules& rules) {
+    if (!linears_serve(rules, precision_))
+      fail<ConfigError>("--checkpointing ", rules.name(), " with --precision ", precision_.name, ": ",
+                        SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING);
     for (auto& layer : layers) layer->set_checkpointing(rules);
     checkpointing_ = rules;
   }
   const checkpointing::Rules& checkpointing() const { return checkpointing_; }
+
+  /// How the blocks' projections multiply (precision::Rules::linears; the engine hands its recipe's precision rules
+  /// in): q/k/v/o_proj and gate/up/down_proj, by their Hugging Face names; never the embedding, the LM head, a MoE
+  /// router (`gate`) or its experts (moe.hpp: at::_grouped_mm in bf16). Float8 needs every such layer's sizes to be
+  /// multiples of 16 (at::_scaled_mm's constraint): refused otherwise, on the CPU too, so that a run tried on a CPU
+  /// does not fail later on the GPU.
+  void set_precision(const precision::Rules& rules) {
+    if (!linears_serve(checkpointing_, rules))
+      fail<ConfigError>("--precision ", rules.name, " with --checkpointing ", checkpointing_.name(), ": ",
+                        SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING);
+    static constexpr std::string_view projections[] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"};
+    for (size_t i = 0; i < layers.size(); ++i)
+      for (const auto& item : layers[i]->named_modules("", /*include_self=*/false)) {
+        const auto& key = item.key();
+        auto* linear = dynamic_cast<LinearImpl*>(item.value().get());
+        if (!linear || std::find(std::begin(projections), std::end(projections), key.substr(key.rfind('.') + 1)) ==
+                           std::end(projections))
+          continue;
+        const int64_t out = linear->weight.size(0), in = linear->weight.size(1);
+        if (rules.fp8_linears() && (in % 16 != 0 || out % 16 != 0))
+          fail<ConfigError>("--precision ", rules.name, ": layers.", i, ".", key, " maps ", in, " to ", out,
+                            " features; float8 matmuls (at::_scaled_mm) need both multiples of 16: use --precision "
+                            "mixed-bf16 for this model");
+        linear->set_compute(rules.linears);
+      }
+    precision_ = rules;
+  }
+  const precision::Rules& precision() const { return precision_; }
 
   /// Unit u's side output of its last forward, handed over once: a MoE block's router statistics
   /// (model/moe.hpp), undefined for every other unit. The engine back-propagates a gradient into it.
@@ -215,6 +249,7 @@ class DecoderImpl : public torch::nn::Module {
   ModelConfig config_;
   AdapterConfig adapter_;
   checkpointing::Rules checkpointing_ = checkpointing::None::rules;
+  precision::Rules precision_ = precision::FP32::rules;  // what set_precision last set (plain linears until then)
   at::Tensor loss_targets_;  // set_loss_targets, for the next forward of the head
   int64_t loss_chunk_ = 0;
   double loss_grad_scale_ = 1.0;

@@ -7,12 +7,16 @@
 #include <memory>
 
 #include "shardlm/model/config.hpp"
+#include "shardlm/model/fp8_linear.hpp"
 #include "shardlm/model/ops.hpp"
 #include "shardlm/model/selective.hpp"
+#include "shardlm/policy/policies.hpp"
 
 namespace shardlm::model {
 
-/// y = x W^T (+ b), W: [out, in]; with an adapter (add_adapter), LoRA or DoRA on top (model/adapter.hpp).
+/// y = x W^T (+ b), W: [out, in]; with an adapter (add_adapter), LoRA or DoRA on top (model/adapter.hpp). The base
+/// product x W^T is computed as set_compute says (float8 under precision::FP8, model/fp8_linear.hpp); an adapter's own
+/// layers stay in the compute dtype.
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias, const at::TensorOptions& opts)
@@ -21,7 +25,7 @@ class LinearImpl : public torch::nn::Module {
   }
 
   at::Tensor forward(const at::Tensor& x) {
-    auto y = at::linear(x, weight, bias);
+    auto y = base(x, /*with_bias=*/true);
     if (!lora_A) return y;
     const bool drop = is_training() && dropout_ > 0;
     const auto xd = drop ? at::dropout(x, dropout_, /*train=*/true) : x;
@@ -31,9 +35,13 @@ class LinearImpl : public torch::nn::Module {
     const auto delta = at::matmul(lora_B->weight, lora_A->weight).detach();                   // [out, in]
     const auto norm = at::linalg_vector_norm(weight.detach() + scale_ * delta, 2, {1}, false);  // [out]
     const auto g = lora_magnitude_vector / norm;                                                // [out]
-    const auto base = drop ? at::linear(xd, weight) : bias.defined() ? y - bias : y;           // x W^T
-    return y + (g - 1) * base + g * (scale_ * lora);
+    const auto base_out = drop ? base(xd, /*with_bias=*/false) : bias.defined() ? y - bias : y;  // x W^T
+    return y + (g - 1) * base_out + g * (scale_ * lora);
   }
+
+  /// How the base product multiplies (the decoder sets the blocks' projections from precision::Rules::linears).
+  void set_compute(precision::LinearCompute compute) { compute_ = compute; }
+  precision::LinearCompute compute() const { return compute_; }
 
   /// Adds LoRA (A [r, in], B [out, r]) and with DoRA the magnitude m [out], uninitialized; `scale` is s.
   void add_adapter(int64_t rank, double scale, double dropout, bool dora) {
@@ -51,7 +59,15 @@ class LinearImpl : public torch::nn::Module {
   std::shared_ptr<LinearImpl> lora_A, lora_B;   // with an adapter only
 
  private:
+  /// x W^T, plus b when `with_bias`.
+  at::Tensor base(const at::Tensor& x, bool with_bias) {
+    if (compute_ == precision::LinearCompute::plain) return at::linear(x, weight, with_bias ? bias : at::Tensor());
+    auto y = fp8::linear(x, weight);
+    return with_bias && bias.defined() ? y + bias : y;
+  }
+
   double scale_ = 0, dropout_ = 0;
+  precision::LinearCompute compute_ = precision::LinearCompute::plain;
 };
 TORCH_MODULE(Linear);
 

@@ -27,11 +27,11 @@ inline sharding::Rules sharding_named(std::string_view value) {
   fail<ConfigError>("--sharding '", value, "' is not a sharding policy: use none, grad-op, full or hybrid");
 }
 
-/// --precision fp32|mixed-bf16|pure-bf16.
+/// --precision fp32|mixed-bf16|pure-bf16|fp8.
 inline precision::Rules precision_named(std::string_view value) {
   using namespace precision;
-  if (auto r = detail::rules_of_named<FP32, MixedBF16, PureBF16>(value)) return *r;
-  fail<ConfigError>("--precision '", value, "' is not a precision policy: use fp32, mixed-bf16 or pure-bf16");
+  if (auto r = detail::rules_of_named<FP32, MixedBF16, PureBF16, FP8>(value)) return *r;
+  fail<ConfigError>("--precision '", value, "' is not a precision policy: use fp32, mixed-bf16, pure-bf16 or fp8");
 }
 
 /// --reduce-dtype policy|fp32|bf16: the dtype the gradient collectives run in.
@@ -96,6 +96,9 @@ inline RecipeRules recipe_named(std::string_view sharding, std::string_view prec
     fail<ConfigError>("--offload ", offload, " with --sharding ", sharding, ": ", SHARDLM_OFFLOAD_NEEDS_SHARDING);
   if (!model_serves(r.checkpointing, r.adapter))
     fail<ConfigError>("--checkpointing ", checkpointing, " with --adapter ", adapter, ": ", SHARDLM_SELECTIVE_NEEDS_FULL_FT);
+  if (!linears_serve(r.checkpointing, r.precision))
+    fail<ConfigError>("--checkpointing ", checkpointing, " with --precision ", precision, ": ",
+                      SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING);
   return r;
 }
 

@@ -102,12 +102,21 @@ namespace precision {
 /// gradient reduction. Each policy reduces in its master dtype; --reduce-dtype (policy/dispatch.hpp) may change
 /// `reduce` of a run's rules, never the policy's name: the collectives then run in it, while the gradient shards,
 /// where micro-batches accumulate and the optimizer reads, stay in the master dtype (offload::Rules::grad_dtype).
+/// How the transformer blocks' linear layers multiply: q/k/v/o and gate/up/down (the dense MLP and the attention),
+/// never the embedding, the LM head, a MoE router or its experts.
+enum class LinearCompute {
+  plain,        ///< in the compute dtype (at::linear)
+  fp8_rowwise,  ///< float8 e4m3 with dynamic row-wise power-of-two scales (model/fp8_linear.hpp)
+};
 struct Rules {
   std::string_view name;
   c10::ScalarType master, compute, reduce;
+  LinearCompute linears = LinearCompute::plain;
   static constexpr int64_t bytes(c10::ScalarType t) { return t == c10::ScalarType::Float ? 4 : 2; }
   /// Whether --reduce-dtype changed the policy's reduction (every policy reduces in its master dtype).
   constexpr bool reduce_overridden() const { return reduce != master; }
+  /// Whether the blocks' projections compute in float8.
+  constexpr bool fp8_linears() const { return linears == LinearCompute::fp8_rowwise; }
 };
 /// fp32 everywhere.
 struct FP32 { static constexpr Rules rules{"fp32", c10::ScalarType::Float, c10::ScalarType::Float, c10::ScalarType::Float}; };
@@ -118,6 +127,14 @@ struct MixedBF16 {
 /// bf16 parameters and optimizer state (8 bytes per parameter of training state).
 struct PureBF16 {
   static constexpr Rules rules{"pure-bf16", c10::ScalarType::BFloat16, c10::ScalarType::BFloat16, c10::ScalarType::BFloat16};
+};
+/// MixedBF16 (fp32 master weights and optimizer state, bf16 compute elsewhere, fp32 gradient reduction) with the
+/// blocks' projections in float8 e4m3: dynamic row-wise scales, torchao's "rowwise with high-precision grad_weight"
+/// recipe (forward and input gradient in fp8 through at::_scaled_mm on sm90+, the weight gradient in bf16; an exact
+/// emulation on the CPU). model/fp8_linear.hpp says why each choice.
+struct FP8 {
+  static constexpr Rules rules{"fp8", c10::ScalarType::Float, c10::ScalarType::BFloat16, c10::ScalarType::Float,
+                               LinearCompute::fp8_rowwise};
 };
 }  // namespace precision
 
@@ -203,6 +220,14 @@ constexpr bool engine_serves(const sharding::Rules& s, const offload::Rules& o) 
 /// Whether the model serves a recipe's combination of checkpointing and adapter.
 constexpr bool model_serves(const checkpointing::Rules& c, const adapter::Rules& a) { return !c.selective() || !a.active(); }
 
+#define SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING                                                                     \
+  "precision::FP8 computes the blocks' projections through the float8 Linear, which checkpointing::Selective's fused " \
+  "RMSNorm + projection nodes bypass: with precision::FP8 use checkpointing::None, EveryBlock or EveryNth<K>"
+/// Whether the model serves a recipe's combination of checkpointing and precision.
+constexpr bool linears_serve(const checkpointing::Rules& c, const precision::Rules& p) {
+  return !c.selective() || !p.fp8_linears();
+}
+
 namespace detail {
 template <class T, template <class> class IsFamily, class Default, class... Ps>
 struct pick;
@@ -252,6 +277,7 @@ struct Policies {
                 "(full fine-tuning trains every weight, so nothing is frozen)");
   static_assert(engine_serves(Sharding::rules, Offload::rules), SHARDLM_OFFLOAD_NEEDS_SHARDING);
   static_assert(model_serves(Checkpointing::rules, Adapter::rules), SHARDLM_SELECTIVE_NEEDS_FULL_FT);
+  static_assert(linears_serve(Checkpointing::rules, Precision::rules), SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING);
 
   /// The recipe as values (the quantization tag is complete by the time this is called: shardlm.hpp).
   static constexpr RecipeRules rules() {

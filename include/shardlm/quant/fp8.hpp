@@ -16,17 +16,23 @@ namespace shardlm::quant::fp8 {
 inline constexpr float max_value = 448.0f;
 
 
-/// The row scales: the smallest power of two s with max|w| / s <= 448 (1 for an all-zero row). A power of two makes
-/// code x scale exact in bf16 (e4m3 has 4 significant bits), so dequantized values re-quantize to themselves: the
-/// largest code then lies in [224, 448], and a row whose largest code is exactly 224 re-quantizes with s / 2 and
-/// doubled codes, the same values. It costs nothing measurable in error (docs/quantization.md).
-inline at::Tensor scales(const at::Tensor& w) {  // [R, C] fp32 -> [R, 1] fp32
-  const auto amax = w.abs().amax(1, true);
+/// The scales of groups whose largest magnitudes are `amax` (fp32, any shape): the smallest power of two s with
+/// amax / s <= 448 (1 where amax is 0). The row scales below; the float8 training linears take their own groups'
+/// (model/fp8_linear.hpp).
+inline at::Tensor scales_of_amax(const at::Tensor& amax) {
   auto s = at::exp2(at::ceil(at::log2(amax / max_value)));
   // log2 and exp2 round: correct by one binade either way (divisions by powers of two are exact).
   s = at::where(amax / s > max_value, s * 2, s);
   s = at::where(amax / (s * 0.5f) <= max_value, s * 0.5f, s);
   return at::where(amax > 0, s, at::ones_like(s));
+}
+
+/// The row scales: the smallest power of two s with max|w| / s <= 448 (1 for an all-zero row). A power of two makes
+/// code x scale exact in bf16 (e4m3 has 4 significant bits), so dequantized values re-quantize to themselves: the
+/// largest code then lies in [224, 448], and a row whose largest code is exactly 224 re-quantizes with s / 2 and
+/// doubled codes, the same values. It costs nothing measurable in error (docs/quantization.md).
+inline at::Tensor scales(const at::Tensor& w) {  // [R, C] fp32 -> [R, 1] fp32
+  return scales_of_amax(w.abs().amax(1, true));
 }
 
 /// Quantizes w [R, C] (any floating dtype and device, finite) into out (uint8 [R x row_bytes(C)], same device).

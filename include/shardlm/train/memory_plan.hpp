@@ -18,6 +18,8 @@
 //   gradients in flight  a unit's parameter gradients, its flat buffer and the shard slice in the reduce dtype
 //                        (--reduce-dtype bf16 halves them; the gradient shards stay in the master dtype)
 //   workspace            cuBLAS workspaces of the two streams
+//   float8 operands      precision::FP8: one projection's float8 copies while it multiplies (model/fp8_linear.hpp keeps
+//                        the plain path's x and W for backward, so the activations do not change)
 // Counted per host: the offloaded state of the host's GPUs (pinned master and gradients, pageable moments,
 // staging for gradient accumulation).
 // With an adapter (LoRA, DoRA) the sharded state, the gradients and the optimizer are the adapters' only; the frozen
@@ -191,6 +193,25 @@ inline double moe_expert_backward_extra(const model::ModelConfig& m, double c, d
   return c * (3 * E * C * I + tokens * k * ((2 * I + C) - (3 * I + C)));
 }
 
+/// precision::FP8: the bytes one projection's float8 product holds at most besides its inputs and output (model/
+/// fp8_linear.hpp), the largest over a block's projections, in forward (`backward` false) or backward: the first
+/// operand's scaled copy (c bytes a value) and its codes (1), then the codes and the scaled copy of the second; the
+/// fp32 scales are counted as 4 bytes a row. Forward: x [tokens, K] and W [N, K]; backward: dy [tokens, N] and W^T
+/// [K, N]. Counted at the block's peak, on top of its other transients: an upper bound (they are not alive at once).
+inline double fp8_operand_bytes(const model::ModelConfig& m, double c, double tokens, bool backward) {
+  const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
+  const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
+  double most = 0;
+  std::vector<std::pair<double, double>> projections{{H, Hq}, {H, Hkv}, {Hq, H}};  // in K, out N
+  if (!m.is_moe()) projections.insert(projections.end(), {{H, I}, {I, H}});        // a MoE block's experts: bf16
+  for (const auto& [K, N] : projections) {
+    const double rows_a = tokens, cols_a = backward ? N : K, rows_b = backward ? K : N, cols_b = backward ? N : K;
+    const double a = rows_a * cols_a, b = rows_b * cols_b;
+    most = std::max(most, std::max((c + 1) * a, a + (c + 1) * b) + 4 * (rows_a + rows_b));
+  }
+  return most;
+}
+
 /// Adapter parameters of one block: r (in + out) per target Linear, plus out for DoRA's magnitude.
 inline double block_adapter_params(const PlanInput& in) {
   const auto& a = in.recipe.adapter;
@@ -270,6 +291,9 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   if (!model_serves(r.checkpointing, r.adapter))
     fail<ConfigError>("--checkpointing ", r.checkpointing.name(), " with --adapter ", r.adapter.name, ": ",
                       SHARDLM_SELECTIVE_NEEDS_FULL_FT);
+  if (!linears_serve(r.checkpointing, r.precision))
+    fail<ConfigError>("--checkpointing ", r.checkpointing.name(), " with --precision ", r.precision.name, ": ",
+                      SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING);
   const int64_t G = plan.shard_group;
   plan.params = m.num_params();
 
@@ -324,9 +348,12 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
 
   // Replay: live bytes per category; every event compares the total with the peak so far.
   struct Live {
-    double gathered = 0, acts = 0, logits = 0, grads = 0;
-    double total() const { return gathered + acts + logits + grads; }
+    double gathered = 0, acts = 0, logits = 0, grads = 0, fp8 = 0;
+    double total() const { return gathered + acts + logits + grads + fp8; }
   } live;
+  const bool fp8 = r.precision.fp8_linears();
+  const double fp8_forward = fp8 ? detail::fp8_operand_bytes(m, c, tokens, false) : 0;
+  const double fp8_backward = fp8 ? detail::fp8_operand_bytes(m, c, tokens, true) : 0;
   std::vector<bool> gathered(n, false);
   Live peak;
   std::string peak_at = "start";
@@ -374,7 +401,9 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
       } else if (u > 0) {
         kept[u] = schedule.recomputes(u) ? blk_input : blk_full;
         live.acts += kept[u];
+        live.fp8 = fp8_forward;
         event("forward of block " + std::to_string(u - 1));
+        live.fp8 = 0;
       }
       if (schedule.releases_after_forward(u)) release(u);
     }
@@ -394,7 +423,9 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
       } else if (u > 0) {
         if (recomputed) live.acts += blk_full - blk_input;
         live.grads += detail::block_backward_extra_per_token(m, c, r.checkpointing) * tokens;
+        live.fp8 = std::max(fp8_backward, recomputed ? fp8_forward : 0.0);
         event("backward of block " + std::to_string(u - 1));
+        live.fp8 = 0;
         live.grads -= detail::block_backward_extra_per_token(m, c, r.checkpointing) * tokens;
         if (!r.adapter.active() && m.is_moe()) {
           const double experts = detail::moe_expert_backward_extra(m, c, tokens);
@@ -429,6 +460,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
               {"logits and loss", peak.logits},
               {"gradients in flight", peak.grads},
               {"workspace", workspace}};
+  if (fp8) plan.gpu.push_back({"float8 operands", peak.fp8});
   if (offload) {
     const double gpus = static_cast<double>(node);
     plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (master + grad_bytes)},

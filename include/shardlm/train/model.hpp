@@ -39,6 +39,7 @@ class ModelOf final : public TrainableModel {
   bool is_block(size_t u) const override { return m_->is_block(u); }
   at::Tensor take_side(size_t u) override { return m_->take_side(u); }
   void set_checkpointing(const checkpointing::Rules& rules) override { m_->set_checkpointing(rules); }
+  void set_precision(const precision::Rules& rules) override { m_->set_precision(rules); }
   void add_adapters(const model::AdapterConfig& a) override { m_->add_adapters(a); }
   void set_loss_targets(at::Tensor shifted, int64_t chunk, double grad_scale) override {
     m_->set_loss_targets(std::move(shifted), chunk, grad_scale);

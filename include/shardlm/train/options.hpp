@@ -174,7 +174,7 @@ struct OffloadOptions {
 struct PolicyOptions {
   /// none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid.
   SHARDLM_ARG(std::string, sharding) = "full";
-  /// fp32, mixed-bf16 or pure-bf16.
+  /// fp32, mixed-bf16, pure-bf16 or fp8.
   SHARDLM_ARG(std::string, precision) = "fp32";
   /// none, every-block, every-K or selective.
   SHARDLM_ARG(std::string, checkpointing) = "none";
@@ -394,7 +394,7 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
     ("h,help", "print this help");
   if (policy_flags) {
     auto& p = o.policy();
-    opts.add_options()("precision", "fp32, mixed-bf16 or pure-bf16", s(p.precision()))(
+    opts.add_options()("precision", "fp32, mixed-bf16, pure-bf16 or fp8", s(p.precision()))(
         "sharding", "none (DDP), grad-op (ZeRO-2), full (ZeRO-3) or hybrid", s(p.sharding()))(
         "checkpointing", "none, every-block or every-K (recompute every K-th block in backward), or selective (keep only the matmul outputs)", s(p.checkpointing()))(
         "offload", "none or cpu", s(p.offload()));
