@@ -543,7 +543,8 @@ moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped e
 fused() {  # the block kernels: their CUDA tests, then the dense step with them and without (see the phase list above)
   "$BUILD/bin/test_model" -tc="*NVRTC*,*block kernels*,CUDA:*" -s >"$OUT/fused_tests.log" 2>&1
   local rc=$?
-  grep -E "MESSAGE|ERROR|FAILED|test cases|assertions" -A1 "$OUT/fused_tests.log" | grep -v "^--$" | tail -60
+  grep -E "MESSAGE|test cases|assertions" "$OUT/fused_tests.log" | tail -40
+  [ "$rc" = 0 ] || grep -E "ERROR|logged|CAPTURE|values|  [A-Za-z_.]+ := " "$OUT/fused_tests.log" | head -80  # what failed, where
   echo "{\"check\": \"block kernels == ATen path (test_model CUDA cases)\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
   local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --layers 4 --steps 10"
   for i in 1 2; do

@@ -86,10 +86,10 @@ bool within_rounding(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   return ((x - y).abs() <= ulp + slack.to(x.device(), at::kDouble)).all().item<bool>();
 }
 
-/// A fresh leaf copy of a value, for one path's gradients.
+/// A fresh leaf copy of a value, for one path's gradients, placed at `offset` as placed() places it.
 struct Leaf {
   at::Tensor t;
-  explicit Leaf(const at::Tensor& v) : t(v.detach().clone().requires_grad_()) {}
+  explicit Leaf(const at::Tensor& v, int64_t offset = 0) : t(placed(v.detach(), offset).requires_grad_()) {}
 };
 }  // namespace
 
@@ -125,7 +125,7 @@ TEST_CASE("CUDA: the RMSNorm kernels against the ATen path: forward and gradient
       const auto out = model::fused::rms_norm_forward(x, w, eps);
       CHECK(rel_err(out.rstd, (x64.pow(2).mean(-1) + eps).rsqrt()) < 1e-6);
       // Forward and gradients through autograd, as the model runs them.
-      Leaf xa(x), wa(w), xf(x), wf(w);
+      Leaf xa(x), wa(w), xf(x, offset == 1 ? 1 : 0), wf(w, offset == 0 ? 0 : 1);
       const auto ya = model::ops::rms_norm(xa.t, wa.t, eps, BlockKernels::aten);
       const auto yf = model::ops::rms_norm(xf.t, wf.t, eps, BlockKernels::fused);
       ya.backward(dy);
@@ -171,7 +171,7 @@ TEST_CASE("CUDA: the SwiGLU kernels give the ATen ops' bf16 results bit for bit,
       g0.view(-1).narrow(0, 0, 8).copy_(tails);
       const auto gate = placed(g0, offset), up = placed(at::randn(shape, bf16), offset);
       const auto dy = placed(at::randn(shape, bf16), offset);
-      Leaf ga(gate), ua(up), gf(gate), uf(up);
+      Leaf ga(gate), ua(up), gf(gate, offset), uf(up, offset);
       const auto ya = at::silu(ga.t) * ua.t;
       const auto yf = model::ops::swiglu_product(gf.t, uf.t, BlockKernels::fused);
       CHECK(at::equal(yf, ya));
@@ -183,7 +183,7 @@ TEST_CASE("CUDA: the SwiGLU kernels give the ATen ops' bf16 results bit for bit,
       const int64_t I = shape.back(), C = 24;
       const auto wd = (0.3 * at::randn({C, I}, cuda)).to(at::kBFloat16);
       const auto dz = at::randn({shape[0], shape[1], C}, bf16);
-      Leaf ga2(gate), ua2(up), wa(wd), gf2(gate), uf2(up), wf(wd);
+      Leaf ga2(gate), ua2(up), wa(wd), gf2(gate, offset), uf2(up, offset), wf(wd);
       const auto za = model::ops::swiglu_down(ga2.t, ua2.t, wa.t, BlockKernels::aten);
       const auto zf = model::ops::swiglu_down(gf2.t, uf2.t, wf.t, BlockKernels::fused);
       CHECK(at::equal(zf, za));
