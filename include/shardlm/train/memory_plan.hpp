@@ -48,6 +48,7 @@ struct PlanInput {
   int64_t world_size = 1;
   int64_t gpus_per_node = 1;
   int64_t shard_group_size = 0;          ///< hybrid: ranks per shard group (0: one node)
+  int64_t expert_parallel = 1;           ///< ranks splitting each MoE layer's experts (--expert-parallel)
   int64_t micro_batch = 1;
   int64_t seq_len = 4096;
   int64_t grad_accum = 1;
