@@ -129,7 +129,6 @@ class Engine {
       frozen_.emplace_back(unit_name(u), kept, groups.shard().size(), groups.shard().rank(), codec);
       auto& fixed = frozen_.back();
       SHARDLM_ASSERT(fixed.empty() || frozen.rows || !init.shard, "frozen parameters need FrozenSpec::rows here");
-      SHARDLM_ASSERT(expert.empty() || !init.shard, "expert parallelism needs the parameters initialized whole here");
       if (init.shard) {
         units_.emplace_back(unit_name(u), trained, groups.shard().size(), groups.shard().rank());
         auto& unit = units_.back();
@@ -149,7 +148,10 @@ class Engine {
         auto& g = experts_->groups;
         experts_->units.emplace_back(unit_name(u) + " experts", expert, g.shard().size(), g.shard().rank());
         auto& mine = experts_->units.back();
-        experts_->storage->place(mine, [&](at::Tensor& shard) { mine.copy_params_into(shard); });
+        experts_->storage->place(mine, [&](at::Tensor& shard) {
+          if (init.shard) init.shard(u, mine, shard);
+          else mine.copy_params_into(shard);
+        });
       }
       if (!fixed.empty())
         fixed.store(frozen.rows ? frozen.rows(u, fixed) : fixed.rows_from_params(), device, precision.compute, on_host);

@@ -19,6 +19,9 @@
 
 namespace shardlm::train {
 
+/// Whether a parameter of the model is a MoE layer's experts' (what expert parallelism splits).
+inline bool is_expert_parameter(const std::string& name) { return name.find(".mlp.experts.") != std::string::npos; }
+
 /// Refuses --expert-parallel N where it cannot work: a model without experts, N not dividing the experts or the world,
 /// and what this release does not do with it yet (each named).
 inline void check_expert_parallel(const TrainOptions& o, const model::ModelConfig& c, int world) {
@@ -36,8 +39,6 @@ inline void check_expert_parallel(const TrainOptions& o, const model::ModelConfi
   };
   refuse(!o.adapter().kind().empty() && o.adapter().kind() != "none", "--adapter",
          "adapters are not built on experts (train the whole model, or --expert-parallel 1)");
-  refuse(!o.model().model_dir().empty(), "--model-dir",
-         "loading a checkpoint into expert-parallel shards is not built yet (start from a preset, or --expert-parallel 1)");
   const auto& k = o.checkpoint();
   refuse(!k.dir().empty() || (k.resume() != "auto" && k.resume() != "none"), k.dir().empty() ? "--resume" : "--checkpoint-dir",
          "training checkpoints do not hold expert-parallel shards yet (--save-final writes the whole model)");
@@ -72,8 +73,30 @@ inline model::ExpertShard expert_shard(dist::ProcessGroups& groups, const model:
   return {c10::make_intrusive<CommunicatorExchange>(ep), ep.rank() * count, count};
 }
 
-/// Whether a parameter of the model is a MoE layer's experts' (what expert parallelism splits).
-inline bool is_expert_parameter(const std::string& name) { return name.find(".mlp.experts.") != std::string::npos; }
+/// Where this rank's experts lie in the whole model's parameters (checkpoints are read and written in the whole
+/// layout: the same files at any --expert-parallel), and the group their shards are over (engine.hpp: Experts).
+struct ExpertRanges {
+  int64_t first = 0, num_experts = 0;  ///< this rank's first expert of each layer, and the layer's experts (0: inactive)
+  int group_size = 1, group_rank = 0;  ///< the ranks the expert shards are over (ProcessGroups::expert_groups' shard)
+  bool holds(const std::string& name) const { return num_experts > 0 && is_expert_parameter(name); }
+  /// For an expert parameter of local shape `local` (this rank's experts first): the whole parameter's shape and the
+  /// element where this rank's part of it starts (the experts are its leading dimension: their elements contiguous).
+  std::pair<std::vector<int64_t>, int64_t> whole(std::vector<int64_t> local) const {
+    int64_t per_expert = 1;
+    for (size_t i = 1; i < local.size(); ++i) per_expert *= local[i];
+    local[0] = num_experts;
+    return {std::move(local), first * per_expert};
+  }
+};
+
+/// This rank's ExpertRanges with `groups` and a policy that shards (`sharded`) or replicates the experts' state;
+/// inactive without expert parallelism.
+inline ExpertRanges expert_ranges(dist::ProcessGroups& groups, const model::ModelConfig& c, bool sharded) {
+  if (groups.expert_parallel() == 1) return {};
+  const int64_t count = c.num_experts / groups.expert_parallel();
+  auto& over = sharded ? groups.expert_data() : groups.expert();  // a group of one when replicated: expert_groups
+  return {groups.expert().rank() * count, c.num_experts, sharded ? over.size() : 1, sharded ? over.rank() : 0};
+}
 
 /// Initializes a unit's parameters as init_parameters does for the whole model (one generator per unit, seeded with
 /// `seed`), where the experts' parameters hold only the experts [first, first + count) of `num_experts`: each draws the

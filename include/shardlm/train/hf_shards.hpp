@@ -32,6 +32,7 @@
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/train/checkpoint.hpp"  // write_file_atomically
+#include "shardlm/train/expert_parallel.hpp"
 
 namespace shardlm::train {
 
@@ -45,21 +46,23 @@ inline int read_threads(int ranks_per_node) {
 class HfShardLoader {
  public:
   /// Checks every tensor the loader reads against the checkpoint (name, shape, floating dtype: every rank sees the
-  /// same errors) and sizes this rank's reads for the progress report (shown when `report`).
+  /// same errors) and sizes this rank's reads for the progress report (shown when `report`). With expert parallelism
+  /// (`experts`) the model's expert parameters hold this rank's experts, read from their ranges of the whole tensors.
   HfShardLoader(const std::filesystem::path& dir, engine::UnitModel& model, int group_size, int group_rank, bool report,
-                io::ReadOptions read = {}, const engine::FrozenSpec& frozen = {})
-      : ckpt_(dir), read_(read), units_(model.num_units()), frozen_(static_cast<bool>(frozen.is_frozen)) {
+                io::ReadOptions read = {}, const engine::FrozenSpec& frozen = {}, ExpertRanges experts = {})
+      : ckpt_(dir), read_(read), units_(model.num_units()), frozen_(static_cast<bool>(frozen.is_frozen)), experts_(experts) {
     uint64_t total = 0;
     for (size_t u = 0; u < units_; ++u) {
       std::vector<io::TensorSlice> whole, mine;
-      engine::NamedTensors params;
+      engine::NamedTensors params, expert_params;
       for (auto& item : model.unit_parameters(u))
-        if (!frozen_ || frozen.is_frozen(item.first)) params.push_back(item);
-      for (const auto& [name, p] : params)
-        for (auto& slice : io::hf_slices(ckpt_, name, p.sizes().vec(), 0, p.numel())) {
-          used_.insert(slice.name);
-          whole.push_back(std::move(slice));
-        }
+        if (!frozen_ || frozen.is_frozen(item.first)) (experts_.holds(item.first) ? expert_params : params).push_back(item);
+      for (const auto* list : {&params, &expert_params})
+        for (const auto& [name, p] : *list)
+          for (auto& slice : slices(name, p.sizes().vec(), 0, p.numel())) {
+            used_.insert(slice.name);
+            whole.push_back(std::move(slice));
+          }
       io::check_slices(ckpt_, whole);
       if (frozen_) {
         const engine::FrozenUnit layout("layout", params, group_size, group_rank, frozen.codec);
@@ -68,24 +71,28 @@ class HfShardLoader {
             mine.push_back(std::move(slice));
       } else {
         const engine::FlatUnit layout("layout", params, group_size, group_rank);
-        layout.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
-          for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n)) mine.push_back(std::move(slice));
-        });
+        const engine::FlatUnit expert_layout("experts", expert_params, experts_.group_size, experts_.group_rank);
+        for (const auto* l : {&layout, &expert_layout})
+          l->for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
+            for (auto& slice : slices(s.name, s.param.sizes().vec(), in_param, n)) mine.push_back(std::move(slice));
+          });
       }
       total += io::check_slices(ckpt_, mine);
     }
     progress_ = std::make_unique<Progress>("loading " + dir.string(), total, report);
   }
 
-  /// Reads unit u's pieces of this rank's shard into `shard` (the master shard, any device).
+  /// Reads unit u's pieces of this rank's shard into `shard` (the master shard, any device): of its trainable group or,
+  /// with expert parallelism, of its experts' group (engine.hpp: both are filled, in that order).
   void fill(size_t u, const engine::FlatUnit& unit, at::Tensor& shard) {
-    std::vector<io::TensorSlice> slices;
+    std::vector<io::TensorSlice> pieces;
     unit.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
-      for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)))
-        slices.push_back(std::move(slice));
+      for (auto& slice : slices(s.name, s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)))
+        pieces.push_back(std::move(slice));
     });
-    io::read_slices(ckpt_, slices, read_, progress_.get());
-    if (u + 1 == units_) progress_->finish();
+    io::read_slices(ckpt_, pieces, read_, progress_.get());
+    const bool last = experts_.num_experts > 0 ? unit.name().ends_with(" experts") : true;  // each unit's last group
+    if (u + 1 == units_ && last) progress_->finish();
   }
   auto filler() {
     return [this](size_t u, const engine::FlatUnit& unit, at::Tensor& shard) { fill(u, unit, shard); };
@@ -115,10 +122,20 @@ class HfShardLoader {
   const std::set<std::string>& used() const { return used_; }
 
  private:
+  /// io::hf_slices of elements [first, first + count) of parameter `name` of shape `shape`; this rank's experts map to
+  /// their range of the whole parameter.
+  std::vector<io::TensorSlice> slices(const std::string& name, const std::vector<int64_t>& shape, int64_t first,
+                                      int64_t count, const at::Tensor& dst = {}) const {
+    if (!experts_.holds(name)) return io::hf_slices(ckpt_, name, shape, first, count, dst);
+    const auto [whole, at] = experts_.whole(shape);
+    return io::hf_slices(ckpt_, name, whole, at + first, count, dst);
+  }
+
   io::HfCheckpoint ckpt_;
   io::ReadOptions read_;
   size_t units_;
   bool frozen_;
+  ExpertRanges experts_;
   std::set<std::string> used_;
   std::unique_ptr<Progress> progress_;
 };

@@ -378,7 +378,8 @@ class BasicTrainer {
     std::unique_ptr<HfShardLoader> loader;
     if (!o.model().model_dir().empty())
       loader = std::make_unique<HfShardLoader>(o.model().model_dir(), *model_, groups_->shard().size(), groups_->shard().rank(),
-                                               rank() == 0, io::ReadOptions{read_threads(env_.local_world_size)}, frozen);
+                                               rank() == 0, io::ReadOptions{read_threads(env_.local_world_size)}, frozen,
+                                               expert_ranges(*groups_, config_, recipe_.sharding.shards_state()));
     // one seeded generator per unit: the same weights whatever the world size, adapter or not
     auto unit_seed = [&](size_t u) { return o.seed() + 0x9E3779B97F4A7C15ull * (u + 1); };
     if (loader && adapter_.active()) frozen.rows = loader->frozen_filler();
