@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Expert parallelism reads Hugging Face checkpoints in both Mixtral layouts and writes the whole model.
 
+Export: the checkpoint loaded with --expert-parallel 2 (2 ranks, FullShard; 4 ranks without sharding, where the ranks
+holding the same experts hold them whole and one of them writes) and exported with --export-dir, cut into several
+files, gives byte for byte the files of the same export without expert parallelism.
+
 Makes a tiny random Mixtral checkpoint with shardlm_train (--steps 0 --export-dir: the fused layout) and a copy in the
 per-expert layout of Mixtral's releases (block_sparse_moe.experts.E.w1/w2/w3), then fine-tunes from each: one rank
 without expert parallelism (the reference) and 2 ranks with --expert-parallel 2, where each rank reads only its
@@ -102,6 +106,19 @@ def main():
     failed |= worst > args.tol
     print(f"{'ok  ' if worst <= args.tol else 'FAIL'} gradients (one linearized step): worst rel err {worst:.2e} ({name}) "
           f"over {len(errs)} matrices")
+    export = ["--steps", 0, "--model-dir", fused, "--data", workdir / "corpus.txt", "--export-max-file-gb", "0.0005"]
+    run([args.train, *export, "--export-dir", workdir / "export_reference"])
+    reference = sorted(p.name for p in (workdir / "export_reference").iterdir())
+    for ranks, flags in ((2, ["--expert-parallel", 2]), (4, ["--expert-parallel", 2, "--sharding", "none"])):
+        out = workdir / f"export_{ranks}"
+        run([args.launch, "--nproc-per-node", ranks, "--", args.train, *export, "--export-dir", out, "--dist-timeout", 60,
+             *flags])
+        names = sorted(p.name for p in out.iterdir())
+        differ = [n for n in reference if n not in names or (out / n).read_bytes() != (workdir / "export_reference" / n).read_bytes()]
+        ok = names == reference and not differ and len(reference) > 3
+        failed |= not ok
+        print(f"{'ok  ' if ok else 'FAIL'} export with {' '.join(map(str, flags))} on {ranks} ranks: {len(names)} files, "
+              f"{'the same bytes as without expert parallelism' if ok else f'differ: {differ or names}'}")
     for layout, model_dir in (("fused", fused), ("per-expert", split)):
         ref_losses, ref = train(args, workdir, f"{layout}_reference", model_dir, 1, 2, [])
         losses, got = train(args, workdir, f"{layout}_ep2", model_dir, 2, 1, ["--expert-parallel", 2])
@@ -116,7 +133,8 @@ def main():
               f"{loss_err:.2e}, worst parameter rel err {worst:.2e} ({name}), {len(got)} tensors")
     if failed:
         sys.exit(f"FAIL: expert parallelism differs from the reference by more than {args.tol}")
-    print("PASS: both checkpoint layouts load into expert-parallel shards; --save-final writes the whole model")
+    print("PASS: both checkpoint layouts load into expert-parallel shards; --export-dir and --save-final write the whole "
+          "model as without expert parallelism")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,6 @@ inline void check_expert_parallel(const TrainOptions& o, const model::ModelConfi
   const auto& k = o.checkpoint();
   refuse(!k.dir().empty() || (k.resume() != "auto" && k.resume() != "none"), k.dir().empty() ? "--resume" : "--checkpoint-dir",
          "training checkpoints do not hold expert-parallel shards yet (--save-final writes the whole model)");
-  refuse(!o.output().export_dir().empty(), "--export-dir",
-         "the sharded export does not write expert-parallel shards yet (--save-final writes the whole model)");
 }
 
 /// The model's exchange of rows over a communicator (the expert group): an all-to-all of variable counts.
@@ -78,6 +76,7 @@ inline model::ExpertShard expert_shard(dist::ProcessGroups& groups, const model:
 struct ExpertRanges {
   int64_t first = 0, num_experts = 0;  ///< this rank's first expert of each layer, and the layer's experts (0: inactive)
   int group_size = 1, group_rank = 0;  ///< the ranks the expert shards are over (ProcessGroups::expert_groups' shard)
+  int replica = 0;                     ///< this rank among those holding the same expert shard (replica 0 exports)
   bool holds(const std::string& name) const { return num_experts > 0 && is_expert_parameter(name); }
   /// For an expert parameter of local shape `local` (this rank's experts first): the whole parameter's shape and the
   /// element where this rank's part of it starts (the experts are its leading dimension: their elements contiguous).
@@ -95,7 +94,8 @@ inline ExpertRanges expert_ranges(dist::ProcessGroups& groups, const model::Mode
   if (groups.expert_parallel() == 1) return {};
   const int64_t count = c.num_experts / groups.expert_parallel();
   auto& over = sharded ? groups.expert_data() : groups.expert();  // a group of one when replicated: expert_groups
-  return {groups.expert().rank() * count, c.num_experts, sharded ? over.size() : 1, sharded ? over.rank() : 0};
+  return {groups.expert().rank() * count, c.num_experts, sharded ? over.size() : 1, sharded ? over.rank() : 0,
+          sharded ? 0 : groups.expert_data().rank()};
 }
 
 /// Initializes a unit's parameters as init_parameters does for the whole model (one generator per unit, seeded with

@@ -735,7 +735,7 @@ void BasicTrainer<V>::export_hf(const std::filesystem::path& dir) {
   const auto& m = options_.model();
   train::export_hf(*engine_, *groups_,
                    {dir, checkpoint_dtype(m.model_dir()), static_cast<uint64_t>(options_.output().export_max_file_gb() * 1e9),
-                    m.model_dir(), config_});
+                    m.model_dir(), config_, expert_ranges(*groups_, config_, recipe_.sharding.shards_state())});
 }
 
 template <class V>
