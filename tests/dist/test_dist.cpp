@@ -286,14 +286,16 @@ TEST_CASE("a Gloo collective that times out names itself, its label and the rank
 }
 
 #if SHARDLM_WITH_NCCL
-TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; CPU tensors refused; a missing rank times out") {
+TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast, all-to-all; CPU tensors refused; a missing rank times out") {
   if (!torch::cuda::is_available() || torch::cuda::device_count() < 2) {
     MESSAGE("skipped: needs 2 CUDA devices (this machine has ", torch::cuda::is_available() ? torch::cuda::device_count() : 0, ")");
     return;
   }
   const int W = 2, port = free_port();
   std::vector<std::string> errors(W), unexpected(W);
-  std::vector<at::Tensor> gathered(W), scattered(W), reduced(W), broadcast(W);
+  std::vector<at::Tensor> gathered(W), scattered(W), reduced(W), broadcast(W), exchanged(W);
+  // all-to-all rows: rank 0 keeps none and sends 3 to rank 1; rank 1 sends 2 to rank 0 and keeps 1 (row = sender)
+  const std::vector<std::vector<int64_t>> send = {{0, 3}, {2, 1}};
   std::vector<std::thread> threads;
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
@@ -310,6 +312,9 @@ TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; C
         c.all_reduce(reduced[r], dist::Reduce::Max);
         broadcast[r] = at::full({2}, double(r * 10), opts);
         c.broadcast(broadcast[r], 1);
+        const std::vector<int64_t> recv = {send[0][r], send[1][r]};
+        exchanged[r] = at::empty({recv[0] + recv[1], 2}, opts);
+        c.all_to_all(exchanged[r], at::full({send[r][0] + send[r][1], 2}, double(r), opts), recv, send[r]);
         c.barrier();
         try {
           c.all_reduce(at::zeros({2}), dist::Reduce::Sum);
@@ -329,6 +334,7 @@ TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; C
     CHECK(at::equal(scattered[r].cpu(), (at::arange(4, at::kFloat) * 3).narrow(0, 2 * r, 2)));
     CHECK(at::equal(reduced[r].cpu(), at::full({3}, 1.0)));
     CHECK(at::equal(broadcast[r].cpu(), at::full({2}, 10.0)));
+    CHECK(at::equal(exchanged[r].cpu(), r == 0 ? at::full({2, 2}, 1.0) : at::cat({at::zeros({3, 2}), at::ones({1, 2})})));
     CHECK(errors[r].find("the all-reduce tensor is on cpu but this communicator moves cuda tensors") != std::string::npos);
   }
   // Rank 0 of a group of two whose rank 1 never comes: an error after the deadline, not a hang.
