@@ -484,8 +484,8 @@ class Engine {
       const bool cast = path == GradientPath::cast_into_shard && !unit.empty();
       const auto flat = unit.take_grads(flat_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); },
                                         cast ? &unit.grad() : nullptr);
-      if (!cast) storage_->reduce(u, unit, flat, groups_, streams_, micro_batch_, path);  // else: replicas, if any,
-                                                                                          // all-reduce after the last
+      // cast: nothing to reduce now (replicas, if any, all-reduce the shards after the last micro-batch)
+      if (!cast) storage_->reduce(u, unit, flat, groups_, streams_, micro_batch_, path);
       if (experts_) reduce_experts(u);
     });
   }
