@@ -375,11 +375,13 @@ class BasicTrainer {
       frozen.codec = frozen_codecs(recipe_.quant, recipe_.precision.compute);  // --quant int4|fp8: the projections quantized
     }
     // --model-dir: each rank reads only its shards' byte ranges (train/hf_shards.hpp).
+    // expert parallelism: where this rank's experts lie in the whole model (inactive without it)
+    const auto experts = expert_ranges(*groups_, config_, recipe_.sharding.shards_state());
     std::unique_ptr<HfShardLoader> loader;
     if (!o.model().model_dir().empty())
       loader = std::make_unique<HfShardLoader>(o.model().model_dir(), *model_, groups_->shard().size(), groups_->shard().rank(),
                                                rank() == 0, io::ReadOptions{read_threads(env_.local_world_size)}, frozen,
-                                               expert_ranges(*groups_, config_, recipe_.sharding.shards_state()));
+                                               experts);
     // one seeded generator per unit: the same weights whatever the world size, adapter or not
     auto unit_seed = [&](size_t u) { return o.seed() + 0x9E3779B97F4A7C15ull * (u + 1); };
     if (loader && adapter_.active()) frozen.rows = loader->frozen_filler();
@@ -403,9 +405,8 @@ class BasicTrainer {
         return rows;
       };
     }
-    const auto experts = expert_shard(*groups_, config_);
     auto init = [&](size_t u, engine::NamedTensors& params) {
-      if (experts.active())  // this rank's experts drawn as the run without expert parallelism draws them
+      if (experts.num_experts > 0)  // this rank's experts drawn as the run without expert parallelism draws them
         return init_with_expert_rows(params, config_.initializer_range, unit_seed(u), experts.first, config_.num_experts);
       engine::NamedTensors base, adapters;  // base: empty where frozen.rows draws the frozen base
       for (auto& item : params) (model::is_adapter_parameter(item.first) ? adapters : base).push_back(item);
