@@ -81,6 +81,7 @@ nlohmann::json measure(const TrainOptions& o, int64_t warmup) {
           {"losses", losses},
           {"aux_loss", steps.back().aux_loss < 0 ? nlohmann::json() : nlohmann::json(steps.back().aux_loss)},
           {"expert_kernel", o.model().moe_kernel()}, {"block_kernels", o.model().block_kernels()},
+          {"expert_parallel", o.dist().expert_parallel()},
           {"adapter", std::string(r.adapter.name)}, {"lora_rank", trainer.adapter().active() ? trainer.adapter().rank : 0},
           {"quant", std::string(r.quant.name)}, {"setup_s", setup_s}, {"rank", trainer.rank()}};
   if (r.offload.host) {

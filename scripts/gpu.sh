@@ -59,6 +59,9 @@
 #           tiny Mixtral checkpoints (with transformers' own bf16 error beside ours), then the step benchmark beside the peer: Mixtral-8x7B dims with 4 layers
 #           (vocab 128256 as the peer's) on N GPUs, FullShard, MixedBF16, seq 4096, micro-batch 1, grouped and padded
 #   moe_bench  that step benchmark (grouped) and the peer alone
+#   ep      expert parallelism over NCCL (the all-to-all as grouped ncclSend/ncclRecv): test_dist's NCCL case (which
+#           exchanges rows with zero counts), then tests/dist/check_equivalence.py on mixtral-debug with --device cuda:
+#           --expert-parallel 2 at 2x1 ranks x grad-accum (2 GPUs), and --expert-parallel 2 and 4 at 4x1 (4 GPUs)
 #           MOE_LAYERS: the layers of these Mixtral runs (default 4; 1 fits one 80 GB GPU); SKIP_PEER=1: ours only;
 #           with several GPUs also ours with --reduce-dtype bf16 (the gradient collectives in bf16)
 #   fused   the block kernels (model/block_kernels.hpp): test_model's CUDA cases (each kernel against the ATen path,
@@ -533,6 +536,19 @@ PY
 }
 MOE_LAYERS=${MOE_LAYERS:-4}
 MOE_COMMON="--preset mixtral-8x7b --layers $MOE_LAYERS --vocab-size 128256 --seq-len 4096 --micro-batch 1 --steps 10 --precision mixed-bf16 --sharding full"
+ep() {
+  [ "$NGPU" -ge 2 ] || { echo "ep: needs 2 GPUs, have $NGPU"; return 0; }
+  "$BUILD/bin/test_dist" -tc='NCCL*' >"$OUT/test_dist_ep.log" 2>&1
+  echo "{\"check\": \"test_dist NCCL all-to-all\", \"result\": \"$(grep -q 'Status: SUCCESS' "$OUT/test_dist_ep.log" && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+  local runs="2:2x1"; [ "$NGPU" -ge 4 ] && runs="2:2x1 2:4x1 4:4x1"
+  for run in $runs; do
+    python3 tests/dist/check_equivalence.py --launch "$BUILD/bin/shardlm_launch" --train "$BUILD/bin/shardlm_train" \
+      --preset mixtral-debug --sharding full --test-args "--expert-parallel ${run%%:*}" --splits "${run#*:}" \
+      --grad-norm-tol 1e-4 --weight-tol 1e-4 --train-args "--device cuda" --workdir "$OUT/ep_$run" 2>&1 | tail -3
+    echo "{\"check\": \"nccl expert parallel ${run%%:*} at ${run#*:}\", \"result\": \"${PIPESTATUS[0]}\"}" >>"$RESULTS"
+  done
+}
+
 moe_bench() {  # the moe phase's step benchmark beside the peer alone (grouped expert GEMM where it applies)
   ours "moe_ours_${MOE_LAYERS}L_${NGPU}gpu" "$NGPU" $MOE_COMMON
   # one GPU reduces nothing: the bf16 reduction is measured where there is a collective

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
     in.recipe = o.recipe();
     in.recipe.precision = shardlm::with_reduce_dtype(in.recipe.precision, shardlm::reduce_dtype_named(o.dist().reduce_dtype()));
     in.world_size = world, in.gpus_per_node = gpus_per_node, in.shard_group_size = o.dist().shard_group_size();
+    in.expert_parallel = o.dist().expert_parallel();
     in.micro_batch = o.micro_batch(), in.seq_len = o.seq_len(), in.grad_accum = o.grad_accum(), in.loss_chunk = m.loss_chunk();
     in.lora_rank = a.rank(), in.lora_targets = shardlm::model::split_targets(a.targets());
     in.host_step = shardlm::engine::host_step_named(o.offload().step());
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
               << (r.precision.reduce_overridden() ? std::string(" (reduce ") + shardlm::reduce_dtype_name(r.precision.reduce) + ")" : "")
               << ", checkpointing " << r.checkpointing.name()
               << ", offload " << r.offload.name
+              << (in.expert_parallel > 1 ? ", expert parallel " + std::to_string(in.expert_parallel) : std::string())
               << (!r.adapter.active() ? std::string()
                                       : ", adapter " + std::string(r.adapter.name) + " rank " + std::to_string(a.rank()) +
                                             " on a " + (r.quant.quantized ? std::string(r.quant.name) : std::string("plain")) +

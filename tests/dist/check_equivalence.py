@@ -16,7 +16,8 @@ With --masked the data is a token file with a loss mask that leaves runs of targ
 prompts), and every run also evaluates a --eval-fraction split every 2 steps: the losses (normalised by the kept
 targets of the global batch) and the eval losses must agree too.
 With --preset mixtral-debug the model is a tiny Mixtral (the MoE blocks' router losses pooled over layers through
-the engine's side outputs; the logged loss holds router_aux_loss_coef x aux).
+the engine's side outputs; the logged loss holds router_aux_loss_coef x aux); the aux losses are compared with the
+losses. With --grad-norm-tol the gradient norms of every step must agree within it too (relative).
 """
 import argparse
 import json
@@ -65,11 +66,13 @@ def run(args, workdir, tag, ranks, accum, sharding, extra):
     if p.returncode != 0:
         sys.exit(f"FAIL {tag}: exit {p.returncode}\n$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    losses = [r["loss"] for r in rows] + [r["eval_loss"] for r in rows if "eval_loss" in r]
+    losses = [r["loss"] for r in rows] + [r["eval_loss"] for r in rows if "eval_loss" in r] + \
+        [r["aux_loss"] for r in rows if "aux_loss" in r]
+    norms = [r["grad_norm"] for r in rows]
     if len(rows) != args.steps:
         sys.exit(f"FAIL {tag}: {len(rows)} metric rows, expected {args.steps}")
     tensors = {name: t.float().numpy() for name, t in load_file(str(weights)).items()}  # bf16 too
-    return losses, tensors, time.time() - start
+    return losses, norms, tensors, time.time() - start
 
 
 def rel_err(a, b):
@@ -89,6 +92,7 @@ def parser():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--weight-tol", type=float, default=None, help="for the final parameters (default: --tol)")
+    ap.add_argument("--grad-norm-tol", type=float, default=None, help="compare the gradient norms too, within this")
     ap.add_argument("--train-args", default="", help="more trainer flags for every run (e.g. '--device cuda')")
     ap.add_argument("--test-args", default="", help="more trainer flags for the runs checked, not the reference "
                     "(e.g. '--offload cpu')")
@@ -117,22 +121,24 @@ def main():
         sys.exit(f"--splits {args.splits}: the splits must share one global batch (ranks x grad-accum)")
     accum = global_batches.pop()
 
-    ref_losses, ref_weights, secs = run(args, workdir, "reference", 1, accum, "none", [])
+    ref_losses, ref_norms, ref_weights, secs = run(args, workdir, "reference", 1, accum, "none", [])
     print(f"reference: 1 rank x grad-accum {accum}, --sharding none: losses {['%.6f' % v for v in ref_losses]} ({secs:.1f} s)")
     failed = False
     for ranks, a in splits:
         extra = ["--shard-group-size", str(args.shard_group_size)] if args.shard_group_size and ranks > 1 else []
         extra += args.test_args.split()
         tag = f"{args.sharding}_{ranks}x{a}"
-        losses, weights, secs = run(args, workdir, tag, ranks, a, args.sharding, extra)
+        losses, norms, weights, secs = run(args, workdir, tag, ranks, a, args.sharding, extra)
         loss_err = max(abs(x - y) / abs(y) for x, y in zip(losses, ref_losses))
+        norm_err = max(abs(x - y) / abs(y) for x, y in zip(norms, ref_norms))
         if set(weights) != set(ref_weights):
             sys.exit(f"FAIL {tag}: saved tensors differ from the reference: {sorted(set(weights) ^ set(ref_weights))}")
         worst_name, worst = max(((n, rel_err(weights[n], ref_weights[n])) for n in ref_weights), key=lambda t: t[1])
         weight_tol = args.tol if args.weight_tol is None else args.weight_tol
-        ok = loss_err <= args.tol and worst <= weight_tol
+        ok = loss_err <= args.tol and worst <= weight_tol and (args.grad_norm_tol is None or norm_err <= args.grad_norm_tol)
         failed |= not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {tag:>14}: loss rel err {loss_err:.2e}, worst parameter rel err {worst:.2e} "
+        print(f"{'ok  ' if ok else 'FAIL'} {tag:>14}: loss rel err {loss_err:.2e}, grad norm rel err {norm_err:.2e}, "
+              f"worst parameter rel err {worst:.2e} "
               f"({worst_name}), {len(weights)} tensors, {secs:.1f} s")
     if failed:
         sys.exit(f"FAIL: --sharding {args.sharding} differs from the reference by more than {args.tol}")

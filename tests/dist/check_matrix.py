@@ -65,7 +65,7 @@ def main():
     for precision in args.precisions.split(","):
         loss_tol, weight_tol = TOLERANCES[precision]
         base = ["--precision", precision] + (["--grad-clip", "0"] if precision == "mixed-bf16" else [])
-        ref_losses, ref_weights, _ = eq.run(run_args, workdir, f"{precision}_reference", 1, 2, "none", base)
+        ref_losses, _, ref_weights, _ = eq.run(run_args, workdir, f"{precision}_reference", 1, 2, "none", base)
         worst_loss = worst_weight = 0.0
         for sharding, ckpt, offload in itertools.product(["none", "grad-op", "full", "hybrid"],
                                                          ["none", "every-block", "every-2", "selective"], ["none", "cpu"]):
@@ -77,7 +77,7 @@ def main():
             if sharding == "hybrid":
                 extra += ["--shard-group-size", "1"]
             tag = f"{precision}_{sharding}_{ckpt}_{offload}"
-            losses, weights, secs = eq.run(run_args, workdir, tag, 2, 1, sharding, extra)
+            losses, _, weights, secs = eq.run(run_args, workdir, tag, 2, 1, sharding, extra)
             loss_err = max(abs(x - y) / abs(y) for x, y in zip(losses, ref_losses))
             if set(weights) != set(ref_weights):
                 sys.exit(f"FAIL {tag}: saved tensors differ from the reference")

@@ -286,14 +286,16 @@ TEST_CASE("a Gloo collective that times out names itself, its label and the rank
 }
 
 #if SHARDLM_WITH_NCCL
-TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; CPU tensors refused; a missing rank times out") {
+TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast, all-to-all; CPU tensors refused; a missing rank times out") {
   if (!torch::cuda::is_available() || torch::cuda::device_count() < 2) {
     MESSAGE("skipped: needs 2 CUDA devices (this machine has ", torch::cuda::is_available() ? torch::cuda::device_count() : 0, ")");
     return;
   }
   const int W = 2, port = free_port();
   std::vector<std::string> errors(W), unexpected(W);
-  std::vector<at::Tensor> gathered(W), scattered(W), reduced(W), broadcast(W);
+  std::vector<at::Tensor> gathered(W), scattered(W), reduced(W), broadcast(W), exchanged(W);
+  // all-to-all rows: rank 0 keeps none and sends 3 to rank 1; rank 1 sends 2 to rank 0 and keeps 1 (row = sender)
+  const std::vector<std::vector<int64_t>> send = {{0, 3}, {2, 1}};
   std::vector<std::thread> threads;
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
@@ -310,6 +312,9 @@ TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; C
         c.all_reduce(reduced[r], dist::Reduce::Max);
         broadcast[r] = at::full({2}, double(r * 10), opts);
         c.broadcast(broadcast[r], 1);
+        const std::vector<int64_t> recv = {send[0][r], send[1][r]};
+        exchanged[r] = at::empty({recv[0] + recv[1], 2}, opts);
+        c.all_to_all(exchanged[r], at::full({send[r][0] + send[r][1], 2}, double(r), opts), recv, send[r]);
         c.barrier();
         try {
           c.all_reduce(at::zeros({2}), dist::Reduce::Sum);
@@ -329,6 +334,7 @@ TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; C
     CHECK(at::equal(scattered[r].cpu(), (at::arange(4, at::kFloat) * 3).narrow(0, 2 * r, 2)));
     CHECK(at::equal(reduced[r].cpu(), at::full({3}, 1.0)));
     CHECK(at::equal(broadcast[r].cpu(), at::full({2}, 10.0)));
+    CHECK(at::equal(exchanged[r].cpu(), r == 0 ? at::full({2, 2}, 1.0) : at::cat({at::zeros({3, 2}), at::ones({1, 2})})));
     CHECK(errors[r].find("the all-reduce tensor is on cpu but this communicator moves cuda tensors") != std::string::npos);
   }
   // Rank 0 of a group of two whose rank 1 never comes: an error after the deadline, not a hang.
@@ -343,3 +349,134 @@ TEST_CASE("NCCL among two GPUs: gather, reduce-scatter, all-reduce, broadcast; C
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(60));
 }
 #endif
+
+TEST_CASE("expert parallelism: rows reach their experts' ranks and come back; outputs and gradients equal one rank's") {
+  // A MoE layer's experts split over W ranks (Gloo, threads of this process), each rank routing its own tokens with a
+  // routing handed in (the router's seam: ops::Routing), against the same tokens on one rank with every expert.
+  // Cases: random picks; every pick on experts 0 and 1 (the other ranks receive no row, rank 0 every row); each rank's
+  // tokens only to other ranks' experts; rank 0 with no token at all. Both CPU kernels (loop, padded).
+  const int64_t C = 8, I = 6, E = 4, k = 2;
+  at::manual_seed(11);
+  const auto gate_up = at::randn({E, 2 * I, C}), down = at::randn({E, C, I});  // every expert's weights
+  enum class Picks { random, first_two, elsewhere, rank0_empty };
+  for (const int W : {2, 4}) {
+    const int64_t El = E / W;
+    for (const auto picks : {Picks::random, Picks::first_two, Picks::elsewhere, Picks::rank0_empty}) {
+      for (const auto kernel : {model::ExpertKernel::loop, model::ExpertKernel::padded}) {
+        const int case_picks = static_cast<int>(picks), case_kernel = static_cast<int>(kernel);
+        CAPTURE(W);
+        CAPTURE(case_picks);
+        CAPTURE(case_kernel);
+        std::vector<at::Tensor> xs(W), experts(W), weights(W), gys(W);
+        for (int r = 0; r < W; ++r) {
+          const int64_t N = picks == Picks::rank0_empty && r == 0 ? 0 : 3 + r;
+          xs[r] = at::randn({N, C});
+          at::Tensor e = at::stack({at::randint(E, {N}), at::zeros({N}, at::kLong)}, 1);  // [N, k], made distinct below
+          if (picks == Picks::first_two) e = at::tensor({int64_t{0}, int64_t{1}}).repeat({N, 1});
+          if (picks == Picks::elsewhere) {  // the experts of rank (r + 1) % W
+            const int64_t first = ((r + 1) % W) * El;
+            e = at::stack({at::full({N}, first), at::full({N}, first + El - 1)}, 1);
+            if (El == 1) e.select(1, 1).fill_((first + El) % E);  // one expert per rank: the second pick elsewhere too
+          }
+          if (picks == Picks::random || picks == Picks::rank0_empty) e.select(1, 1).copy_((e.select(1, 0) + 1 + at::randint(E - 1, {N})) % E);
+          experts[r] = e;
+          weights[r] = at::softmax(at::randn({N, k}), -1);
+          gys[r] = at::randn({N, C});
+        }
+        // One rank, every expert.
+        auto x = at::cat(xs).requires_grad_(true), w = at::cat(weights).requires_grad_(true);
+        auto gu = gate_up.clone().requires_grad_(true), dn = down.clone().requires_grad_(true);
+        const auto y = model::ops::moe_experts(x, gu, dn, {at::Tensor(), w, at::cat(experts)}, kernel);
+        (y * at::cat(gys)).sum().backward();
+        // W ranks, E / W experts each.
+        const int port = free_port();
+        std::vector<at::Tensor> ys(W), gxs(W), gws(W), ggu(W), gdn(W);
+        std::vector<std::string> errors(W);
+        std::vector<std::thread> threads;
+        for (int r = 0; r < W; ++r) {
+          threads.emplace_back([&, r] {
+            try {
+              auto store = store_of(port, r, W);
+              dist::GlooCommunicator c(store, "ep", r, W, "127.0.0.1", std::chrono::seconds(30));
+              const model::ExpertShard shard{c10::make_intrusive<train::CommunicatorExchange>(c), r * El, El};
+              auto xr = xs[r].clone().requires_grad_(true), wr = weights[r].clone().requires_grad_(true);
+              auto gur = gate_up.narrow(0, r * El, El).clone().requires_grad_(true);
+              auto dnr = down.narrow(0, r * El, El).clone().requires_grad_(true);
+              ys[r] = model::ops::moe_experts(xr, gur, dnr, {at::Tensor(), wr, experts[r]}, kernel, shard);
+              (ys[r] * gys[r]).sum().backward();
+              gxs[r] = xr.grad(), gws[r] = wr.grad(), ggu[r] = gur.grad(), gdn[r] = dnr.grad();
+            } catch (const std::exception& e) {
+              errors[r] = e.what();
+            }
+          });
+        }
+        for (auto& t : threads) t.join();
+        const auto close = [](const at::Tensor& a, const at::Tensor& b) {
+          const auto got = a.defined() ? a : at::zeros_like(b);  // an expert that got no row has no gradient
+          return got.sizes() == b.sizes() && at::allclose(got, b, 1e-5, 1e-6);
+        };
+        for (int r = 0, row = 0; r < W; row += static_cast<int>(xs[r].size(0)), ++r) {
+          CAPTURE(r);
+          CHECK(errors[r] == "");
+          if (!errors[r].empty()) continue;
+          const int64_t N = xs[r].size(0);
+          CHECK(close(ys[r], y.narrow(0, row, N)));
+          CHECK(close(gws[r], w.grad().narrow(0, row, N)));
+          if (N > 0) CHECK(close(gxs[r], x.grad().narrow(0, row, N)));
+          CHECK(close(ggu[r], gu.grad().narrow(0, r * El, El)));
+          CHECK(close(gdn[r], dn.grad().narrow(0, r * El, El)));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("all-to-all of variable counts (Gloo, three ranks): zero rows from some ranks, every row to one") {
+  const int W = 3, port = free_port();
+  // send[r][p]: rows rank r sends to rank p; each row holds (sender, receiver, index) so the receiver can check it.
+  const std::vector<std::vector<int64_t>> send = {{0, 4, 0}, {1, 0, 2}, {0, 0, 0}};
+  std::vector<at::Tensor> got(W);
+  std::vector<std::string> errors(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        auto store = store_of(port, r, W);
+        dist::GlooCommunicator c(store, "a2a", r, W, "127.0.0.1", std::chrono::seconds(30));
+        std::vector<at::Tensor> rows;
+        std::vector<int64_t> recv;
+        for (int p = 0; p < W; ++p) {
+          for (int64_t i = 0; i < send[r][p]; ++i) rows.push_back(at::tensor({float(r), float(p), float(i)}));
+          recv.push_back(send[p][r]);
+        }
+        const auto in = rows.empty() ? at::empty({0, 3}) : at::stack(rows);
+        int64_t total = 0;
+        for (auto n : recv) total += n;
+        got[r] = at::empty({total, 3});
+        c.all_to_all(got[r], in, recv, send[r], "test");
+        // Counts that do not fit the buffers are our bug, named.
+        try {
+          c.all_to_all(at::empty({1, 3}), in, {0, 0, 0}, send[r]);
+          errors[r] = "no error";
+        } catch (const InternalError& e) {
+          errors[r] = e.what();
+        }
+      } catch (const std::exception& e) {
+        errors[r] = std::string("unexpected: ") + e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    CAPTURE(r);
+    CHECK(errors[r].find("all-to-all receive counts (3 ranks, 0 rows) do not fit a group of 3 and a buffer of 1 rows") != std::string::npos);
+    std::vector<at::Tensor> want;
+    for (int p = 0; p < W; ++p)
+      for (int64_t i = 0; i < send[p][r]; ++i) want.push_back(at::tensor({float(p), float(r), float(i)}));
+    CHECK(at::equal(got[r], want.empty() ? at::empty({0, 3}) : at::stack(want)));
+  }
+  dist::SelfCommunicator self;
+  auto out = at::empty({2, 3});
+  self.all_to_all(out, at::ones({2, 3}), {2}, {2});
+  CHECK(at::equal(out, at::ones({2, 3})));
+}

@@ -421,4 +421,35 @@ TEST_CASE("planner: precision fp8 adds one projection's float8 operands to mixed
   CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
   moe.intermediate_size = 128;
   CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
+TEST_CASE("planner: expert parallelism keeps this rank's experts, sharded over the ranks holding the same, counted by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.model.model_type = "mixtral", in.model.num_experts = 4, in.model.num_experts_per_tok = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 4, in.gpus_per_node = 4;
+  in.micro_batch = 2, in.seq_len = 8;  // 16 tokens
+  const auto whole = plan::plan_memory(in);
+  in.expert_parallel = 2;
+  const auto p = plan::plan_memory(in);
+  CHECK(p.params == whole.params);
+  // Block: 110976 parameters, of which the experts 4 x 24576 = 98304: the dense 12672 over the 4 ranks (3168 each),
+  // this rank's 2 experts (49152) over the 2 ranks holding them (24576 each). Embedding 16000, head 16016 per rank.
+  // 16 bytes per element (fp32 master, gradient, moments).
+  CHECK(item(p.gpu, "sharded state") == (16000 + 2 * 3168 + 16016 + 2 * 24576.0) * 16);
+  CHECK(item(whole.gpu, "sharded state") == (16000 + 2 * 27744 + 16016) * 16.0);
+  // A gathered block holds its dense part and this rank's experts: 12672 + 49152 = 61824 bf16 values; at the peak, the
+  // head's gradient reduction, the head (64064) and block 1 are gathered.
+  CHECK(p.peak_at == "the head's gradient reduction");
+  CHECK(item(p.gpu, "gathered parameters") == (64064 + 61824.0) * 2);
+  // One layer's exchange: the rows received and their copy by expert, 2 picks x 64 x 16 tokens in bf16, twice.
+  CHECK(item(p.gpu, "all-to-all buffers") <= 2 * 2.0 * 2 * 64 * 16);
+  // Without sharding the experts are replicated over the ranks holding them: 49152 each, the dense part whole.
+  in.recipe.sharding = sharding_named("none");
+  CHECK(item(plan::plan_memory(in).gpu, "sharded state") == (64000 + 2 * 12672 + 64064 + 2 * 49152.0) * 16);
+  // Errors name the flag and the factors.
+  in.expert_parallel = 3;
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--expert-parallel 3 must divide the number of experts (4)"),
+                       ConfigError);
+  in.expert_parallel = 2, in.model = small();
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--expert-parallel 2: this model (model_type 'llama') has no experts"),
+                       ConfigError);
 }

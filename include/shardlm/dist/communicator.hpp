@@ -4,6 +4,9 @@
 //   all_gather(out [n * size], in [n])        out = concat over ranks of in, in rank order
 //   reduce_scatter(out [n], in [n * size])    out = this rank's slice of the reduction of in
 //   all_reduce(t), broadcast(t, root), barrier()
+//   all_to_all(out [sum recv, ...], in [sum send, ...], recv, send)
+//                                             rows in[sum send[<p] .. + send[p]) go to rank p; out holds the rows from
+//                                             each rank p in rank order, recv[p] of them (any count may be 0)
 // On CUDA a collective is enqueued on the caller's current stream (the engine puts its communication on
 // its own stream); on the CPU it has finished when the call returns.
 // Each call may carry a label (what it moves: a unit's name, "loss", "grad norm"): a pointer that must outlive
@@ -41,6 +44,10 @@ class Communicator {
   virtual void all_reduce(const at::Tensor& t, Reduce op, const char* label = nullptr) = 0;
   virtual void broadcast(const at::Tensor& t, int root, const char* label = nullptr) = 0;
   virtual void barrier(const char* label = nullptr) = 0;
+  /// Exchanges rows (slices along dim 0): send[p] rows of `in`, in rank order, go to rank p; `out` receives recv[p]
+  /// rows from each rank p, in rank order. The counts of every pair must agree (rank p's send[q] = rank q's recv[p]).
+  virtual void all_to_all(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& recv,
+                          const std::vector<int64_t>& send, const char* label = nullptr) = 0;
 
   /// The latest collective this rank entered here.
   const CollectiveState& last_collective() const { return state_; }
@@ -67,6 +74,24 @@ class Communicator {
                         " tensors (NCCL for --device cuda, Gloo for --device cpu)");
     if (!t.is_contiguous()) fail<InternalError>(describe(), ": the ", role, " tensor is not contiguous");
   }
+  /// The row counts of an all-to-all: one per rank, none negative, summing to the rows of their buffers.
+  void check_splits(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& recv,
+                    const std::vector<int64_t>& send) const {
+    if (out.dim() < 1 || in.dim() < 1 || out.sizes().slice(1) != in.sizes().slice(1) || out.scalar_type() != in.scalar_type())
+      fail<InternalError>(describe(), ": all-to-all buffers ", out.sizes(), " ", out.scalar_type(), " and ", in.sizes(), " ",
+                          in.scalar_type(), " differ in row shape or dtype");
+    const auto rows = [&](const std::vector<int64_t>& counts, const at::Tensor& t, const char* role) {
+      int64_t sum = 0;
+      for (const auto c : counts) {
+        if (c < 0) fail<InternalError>(describe(), ": all-to-all ", role, " count ", c, " is negative");
+        sum += c;
+      }
+      if (static_cast<int>(counts.size()) != size() || t.size(0) != sum)
+        fail<InternalError>(describe(), ": all-to-all ", role, " counts (", counts.size(), " ranks, ", sum,
+                            " rows) do not fit a group of ", size(), " and a buffer of ", t.size(0), " rows");
+    };
+    rows(recv, out, "receive"), rows(send, in, "send");
+  }
   void check_sizes(const at::Tensor& small, const at::Tensor& large) const {
     if (large.numel() != small.numel() * size() || large.scalar_type() != small.scalar_type())
       fail<InternalError>(describe(), ": buffers of ", small.numel(), " and ", large.numel(), " elements (",
@@ -87,6 +112,7 @@ concept Collectives = requires(C& c, const at::Tensor& t) {
   c.all_reduce(t, Reduce::Sum);
   c.broadcast(t, 0);
   c.barrier();
+  c.all_to_all(t, t, std::vector<int64_t>{}, std::vector<int64_t>{});
 };
 
 /// A group of one process: every collective is a copy or nothing.
@@ -105,6 +131,11 @@ class SelfCommunicator final : public Communicator {
   void all_reduce(const at::Tensor&, Reduce, const char* = nullptr) override {}
   void broadcast(const at::Tensor&, int, const char* = nullptr) override {}
   void barrier(const char* = nullptr) override {}
+  void all_to_all(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& recv,
+                  const std::vector<int64_t>& send, const char* = nullptr) override {
+    check_splits(out, in, recv, send);
+    if (!out.is_same(in)) out.copy_(in);
+  }
 
  private:
   std::string name_;

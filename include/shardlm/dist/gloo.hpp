@@ -70,6 +70,13 @@ class GlooCommunicator final : public Communicator {
   void barrier(const char* label = nullptr) override {
     run("barrier", label, [&] { return pg_->barrier(); });
   }
+  void all_to_all(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& recv,
+                  const std::vector<int64_t>& send, const char* label = nullptr) override {
+    check(out, "all-to-all output", at::kCPU), check(in, "all-to-all input", at::kCPU), check_splits(out, in, recv, send);
+    auto o = out, i = in;
+    auto r = recv, s = send;  // c10d takes them by non-const reference
+    run("all-to-all", label, [&] { return pg_->alltoall_base(o, i, r, s); });
+  }
 
  private:
   static c10d::ReduceOp to_c10d(Reduce op) { return op == Reduce::Sum ? c10d::ReduceOp::SUM : c10d::ReduceOp::MAX; }

@@ -6,6 +6,11 @@
 //   replicate  the ranks holding the same shard, {j, j+G, j+2G, ...}: gradients are all-reduced over it
 // G = 1 is NoShard (DDP), G = world is FullShard / ShardGradOp, 1 < G < world is HybridShard. NCCL for CUDA
 // devices, Gloo for the CPU, a group of one where a group has one rank.
+// With expert parallelism of N (--expert-parallel), two more:
+//   expert       N consecutive ranks [k*N, (k+1)*N): each holds E/N of every MoE layer's experts; tokens travel
+//                between them (all-to-all) to their experts
+//   expert_data  the ranks holding the same experts, {j, j+N, j+2N, ...} (world/N of them): the experts' parameters
+//                are sharded (or replicated) over it as the dense ones are over shard and replicate
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
@@ -20,16 +25,21 @@ namespace shardlm::dist {
 
 class ProcessGroups {
  public:
-  /// `shard_group_size` G must divide the world size; `timeout` bounds the rendezvous and each group's setup.
-  ProcessGroups(const LaunchEnv& env, int shard_group_size, const at::Device& device, std::chrono::seconds timeout)
-      : env_(env), shard_size_(shard_group_size) {
+  /// `shard_group_size` G and `expert_parallel` N must divide the world size; `timeout` bounds the rendezvous and each
+  /// group's setup.
+  ProcessGroups(const LaunchEnv& env, int shard_group_size, const at::Device& device, std::chrono::seconds timeout,
+                int expert_parallel = 1)
+      : env_(env), shard_size_(shard_group_size), expert_size_(expert_parallel) {
     const int W = env.world_size;
+    if (expert_size_ < 1 || W % expert_size_ != 0)
+      fail<ConfigError>("--expert-parallel ", expert_size_, " does not divide the world size ", W,
+                        " (WORLD_SIZE): each group of ", expert_size_, " consecutive ranks holds one full set of experts");
     if (shard_size_ < 1 || W % shard_size_ != 0)
       fail<ConfigError>("the world size ", W, " (WORLD_SIZE) is not divisible by the shard group size ", shard_size_,
                         " (--shard-group-size): each group of ", shard_size_, " ranks must hold one full copy");
     if (W == 1) {
       world_ = std::make_shared<SelfCommunicator>("world");
-      shard_ = world_, replicate_ = world_;
+      shard_ = world_, replicate_ = world_, expert_ = world_, expert_data_ = world_;
       return;
     }
     c10d::TCPStoreOptions so;
@@ -68,11 +78,34 @@ class ProcessGroups {
     for (int i = 0; i < W / G; ++i) replicate_members.push_back(env.rank % G + i * G);
     if (G != W) shard_->set_members(shard_members);
     if (G != 1) replicate_->set_members(replicate_members);
+    const int N = expert_size_;
+    expert_ = N == W ? world_ : make(detail::cat("expert", env.rank / N), env.rank % N, N);
+    expert_data_ = N == 1 ? world_ : make(detail::cat("expert_data", env.rank % N), env.rank / N, W / N);
+    std::vector<int> expert_members, expert_data_members;
+    for (int i = 0; i < N; ++i) expert_members.push_back(env.rank / N * N + i);
+    for (int i = 0; i < W / N; ++i) expert_data_members.push_back(env.rank % N + i * N);
+    if (N != W) expert_->set_members(expert_members);
+    if (N != 1) expert_data_->set_members(expert_data_members);
+  }
+
+  /// The groups the experts' parameters live in, as the engine's storages see groups: `world` and `expert` as here,
+  /// `shard` the expert-data-parallel group when `sharded` (else a group of one) and `replicate` the rest of it.
+  ProcessGroups expert_groups(bool sharded) const {
+    ProcessGroups g = *this;
+    auto self = std::make_shared<SelfCommunicator>("expert shard");
+    g.shard_ = sharded ? expert_data_ : self;
+    g.replicate_ = sharded ? self : expert_data_;
+    g.shard_size_ = g.shard_->size();
+    return g;
   }
 
   Communicator& world() { return *world_; }
   Communicator& shard() { return *shard_; }
   Communicator& replicate() { return *replicate_; }
+  /// Expert parallelism: the ranks that exchange tokens (a group of one without it), and those holding the same experts.
+  Communicator& expert() { return *expert_; }
+  Communicator& expert_data() { return *expert_data_; }
+  int expert_parallel() const { return expert_size_; }
   const LaunchEnv& env() const { return env_; }
   int rank() const { return env_.rank; }
   int shard_group_size() const { return shard_size_; }
@@ -80,9 +113,9 @@ class ProcessGroups {
 
  private:
   LaunchEnv env_;
-  int shard_size_;
+  int shard_size_, expert_size_;
   c10::intrusive_ptr<c10d::Store> store_;
-  std::shared_ptr<Communicator> world_, shard_, replicate_;
+  std::shared_ptr<Communicator> world_, shard_, replicate_, expert_, expert_data_;
 };
 
 }  // namespace shardlm::dist

@@ -104,6 +104,30 @@ class NcclCommunicator final : public Communicator {
     enter("broadcast", label);
     enqueue(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), type(t), root, comm_, stream()), "ncclBroadcast");
   }
+  /// Grouped point-to-point calls (NCCL has no all-to-all of variable counts): one send and one receive per peer
+  /// with rows to move, the copy to itself on the stream.
+  void all_to_all(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& recv,
+                  const std::vector<int64_t>& send, const char* label = nullptr) override {
+    prepare(out, "all-to-all output"), prepare(in, "all-to-all input"), check_splits(out, in, recv, send);
+    enter("all-to-all", label);
+    const int64_t row = in.size(0) > 0 ? in.numel() / in.size(0) : (out.size(0) > 0 ? out.numel() / out.size(0) : 0);
+    const auto bytes = static_cast<int64_t>(in.element_size()) * row;
+    auto* src = static_cast<char*>(in.data_ptr());
+    auto* dst = static_cast<char*>(out.data_ptr());
+    check(ncclGroupStart(), "ncclGroupStart");
+    int64_t s_at = 0, r_at = 0;  // rows before peer p's
+    for (int p = 0; p < size_; s_at += send[p], r_at += recv[p], ++p) {
+      if (p == rank_) {
+        if (send[p] > 0 && cudaMemcpyAsync(dst + r_at * bytes, src + s_at * bytes, send[p] * bytes,
+                                           cudaMemcpyDeviceToDevice, stream()) != cudaSuccess)
+          fail<Error>(describe(), ", rank ", rank_, ": the all-to-all's copy to itself failed");
+        continue;
+      }
+      if (send[p] > 0) check(ncclSend(src + s_at * bytes, send[p] * row, type(in), p, comm_, stream()), "ncclSend");
+      if (recv[p] > 0) check(ncclRecv(dst + r_at * bytes, recv[p] * row, type(out), p, comm_, stream()), "ncclRecv");
+    }
+    enqueue(ncclGroupEnd(), "ncclGroupEnd");
+  }
   /// An all-reduce of one float, waited for on the host.
   void barrier(const char* label = nullptr) override {
     auto t = at::zeros({1}, at::TensorOptions().device(at::kCUDA, device_));

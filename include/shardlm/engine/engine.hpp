@@ -19,6 +19,12 @@
 // A unit's frozen parameters (the base under LoRA or DoRA, FrozenSpec) form a second group, a FrozenUnit: gathered
 // and released with the unit, never reduced or stepped.
 //
+// Expert parallelism (ProcessGroups::expert_parallel() > 1, EngineOptions::is_expert): a unit's experts (this rank's
+// share of them) form a second trainable group, a FlatUnit of its own over the expert groups
+// (ProcessGroups::expert_groups: sharded over the ranks holding the same experts when the policy shards, replicated
+// over them when it does not), with a storage of its own: gathered, released and reduced with the unit by the same
+// Schedule answers, stepped with it. The gradient norm counts each of its elements once (clip_grad_norm).
+//
 // The engine is compiled once per program: it reads the recipe's rules (RecipeRules) through its Schedule and its
 // ShardStorage (engine/offload.hpp), and the model through the UnitModel interface; it never sees a model flavor.
 #include <torch/csrc/autograd/autograd.h>
@@ -79,6 +85,9 @@ struct EngineOptions {
   /// Offloaded: when the host steps (engine/offload.hpp); automatic here means overlapped (the trainer resolves
   /// automatic by the host's memory before it makes the engine).
   SHARDLM_ARG(HostStep, host_step) = HostStep::automatic;
+  /// Expert parallelism: which trainable parameters are this rank's experts (a second group of their unit over the
+  /// expert groups when the groups have ProcessGroups::expert_parallel() > 1).
+  SHARDLM_ARG(std::function<bool(const std::string&)>, is_expert);
 };
 
 class Engine {
@@ -98,6 +107,11 @@ class Engine {
                         SHARDLM_OFFLOAD_NEEDS_SHARDING);
     model_.set_checkpointing(rules.checkpointing);  // what a kept block saves (the recomputed ones: schedule_)
     model_.set_precision(rules.precision);          // how the blocks' projections multiply (float8 or not)
+    if (groups.expert_parallel() > 1 && options_.is_expert()) {
+      const auto host_step = options_.host_step() == HostStep::automatic ? HostStep::overlapped : options_.host_step();
+      experts_ = std::make_unique<Experts>(groups.expert_groups(rules.sharding.shards_state()), rules, blocks_of(model),
+                                           reads_of(model), device, options_.micro_batches(), host_step);
+    }
     const auto& precision = rules.precision;
     const auto& frozen = options_.frozen();
     const size_t n = model_.num_units();
@@ -107,8 +121,12 @@ class Engine {
     const bool on_host = rules.offload.host;
     for (size_t u = 0; u < n; ++u) {
       auto params = model_.unit_parameters(u);
-      NamedTensors trained, kept;
-      for (auto& item : params) (frozen.is_frozen && frozen.is_frozen(item.first) ? kept : trained).push_back(item);
+      NamedTensors trained, kept, expert;
+      for (auto& item : params)
+        (frozen.is_frozen && frozen.is_frozen(item.first) ? kept
+         : experts_ && options_.is_expert()(item.first)  ? expert
+                                                         : trained)
+            .push_back(item);
       frozen_.emplace_back(unit_name(u), kept, groups.shard().size(), groups.shard().rank(), codec);
       auto& fixed = frozen_.back();
       SHARDLM_ASSERT(fixed.empty() || frozen.rows || !init.shard, "frozen parameters need FrozenSpec::rows here");
@@ -127,11 +145,21 @@ class Engine {
         auto& unit = units_.back();
         storage_->place(unit, [&](at::Tensor& shard) { unit.copy_params_into(shard); });
       }
+      if (experts_) {  // one per unit (empty where a unit has no experts): the storage indexes them as the units
+        auto& g = experts_->groups;
+        experts_->units.emplace_back(unit_name(u) + " experts", expert, g.shard().size(), g.shard().rank());
+        auto& mine = experts_->units.back();
+        experts_->storage->place(mine, [&](at::Tensor& shard) {
+          if (init.shard) init.shard(u, mine, shard);
+          else mine.copy_params_into(shard);
+        });
+      }
       if (!fixed.empty())
         fixed.store(frozen.rows ? frozen.rows(u, fixed) : fixed.rows_from_params(), device, precision.compute, on_host);
       ready_.emplace_back();
     }
     storage_->prepare(units_);
+    if (experts_) experts_->storage->prepare(experts_->units);
     if (schedule_.keeps_all()) gather_all();
   }
 
@@ -151,6 +179,9 @@ class Engine {
   FlatUnit& unit(size_t u) { return units_.at(u); }
   /// Unit u's frozen group (empty when nothing is frozen).
   const FrozenUnit& frozen(size_t u) const { return frozen_.at(u); }
+  /// Expert parallelism: unit u's group of this rank's experts (empty for a unit without experts); null without it.
+  const FlatUnit* experts(size_t u) const { return experts_ ? &experts_->units.at(u) : nullptr; }
+  FlatUnit* experts(size_t u) { return experts_ ? &experts_->units.at(u) : nullptr; }
   const Schedule& schedule() const { return schedule_; }
   const RecipeRules& rules() const { return schedule_.rules(); }
 
@@ -194,6 +225,10 @@ class Engine {
     optimizer_steps_ = optimizer_steps;
     storage_->set_step_count(optimizer_steps);
     for (auto& u : units_) storage_->refresh(u);
+    if (experts_) {
+      experts_->storage->set_step_count(optimizer_steps);
+      for (auto& u : experts_->units) experts_->storage->refresh(u);
+    }
     if (schedule_.keeps_all()) gather_all();
   }
   dist::ProcessGroups& groups() { return groups_; }
@@ -205,6 +240,7 @@ class Engine {
     micro_batch_ = MicroBatch{};
     lr_ = lr;
     storage_->begin_step(units_, options_.adamw(), StepScalars{lr, 1.0, optimizer_steps_ + 1});
+    if (experts_) experts_->storage->begin_step(experts_->units, options_.adamw(), StepScalars{lr, 1.0, optimizer_steps_ + 1});
   }
 
   /// Runs every unit forward on `input` (token ids); returns the last unit's output with its local graph.
@@ -276,10 +312,13 @@ class Engine {
       if (schedule_.releases_after_backward(micro_batch_)) release(u);
     }
     storage_->after_backward(units_, groups_, streams_, micro_batch_);
+    if (experts_) experts_->storage->after_backward(experts_->units, experts_->groups, streams_, micro_batch_);
     micro_batch_.first = false;
   }
 
-  /// The global L2 norm of the gradients (one all-reduce over the shard group). When it exceeds max_norm
+  /// The global L2 norm of the gradients (one all-reduce over the shard group; with expert parallelism the experts'
+  /// squares are summed over the ranks holding the same experts and then over the expert group, so that each
+  /// element counts once). When it exceeds max_norm
   /// (> 0), the next optimizer_step() scales the gradients by max_norm / (norm + 1e-6) inside the AdamW kernel (no
   /// pass of its own). Returns the norm.
   double clip_grad_norm(double max_norm) {
@@ -287,6 +326,13 @@ class Engine {
     if (groups_.shard().size() > 1) {
       sq = sq.to(device_);  // offloaded gradients are on the host; NCCL reduces device tensors
       groups_.shard().all_reduce(sq, dist::Reduce::Sum, "grad norm");
+    }
+    if (experts_) {
+      auto& g = experts_->groups;
+      at::Tensor esq = experts_->storage->grad_norm_sq(experts_->units).to(device_);
+      if (g.shard().size() > 1) g.shard().all_reduce(esq, dist::Reduce::Sum, "expert grad norm");
+      g.expert().all_reduce(esq, dist::Reduce::Sum, "expert grad norm");
+      sq = sq.to(device_) + esq;
     }
     const double norm = std::sqrt(sq.item<double>());
     clip_coef_ = max_norm > 0 && std::isfinite(norm) && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
@@ -298,6 +344,7 @@ class Engine {
   /// offloaded step may go on after this returns: each unit's next gather waits for its update.
   void optimizer_step() {
     storage_->step(units_, StepScalars{lr_, clip_coef_, optimizer_steps_ + 1});
+    if (experts_) experts_->storage->step(experts_->units, StepScalars{lr_, clip_coef_, optimizer_steps_ + 1});
     clip_coef_ = 1.0;
     ++optimizer_steps_;
     if (schedule_.keeps_all()) gather_all();
@@ -306,21 +353,46 @@ class Engine {
   /// The step is dropped (a non-finite gradient norm): the state stays as it was, whatever was stepped ahead.
   void skip_step() {
     storage_->skip(units_);
+    if (experts_) experts_->storage->skip(experts_->units);
     clip_coef_ = 1.0;
   }
 
   /// Waits until every update is done: the shards may then be read or written directly (checkpoints, exports).
-  void settle() { storage_->settle(); }
+  void settle() {
+    storage_->settle();
+    if (experts_) experts_->storage->settle();
+  }
 
   /// Offloaded steps whose speculative host update was redone or dropped (HostStep::speculative), since the start.
-  int64_t redone_steps() const { return storage_->redone(); }
+  int64_t redone_steps() const { return storage_->redone(); }  // the experts' storage redoes the same steps
   /// Offloaded: the host AdamW's seconds and bytes since the start.
-  ShardStorage::HostWork host_work() const { return storage_->host_work(); }
+  ShardStorage::HostWork host_work() const {
+    auto w = storage_->host_work();
+    if (experts_) w.seconds += experts_->storage->host_work().seconds, w.bytes += experts_->storage->host_work().bytes;
+    return w;
+  }
 
   /// Unit u's full master weights (every rank takes part; collective over the shard group).
   NamedTensors full_master(size_t u) {
     settle();
     return units_.at(u).full_master(groups_.shard());
+  }
+
+  /// Expert parallelism: unit u's experts, every expert of the layer (gathered over the ranks holding the same experts,
+  /// then over the expert group, whose rank r holds experts [r E/N, (r + 1) E/N)); every rank takes part. Empty without.
+  NamedTensors full_experts(size_t u) {
+    if (!experts_) return {};
+    settle();
+    auto& g = experts_->groups;
+    NamedTensors out;
+    for (auto& [name, local] : experts_->units.at(u).full_master(g.shard())) {
+      auto sizes = local.sizes().vec();
+      sizes[0] *= g.expert().size();
+      auto full = at::empty(sizes, local.options());
+      g.expert().all_gather(full, local.contiguous(), "experts");
+      out.emplace_back(name, std::move(full));
+    }
+    return out;
   }
 
  private:
@@ -359,11 +431,14 @@ class Engine {
     if (unit.is_gathered()) return;
     note(Event::gather, u);
     storage_->await(u, streams_);  // its update of the last step is done (offloaded: it may still be running)
+    if (experts_) experts_->storage->await(u, streams_);
     unit.allocate();
     fixed.allocate();
+    if (experts_) experts_->units[u].allocate();
     streams_.on_comm([&] {
       unit.gather(groups_.shard());
       fixed.gather(groups_.shard());
+      if (experts_) experts_->units[u].gather(experts_->groups.shard());
     });
     ready_[u] = streams_.mark_comm();
   }
@@ -378,6 +453,7 @@ class Engine {
     if (!units_[u].is_gathered()) return;
     note(Event::release, u);
     units_[u].release(), frozen_[u].release();
+    if (experts_) experts_->units[u].release();
   }
 
   at::Generator generator() const { return at::globalContext().defaultGenerator(device_); }
@@ -390,9 +466,12 @@ class Engine {
       if (!unit.is_gathered()) unit.allocate();
       const bool frozen_too = !fixed.is_gathered();
       if (frozen_too) fixed.allocate();
+      FlatUnit* mine = experts(u);
+      if (mine && !mine->is_gathered()) mine->allocate();
       streams_.on_comm([&] {
         unit.gather(groups_.shard());
         if (frozen_too) fixed.gather(groups_.shard());
+        if (mine) mine->gather(experts_->groups.shard());
       });
     }
     streams_.join();
@@ -406,10 +485,39 @@ class Engine {
       const bool cast = path == GradientPath::cast_into_shard && !unit.empty();
       const auto flat = unit.take_grads(flat_dtype_, [&](const at::Tensor& g) { streams_.used_by_comm(g); },
                                         cast ? &unit.grad() : nullptr);
-      if (cast) return;  // replicas, if any, all-reduce the shards after the last micro-batch
-      storage_->reduce(u, unit, flat, groups_, streams_, micro_batch_, path);
+      // cast: nothing to reduce now (replicas, if any, all-reduce the shards after the last micro-batch)
+      if (!cast) storage_->reduce(u, unit, flat, groups_, streams_, micro_batch_, path);
+      if (experts_) reduce_experts(u);
     });
   }
+
+  /// Unit u's experts into their shards, as reduce() does the unit's other parameters, over the expert groups.
+  void reduce_experts(size_t u) {
+    auto& e = *experts_;
+    auto& mine = e.units[u];
+    const auto path = e.schedule.gradient_path(micro_batch_);
+    const bool cast = path == GradientPath::cast_into_shard && !mine.empty();
+    const auto flat = mine.take_grads(e.flat_dtype, [&](const at::Tensor& g) { streams_.used_by_comm(g); },
+                                      cast ? &mine.grad() : nullptr);
+    if (!cast) e.storage->reduce(u, mine, flat, e.groups, streams_, micro_batch_, path);
+  }
+
+  /// The second trainable group of every unit under expert parallelism: its groups, its schedule (the gradient paths
+  /// of its shard group size), its units and their storage.
+  struct Experts {
+    Experts(dist::ProcessGroups g, const RecipeRules& rules, std::vector<bool> blocks,
+            const std::vector<std::vector<size_t>>& reads, const at::Device& device, int64_t micro_batches, HostStep step)
+        : groups(std::move(g)),
+          schedule(rules, std::move(blocks), reads, groups.shard().size()),
+          flat_dtype(schedule.flat_dtype(groups.replicate().size(), micro_batches)),
+          storage(make_storage(rules.offload, device, rules.precision,
+                               schedule.grad_dtype(groups.replicate().size(), micro_batches), step)) {}
+    dist::ProcessGroups groups;
+    Schedule schedule;
+    at::ScalarType flat_dtype;
+    std::vector<FlatUnit> units;
+    std::unique_ptr<ShardStorage> storage;  // after the units: destroyed before them
+  };
 
   UnitModel& model_;
   dist::ProcessGroups& groups_;
@@ -421,6 +529,7 @@ class Engine {
   std::vector<FlatUnit> units_;
   std::vector<FrozenUnit> frozen_;
   std::unique_ptr<ShardStorage> storage_;  // after the units: destroyed (its stepping thread joined) before them
+  std::unique_ptr<Experts> experts_;       // expert parallelism only
   std::vector<Streams::Marker> ready_;
   std::vector<at::Tensor> x_in_, out_, rng_;  // rng_: generator state before a recomputed unit's forward
   std::vector<at::Tensor> side_, side_values_;  // each unit's side output: with its graph, and detached

@@ -15,6 +15,7 @@
 
 #include "shardlm/model/adapter.hpp"
 #include "shardlm/model/layers.hpp"
+#include "shardlm/model/moe_dispatch.hpp"
 #include "shardlm/model/loss.hpp"
 #include "shardlm/policy/policies.hpp"
 
@@ -237,6 +238,17 @@ class DecoderImpl : public torch::nn::Module {
       if (!found.count(n)) fail<ConfigError>("--lora-targets: this model has no linear layer named ", n);
   }
   const AdapterConfig& adapter() const { return adapter_; }
+
+  /// Expert parallelism (model/moe_dispatch.hpp): every MoE layer keeps the experts [first, first + count) and
+  /// exchanges rows through the shard's exchange. A model without experts refuses it.
+  void set_expert_shard(const ExpertShard& shard) {
+    if constexpr (requires(Block& b) { b->ffn->set_expert_shard(shard); }) {
+      for (auto& layer : layers) layer->ffn->set_expert_shard(shard);
+    } else {
+      fail<ConfigError>("--expert-parallel: this model (model_type '", config_.model_type,
+                        "') has no experts; expert parallelism applies to a mixture of experts (Mixtral)");
+    }
+  }
 
   const ModelConfig& config() const { return config_; }
 

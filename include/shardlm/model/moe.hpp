@@ -22,6 +22,7 @@
 #include "shardlm/core/errors.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/model/layers.hpp"
+#include "shardlm/model/moe_dispatch.hpp"
 #include "shardlm/model/moe_kernels.hpp"
 
 namespace shardlm::model {
@@ -122,47 +123,75 @@ struct SwiGLU : torch::autograd::Function<SwiGLU> {
   }
 };
 
-/// y [N, C] = sum over the k picks of weight x expert(x), expert(x) = down(silu(gate(x)) * up(x)) with
-/// gate_up [E, 2I, C] (gate rows first, then up) and down [E, C, I]: transformers' MixtralExperts.
-inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const Routing& r,
-                              ExpertKernel kernel = ExpertKernel::automatic) {
-  const int64_t E = gate_up.size(0), I = down.size(2), C = x.size(1);
-  if (kernel == ExpertKernel::automatic)
-    kernel = compat::has_grouped_mm(x.device(), x.scalar_type(), {C, I, 2 * I}) ? ExpertKernel::grouped
-             : x.is_cuda()                                                      ? ExpertKernel::padded
-                                                                                : ExpertKernel::loop;
-  const auto s = sort_picks(r.experts, E);
-  const auto xs = GatherPicks::apply(x, s.token, s.back, s.k);                         // [N k, C]
+/// The kernel `kernel` resolves to for rows of x's device and dtype (ExpertKernel::automatic: the best that serves).
+inline ExpertKernel resolve_kernel(ExpertKernel kernel, const at::Tensor& x, int64_t C, int64_t I) {
+  if (kernel != ExpertKernel::automatic) return kernel;
+  return compat::has_grouped_mm(x.device(), x.scalar_type(), {C, I, 2 * I}) ? ExpertKernel::grouped
+         : x.is_cuda()                                                      ? ExpertKernel::padded
+                                                                            : ExpertKernel::loop;
+}
+
+/// ys [M, C] = expert(xs) row by row for rows sorted by expert, counts [E] of each (on xs' device), with gate_up
+/// [E, 2I, C] and down [E, C, I]: the expert computation of one rank's picks, or of the rows an expert-parallel rank
+/// received for its experts (model/moe_dispatch.hpp).
+inline at::Tensor experts_on_sorted(const at::Tensor& xs, const at::Tensor& gate_up, const at::Tensor& down,
+                                    const at::Tensor& counts, ExpertKernel kernel) {
+  const int64_t E = gate_up.size(0), I = down.size(2), C = xs.size(1);
+  kernel = resolve_kernel(kernel, xs, C, I);
   const auto swiglu = [](const at::Tensor& h) { return SwiGLU::apply(h); };
-  at::Tensor ys;                                                                       // [N k, C]
   if (kernel == ExpertKernel::grouped) {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 8
-    const auto offs = at::cumsum(s.counts, 0).to(at::kInt);                           // [E]
-    const auto h = at::_grouped_mm(xs, gate_up.transpose(1, 2), offs);                // [N k, 2I]
-    ys = at::_grouped_mm(swiglu(h), down.transpose(1, 2), offs);                      // [N k, C]
+    const auto offs = at::cumsum(counts, 0).to(at::kInt);                             // [E]
+    const auto h = at::_grouped_mm(xs, gate_up.transpose(1, 2), offs);                // [M, 2I]
+    return at::_grouped_mm(swiglu(h), down.transpose(1, 2), offs);                    // [M, C]
 #else
     fail<ConfigError>("SHARDLM_MOE_KERNEL=grouped needs LibTorch 2.8 or newer (at::_grouped_mm)");
 #endif
-  } else if (kernel == ExpertKernel::padded) {
-    const auto sorted = r.experts.reshape({-1}).index_select(0, s.order);             // [N k] expert of each row
-    const auto starts = at::cumsum(s.counts, 0) - s.counts;                           // [E]
-    const auto pos = at::arange(sorted.size(0), sorted.options()) - starts.index_select(0, sorted);  // [N k]
-    const int64_t cap = sorted.size(0) > 0 ? s.counts.max().item<int64_t>() : 0;
+  }
+  if (kernel == ExpertKernel::padded) {
+    const auto sorted = at::repeat_interleave(at::arange(E, counts.options()), counts, std::nullopt, xs.size(0));  // [M]
+    const auto starts = at::cumsum(counts, 0) - counts;                               // [E]
+    const auto pos = at::arange(sorted.size(0), sorted.options()) - starts.index_select(0, sorted);  // [M]
+    const int64_t cap = sorted.size(0) > 0 ? counts.max().item<int64_t>() : 0;
     c10::List<std::optional<at::Tensor>> at_slot;
     at_slot.push_back(sorted), at_slot.push_back(pos);
-    const auto padded = at::index_put(at::zeros({E, cap, C}, x.options()), at_slot, xs);  // [E, cap, C]
+    const auto padded = at::index_put(at::zeros({E, cap, C}, xs.options()), at_slot, xs);  // [E, cap, C]
     const auto h = at::bmm(padded, gate_up.transpose(1, 2));                          // [E, cap, 2I]
-    ys = at::index(at::bmm(swiglu(h), down.transpose(1, 2)), at_slot);                // [N k, C]
+    return at::index(at::bmm(swiglu(h), down.transpose(1, 2)), at_slot);              // [M, C]
+  }
+  const auto n = counts.cpu();
+  std::vector<at::Tensor> parts;
+  for (int64_t e = 0, first = 0; e < E; first += n[e].item<int64_t>(), ++e) {
+    const int64_t m = n[e].item<int64_t>();
+    if (m == 0) continue;
+    const auto h = at::linear(xs.narrow(0, first, m), gate_up[e]);                    // [m, 2I]
+    parts.push_back(at::linear(swiglu(h), down[e]));                                   // [m, C]
+  }
+  return parts.empty() ? at::zeros({0, C}, xs.options()) : at::cat(parts);
+}
+
+/// y [N, C] = sum over the k picks of weight x expert(x), expert(x) = down(silu(gate(x)) * up(x)) with
+/// gate_up [E, 2I, C] (gate rows first, then up) and down [E, C, I]: transformers' MixtralExperts. With an active
+/// expert shard, gate_up and down hold this rank's experts only and the rows travel to their experts' ranks and back
+/// (model/moe_dispatch.hpp).
+inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const Routing& r,
+                              ExpertKernel kernel = ExpertKernel::automatic, const ExpertShard& shard = {}) {
+  const int64_t E = shard.active() ? gate_up.size(0) * shard.exchange->size() : gate_up.size(0);
+  const auto s = sort_picks(r.experts, E);
+  const auto xs = GatherPicks::apply(x, s.token, s.back, s.k);                         // [N k, C]
+  at::Tensor ys;                                                                       // [N k, C]
+  if (!shard.active()) {
+    ys = experts_on_sorted(xs, gate_up, down, s.counts, kernel);
   } else {
-    const auto n = s.counts.cpu();
-    std::vector<at::Tensor> parts;
-    for (int64_t e = 0, first = 0; e < E; first += n[e].item<int64_t>(), ++e) {
-      const int64_t m = n[e].item<int64_t>();
-      if (m == 0) continue;
-      const auto h = at::linear(xs.narrow(0, first, m), gate_up[e]);                  // [m, 2I]
-      parts.push_back(at::linear(swiglu(h), down[e]));                                 // [m, C]
-    }
-    ys = parts.empty() ? at::zeros({0, C}, x.options()) : at::cat(parts);
+    const auto routes = expert_routes(s.counts, *shard.exchange);
+    const auto xr = ExchangeRows::apply(xs, shard.exchange, routes.recv, routes.send);  // [R, C] by source rank
+    const auto xe = xr.index_select(0, routes.by_expert);                              // [R, C] by local expert
+    // No row here: no kernel, but a result still on xe's graph, so that this rank's backward runs both reverse
+    // exchanges as its peers do.
+    const auto ye = xe.size(0) > 0 ? experts_on_sorted(xe, gate_up, down, routes.counts, kernel) : xe.clone();  // [R, C]
+    const auto back = at::empty_like(routes.by_expert).scatter_(
+        0, routes.by_expert, at::arange(routes.by_expert.size(0), routes.by_expert.options()));
+    ys = ExchangeRows::apply(ye.index_select(0, back), shard.exchange, routes.send, routes.recv);
   }
   return CombinePicks::apply(ys, r.weights, s.order, s.token, s.back);                 // [N, C]
 }
@@ -222,8 +251,21 @@ class SparseMoeImpl : public torch::nn::Module {
     const auto flat = x.reshape({-1, x.size(-1)});                          // [N, C]
     const auto r = ops::route(flat, gate->weight, top_k_);
     stats_ = ops::router_stats(r.logits, top_k_);                           // [2E + 2]
-    return ops::moe_experts(flat, experts->gate_up_proj, experts->down_proj, r, kernel).view(x.sizes());
+    return ops::moe_experts(flat, experts->gate_up_proj, experts->down_proj, r, kernel, shard_).view(x.sizes());
   }
+  /// Expert parallelism: this layer keeps only the experts [shard.first, shard.first + shard.count) (their
+  /// parameters become placeholders of that many experts, which the engine fills) and exchanges rows with the
+  /// expert group's other ranks (model/moe_dispatch.hpp).
+  void set_expert_shard(ExpertShard shard) {
+    at::NoGradGuard no_grad;
+    for (auto* p : {&experts->gate_up_proj, &experts->down_proj}) {
+      auto sizes = p->sizes().vec();
+      sizes[0] = shard.count;
+      p->set_data(at::empty(sizes, p->options()));
+    }
+    shard_ = std::move(shard);
+  }
+  const ExpertShard& expert_shard() const { return shard_; }
   /// The router statistics of the last forward (ops::RouterStatsLayout), handed over once.
   at::Tensor take_router_stats() { return std::exchange(stats_, at::Tensor()); }
 
@@ -234,6 +276,7 @@ class SparseMoeImpl : public torch::nn::Module {
  private:
   int64_t top_k_;
   at::Tensor stats_;
+  ExpertShard shard_;  // expert parallelism: inactive by default
 };
 TORCH_MODULE(SparseMoe);
 

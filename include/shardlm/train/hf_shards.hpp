@@ -32,6 +32,7 @@
 #include "shardlm/io/safetensors.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/train/checkpoint.hpp"  // write_file_atomically
+#include "shardlm/train/expert_parallel.hpp"
 
 namespace shardlm::train {
 
@@ -45,21 +46,23 @@ inline int read_threads(int ranks_per_node) {
 class HfShardLoader {
  public:
   /// Checks every tensor the loader reads against the checkpoint (name, shape, floating dtype: every rank sees the
-  /// same errors) and sizes this rank's reads for the progress report (shown when `report`).
+  /// same errors) and sizes this rank's reads for the progress report (shown when `report`). With expert parallelism
+  /// (`experts`) the model's expert parameters hold this rank's experts, read from their ranges of the whole tensors.
   HfShardLoader(const std::filesystem::path& dir, engine::UnitModel& model, int group_size, int group_rank, bool report,
-                io::ReadOptions read = {}, const engine::FrozenSpec& frozen = {})
-      : ckpt_(dir), read_(read), units_(model.num_units()), frozen_(static_cast<bool>(frozen.is_frozen)) {
+                io::ReadOptions read = {}, const engine::FrozenSpec& frozen = {}, ExpertRanges experts = {})
+      : ckpt_(dir), read_(read), units_(model.num_units()), frozen_(static_cast<bool>(frozen.is_frozen)), experts_(experts) {
     uint64_t total = 0;
     for (size_t u = 0; u < units_; ++u) {
       std::vector<io::TensorSlice> whole, mine;
-      engine::NamedTensors params;
+      engine::NamedTensors params, expert_params;
       for (auto& item : model.unit_parameters(u))
-        if (!frozen_ || frozen.is_frozen(item.first)) params.push_back(item);
-      for (const auto& [name, p] : params)
-        for (auto& slice : io::hf_slices(ckpt_, name, p.sizes().vec(), 0, p.numel())) {
-          used_.insert(slice.name);
-          whole.push_back(std::move(slice));
-        }
+        if (!frozen_ || frozen.is_frozen(item.first)) (experts_.holds(item.first) ? expert_params : params).push_back(item);
+      for (const auto* list : {&params, &expert_params})
+        for (const auto& [name, p] : *list)
+          for (auto& slice : slices(name, p.sizes().vec(), 0, p.numel())) {
+            used_.insert(slice.name);
+            whole.push_back(std::move(slice));
+          }
       io::check_slices(ckpt_, whole);
       if (frozen_) {
         const engine::FrozenUnit layout("layout", params, group_size, group_rank, frozen.codec);
@@ -68,24 +71,28 @@ class HfShardLoader {
             mine.push_back(std::move(slice));
       } else {
         const engine::FlatUnit layout("layout", params, group_size, group_rank);
-        layout.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
-          for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n)) mine.push_back(std::move(slice));
-        });
+        const engine::FlatUnit expert_layout("experts", expert_params, experts_.group_size, experts_.group_rank);
+        for (const auto* l : {&layout, &expert_layout})
+          l->for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t, int64_t n) {
+            for (auto& slice : slices(s.name, s.param.sizes().vec(), in_param, n)) mine.push_back(std::move(slice));
+          });
       }
       total += io::check_slices(ckpt_, mine);
     }
     progress_ = std::make_unique<Progress>("loading " + dir.string(), total, report);
   }
 
-  /// Reads unit u's pieces of this rank's shard into `shard` (the master shard, any device).
+  /// Reads unit u's pieces of this rank's shard into `shard` (the master shard, any device): of its trainable group or,
+  /// with expert parallelism, of its experts' group (engine.hpp: both are filled, in that order).
   void fill(size_t u, const engine::FlatUnit& unit, at::Tensor& shard) {
-    std::vector<io::TensorSlice> slices;
+    std::vector<io::TensorSlice> pieces;
     unit.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
-      for (auto& slice : io::hf_slices(ckpt_, s.name, s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)))
-        slices.push_back(std::move(slice));
+      for (auto& slice : slices(s.name, s.param.sizes().vec(), in_param, n, shard.narrow(0, in_shard, n)))
+        pieces.push_back(std::move(slice));
     });
-    io::read_slices(ckpt_, slices, read_, progress_.get());
-    if (u + 1 == units_) progress_->finish();
+    io::read_slices(ckpt_, pieces, read_, progress_.get());
+    const bool last = experts_.num_experts > 0 ? unit.name().ends_with(" experts") : true;  // each unit's last group
+    if (u + 1 == units_ && last) progress_->finish();
   }
   auto filler() {
     return [this](size_t u, const engine::FlatUnit& unit, at::Tensor& shard) { fill(u, unit, shard); };
@@ -115,10 +122,20 @@ class HfShardLoader {
   const std::set<std::string>& used() const { return used_; }
 
  private:
+  /// io::hf_slices of elements [first, first + count) of parameter `name` of shape `shape`; this rank's experts map to
+  /// their range of the whole parameter.
+  std::vector<io::TensorSlice> slices(const std::string& name, const std::vector<int64_t>& shape, int64_t first,
+                                      int64_t count, const at::Tensor& dst = {}) const {
+    if (!experts_.holds(name)) return io::hf_slices(ckpt_, name, shape, first, count, dst);
+    const auto [whole, at] = experts_.whole(shape);
+    return io::hf_slices(ckpt_, name, whole, at + first, count, dst);
+  }
+
   io::HfCheckpoint ckpt_;
   io::ReadOptions read_;
   size_t units_;
   bool frozen_;
+  ExpertRanges experts_;
   std::set<std::string> used_;
   std::unique_ptr<Progress> progress_;
 };
@@ -149,6 +166,7 @@ struct ExportOptions {
   uint64_t max_file_bytes = 5'000'000'000;    ///< a file is cut before it would pass this (one tensor may)
   std::filesystem::path source_dir;           ///< the run's --model-dir: its config.json (and tokenizer) are copied
   model::ModelConfig config;                  ///< written as config.json when there is no source_dir
+  ExpertRanges experts;                       ///< expert parallelism: where this rank's experts lie in the whole tensors
 };
 
 namespace hf_export {
@@ -162,7 +180,8 @@ struct File {
 
 /// Writes the engine's master weights as a Hugging Face checkpoint (a collective: every rank calls it). No rank
 /// gathers anything: each writes its own shards' bytes. Needs a directory every rank sees (a shared filesystem
-/// across nodes).
+/// across nodes). With expert parallelism the files are those of the same model without it: each expert tensor whole,
+/// in the same place, each rank writing its experts' shards at their ranges.
 inline void export_hf(engine::Engine& engine, dist::ProcessGroups& groups, const ExportOptions& o) {
   namespace fs = std::filesystem;
   engine.settle();  // an offloaded update may still be running
@@ -173,14 +192,33 @@ inline void export_hf(engine::Engine& engine, dist::ProcessGroups& groups, const
   std::vector<hf_export::File> files(1);
   std::map<std::string, std::pair<size_t, size_t>> where;  // tensor -> (file, entry)
   uint64_t in_file = 0, total = 0;
+  // A unit's groups (its parameters, then its experts': the experts are a block's last parameters), each with whether
+  // this rank writes its shard (the first replica) and where its elements start in the whole tensors.
+  struct Group {
+    const engine::FlatUnit* unit;
+    bool writes;
+    bool experts;
+  };
+  const auto groups_of = [&](size_t u) {
+    std::vector<Group> out{{&engine.unit(u), groups.replicate().rank() == 0, false}};
+    if (const auto* mine = engine.experts(u)) out.push_back({mine, o.experts.replica == 0, true});
+    return out;
+  };
+  const auto shape_of = [&](const engine::Slot& s, bool experts) {
+    return experts ? o.experts.whole(s.param.sizes().vec()) : std::pair{s.param.sizes().vec(), int64_t{0}};
+  };
   for (size_t u = 0; u < engine.num_units(); ++u)
-    for (const auto& s : engine.unit(u).slots()) {
-      const uint64_t bytes = static_cast<uint64_t>(s.numel) * element;
-      if (!files.back().tensors.empty() && in_file + bytes > o.max_file_bytes) files.emplace_back(), in_file = 0;
-      where[io::hf_name(s.name)] = {files.size() - 1, files.back().tensors.size()};
-      files.back().tensors.push_back({io::hf_name(s.name), dtype, s.param.sizes().vec()});
-      in_file += bytes, total += bytes;
-    }
+    for (const auto& g : groups_of(u))
+      for (const auto& s : g.unit->slots()) {
+        const auto shape = shape_of(s, g.experts).first;
+        int64_t numel = 1;
+        for (const auto d : shape) numel *= d;
+        const uint64_t bytes = static_cast<uint64_t>(numel) * element;
+        if (!files.back().tensors.empty() && in_file + bytes > o.max_file_bytes) files.emplace_back(), in_file = 0;
+        where[io::hf_name(s.name)] = {files.size() - 1, files.back().tensors.size()};
+        files.back().tensors.push_back({io::hf_name(s.name), dtype, shape});
+        in_file += bytes, total += bytes;
+      }
   char name[64];
   for (size_t f = 0; f < files.size(); ++f) {
     std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", f + 1, files.size());
@@ -205,30 +243,35 @@ inline void export_hf(engine::Engine& engine, dist::ProcessGroups& groups, const
   groups.world().barrier();
 
   // The first replica writes its shards' pieces; converted in chunks of at most 16 Mi elements.
-  if (groups.replicate().rank() == 0) {
+  {
     uint64_t mine = 0;
     for (size_t u = 0; u < engine.num_units(); ++u)
-      engine.unit(u).for_each_in_shard([&](const auto&, int64_t, int64_t, int64_t n) { mine += n * element; });
+      for (const auto& g : groups_of(u))
+        if (g.writes) g.unit->for_each_in_shard([&](const auto&, int64_t, int64_t, int64_t n) { mine += n * element; });
     Progress progress("exporting to " + o.dir.string(), mine, lead);
     std::map<size_t, io::detail::Fd> fds;
     at::NoGradGuard no_grad;
     constexpr int64_t chunk = 16 << 20;
     for (size_t u = 0; u < engine.num_units(); ++u) {
-      const auto& unit = engine.unit(u);
-      unit.for_each_in_shard([&](const engine::Slot& s, int64_t in_param, int64_t in_shard, int64_t n) {
-        const auto [f, e] = where.at(io::hf_name(s.name));
-        const auto path = tmp_path(files[f]);
-        auto& fd = fds[f];
-        if (fd.get() < 0) fd = io::detail::Fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
-        if (fd.get() < 0) fail<IoError>(path, ": cannot open for writing: ", std::strerror(errno));
-        const uint64_t base = 8 + files[f].header.size() + files[f].tensors[e].begin;
-        for (int64_t k = 0; k < n; k += chunk) {
-          const int64_t m = std::min(chunk, n - k);
-          const auto piece = unit.master().narrow(0, in_shard + k, m).to(at::kCPU, o.dtype).contiguous();
-          io::detail::pwrite_all(fd.get(), piece.data_ptr(), m * element, base + (in_param + k) * element, path);
-          progress.add(m * element);
-        }
-      });
+      for (const auto& g : groups_of(u)) {
+        if (!g.writes) continue;
+        const auto& unit = *g.unit;
+        unit.for_each_in_shard([&](const engine::Slot& s, int64_t in_local, int64_t in_shard, int64_t n) {
+          const int64_t in_param = in_local + shape_of(s, g.experts).second;  // in the whole tensor
+          const auto [f, e] = where.at(io::hf_name(s.name));
+          const auto path = tmp_path(files[f]);
+          auto& fd = fds[f];
+          if (fd.get() < 0) fd = io::detail::Fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+          if (fd.get() < 0) fail<IoError>(path, ": cannot open for writing: ", std::strerror(errno));
+          const uint64_t base = 8 + files[f].header.size() + files[f].tensors[e].begin;
+          for (int64_t k = 0; k < n; k += chunk) {
+            const int64_t m = std::min(chunk, n - k);
+            const auto piece = unit.master().narrow(0, in_shard + k, m).to(at::kCPU, o.dtype).contiguous();
+            io::detail::pwrite_all(fd.get(), piece.data_ptr(), m * element, base + (in_param + k) * element, path);
+            progress.add(m * element);
+          }
+        });
+      }
     }
     for (auto& [f, fd] : fds)
       if (::fsync(fd.get()) != 0) fail<IoError>(tmp_path(files[f]), ": fsync failed: ", std::strerror(errno));

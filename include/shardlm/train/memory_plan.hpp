@@ -20,6 +20,12 @@
 //   workspace            cuBLAS workspaces of the two streams
 //   float8 operands      precision::FP8: one projection's float8 copies while it multiplies (model/fp8_linear.hpp keeps
 //                        the plain path's x and W for backward, so the activations do not change)
+//   all-to-all buffers   expert parallelism (--expert-parallel N): a MoE layer's rows received for this rank's experts
+//                        and their copy grouped by expert (c H per pick, the routing assumed balanced), in forward and
+//                        again for the gradients in backward
+// With expert parallelism each rank holds E/N of every layer's experts: their state is sharded over the world/N ranks
+// holding the same experts (replicated over them when the policy does not shard), the rest of the block over the
+// shard group as without it.
 // Counted per host: the offloaded state of the host's GPUs (pinned master and gradients, pageable moments,
 // staging for gradient accumulation).
 // With an adapter (LoRA, DoRA) the sharded state, the gradients and the optimizer are the adapters' only; the frozen
@@ -51,6 +57,7 @@ struct PlanInput {
   int64_t world_size = 1;
   int64_t gpus_per_node = 1;
   int64_t shard_group_size = 0;          ///< hybrid: ranks per shard group (0: one node)
+  int64_t expert_parallel = 1;           ///< ranks splitting each MoE layer's experts (--expert-parallel)
   int64_t micro_batch = 1;
   int64_t seq_len = 4096;
   int64_t grad_accum = 1;
@@ -186,9 +193,9 @@ inline double block_backward_extra_per_token(const model::ModelConfig& m, double
 /// block's peak with many experts and few tokens): every expert weight gradient made (3 E C I values), that
 /// projection's output and input gradients (k (2I + C) per token), the experts' intermediates and outputs already
 /// freed (k (3I + C) per token).
-inline double moe_expert_backward_extra(const model::ModelConfig& m, double c, double tokens) {
+inline double moe_expert_backward_extra(const model::ModelConfig& m, double c, double tokens, int64_t expert_parallel) {
   if (!m.is_moe()) return 0;
-  const double E = static_cast<double>(m.num_experts), k = static_cast<double>(m.num_experts_per_tok);
+  const double E = static_cast<double>(m.num_experts / expert_parallel), k = static_cast<double>(m.num_experts_per_tok);
   const double C = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   return c * (3 * E * C * I + tokens * k * ((2 * I + C) - (3 * I + C)));
 }
@@ -296,6 +303,18 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
                       SHARDLM_FP8_NEEDS_PLAIN_CHECKPOINTING);
   const int64_t G = plan.shard_group;
   plan.params = m.num_params();
+  // Expert parallelism: N ranks split each MoE layer's experts; theirs are sharded over the Ge ranks holding the same.
+  const int64_t N = in.expert_parallel;
+  if (N < 1) fail<ConfigError>("--expert-parallel must be >= 1, got ", N);
+  if (N > 1 && !m.is_moe())
+    fail<ConfigError>("--expert-parallel ", N, ": this model (model_type '", m.model_type, "') has no experts");
+  if (N > 1 && (m.num_experts % N != 0 || in.world_size % N != 0))
+    fail<ConfigError>("--expert-parallel ", N, " must divide the number of experts (", m.num_experts, ") and the world size (",
+                      in.world_size, ")");
+  if (N > 1 && r.adapter.active()) fail<ConfigError>("--adapter with --expert-parallel ", N, ": adapters are not built on experts");
+  const int64_t Ge = N > 1 && r.sharding.shards_state() ? in.world_size / N : 1;
+  const double block_experts = N > 1 ? static_cast<double>(3 * m.num_experts * m.hidden_size * m.intermediate_size) : 0;
+  const double local_experts = block_experts / static_cast<double>(N);
 
   // Units: embedding, blocks, final norm + head (the head reads the embedding when tied: kept gathered).
   const int64_t H = m.hidden_size, L = m.num_layers;
@@ -308,10 +327,11 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   std::vector<std::vector<size_t>> reads(n);
   if (m.tie_word_embeddings) reads.back() = {0};
   const engine::Schedule schedule(r, blocks, reads, G);
+  const engine::Schedule expert_schedule(r, blocks, reads, Ge);  // the experts' group (engine.hpp: Experts)
 
   // With an adapter: trained[u] the adapters' elements (the FlatUnit), numel[u] - trained[u] the frozen base.
   const double adapter_block = detail::block_adapter_params(in);
-  std::vector<double> trained(n, 0), padded(n), shard(n);
+  std::vector<double> trained(n, 0), padded(n), shard(n), expert_shard(n, 0);
   const auto bytes = [](c10::ScalarType t) { return static_cast<double>(precision::Rules::bytes(t)); };
   const double c = bytes(r.precision.compute), master = bytes(r.precision.master);
   const double tokens = static_cast<double>(in.micro_batch * in.seq_len);
@@ -327,19 +347,36 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
     } else {
       trained[u] = numel[u];
     }
+    double expert_pad = 0;
+    if (N > 1 && u >= 1 && u <= static_cast<size_t>(L)) {  // this rank's experts: a group of their own
+      numel[u] -= block_experts - local_experts, trained[u] -= block_experts;
+      const auto e = static_cast<int64_t>(local_experts);
+      expert_pad = static_cast<double>((e + Ge - 1) / Ge * Ge);
+      expert_shard[u] = expert_pad / static_cast<double>(Ge);
+    }
     const auto p = static_cast<int64_t>(trained[u]);
     const double pad = static_cast<double>((p + G - 1) / G * G);
     shard[u] = pad / static_cast<double>(G);
     shard_total += shard[u];
     padded[u] = numel[u] - trained[u] + pad;  // gathered: the frozen values and the adapters
+    if (expert_pad > 0) padded[u] += expert_pad - local_experts, trained[u] += local_experts;
   }
+  double expert_total = 0;
+  for (const auto e : expert_shard) expert_total += e;
 
   // The gradient shards' dtype and the flat buffers' (the reduce dtype: --reduce-dtype), as the engine picks them
   // (offload::Rules::grad_dtype, Schedule::flat_dtype).
   const double grad_bytes = bytes(schedule.grad_dtype(in.world_size / G, in.grad_accum));
   const double flat_bytes = bytes(schedule.flat_dtype(in.world_size / G, in.grad_accum));
+  const int64_t expert_replicas = in.world_size / N / Ge;
+  const double expert_grad_bytes = bytes(expert_schedule.grad_dtype(expert_replicas, in.grad_accum));
+  const double expert_flat_bytes = bytes(expert_schedule.flat_dtype(expert_replicas, in.grad_accum));
   const double state_per = master * 3 + grad_bytes;  // master, gradient, two moments
-  const double state_gpu = offload ? shard_total * c : shard_total * state_per;
+  const double state_gpu = offload ? (shard_total + expert_total) * c
+                                   : shard_total * state_per + expert_total * (master * 3 + expert_grad_bytes);
+  // One MoE layer's exchange at a time: the rows received for this rank's experts and their copy grouped by expert.
+  const double exchange =
+      N > 1 ? 2 * c * static_cast<double>(m.num_experts_per_tok) * static_cast<double>(H) * tokens : 0.0;
   const double workspace = 2 * 32.0 * (1 << 20);
   const double blk_full =
       (detail::block_activation_bytes_per_token(m, c, r.checkpointing) + detail::block_adapter_activation_bytes_per_token(in, c)) *
@@ -348,8 +385,8 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
 
   // Replay: live bytes per category; every event compares the total with the peak so far.
   struct Live {
-    double gathered = 0, acts = 0, logits = 0, grads = 0, fp8 = 0;
-    double total() const { return gathered + acts + logits + grads + fp8; }
+    double gathered = 0, acts = 0, logits = 0, grads = 0, fp8 = 0, exchange = 0;
+    double total() const { return gathered + acts + logits + grads + fp8 + exchange; }
   } live;
   const bool fp8 = r.precision.fp8_linears();
   const double fp8_forward = fp8 ? detail::fp8_operand_bytes(m, c, tokens, false) : 0;
@@ -404,6 +441,9 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
         live.fp8 = fp8_forward;
         event("forward of block " + std::to_string(u - 1));
         live.fp8 = 0;
+        live.exchange = exchange;
+        event("expert exchange of block " + std::to_string(u - 1));
+        live.exchange = 0;
       }
       if (schedule.releases_after_forward(u)) release(u);
     }
@@ -428,10 +468,12 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
         live.fp8 = 0;
         live.grads -= detail::block_backward_extra_per_token(m, c, r.checkpointing) * tokens;
         if (!r.adapter.active() && m.is_moe()) {
-          const double experts = detail::moe_expert_backward_extra(m, c, tokens);
+          const double experts = detail::moe_expert_backward_extra(m, c, tokens, N);
           live.grads += experts;
+          live.exchange = exchange;  // the gradients of the received rows, sent back
           event("expert gradients of block " + std::to_string(u - 1));
           live.grads -= experts;
+          live.exchange = 0;
         }
         if (recomputed) live.acts -= blk_full - blk_input;
       }
@@ -444,6 +486,11 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
       const double flat = path == engine::GradientPath::cast_into_shard ? 0 : shard[u] * static_cast<double>(G);
       const double slice = schedule.reduces_through_temporary(mb) ? shard[u] : 0;
       live.grads += trained[u] * c + (flat + slice) * flat_bytes;
+      if (expert_shard[u] > 0) {  // the experts' flat buffer and slice, over their group
+        const auto expert_path = expert_schedule.gradient_path(mb);
+        const double eflat = expert_path == engine::GradientPath::cast_into_shard ? 0 : expert_shard[u] * static_cast<double>(Ge);
+        live.grads += (eflat + (expert_schedule.reduces_through_temporary(mb) ? expert_shard[u] : 0)) * expert_flat_bytes;
+      }
       event(u == 0 ? std::string("the embedding's gradient reduction")
                    : u == head ? std::string("the head's gradient reduction")
                                : "gradient reduction of block " + std::to_string(u - 1));
@@ -461,17 +508,20 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
               {"gradients in flight", peak.grads},
               {"workspace", workspace}};
   if (fp8) plan.gpu.push_back({"float8 operands", peak.fp8});
+  if (N > 1) plan.gpu.push_back({"all-to-all buffers", peak.exchange});
   if (offload) {
     const double gpus = static_cast<double>(node);
-    plan.host = {{"master weights and gradients (pinned)", gpus * shard_total * (master + grad_bytes)},
-                 {"AdamW moments", gpus * shard_total * 2 * master}};
+    plan.host = {{"master weights and gradients (pinned)",
+                  gpus * (shard_total * (master + grad_bytes) + expert_total * (master + expert_grad_bytes))},
+                 {"AdamW moments", gpus * (shard_total + expert_total) * 2 * master}};
     if (frozen_bytes > 0) plan.host.push_back({"frozen base (pinned)", gpus * frozen_bytes});
-    if (in.grad_accum > 1) plan.host.push_back({"gradient staging (pinned)", gpus * shard_total * grad_bytes});
+    if (in.grad_accum > 1)
+      plan.host.push_back({"gradient staging (pinned)", gpus * (shard_total * grad_bytes + expert_total * expert_grad_bytes)});
     // engine/offload.hpp: a speculative host step writes a second copy of masters (pinned) and moments
     if (in.host_step == engine::HostStep::speculative || in.host_step == engine::HostStep::automatic)
       plan.host.push_back({in.host_step == engine::HostStep::automatic ? "speculative step's second state (when it fits)"
                                                                        : "speculative step's second state",
-                           gpus * shard_total * 3 * master});
+                           gpus * (shard_total + expert_total) * 3 * master});
   }
   return plan;
 }

@@ -25,6 +25,8 @@ class TrainableModel : public engine::UnitModel {
   virtual void set_loss_targets(at::Tensor shifted, int64_t chunk, double grad_scale) = 0;
   /// The module (training or evaluation mode, named parameters).
   virtual torch::nn::Module& module() = 0;
+  /// Expert parallelism: the MoE layers keep only this rank's experts and exchange rows (model/moe_dispatch.hpp).
+  virtual void set_expert_shard(const model::ExpertShard& shard) = 0;
 };
 
 /// TrainableModel over a decoder module holder (model::Llama3, model::Mixtral).
@@ -45,6 +47,7 @@ class ModelOf final : public TrainableModel {
     m_->set_loss_targets(std::move(shifted), chunk, grad_scale);
   }
   torch::nn::Module& module() override { return *m_; }
+  void set_expert_shard(const model::ExpertShard& shard) override { m_->set_expert_shard(shard); }
   Holder& holder() { return m_; }
 
  private:

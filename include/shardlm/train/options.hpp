@@ -141,6 +141,8 @@ struct DistOptions {
   SHARDLM_ARG(std::string, device) = "cpu";
   /// HybridShard: ranks per shard group (0: the ranks of one node).
   SHARDLM_ARG(int64_t, shard_group_size) = 0;
+  /// Expert parallelism: ranks of an expert group, each holding num_experts / N of every MoE layer's experts (1: none).
+  SHARDLM_ARG(int64_t, expert_parallel) = 1;
   /// The gradient reduce-scatters' and all-reduces' dtype: policy (the precision policy's), fp32 or bf16.
   SHARDLM_ARG(std::string, reduce_dtype) = "policy";
   /// Seconds to wait for every rank at rendezvous, group setup and each collective.
@@ -245,6 +247,8 @@ struct TrainOptions {
     model::block_kernels_named(model_.block_kernels());
     engine::host_step_named(offload_.step());
     if (dist_.shard_group_size() < 0) fail<ConfigError>("--shard-group-size must be >= 0, got ", dist_.shard_group_size());
+    if (dist_.expert_parallel() < 1 || dist_.expert_parallel() > (int64_t{1} << 20))
+      fail<ConfigError>("--expert-parallel must lie in [1, 1048576] (1: none), got ", dist_.expert_parallel());
     reduce_dtype_named(dist_.reduce_dtype());
     // A day bounds every wait: larger values would overflow the clocks the collectives are timed with.
     if (dist_.timeout() <= 0 || dist_.timeout() > 86400)
@@ -363,6 +367,8 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
                      "of the state, else overlapped), sync, overlapped (during the next forward) or speculative (during "
                      "the backward, redone when clipping applies)", s(o.offload().step()))
     ("shard-group-size", "HybridShard: ranks per shard group (0: the ranks of one node)", s(o.dist().shard_group_size()))
+    ("expert-parallel", "MoE: ranks that split every layer's experts between them, N consecutive ranks each holding "
+                        "num_experts / N (tokens travel to their experts by all-to-all; 1: none)", s(o.dist().expert_parallel()))
     ("reduce-dtype", "dtype of the gradient reduce-scatters and all-reduces: policy (the precision's), fp32 or bf16 "
                      "(half the bytes with mixed-bf16; gradients still accumulate in fp32)", s(o.dist().reduce_dtype()))
     ("dist-timeout", "seconds to wait for every rank to join, and for each collective (a hang is then reported)", s(o.dist().timeout()))

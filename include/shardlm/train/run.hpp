@@ -40,7 +40,11 @@ int run_once(const TrainOptions& o, const RecipeRules& recipe, const ModelFactor
                                        r.quant.quantized ? std::string(r.quant.name) : std::string(dtype_name(r.precision.compute)))
                          : std::string(),
               " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",
-              g.size() > 1 ? detail::cat(" (", g.env().source, "; shard groups of ", g.shard_group_size(), ")") : std::string(),
+              g.size() > 1 ? detail::cat(" (", g.env().source, "; shard groups of ", g.shard_group_size(),
+                                         g.expert_parallel() > 1 ? detail::cat("; experts over groups of ", g.expert_parallel())
+                                                                 : std::string(),
+                                         ")")
+                           : std::string(),
               " | global batch ", o.micro_batch() * o.grad_accum() * g.size(), " x ", o.seq_len(), " tokens");
   if (lead && trainer.device().is_cuda()) log::info("shardlm: memory plan (train/memory_plan.hpp): ", trainer.memory_plan().table());
   const auto& ck = o.checkpoint();

@@ -40,6 +40,7 @@
 #include "shardlm/policy/policies.hpp"
 #include "shardlm/train/async_save.hpp"
 #include "shardlm/train/checkpoint.hpp"
+#include "shardlm/train/expert_parallel.hpp"
 #include "shardlm/train/frozen_base.hpp"
 #include "shardlm/train/hf_shards.hpp"
 #include "shardlm/train/memory_plan.hpp"
@@ -87,7 +88,8 @@ inline std::unique_ptr<dist::ProcessGroups> make_groups(const sharding::Rules& s
   if (o.shard_group_size() > 0 && !s.takes_group_size())
     fail<ConfigError>("--shard-group-size applies to --sharding hybrid only (this run: ", s.name, ")");
   const int G = s.group_size(env.world_size, env.local_world_size, static_cast<int>(o.shard_group_size()));
-  return std::make_unique<dist::ProcessGroups>(env, G, d, std::chrono::seconds(o.timeout()));
+  return std::make_unique<dist::ProcessGroups>(env, G, d, std::chrono::seconds(o.timeout()),
+                                               static_cast<int>(o.expert_parallel()));
 }
 
 /// The recipe of a run: `typed` (a program's recipe, or the policy flags' in shardlm_train), its adapter and
@@ -126,6 +128,7 @@ inline plan::PlanInput plan_input(const TrainOptions& o, const RecipeRules& reci
   in.world_size = env.world_size, in.gpus_per_node = env.local_world_size, in.shard_group_size = o.dist().shard_group_size();
   in.micro_batch = o.micro_batch(), in.seq_len = o.seq_len(), in.grad_accum = o.grad_accum();
   in.loss_chunk = o.model().loss_chunk();
+  in.expert_parallel = o.dist().expert_parallel();
   in.lora_rank = o.adapter().rank(), in.lora_targets = model::split_targets(o.adapter().targets());
   return in;
 }
@@ -372,10 +375,13 @@ class BasicTrainer {
       frozen.codec = frozen_codecs(recipe_.quant, recipe_.precision.compute);  // --quant int4|fp8: the projections quantized
     }
     // --model-dir: each rank reads only its shards' byte ranges (train/hf_shards.hpp).
+    // expert parallelism: where this rank's experts lie in the whole model (inactive without it)
+    const auto experts = expert_ranges(*groups_, config_, recipe_.sharding.shards_state());
     std::unique_ptr<HfShardLoader> loader;
     if (!o.model().model_dir().empty())
       loader = std::make_unique<HfShardLoader>(o.model().model_dir(), *model_, groups_->shard().size(), groups_->shard().rank(),
-                                               rank() == 0, io::ReadOptions{read_threads(env_.local_world_size)}, frozen);
+                                               rank() == 0, io::ReadOptions{read_threads(env_.local_world_size)}, frozen,
+                                               experts);
     // one seeded generator per unit: the same weights whatever the world size, adapter or not
     auto unit_seed = [&](size_t u) { return o.seed() + 0x9E3779B97F4A7C15ull * (u + 1); };
     if (loader && adapter_.active()) frozen.rows = loader->frozen_filler();
@@ -400,6 +406,8 @@ class BasicTrainer {
       };
     }
     auto init = [&](size_t u, engine::NamedTensors& params) {
+      if (experts.num_experts > 0)  // this rank's experts drawn as the run without expert parallelism draws them
+        return init_with_expert_rows(params, config_.initializer_range, unit_seed(u), experts.first, config_.num_experts);
       engine::NamedTensors base, adapters;  // base: empty where frozen.rows draws the frozen base
       for (auto& item : params) (model::is_adapter_parameter(item.first) ? adapters : base).push_back(item);
       model::init_parameters(base, config_.initializer_range, unit_seed(u));
@@ -413,7 +421,8 @@ class BasicTrainer {
             .micro_batches(o.grad_accum())
             .frozen(frozen)
             .memory_trace(o.log().memory_trace())
-            .host_step(host_step_ = host_step()));
+            .host_step(host_step_ = host_step())
+            .is_expert(is_expert_parameter));
     if (loader && rank() == 0) io::warn_unused(loader->checkpoint(), loader->used());
   }
 
@@ -581,7 +590,8 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
       env_(groups ? groups->env() : dist::LaunchEnv::from_environment()),
       device_(rank_device(o.dist(), env_)),
       config_(resolve_config(o.model())),
-      groups_(groups ? std::move(groups) : make_groups(recipe_.sharding, o.dist(), env_, device_)),
+      groups_((check_expert_parallel(o, config_, env_.world_size),
+               groups ? std::move(groups) : make_groups(recipe_.sharding, o.dist(), env_, device_))),
       // Uninitialized host tensors whose pages are never touched: the engine replaces each unit's parameters
       // by device tensors before filling them (autograd cannot re-point a meta parameter at real data).
       model_(make_model(config_, at::TensorOptions().device(at::kCPU).dtype(recipe_.precision.master))),
@@ -606,6 +616,10 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
     fail<ConfigError>("--adapter ", adapter_.kind.name, ": adapters are built for Llama models only (this model is a ",
                       config_.model_type, ")");
   model_->add_adapters(adapter_);
+  if (groups_->expert_parallel() != o.dist().expert_parallel())
+    fail<ConfigError>("--expert-parallel ", o.dist().expert_parallel(), ": the process groups handed in have expert groups of ",
+                      groups_->expert_parallel());
+  if (groups_->expert_parallel() > 1) model_->set_expert_shard(expert_shard(*groups_, config_));
   // The default generators draw the adapters' dropout masks: seeded per rank (LibTorch seeds them at random).
   at::manual_seed(o.seed() * 1000003 + static_cast<uint64_t>(rank()));
   build_engine();
@@ -710,8 +724,10 @@ std::pair<double, int64_t> BasicTrainer<V>::evaluate() {
 template <class V>
 std::vector<std::pair<std::string, at::Tensor>> BasicTrainer<V>::full_weights() {
   std::vector<std::pair<std::string, at::Tensor>> out;
-  for (size_t u = 0; u < engine_->num_units(); ++u)
+  for (size_t u = 0; u < engine_->num_units(); ++u) {
     for (auto& [name, t] : engine_->full_master(u)) out.emplace_back(io::hf_name(name), t.cpu());
+    for (auto& [name, t] : engine_->full_experts(u)) out.emplace_back(io::hf_name(name), t.cpu());
+  }
   return out;
 }
 
@@ -720,7 +736,7 @@ void BasicTrainer<V>::export_hf(const std::filesystem::path& dir) {
   const auto& m = options_.model();
   train::export_hf(*engine_, *groups_,
                    {dir, checkpoint_dtype(m.model_dir()), static_cast<uint64_t>(options_.output().export_max_file_gb() * 1e9),
-                    m.model_dir(), config_});
+                    m.model_dir(), config_, expert_ranges(*groups_, config_, recipe_.sharding.shards_state())});
 }
 
 template <class V>
