@@ -17,6 +17,7 @@
 #include <set>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -238,6 +239,43 @@ inline at::Tensor merged_weight(const at::Tensor& w, const at::Tensor& a, const 
   return merged.to(w.scalar_type());
 }
 
+namespace detail {
+/// Where Mixtral's released per-expert weight `layers.L.block_sparse_moe.experts.E.wX.weight` lies in the fused
+/// experts: expert E of `layers.L.mlp.experts.gate_up_proj` (w1: rows [0, I), w3: rows [I, 2I)) or of down_proj (w2).
+struct ExpertPart {
+  std::string module;  ///< the fused projection's adapter (our name)
+  int64_t expert = 0;
+  char w = 0;          ///< '1', '2' or '3'
+};
+inline std::optional<ExpertPart> expert_part(const std::string& name) {
+  constexpr std::string_view mid = ".block_sparse_moe.experts.";
+  const auto at = name.find(mid);
+  if (at == std::string::npos) return std::nullopt;
+  const auto rest = name.substr(at + mid.size());  // "E.wX.weight"
+  const auto dot = rest.find('.');
+  if (dot == std::string::npos || dot == 0 || rest.find_first_not_of("0123456789") != dot || rest.size() != dot + 10 ||
+      rest.compare(dot, 2, ".w") != 0 || rest[dot + 2] < '1' || rest[dot + 2] > '3' || rest.compare(dot + 3, 7, ".weight") != 0)
+    return std::nullopt;
+  ExpertPart p;
+  p.w = rest[dot + 2];
+  p.expert = std::stoll(rest.substr(0, dot));
+  p.module = name.substr(0, at) + (p.w == '2' ? ".mlp.experts.down_proj_lora" : ".mlp.experts.gate_up_proj_lora");
+  return p;
+}
+
+/// Expert `part.expert`'s weight `t` (w1, w3 [I, C] or w2 [C, I]) plus its rows of s B_e A_e, in fp32, in t's dtype.
+inline at::Tensor merged_expert_part(const at::Tensor& t, const at::Tensor& a, const at::Tensor& b, double scale,
+                                     const ExpertPart& part, const std::string& adapter, const std::string& tensor) {
+  if (!a.defined() || !b.defined() || a.dim() != 3 || b.dim() != 3 || t.dim() != 2 || part.expert >= a.size(0))
+    fail<IoError>(adapter, ": the adapter of ", part.module, " does not fit the base's ", tensor, " ", t.sizes());
+  auto delta = scale * at::matmul(b[part.expert].to(at::kFloat), a[part.expert].to(at::kFloat));  // [out, in]
+  if (part.w != '2') delta = delta.narrow(0, part.w == '1' ? 0 : delta.size(0) / 2, delta.size(0) / 2);
+  if (delta.sizes() != t.sizes())
+    fail<IoError>(adapter, ": the adapter of ", part.module, " does not fit the base's ", tensor, " ", t.sizes());
+  return (t.to(at::kFloat) + delta).to(t.scalar_type());
+}
+}  // namespace detail
+
 /// Writes base + adapter as a Hugging Face checkpoint in `out`: streaming, one weight file of the base at a time
 /// (the same file names, dtypes and index), each adapted weight merged (merged_weight); config.json, the index and
 /// the tokenizer files copied. Returns the number of merged weights.
@@ -259,6 +297,7 @@ inline size_t merge_peft_adapter(const std::filesystem::path& base_dir, const st
   if (fs::exists(out) && fs::equivalent(out, base_dir)) fail<ConfigError>("--out ", out.string(), " is the base model's directory");
   fs::create_directories(out);
   size_t merged = 0;
+  std::set<std::string> used;  // the modules merged into some weight
   for (const auto& file : files) {
     SafetensorsFile in(base_dir / file);
     std::vector<std::pair<std::string, at::Tensor>> tensors;
@@ -271,11 +310,15 @@ inline size_t merge_peft_adapter(const std::filesystem::path& base_dir, const st
       if (it == modules.end()) it = modules.find(name + "_lora");
       if (it == modules.end() && dot != std::string::npos)  // Mixtral's released router name
         it = modules.find(detail::replaced(name.substr(0, dot), ".block_sparse_moe.gate", ".mlp.gate"));
-      if (it == modules.end() && name.find(".block_sparse_moe.experts.") != std::string::npos &&
-          std::any_of(modules.begin(), modules.end(), [](const auto& mod) { return is_expert_lora(mod.first + "."); }))
-        fail<IoError>(base_dir.string(), ": the experts are stored one by one (", info.name, "); merging an adapter of the "
-                      "experts needs the fused layout (mlp.experts.gate_up_proj, down_proj), as transformers' state_dict has it");
-      if (it != modules.end()) {
+      if (it == modules.end()) {  // Mixtral's released per-expert weights: a slice of a fused expert adapter's delta
+        const auto part = detail::expert_part(name);
+        const auto pm = part ? modules.find(part->module) : modules.end();
+        if (pm != modules.end()) {
+          t = detail::merged_expert_part(t, pm->second[0], pm->second[1], scale, *part, adapter_dir.string(), info.name);
+          used.insert(pm->first);
+          ++merged;
+        }
+      } else {
         const auto& [a, b, m] = it->second;
         if (!a.defined() || !b.defined()) fail<IoError>(adapter_dir.string(), ": ", it->first, " lacks lora_A or lora_B");
         const int64_t d = t.dim();
@@ -284,7 +327,7 @@ inline size_t merge_peft_adapter(const std::filesystem::path& base_dir, const st
           fail<IoError>(adapter_dir.string(), ": the adapter of ", it->first, " does not fit the base's ", info.name, " ",
                         t.sizes());
         t = merged_weight(t, a, b, m, scale);
-        modules.erase(it);
+        used.insert(it->first);
         ++merged;
       }
       tensors.emplace_back(info.name, t);
@@ -292,8 +335,9 @@ inline size_t merge_peft_adapter(const std::filesystem::path& base_dir, const st
     save_safetensors(out / file, tensors, in.metadata());
     log::info("shardlm_merge: ", (out / file).string(), " (", tensors.size(), " tensors)");
   }
-  if (!modules.empty())
-    fail<IoError>(adapter_dir.string(), ": module ", modules.begin()->first, " has no weight in the base model ", base_dir.string());
+  for (const auto& [module, factors] : modules)
+    if (!used.count(module))
+      fail<IoError>(adapter_dir.string(), ": module ", module, " has no weight in the base model ", base_dir.string());
   for (const char* extra : {"model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
                             "tokenizer_config.json", "special_tokens_map.json"})
     if (fs::exists(base_dir / extra)) fs::copy_file(base_dir / extra, out / extra, fs::copy_options::overwrite_existing);
