@@ -46,7 +46,11 @@ int main(int argc, char** argv) {
       if (args.count("adapter")) {
         const auto dir = args["adapter"].as<std::string>();
         const auto adapter = shardlm::io::read_peft_adapter(dir);
-        model->add_adapters(adapter.config);
+        try {
+          model->add_adapters(adapter.config);
+        } catch (const shardlm::ConfigError& e) {  // the adapter's targets do not fit this model
+          shardlm::fail<shardlm::ConfigError>("--adapter ", dir, ": ", e.what());
+        }
         shardlm::io::load_adapter_weights(*model, adapter, dir);
       }
       model->eval();
