@@ -253,7 +253,7 @@ inline std::optional<ExpertPart> expert_part(const std::string& name) {
   if (at == std::string::npos) return std::nullopt;
   const auto rest = name.substr(at + mid.size());  // "E.wX.weight"
   const auto dot = rest.find('.');
-  if (dot == std::string::npos || dot == 0 || rest.find_first_not_of("0123456789") != dot || rest.size() != dot + 10 ||
+  if (dot == std::string::npos || dot == 0 || dot > 9 || rest.find_first_not_of("0123456789") != dot || rest.size() != dot + 10 ||
       rest.compare(dot, 2, ".w") != 0 || rest[dot + 2] < '1' || rest[dot + 2] > '3' || rest.compare(dot + 3, 7, ".weight") != 0)
     return std::nullopt;
   ExpertPart p;
