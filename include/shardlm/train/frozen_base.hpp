@@ -1,9 +1,9 @@
 #pragma once
 // How the trainer stores the frozen base under an adapter (engine/frozen_unit.hpp's FrozenCodec): with --quant none
 // every frozen parameter keeps the compute dtype; with --quant int4|fp8 the blocks' projection weights (q, k, v, o,
-// gate, up, down, or a MoE's fused experts: all but a few percent of the parameters) are quantized by the policy of quant/policies.hpp while
-// they are stored, this rank's rows only, on the rank's device; the embedding, the norms and the LM head keep the
-// compute dtype (as in the reference QLoRA/QDoRA recipes). Gathering all-gathers the quantized bytes and dequantizes
+// gate, up, down, or a MoE's fused experts as rows: all but a few percent of the parameters) are quantized by the
+// policy of quant/policies.hpp while they are stored, this rank's rows only, on the rank's device; the embedding, the
+// norms, a MoE's router and the LM head keep the compute dtype (as in the reference QLoRA/QDoRA recipes). Gathering all-gathers the quantized bytes and dequantizes
 // each weight into the unit's compute-dtype buffer (a CUDA kernel on GPUs).
 #include <ATen/ATen.h>
 
