@@ -1,7 +1,7 @@
 // shardlm_logits --model DIR --input IN.safetensors --output OUT.safetensors [--adapter DIR] [--device cpu|cuda]
 //                [--dtype fp32|bf16]
-// Runs the forward of a Hugging Face checkpoint (Llama or Mixtral, by config.json's model_type; a Llama with a
-// PEFT LoRA/DoRA adapter on it) on `input_ids` (int64 [B, T]) and writes `logits` (fp32 [B, T, V]) and `loss`
+// Runs the forward of a Hugging Face checkpoint (Llama or Mixtral, by config.json's model_type; with a PEFT LoRA/DoRA
+// adapter on it) on `input_ids` (int64 [B, T]) and writes `logits` (fp32 [B, T, V]) and `loss`
 // (mean next-token cross-entropy with labels = input_ids, as transformers reports it). For Mixtral also `aux_loss`
 // (the load-balancing loss), and `loss` adds router_aux_loss_coef x aux_loss when the config's
 // output_router_logits is true, as transformers does.
@@ -45,11 +45,12 @@ int main(int argc, char** argv) {
       const auto& config = model->config();
       if (args.count("adapter")) {
         const auto dir = args["adapter"].as<std::string>();
-        if (config.is_moe())
-          shardlm::fail<shardlm::ConfigError>("--adapter ", dir, ": adapters are built for Llama models only (",
-                                              args["model"].as<std::string>(), " is a ", config.model_type, ")");
         const auto adapter = shardlm::io::read_peft_adapter(dir);
-        model->add_adapters(adapter.config);
+        try {
+          model->add_adapters(adapter.config);
+        } catch (const shardlm::ConfigError& e) {  // the adapter's targets do not fit this model
+          shardlm::fail<shardlm::ConfigError>("--adapter ", dir, ": ", e.what());
+        }
         shardlm::io::load_adapter_weights(*model, adapter, dir);
       }
       model->eval();

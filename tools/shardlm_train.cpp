@@ -1,7 +1,7 @@
 // shardlm_train: the policy-matrix program. Picks the policies from flags (--sharding, --precision, --checkpointing,
 // --offload; --adapter lora|dora and --quant int4|fp8: docs/adapters.md) and trains with the common trainer flags
 // (--help lists them all), on one process or as one rank of a job started by shardlm_launch, torchrun or srun. The
-// model is Llama 3 or Mixtral, by the preset or config.json's model_type (adapters: Llama only). The flags map onto
+// model is Llama 3 or Mixtral, by the preset or config.json's model_type. The flags map onto
 // the tags' rules (policy/dispatch.hpp); the trainer below the policy boundary is compiled once, so every recipe
 // costs this program nothing more (docs/architecture.md).
 //

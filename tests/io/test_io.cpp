@@ -444,6 +444,29 @@ TEST_CASE("adapter_config.json: every field checked, the file and key named; a f
   j = good, j.erase("peft_type");
   write(j);
   CHECK(err() == f + "missing field 'peft_type'");
+  // a MoE's target_parameters: the experts' fused projections and the router, laid out as PEFT's ParamWrapper
+  j = good, j["target_parameters"] = "experts.down_proj";
+  write(j);
+  CHECK(err() == f + "target_parameters \"experts.down_proj\" is not a list");
+  j = good, j["target_parameters"] = {"mlp.experts.down_proj", "experts.w2"};
+  write(j);
+  CHECK(err().find("target parameter \"experts.w2\" is not one of experts.gate_up_proj, experts.down_proj, gate.weight") !=
+        std::string::npos);
+  j = good, j["target_parameters"] = {"mlp.experts.down_proj"};
+  write(j);
+  io::save_safetensors(dir / "adapter_model.safetensors",
+                       {{"base_model.model.model.layers.0.mlp.experts.lora_A.weight", at::zeros({12, 4})}});
+  CHECK(err().find("lora_A.weight' has shape [12, 4]: an experts' lora_A needs [E r, in] with r = 8") != std::string::npos);
+  io::save_safetensors(dir / "adapter_model.safetensors",
+                       {{"base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight", at::zeros({16, 4})}});
+  CHECK(err().find("is not a PEFT LoRA key") != std::string::npos);  // base_layer: two expert parameters targeted
+  io::save_safetensors(dir / "adapter_model.safetensors",
+                       {{"base_model.model.model.layers.0.mlp.experts.lora_B.weight", at::arange(2 * 16.0).view({2, 16})}});
+  const auto b = io::read_peft_adapter(dir).tensors.at("layers.0.mlp.experts.down_proj_lora.lora_B.weight");  // [E, out, r]
+  CHECK(b.sizes() == at::IntArrayRef({2, 2, 8}));
+  CHECK(b[1][0][3].item<double>() == 3 * 2 + 1);  // expert e's rank j is PEFT's column j E + e
+  CHECK(at::equal(io::to_peft("layers.0.mlp.experts.down_proj_lora.lora_B.weight", b), at::arange(2 * 16.0).view({2, 16})));
+  compat::remove_all(dir / "adapter_model.safetensors");
   write_text(dir / "file", "x");
   CHECK_THROWS_WITH_AS(io::read_peft_adapter(dir / "file"), doctest::Contains("file: not a directory (expected a PEFT adapter directory"), IoError);
   compat::remove_all(dir);

@@ -804,7 +804,7 @@ TEST_CASE("parity with PEFT in fp32: LoRA and DoRA logits, loss and adapter grad
         CHECK_FALSE(item.value().grad().defined());
         continue;
       }
-      const auto name = "grad." + io::peft_key(item.key());
+      const auto name = "grad." + io::peft_key(item.key(), adapter.config);
       REQUIRE_MESSAGE(ref.find(name), "reference has no ", name);
       e_grad = std::max(e_grad, rel_err(item.value().grad(), ref.read(name)));
       ++grads;

@@ -421,6 +421,8 @@ TEST_CASE("planner: precision fp8 adds one projection's float8 operands to mixed
   CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
   moe.intermediate_size = 128;
   CHECK(plan::detail::fp8_operand_bytes(moe, 2, 512, false) == 100608);
+}
+
 TEST_CASE("planner: expert parallelism keeps this rank's experts, sharded over the ranks holding the same, counted by hand") {
   plan::PlanInput in;
   in.model = small();
@@ -452,4 +454,30 @@ TEST_CASE("planner: expert parallelism keeps this rank's experts, sharded over t
   in.expert_parallel = 2, in.model = small();
   CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("--expert-parallel 2: this model (model_type 'llama') has no experts"),
                        ConfigError);
+}
+
+TEST_CASE("planner: LoRA on a Mixtral counts each expert's factors and stores the fused experts as rows, by hand") {
+  plan::PlanInput in;
+  in.model = small();
+  in.loss_chunk = 0;
+  in.model.model_type = "mixtral", in.model.num_experts = 4, in.model.num_experts_per_tok = 2;
+  in.recipe.sharding = sharding_named("full"), in.recipe.precision = precision_named("mixed-bf16"), in.world_size = 2, in.gpus_per_node = 2;
+  in.micro_batch = 2, in.seq_len = 8;
+  in.recipe.adapter = adapter_named("lora"), in.lora_rank = 4, in.lora_targets = {"q", "gate_up", "down", "router"};
+  // per block: q 4 (64 + 64) = 512, gate_up 4 experts x 4 (64 + 256) = 5120, down 4 x 4 (128 + 64) = 3072, router
+  // 4 (64 + 4) = 272: 8976 adapter parameters; 4488 per rank, fp32 master, grad, 2 moments
+  CHECK(item(plan::plan_memory(in).gpu, "sharded state") == 2 * 4488 * 16.0);
+  // Saved per token and block (bf16): x A^T, r = 4 values, for q and the router, and per pick (k = 2) for each expert
+  // projection.
+  CHECK(plan::detail::block_adapter_activation_bytes_per_token(in, 2) == 2 * (4 + 4 + 2 * 4 + 2 * 4));
+  // int4: the attention's rows and the experts' E x 2I rows of 64 (48 bytes) and E x C rows of 128 (80 bytes); the
+  // router (4 x 64) and the norms in bf16.
+  in.recipe.quant = quant::rules_named("int4");
+  const double embedding = 1000 * 64 * 2 / 2.0, head = (64 + 1000 * 64) * 2 / 2.0;
+  const double block = (64 * 48 + 2 * 32 * 48 + 64 * 48 + 4 * 256 * 48 + 4 * 64 * 80) + (4 * 64 + 2 * 64) * 2;
+  CHECK(item(plan::plan_memory(in).gpu, "frozen base (sharded)") == embedding + 2 * block / 2 + head);
+  in.lora_targets = {"all"};
+  CHECK(plan::detail::plan_adapter(in).target_list() == "q,k,v,o,gate_up,down");
+  in.recipe.adapter = adapter_named("dora");
+  CHECK_THROWS_WITH_AS(plan::plan_memory(in), doctest::Contains("DoRA on a mixture of experts' experts or router"), ConfigError);
 }

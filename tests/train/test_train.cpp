@@ -604,10 +604,10 @@ namespace {
 /// A LoRA run on the quantized base Q against the same run on a plain base (NoShard: the parameters stay gathered,
 /// in place): the quantized run's projections hold dequantize(quantize(W)) of the plain run's W, everything else
 /// is equal; with the plain run's projections set to those values, training gives the same losses and adapters.
-template <class Q>
-void check_quantized_base(const TrainOptions& o) {
-  train::Trainer<model::Llama3, Policies<adapter::LoRA>> plain(o, train::open_dataset(o.data()));
-  train::Trainer<model::Llama3, Policies<adapter::LoRA, Q>> quantized(o, train::open_dataset(o.data()));
+template <class Model, class Q>
+void check_quantized_base(const TrainOptions& o, int projections) {
+  train::Trainer<Model, Policies<adapter::LoRA>> plain(o, train::open_dataset(o.data()));
+  train::Trainer<Model, Policies<adapter::LoRA, Q>> quantized(o, train::open_dataset(o.data()));
   CHECK(quantized.recipe().quant.name == Q::name);
   auto mine = quantized.model()->named_parameters();
   int changed = 0;
@@ -619,17 +619,17 @@ void check_quantized_base(const TrainOptions& o) {
       CHECK_MESSAGE(at::equal(q, w), item.key());
       continue;
     }
-    const int64_t rows = w.size(0), cols = w.size(1);
+    const int64_t cols = w.size(-1), rows = w.numel() / cols;  // a MoE's experts [E, out, in]: E x out rows
     const auto bytes = at::empty({rows * Q::row_bytes(cols)}, at::kByte);
-    Q::quantize_rows(w, bytes);
+    Q::quantize_rows(w.reshape({rows, cols}), bytes);
     const auto values = at::empty({rows, cols}, w.options().dtype(at::kBFloat16));
     Q::dequantize_rows(bytes, cols, values);
-    CHECK_MESSAGE(at::equal(q, values.to(w.scalar_type())), item.key());
+    CHECK_MESSAGE(at::equal(q, values.view(w.sizes()).to(w.scalar_type())), item.key());
     CHECK(test::rel_err(q, w) > 1e-3);  // quantized: not the plain values
-    w.copy_(values);
+    w.copy_(values.view(w.sizes()));
     ++changed;
   }
-  CHECK(changed == 2 * 7);  // every projection of 2 layers
+  CHECK(changed == projections);
   for (int s = 0; s < 3; ++s) CHECK(plain.step().loss == quantized.step().loss);
   const auto a = plain.full_weights(), b = quantized.full_weights();
   REQUIRE(a.size() == b.size());
@@ -641,8 +641,12 @@ TEST_CASE("--quant int4|fp8: the projections of the frozen base are quantized, t
   const auto corpus = text_corpus();
   auto o = tiny(corpus);
   o.adapter().rank() = 4, o.adapter().targets() = "q,v,down";
-  SUBCASE("int4") { check_quantized_base<quant::Int4>(o); }
-  SUBCASE("fp8") { check_quantized_base<quant::FP8>(o); }
+  SUBCASE("int4") { check_quantized_base<model::Llama3, quant::Int4>(o, 2 * 7); }  // every projection of 2 layers
+  SUBCASE("fp8") { check_quantized_base<model::Llama3, quant::FP8>(o, 2 * 7); }
+  SUBCASE("Mixtral on int4: the fused experts quantized as rows, the router plain; LoRA on q, v and the experts' down") {
+    o.model().preset() = "mixtral-debug";
+    check_quantized_base<model::Mixtral, quant::Int4>(o, 2 * 6);  // q, k, v, o, gate_up, down of 2 layers
+  }
   SUBCASE("DoRA on int4 under FullShard on 1 rank: magnitudes are the row norms of the dequantized weights") {
     o.adapter().kind() = "dora", o.adapter().quant() = "int4";
     train::Trainer<model::Llama3, Policies<sharding::FullShard>> t(o, train::open_dataset(o.data()));

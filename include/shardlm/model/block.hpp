@@ -215,27 +215,34 @@ class DecoderImpl : public torch::nn::Module {
     return x;
   }
 
-  /// Adds the adapter to every Linear of the blocks whose name is a target (q_proj for q, ...), as PEFT does;
-  /// each target must name some layer of this model.
-  void add_adapters(const AdapterConfig& a) {
-    a.validate();
+  /// Adds the adapter (its targets resolved for this model: AdapterConfig::resolved) to every Linear of the blocks
+  /// whose name is a target (q_proj for q, ..., a MoE's gate for router), as PEFT does, and on a MoE to the experts'
+  /// gate_up_proj and down_proj (PEFT's target_parameters); each target must name some layer of this model.
+  void add_adapters(const AdapterConfig& config) {
+    const auto a = config.resolved(config_);
     if (a.active() && checkpointing_.selective())
       fail<ConfigError>("--adapter with --checkpointing ", checkpointing_.name(), ": ", SHARDLM_SELECTIVE_NEEDS_FULL_FT);
     adapter_ = a;
     if (!a.active()) return;
-    const auto names = a.target_modules();
     std::set<std::string> found;
-    for (auto& layer : layers)
-      for (const auto& item : layer->named_modules("", /*include_self=*/false)) {
-        const auto& key = item.key();
-        const auto leaf = key.substr(key.rfind('.') + 1);
-        auto* linear = dynamic_cast<LinearImpl*>(item.value().get());
-        if (!linear || std::find(names.begin(), names.end(), leaf) == names.end()) continue;
-        linear->add_adapter(a.rank, a.scale(), a.dropout, a.dora());
-        found.insert(leaf);
+    for (auto& layer : layers) {
+      for (const auto& t : a.targets) {
+        const auto name = a.linear_name(t);
+        if (name.empty()) continue;
+        for (const auto& item : layer->named_modules("", /*include_self=*/false)) {
+          const auto& key = item.key();
+          auto* linear = dynamic_cast<LinearImpl*>(item.value().get());
+          if (!linear || key.substr(key.rfind('.') + 1) != name) continue;
+          linear->add_adapter(a.rank, a.scale(), a.dropout, a.dora());
+          found.insert(t);
+        }
       }
-    for (const auto& n : names)
-      if (!found.count(n)) fail<ConfigError>("--lora-targets: this model has no linear layer named ", n);
+      if constexpr (requires { layer->ffn->experts->add_adapter("", 0, 0.0); })
+        for (const char* t : {"gate_up", "down"})
+          if (a.has_target(t)) layer->ffn->experts->add_adapter(std::string(t) + "_proj", a.rank, a.scale()), found.insert(t);
+    }
+    for (const auto& t : a.targets)
+      if (!found.count(t)) fail<ConfigError>("--lora-targets: this model has no layer for target ", t);
   }
   const AdapterConfig& adapter() const { return adapter_; }
 

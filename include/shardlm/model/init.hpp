@@ -132,7 +132,7 @@ void init_adapter_parameters(NamedParams&& params, uint64_t seed) {
   at::NoGradGuard no_grad;
   for (auto&& [name, p] : params) {
     if (name.find(".lora_A.") != std::string::npos) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(p.size(1)));
+      const double bound = 1.0 / std::sqrt(static_cast<double>(p.size(-1)));  // in: the last dimension (experts: [E, r, in])
       p.copy_(at::empty(p.sizes(), at::kFloat).uniform_(-bound, bound, gen));
     } else if (name.find(".lora_B.") != std::string::npos) {
       p.zero_();

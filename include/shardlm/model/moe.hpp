@@ -37,11 +37,13 @@ struct Routing {
 };
 
 /// Router linear, softmax in fp32, top-k, renormalized: transformers' MixtralTopKRouter.
-inline Routing route(const at::Tensor& x, const at::Tensor& w_router, int64_t k) {  // x [N, C], w [E, C]
-  auto logits = at::linear(x, w_router);                              // [N, E]
+inline Routing route_logits(at::Tensor logits, int64_t k) {          // logits [N, E]
   const auto probs = at::softmax(logits.to(at::kFloat), -1);          // [N, E]
   auto [top, experts] = at::topk(probs, k, -1);                      // [N, k] each
   return {std::move(logits), top / top.sum(-1, /*keepdim=*/true), std::move(experts)};
+}
+inline Routing route(const at::Tensor& x, const at::Tensor& w_router, int64_t k) {  // x [N, C], w [E, C]
+  return route_logits(at::linear(x, w_router), k);
 }
 
 /// Layout of a layer's router statistics, one fp32 vector of 2E + 2: the sums over the layer's tokens of the
@@ -123,27 +125,52 @@ struct SwiGLU : torch::autograd::Function<SwiGLU> {
   }
 };
 
-/// The kernel `kernel` resolves to for rows of x's device and dtype (ExpertKernel::automatic: the best that serves).
-inline ExpertKernel resolve_kernel(ExpertKernel kernel, const at::Tensor& x, int64_t C, int64_t I) {
+/// Per-expert LoRA factors of the experts' projections (PEFT's ParamWrapper math: W_e' = W_e + s B_e A_e), undefined
+/// where a projection has no adapter: gate_up A [E, r, C], B [E, 2I, r]; down A [E, r, I], B [E, C, r].
+struct ExpertLoraFactors {
+  at::Tensor gate_up_A, gate_up_B, down_A, down_B;
+  double scale = 0;
+  int64_t rank() const { return gate_up_A.defined() ? gate_up_A.size(1) : down_A.defined() ? down_A.size(1) : 0; }
+};
+
+/// The kernel `kernel` resolves to for rows of x's device and dtype (ExpertKernel::automatic: the best that serves;
+/// with an adapter of rank `rank`, the grouped product must serve it too).
+inline ExpertKernel resolve_kernel(ExpertKernel kernel, const at::Tensor& x, int64_t C, int64_t I, int64_t rank = 0) {
   if (kernel != ExpertKernel::automatic) return kernel;
-  return compat::has_grouped_mm(x.device(), x.scalar_type(), {C, I, 2 * I}) ? ExpertKernel::grouped
-         : x.is_cuda()                                                      ? ExpertKernel::padded
-                                                                            : ExpertKernel::loop;
+  return compat::has_grouped_mm(x.device(), x.scalar_type(), {C, I, 2 * I, rank > 0 ? rank : C}) ? ExpertKernel::grouped
+         : x.is_cuda()                                                                            ? ExpertKernel::padded
+                                                                                                  : ExpertKernel::loop;
 }
 
 /// ys [M, C] = expert(xs) row by row for rows sorted by expert, counts [E] of each (on xs' device), with gate_up
 /// [E, 2I, C] and down [E, C, I]: the expert computation of one rank's picks, or of the rows an expert-parallel rank
-/// received for its experts (model/moe_dispatch.hpp).
+/// received for its experts (model/moe_dispatch.hpp). With `lora`, each adapted projection adds s (x A_e^T) B_e^T to
+/// its expert's rows through the same kernel as the weights (a grouped or batched product of the sorted rows with the
+/// experts' A, then with their B): r (in + out) values per row and never a weight-sized [E, out, in] delta (PEFT's
+/// ParamWrapper makes W + s B A, whole, at every forward).
 inline at::Tensor experts_on_sorted(const at::Tensor& xs, const at::Tensor& gate_up, const at::Tensor& down,
-                                    const at::Tensor& counts, ExpertKernel kernel) {
+                                    const at::Tensor& counts, ExpertKernel kernel,
+                                    const ExpertLoraFactors* lora = nullptr) {
   const int64_t E = gate_up.size(0), I = down.size(2), C = xs.size(1);
-  kernel = resolve_kernel(kernel, xs, C, I);
+  kernel = resolve_kernel(kernel, xs, C, I, lora ? lora->rank() : 0);
+  // in w^T (+ s (in A^T) B^T), `mm(a, w)` being the kernel's product of the rows by their experts' w^T
+  const at::Tensor none;
+  const auto project = [&](const auto& mm, const at::Tensor& in, const at::Tensor& w, const at::Tensor& A,
+                           const at::Tensor& B) {
+    auto y = mm(in, w);
+    return A.defined() ? y + lora->scale * mm(mm(in, A), B) : y;
+  };
+  const auto& gu_A = lora ? lora->gate_up_A : none;
+  const auto& gu_B = lora ? lora->gate_up_B : none;
+  const auto& d_A = lora ? lora->down_A : none;
+  const auto& d_B = lora ? lora->down_B : none;
   const auto swiglu = [](const at::Tensor& h) { return SwiGLU::apply(h); };
   if (kernel == ExpertKernel::grouped) {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 8
     const auto offs = at::cumsum(counts, 0).to(at::kInt);                             // [E]
-    const auto h = at::_grouped_mm(xs, gate_up.transpose(1, 2), offs);                // [M, 2I]
-    return at::_grouped_mm(swiglu(h), down.transpose(1, 2), offs);                    // [M, C]
+    const auto mm = [&](const at::Tensor& a, const at::Tensor& w) { return at::_grouped_mm(a, w.transpose(1, 2), offs); };
+    const auto h = project(mm, xs, gate_up, gu_A, gu_B);                              // [M, 2I]
+    return project(mm, swiglu(h), down, d_A, d_B);                                   // [M, C]
 #else
     fail<ConfigError>("SHARDLM_MOE_KERNEL=grouped needs LibTorch 2.8 or newer (at::_grouped_mm)");
 #endif
@@ -156,16 +183,18 @@ inline at::Tensor experts_on_sorted(const at::Tensor& xs, const at::Tensor& gate
     c10::List<std::optional<at::Tensor>> at_slot;
     at_slot.push_back(sorted), at_slot.push_back(pos);
     const auto padded = at::index_put(at::zeros({E, cap, C}, xs.options()), at_slot, xs);  // [E, cap, C]
-    const auto h = at::bmm(padded, gate_up.transpose(1, 2));                          // [E, cap, 2I]
-    return at::index(at::bmm(swiglu(h), down.transpose(1, 2)), at_slot);              // [M, C]
+    const auto mm = [](const at::Tensor& a, const at::Tensor& w) { return at::bmm(a, w.transpose(1, 2)); };
+    const auto h = project(mm, padded, gate_up, gu_A, gu_B);                          // [E, cap, 2I]
+    return at::index(project(mm, swiglu(h), down, d_A, d_B), at_slot);               // [M, C]
   }
   const auto n = counts.cpu();
   std::vector<at::Tensor> parts;
   for (int64_t e = 0, first = 0; e < E; first += n[e].item<int64_t>(), ++e) {
     const int64_t m = n[e].item<int64_t>();
     if (m == 0) continue;
-    const auto h = at::linear(xs.narrow(0, first, m), gate_up[e]);                    // [m, 2I]
-    parts.push_back(at::linear(swiglu(h), down[e]));                                   // [m, C]
+    const auto mm = [e](const at::Tensor& a, const at::Tensor& w) { return at::linear(a, w[e]); };
+    const auto h = project(mm, xs.narrow(0, first, m), gate_up, gu_A, gu_B);          // [m, 2I]
+    parts.push_back(project(mm, swiglu(h), down, d_A, d_B));                           // [m, C]
   }
   return parts.empty() ? at::zeros({0, C}, xs.options()) : at::cat(parts);
 }
@@ -173,27 +202,32 @@ inline at::Tensor experts_on_sorted(const at::Tensor& xs, const at::Tensor& gate
 /// y [N, C] = sum over the k picks of weight x expert(x), expert(x) = down(silu(gate(x)) * up(x)) with
 /// gate_up [E, 2I, C] (gate rows first, then up) and down [E, C, I]: transformers' MixtralExperts. With an active
 /// expert shard, gate_up and down hold this rank's experts only and the rows travel to their experts' ranks and back
-/// (model/moe_dispatch.hpp).
+/// (model/moe_dispatch.hpp). `lora`: the experts' adapters (experts_on_sorted).
 inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const Routing& r,
-                              ExpertKernel kernel = ExpertKernel::automatic, const ExpertShard& shard = {}) {
+                              ExpertKernel kernel, const ExpertShard& shard, const ExpertLoraFactors* lora = nullptr) {
   const int64_t E = shard.active() ? gate_up.size(0) * shard.exchange->size() : gate_up.size(0);
   const auto s = sort_picks(r.experts, E);
   const auto xs = GatherPicks::apply(x, s.token, s.back, s.k);                         // [N k, C]
   at::Tensor ys;                                                                       // [N k, C]
   if (!shard.active()) {
-    ys = experts_on_sorted(xs, gate_up, down, s.counts, kernel);
+    ys = experts_on_sorted(xs, gate_up, down, s.counts, kernel, lora);
   } else {
     const auto routes = expert_routes(s.counts, *shard.exchange);
     const auto xr = ExchangeRows::apply(xs, shard.exchange, routes.recv, routes.send);  // [R, C] by source rank
     const auto xe = xr.index_select(0, routes.by_expert);                              // [R, C] by local expert
     // No row here: no kernel, but a result still on xe's graph, so that this rank's backward runs both reverse
     // exchanges as its peers do.
-    const auto ye = xe.size(0) > 0 ? experts_on_sorted(xe, gate_up, down, routes.counts, kernel) : xe.clone();  // [R, C]
+    const auto ye = xe.size(0) > 0 ? experts_on_sorted(xe, gate_up, down, routes.counts, kernel, lora) : xe.clone();
     const auto back = at::empty_like(routes.by_expert).scatter_(
         0, routes.by_expert, at::arange(routes.by_expert.size(0), routes.by_expert.options()));
     ys = ExchangeRows::apply(ye.index_select(0, back), shard.exchange, routes.send, routes.recv);
   }
   return CombinePicks::apply(ys, r.weights, s.order, s.token, s.back);                 // [N, C]
+}
+/// moe_experts on one rank (no expert parallelism).
+inline at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const Routing& r,
+                              ExpertKernel kernel = ExpertKernel::automatic, const ExpertLoraFactors* lora = nullptr) {
+  return moe_experts(x, gate_up, down, r, kernel, ExpertShard{}, lora);
 }
 
 }  // namespace ops
@@ -225,7 +259,21 @@ inline RouterLoss router_loss(const std::vector<at::Tensor>& stats, const ModelC
   return out;
 }
 
-/// The experts' weights in transformers' fused layout: gate_up_proj [E, 2I, C], down_proj [E, C, I].
+/// One expert projection's LoRA factors, named as an adapted Linear's (`gate_up_proj_lora.lora_A.weight`): A [E, r, in]
+/// and B [E, out, r], expert by expert (io/peft.hpp converts them to and from PEFT's [E r, in] and [out, r E]).
+class ExpertLoraImpl : public torch::nn::Module {
+ public:
+  ExpertLoraImpl(int64_t experts, int64_t in, int64_t out, int64_t rank, const at::TensorOptions& opts)
+      : lora_A(register_module("lora_A", std::make_shared<torch::nn::Module>())
+                   ->register_parameter("weight", at::empty({experts, rank, in}, opts))),
+        lora_B(register_module("lora_B", std::make_shared<torch::nn::Module>())
+                   ->register_parameter("weight", at::empty({experts, out, rank}, opts))) {}
+  at::Tensor lora_A, lora_B;
+};
+TORCH_MODULE(ExpertLora);
+
+/// The experts' weights in transformers' fused layout: gate_up_proj [E, 2I, C], down_proj [E, C, I]; with add_adapter,
+/// per-expert LoRA factors of either.
 class MoeExpertsImpl : public torch::nn::Module {
  public:
   MoeExpertsImpl(const ModelConfig& c, const at::TensorOptions& opts)
@@ -233,7 +281,31 @@ class MoeExpertsImpl : public torch::nn::Module {
                                         at::empty({c.num_experts, 2 * c.intermediate_size, c.hidden_size}, opts))),
         down_proj(register_parameter("down_proj",
                                      at::empty({c.num_experts, c.hidden_size, c.intermediate_size}, opts))) {}
+
+  /// Adds LoRA factors (uninitialized) to `gate_up_proj` or `down_proj`; `scale` is s.
+  void add_adapter(const std::string& param, int64_t rank, double scale) {
+    SHARDLM_ASSERT(param == "gate_up_proj" || param == "down_proj", "no expert projection ", param);
+    const bool gate_up = param == "gate_up_proj";
+    const auto& w = gate_up ? gate_up_proj : down_proj;  // [E, out, in]
+    (gate_up ? gate_up_lora : down_lora) =
+        register_module(param + "_lora", ExpertLora(w.size(0), w.size(2), w.size(1), rank, w.options()));
+    scale_ = scale;
+  }
+  bool has_adapter() const { return !gate_up_lora.is_empty() || !down_lora.is_empty(); }
+  /// The factors moe_experts adds (undefined where a projection has none).
+  ops::ExpertLoraFactors lora() const {
+    ops::ExpertLoraFactors out;
+    if (!gate_up_lora.is_empty()) out.gate_up_A = gate_up_lora->lora_A, out.gate_up_B = gate_up_lora->lora_B;
+    if (!down_lora.is_empty()) out.down_A = down_lora->lora_A, out.down_B = down_lora->lora_B;
+    out.scale = scale_;
+    return out;
+  }
+
   at::Tensor gate_up_proj, down_proj;
+  ExpertLora gate_up_lora{nullptr}, down_lora{nullptr};
+
+ private:
+  double scale_ = 0;
 };
 TORCH_MODULE(MoeExperts);
 
@@ -249,10 +321,14 @@ class SparseMoeImpl : public torch::nn::Module {
 
   at::Tensor forward(const at::Tensor& x) {  // [B, T, C] -> [B, T, C]
     const auto flat = x.reshape({-1, x.size(-1)});                          // [N, C]
-    const auto r = ops::route(flat, gate->weight, top_k_);
+    const auto r = ops::route_logits(gate->forward(flat), top_k_);          // with the router's adapter, if any
     stats_ = ops::router_stats(r.logits, top_k_);                           // [2E + 2]
-    return ops::moe_experts(flat, experts->gate_up_proj, experts->down_proj, r, kernel, shard_).view(x.sizes());
+    if (!experts->has_adapter())
+      return ops::moe_experts(flat, experts->gate_up_proj, experts->down_proj, r, kernel, shard_).view(x.sizes());
+    const auto lora = experts->lora();
+    return ops::moe_experts(flat, experts->gate_up_proj, experts->down_proj, r, kernel, shard_, &lora).view(x.sizes());
   }
+  bool has_adapter() const { return gate->has_adapter() || experts->has_adapter(); }
   /// Expert parallelism: this layer keeps only the experts [shard.first, shard.first + shard.count) (their
   /// parameters become placeholders of that many experts, which the engine fills) and exchanges rows with the
   /// expert group's other ranks (model/moe_dispatch.hpp).

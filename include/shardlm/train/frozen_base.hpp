@@ -1,9 +1,9 @@
 #pragma once
 // How the trainer stores the frozen base under an adapter (engine/frozen_unit.hpp's FrozenCodec): with --quant none
 // every frozen parameter keeps the compute dtype; with --quant int4|fp8 the blocks' projection weights (q, k, v, o,
-// gate, up, down: all but a few percent of the parameters) are quantized by the policy of quant/policies.hpp while
-// they are stored, this rank's rows only, on the rank's device; the embedding, the norms and the LM head keep the
-// compute dtype (as in the reference QLoRA/QDoRA recipes). Gathering all-gathers the quantized bytes and dequantizes
+// gate, up, down, or a MoE's fused experts as rows: all but a few percent of the parameters) are quantized by the
+// policy of quant/policies.hpp while they are stored, this rank's rows only, on the rank's device; the embedding, the
+// norms, a MoE's router and the LM head keep the compute dtype (as in the reference QLoRA/QDoRA recipes). Gathering all-gathers the quantized bytes and dequantizes
 // each weight into the unit's compute-dtype buffer (a CUDA kernel on GPUs).
 #include <ATen/ATen.h>
 
@@ -17,10 +17,13 @@
 
 namespace shardlm::train {
 
-/// Whether a quantization policy stores this frozen parameter quantized: a block's projection weight.
+/// Whether a quantization policy stores this frozen parameter quantized: a block's projection weight [out, in], or a
+/// MoE's fused experts [E, out, in] (rows of the last dimension, as every frozen parameter: E x out rows of in).
 inline bool quantizes(const std::string& name, const at::Tensor& p) {
-  constexpr std::string_view suffix = "_proj.weight";
-  return p.dim() == 2 && name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  const auto ends = [&](std::string_view suffix) {
+    return name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  return (p.dim() == 2 && ends("_proj.weight")) || (p.dim() == 3 && (ends(".experts.gate_up_proj") || ends(".experts.down_proj")));
 }
 
 /// The codec of quantization policy Q (quant::Int4, quant::FP8) for the parameter `name`, decoding into `compute`.
@@ -55,9 +58,9 @@ inline std::function<engine::FrozenCodec(const std::string&, const at::Tensor&)>
         [compute](const std::string& name, const at::Tensor& p) {
           if constexpr (Q::quantized)
             if (quantizes(name, p)) {
-              if (p.size(1) % Q::rules.group != 0)
+              if (p.size(-1) % Q::rules.group != 0)
                 fail<ConfigError>("--quant ", Q::name, " quantizes groups of ", Q::rules.group, " values along a row: ", name,
-                                  " has ", p.size(1), " columns; use --quant fp8 or none for this model");
+                                  " has ", p.size(-1), " columns; use --quant fp8 or none for this model");
               return quantized_codec<Q>(name, compute);
             }
           return engine::plain_codec(compute);

@@ -104,10 +104,13 @@ class HfShardLoader {
     std::vector<io::TensorSlice> slices;
     std::vector<at::Tensor> out;
     for (const auto& [s, row0, rows] : unit.shard_parts()) {
-      const auto name = io::hf_name(s->name);
-      const auto dtype = io::scalar_type_of(*ckpt_.locate(name).second);
+      // the checkpoint's pieces of these rows (Mixtral's experts may be stored one by one: io::hf_slices)
+      const auto shape = s->param.sizes().vec();
+      const auto first = io::hf_slices(ckpt_, s->name, shape, row0 * s->cols, rows * s->cols);
+      const auto dtype = first.empty() ? at::kFloat : io::scalar_type_of(*ckpt_.locate(first.front().name).second);
       out.push_back(at::empty({rows, s->cols}, at::TensorOptions().dtype(dtype)));
-      slices.push_back({name, s->param.sizes().vec(), row0 * s->cols, rows * s->cols, out.back().view({-1})});
+      for (auto& slice : io::hf_slices(ckpt_, s->name, shape, row0 * s->cols, rows * s->cols, out.back().view({-1})))
+        slices.push_back(std::move(slice));
     }
     io::read_slices(ckpt_, slices, read_, progress_.get());
     if (u + 1 == units_) progress_->finish();

@@ -44,6 +44,7 @@
 #include "shardlm/core/errors.hpp"
 #include "shardlm/core/host_memory.hpp"
 #include "shardlm/engine/schedule.hpp"
+#include "shardlm/model/adapter.hpp"
 #include "shardlm/model/config.hpp"
 #include "shardlm/policy/policies.hpp"
 #include "shardlm/quant/layout.hpp"
@@ -64,7 +65,7 @@ struct PlanInput {
   int64_t loss_chunk = 4096;             ///< tokens per chunk of the fused head and loss (0: whole logits)
   engine::HostStep host_step = engine::HostStep::automatic;  ///< offloaded: automatic counts the speculative step's state
   int64_t lora_rank = 16;                ///< with an adapter policy
-  std::vector<std::string> lora_targets = {"q", "k", "v", "o", "gate", "up", "down"};
+  std::vector<std::string> lora_targets = {"all"};  ///< as --lora-targets (`all`: the model's projections)
 };
 
 struct PlanItem {
@@ -219,35 +220,54 @@ inline double fp8_operand_bytes(const model::ModelConfig& m, double c, double to
   return most;
 }
 
-/// Adapter parameters of one block: r (in + out) per target Linear, plus out for DoRA's magnitude.
-inline double block_adapter_params(const PlanInput& in) {
-  const auto& a = in.recipe.adapter;
-  if (!a.active()) return 0;
-  const auto& m = in.model;
+/// The run's adapter targets resolved for the model (model::AdapterConfig::resolved: `all` expanded, each checked).
+inline model::AdapterConfig plan_adapter(const PlanInput& in) {
+  model::AdapterConfig a;
+  a.kind = in.recipe.adapter, a.rank = in.lora_rank, a.targets = in.lora_targets;
+  return a.resolved(in.model);
+}
+
+/// One target's in and out features, and how many copies of it a block has (a MoE's experts: E; each token reaches k).
+struct TargetShape {
+  double in, out, copies = 1, per_token = 1;
+};
+inline TargetShape target_shape(const model::ModelConfig& m, const std::string& t) {
   const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
   const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
-  const double r = static_cast<double>(in.lora_rank), dora = a.magnitude ? 1 : 0;
+  const double E = static_cast<double>(m.num_experts), k = static_cast<double>(m.num_experts_per_tok);
+  if (t == "q") return {H, Hq};
+  if (t == "k" || t == "v") return {H, Hkv};
+  if (t == "o") return {Hq, H};
+  if (t == "router") return {H, E};
+  if (t == "gate_up") return {H, 2 * I, E, k};
+  if (t == "down") return m.is_moe() ? TargetShape{I, H, E, k} : TargetShape{I, H};
+  return {H, I};  // gate, up
+}
+
+/// Adapter parameters of one block: r (in + out) per target Linear (per expert on a MoE's experts), plus out for DoRA's
+/// magnitude.
+inline double block_adapter_params(const PlanInput& in) {
+  if (!in.recipe.adapter.active()) return 0;
+  const auto a = plan_adapter(in);
+  const double r = static_cast<double>(a.rank), dora = a.dora() ? 1 : 0;
   double total = 0;
-  for (const auto& t : in.lora_targets) {
-    const auto [a, b] = t == "q" ? std::pair{H, Hq} : t == "k" || t == "v" ? std::pair{H, Hkv} : t == "o" ? std::pair{Hq, H}
-                        : t == "down" ? std::pair{I, H} : std::pair{H, I};
-    total += r * (a + b) + dora * b;
+  for (const auto& t : a.targets) {
+    const auto s = target_shape(in.model, t);
+    total += s.copies * (r * (s.in + s.out) + dora * s.out);
   }
   return total;
 }
 
 /// Bytes per token that one block's adapters add to its saved activations (compute dtype `c`): x A^T (r values) per
-/// target, and for DoRA the target's base output and adapter output (out values each), kept for m's gradient.
+/// target (per pick on a MoE's experts), and for DoRA the target's base output and adapter output (out values each),
+/// kept for m's gradient.
 inline double block_adapter_activation_bytes_per_token(const PlanInput& in, double c) {
-  const auto& a = in.recipe.adapter;
-  if (!a.active()) return 0;
-  const auto& m = in.model;
-  const double H = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
-  const double Hq = static_cast<double>(m.num_heads * m.head_dim), Hkv = static_cast<double>(m.num_kv_heads * m.head_dim);
+  if (!in.recipe.adapter.active()) return 0;
+  const auto a = plan_adapter(in);
   double total = 0;
-  for (const auto& t : in.lora_targets) {
-    const double out = t == "q" ? Hq : t == "k" || t == "v" ? Hkv : t == "gate" || t == "up" ? I : H;
-    total += c * static_cast<double>(in.lora_rank) + (a.magnitude ? 2 * c * out : 0);
+  for (const auto& t : a.targets) {
+    const auto s = target_shape(in.model, t);
+    total += s.per_token * (c * static_cast<double>(a.rank) + (a.dora() ? 2 * c * s.out : 0));
   }
   return total;
 }
@@ -258,10 +278,15 @@ inline double block_frozen_bytes(const PlanInput& in, double c) {
   const auto& m = in.model;
   const auto& q = in.recipe.quant;
   if (!q.quantized) return static_cast<double>(m.block_params()) * c;
-  if (m.is_moe()) fail<ConfigError>("--quant ", q.name, ": adapters are built for Llama models only (this model is a ", m.model_type, ")");
   const int64_t H = m.hidden_size, I = m.intermediate_size, Hq = m.num_heads * m.head_dim, Hkv = m.num_kv_heads * m.head_dim;
+  const int64_t E = m.num_experts;
   double projections = 0, bytes = 0;
-  for (auto [rows, cols] : {std::pair{Hq, H}, {Hkv, H}, {Hkv, H}, {H, Hq}, {I, H}, {I, H}, {H, I}}) {
+  // a MoE's fused experts are E x 2I rows of H and E x H rows of I (its router stays plain)
+  const auto mlp = m.is_moe() ? std::vector<std::pair<int64_t, int64_t>>{{E * 2 * I, H}, {E * H, I}}
+                              : std::vector<std::pair<int64_t, int64_t>>{{I, H}, {I, H}, {H, I}};
+  auto all = std::vector<std::pair<int64_t, int64_t>>{{Hq, H}, {Hkv, H}, {Hkv, H}, {H, Hq}};
+  all.insert(all.end(), mlp.begin(), mlp.end());
+  for (auto [rows, cols] : all) {
     projections += static_cast<double>(rows * cols);
     bytes += static_cast<double>(rows * q.row_bytes(cols));
   }

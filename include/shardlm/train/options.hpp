@@ -118,8 +118,8 @@ struct AdapterOptions {
   SHARDLM_ARG(double, dropout) = 0;
   /// Scale alpha / sqrt(rank) instead of alpha / rank (rsLoRA).
   SHARDLM_ARG(bool, rslora) = false;
-  /// Layers that get an adapter, among q,k,v,o,gate,up,down.
-  SHARDLM_ARG(std::string, targets) = "q,k,v,o,gate,up,down";
+  /// Layers that get an adapter: all (the model's projections), or some of q,k,v,o,gate,up,down (Llama), q,k,v,o,gate_up,down,router (Mixtral).
+  SHARDLM_ARG(std::string, targets) = "all";
   /// Start the adapter from this PEFT adapter directory.
   SHARDLM_ARG(std::string, load);
   /// Storage of the frozen base: none (compute dtype), int4 or fp8.
@@ -387,7 +387,8 @@ inline cxxopts::Options trainer_flags(const char* program, TrainOptions& o, std:
     ("lora-alpha", "LoRA alpha: the update is scaled by alpha / r", s(a.alpha()))
     ("lora-dropout", "dropout on the adapter's input", s(a.dropout()))
     ("use-rslora", "scale by alpha / sqrt(r) (rsLoRA)", b(a.rslora()))
-    ("lora-targets", "layers that get an adapter, among q,k,v,o,gate,up,down", s(a.targets()))
+    ("lora-targets", "layers that get an adapter: all (every projection of the model), or a list of q,k,v,o and gate,up,down "
+                     "(Llama) or gate_up,down,router (Mixtral's experts and router)", s(a.targets()))
     ("load-adapter", "start the adapter from this PEFT adapter directory", s(a.load()))
     ("export-adapter", "write the trained adapter here at the end (PEFT: adapter_config.json, adapter_model.safetensors)", s(out.export_adapter()))
     ("quant", "storage of the frozen base under --adapter: none (compute dtype), int4 (4.5 bits, HQQ-style groups of "

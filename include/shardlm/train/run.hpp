@@ -36,7 +36,7 @@ int run_once(const TrainOptions& o, const RecipeRules& recipe, const ModelFactor
   if (lead)
     log::info("shardlm: ", c.num_layers, " layers, hidden ", c.hidden_size, ", ", c.num_params() / 1e6, "M parameters | ",
               r.describe(),
-              a.active() ? detail::cat(" | ", a.kind.name, " rank ", a.rank, " on ", o.adapter().targets(), " | base ",
+              a.active() ? detail::cat(" | ", a.kind.name, " rank ", a.rank, " on ", a.target_list(), " | base ",
                                        r.quant.quantized ? std::string(r.quant.name) : std::string(dtype_name(r.precision.compute)))
                          : std::string(),
               " | ", g.size(), " rank(s) on ", trainer.device().type() == c10::kCUDA ? "cuda" : "cpu",

@@ -196,11 +196,11 @@ class BasicTrainer {
   std::vector<at::Tensor> gradient_shards();
 
  private:
-  static model::AdapterConfig adapter_of(const TrainOptions& o, const RecipeRules& r) {
+  /// The run's adapter, its targets resolved for the model (`all`: its projections).
+  static model::AdapterConfig adapter_of(const TrainOptions& o, const RecipeRules& r, const model::ModelConfig& m) {
     auto a = o.adapter().config();
     a.kind = r.adapter;
-    a.validate();
-    return a;
+    return a.resolved(m);
   }
 
   int64_t global_batch() const { return options_.micro_batch() * options_.grad_accum() * groups_->size(); }
@@ -514,8 +514,8 @@ class BasicTrainer {
     auto sorted = [](std::vector<std::string> v) { return std::sort(v.begin(), v.end()), v; };
     if (c.kind != adapter_.kind || c.rank != adapter_.rank || sorted(c.targets) != sorted(adapter_.targets))
       fail<ConfigError>("--load-adapter ", dir.string(), ": a ", c.kind.name, " adapter of rank ", c.rank, " on ",
-                        c.target_modules().size(), " target module(s), but this run has --adapter ", adapter_.kind.name,
-                        " --lora-rank ", adapter_.rank, " --lora-targets ", options_.adapter().targets());
+                        c.target_list(), ", but this run has --adapter ", adapter_.kind.name, " --lora-rank ",
+                        adapter_.rank, " --lora-targets ", adapter_.target_list());
     if (c.alpha != adapter_.alpha || c.rslora != adapter_.rslora)
       log::warn("--load-adapter ", dir.string(), ": trained with lora_alpha ", c.alpha, (c.rslora ? " (rsLoRA)" : ""),
                 "; this run scales with --lora-alpha ", adapter_.alpha, (adapter_.rslora ? " (rsLoRA)" : ""));
@@ -524,10 +524,10 @@ class BasicTrainer {
       std::map<std::string, at::Tensor> values;
       for (const auto& s : engine_->unit(u).slots()) {
         const auto it = peft.tensors.find(s.name);
-        if (it == peft.tensors.end()) fail<IoError>(dir.string(), ": the adapter has no tensor '", io::peft_key(s.name), "'");
+        if (it == peft.tensors.end()) fail<IoError>(dir.string(), ": the adapter has no tensor '", io::peft_key(s.name, c), "'");
         if (it->second.sizes() != s.param.sizes())
-          fail<IoError>(dir.string(), ": tensor '", io::peft_key(s.name), "' has shape ", it->second.sizes(),
-                        " but the model needs ", s.param.sizes());
+          fail<IoError>(dir.string(), ": tensor '", io::peft_key(s.name, c), "' has shape ",
+                        io::to_peft(s.name, it->second).sizes(), " but the model needs ", io::to_peft(s.name, s.param).sizes());
         values[s.name] = it->second.to(engine_->unit(u).master().device());
       }
       used += values.size();
@@ -595,7 +595,7 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
       // Uninitialized host tensors whose pages are never touched: the engine replaces each unit's parameters
       // by device tensors before filling them (autograd cannot re-point a meta parameter at real data).
       model_(make_model(config_, at::TensorOptions().device(at::kCPU).dtype(recipe_.precision.master))),
-      adapter_(adapter_of(o, recipe_)),
+      adapter_(adapter_of(o, recipe_, config_)),
       dataset_(std::move(dataset)),
       sampler_(dataset_.size(), o.seq_len(), o.seed(), dataset_.name()),
       schedule_{o.optim().lr(), o.schedule().warmup_steps(), o.steps(), o.schedule().min_lr_ratio()},
@@ -612,9 +612,6 @@ BasicTrainer<V>::BasicTrainer(const TrainOptions& o, data::TokenDataset dataset,
                       " samples a run may read");
   check_host_memory();
   // LoRA / DoRA: the adapters' parameters train, the base is frozen (a FrozenUnit per unit, engine/frozen_unit.hpp).
-  if (adapter_.active() && config_.is_moe())
-    fail<ConfigError>("--adapter ", adapter_.kind.name, ": adapters are built for Llama models only (this model is a ",
-                      config_.model_type, ")");
   model_->add_adapters(adapter_);
   if (groups_->expert_parallel() != o.dist().expert_parallel())
     fail<ConfigError>("--expert-parallel ", o.dist().expert_parallel(), ": the process groups handed in have expert groups of ",
