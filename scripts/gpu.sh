@@ -397,16 +397,20 @@ sb, s8 = smooth(bf16[:n]), smooth(fp8[:n])
 print("step   mixed-bf16  fp8      rel diff (smoothed, EMA 0.1)")
 for i in list(range(0, n, 25)) + [n - 1]:
     print(f"{i + 1:5d}  {sb[i]:.4f}     {s8[i]:.4f}   {abs(s8[i] - sb[i]) / sb[i]:+.2e}")
-k = min(50, n)
-mb, m8 = sum(bf16[n - k:n]) / k, sum(fp8[n - k:n]) / k
-rel = abs(m8 - mb) / mb
-worst = max(abs(a - b) / b for a, b in zip(s8[n - k:], sb[n - k:]))
-tol = 0.03
-print(f"last {k} steps' mean loss: mixed-bf16 {mb:.4f}, fp8 {m8:.4f}: relative difference {rel:.2e} "
-      f"(tolerance {tol}); largest over those steps' smoothed values {worst:.2e}")
+# The bundled corpus is small (22k tokens): after ~50 steps both runs memorize it and the loss falls toward 0, where a
+# relative difference means nothing. Compared: the learning phase (smoothed mixed-bf16 loss >= 1 nat) relatively,
+# the memorized phase absolutely.
+learn = [i for i in range(n) if sb[i] >= 1.0]
+rel = max(abs(s8[i] - sb[i]) / sb[i] for i in learn)
+late = [i for i in range(n) if sb[i] < 1.0]
+absd = max((abs(s8[i] - sb[i]) for i in late), default=0.0)
+rel_tol, abs_tol = 0.03, 0.05
+ok = rel <= rel_tol and absd <= abs_tol
+print(f"learning phase ({len(learn)} steps, smoothed loss >= 1): largest relative difference {rel:.2e} (tolerance {rel_tol}); "
+      f"after ({len(late)} steps): largest absolute difference {absd:.4f} nats (tolerance {abs_tol})")
 with open(sys.argv[3], "a") as f:
-    f.write(json.dumps({"check": "fp8 loss curve vs mixed-bf16", "steps": n, "bf16_last50": mb, "fp8_last50": m8,
-                        "rel_diff": rel, "max_smoothed_rel_diff": worst, "result": "PASS" if rel <= tol else "FAIL"}) + "\n")
+    f.write(json.dumps({"check": "fp8 loss curve vs mixed-bf16", "steps": n, "learning_steps": len(learn),
+                        "max_rel_diff_learning": rel, "max_abs_diff_after": absd, "result": "PASS" if ok else "FAIL"}) + "\n")
 PY
 }
 

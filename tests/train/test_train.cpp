@@ -182,7 +182,10 @@ TEST_CASE("CUDA: precision::FP8's float8 linear through _scaled_mm against its e
     const double ey = test::rel_err(y_mm, y_em), edx = test::rel_err(dx_mm, dx_em);
     MESSAGE("_scaled_mm vs emulation: y rel err ", ey, " (fast accumulation), dx ", edx, "; vs bf16: y ",
             test::rel_err(y_mm, at::linear(x, w).to(at::kFloat)));
-    CHECK(ey < 1e-2);
+    // The forward uses the tensor cores' fast accumulation (torchao's default), whose FP8 partial sums keep fewer
+    // bits than fp32: its error grows with K (measured on an H100: 1.1% at K = 14336, 0.5% at K = 4096, against one
+    // bf16 rounding of the output, 0.4%). The input gradient accumulates in fp32, as the emulation does: one rounding.
+    CHECK(ey < 2e-2);
     CHECK(edx < 1e-2);
     CHECK(at::equal(dw_mm, dw_em));  // the weight gradient is the same bf16 product on both paths
     CHECK(y_mm[1].abs().max().item<float>() == 0.0f);

@@ -244,8 +244,20 @@ inline void* function_or_warn(int device, const Program& program, const char* ke
 /// Launches `f` on `device`'s current stream with `blocks` x `threads` and `shared` bytes of dynamic shared memory;
 /// throws, naming `what`, when the launch fails.
 inline void launch(void* f, int device, unsigned blocks, unsigned threads, unsigned shared, void** args, const char* what) {
+  // The driver API launches into the thread's current context. A thread that has made no CUDA runtime call yet has
+  // none (autograd's device thread may run a node's backward whose first launch is ours): make the device's primary
+  // context, the runtime's and PyTorch's, current there.
+  const auto& a = detail::api();
+  void* ctx = nullptr;
+  if (a.cuCtxGetCurrent(&ctx) != 0 || !ctx) {
+    int dev = 0;
+    int r = a.cuDeviceGet(&dev, device);
+    if (r == 0) r = a.cuDevicePrimaryCtxRetain(&ctx, dev);
+    if (r == 0) r = a.cuCtxSetCurrent(ctx);
+    if (r != 0) throw std::runtime_error(std::string("launching ") + what + ": no CUDA context: " + detail::cu_error(r));
+  }
   void* stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-  const int r = detail::api().cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, stream, args, nullptr);
+  const int r = a.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, shared, stream, args, nullptr);
   if (r != 0) throw std::runtime_error(std::string("launching ") + what + " failed: " + detail::cu_error(r));
 }
 #endif
