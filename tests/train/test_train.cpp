@@ -1184,6 +1184,8 @@ TEST_CASE("checkpoint meta.json with expert parallelism (format 3): the experts'
         f + "field 'experts.units[1].padded' 12 is not the 10 elements padded to a multiple of the experts' shard group size 2");
   CHECK(with([](auto& k) { k["experts"]["units"][1]["params"][0] = 7; }) ==
         f + "field 'experts.units[1].params[0]' is 7, expected a parameter's name");
+  CHECK(with([](auto& k) { k["experts"]["units"][1]["params"][1] = "w1"; }) ==
+        f + "field 'experts.units[1].params[1]' names 'w1' a second time");
   CHECK(with([](auto& k) { k["experts"]["units"][0]["params"] = {"w1"}; }) ==
         f + "field 'experts.units[0].params' lists 1 parameters for 0 elements");
   CHECK(with([](auto& k) { k["experts"]["checksums"].erase("experts-1-of-2.shard-1-of-2.safetensors"); }) ==

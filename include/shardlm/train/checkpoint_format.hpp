@@ -213,6 +213,9 @@ struct CheckpointMeta {
           if (!list[i].is_string() || list[i].get<std::string>().empty())
             fail<IoError>(where, ": field '", unit.name("params"), "[", i, "]' is ", JsonFields<>::shown(list[i]),
                           ", expected a parameter's name");
+          if (std::find(names.begin(), names.end(), list[i].get<std::string>()) != names.end())
+            fail<IoError>(where, ": field '", unit.name("params"), "[", i, "]' names '", list[i].get<std::string>(),
+                          "' a second time");
           names.push_back(list[i].get<std::string>());
         }
         if (names.empty() != (y.numel == 0))
