@@ -63,7 +63,7 @@ CASES = [
      "unit 2 is 'block 7' in the checkpoint and 'block 1' in this model"),
     ("bad_checksum_text", edit_meta(lambda m: m["checksums"]["shard-1-of-2.safetensors"].__setitem__(2, "xyz")), 1,
      "meta.json: field 'checksums.shard-1-of-2.safetensors[2]' is \"xyz\", expected a CRC32C of 8 hex digits"),
-    ("newer_format", edit_meta(lambda m: m.update(format=3)), 1, "meta.json: field 'format' must be an integer in 1..2, got 3"),
+    ("newer_format", edit_meta(lambda m: m.update(format=4)), 1, "meta.json: field 'format' must be an integer in 1..3, got 4"),
 ]
 
 

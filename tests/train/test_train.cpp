@@ -1155,7 +1155,7 @@ TEST_CASE("checkpoint meta.json: every field checked, each error naming the file
         f + "field 'units[1].padded' 7 is not the 5 elements padded to a multiple of the shard group size 2");
   CHECK(with([](auto& j) { j["units"][1]["padded"] = 8; }) ==
         f + "field 'units[1].padded' 8 is not the 5 elements padded to a multiple of the shard group size 2");
-  CHECK(with([](auto& j) { j["format"] = 3; }) == f + "field 'format' must be an integer in 1..2, got 3");
+  CHECK(with([](auto& j) { j["format"] = 4; }) == f + "field 'format' must be an integer in 1..3, got 4");
   CHECK(with([](auto& j) { j["checksum"] = "md5"; }) == f + "field 'checksum' is 'md5', expected 'crc32c'");
   CHECK(with([](auto& j) { j["checksums"].erase("shard-1-of-2.safetensors"); }) ==
         f + "field 'checksums' lists 1 shard files, expected 2 (the shard group size)");
@@ -1179,6 +1179,77 @@ TEST_CASE("checkpoint meta.json: every field checked, each error naming the file
   std::ofstream(dir / "meta.json") << std::string(100, '[') << std::string(100, ']');
   CHECK_THROWS_WITH_AS(train::CheckpointMeta::read(dir), doctest::Contains("meta.json: JSON nested more than 64 levels deep"), IoError);
   compat::remove_all(dir);
+}
+
+TEST_CASE("checkpoint meta.json with expert parallelism (format 3): the experts' files checked, parameters mapped by name") {
+  // 4 ranks at --expert-parallel 2, each expert file set sharded over 2 ranks; unit 1 holds a dense parameter of 6
+  // elements and two expert parameters of 4 x 2 and 4 x 3 elements (2 of 4 experts per file set)
+  auto j = valid_meta();
+  j["format"] = 3;
+  j["units"][1] = {{"name", "block 0"}, {"numel", 6}, {"padded", 6}};
+  const auto crcs = nlohmann::json::array({"00000000", "00000000"});
+  j["experts"] = {{"expert_parallel", 2}, {"shard_group_size", 2},
+                  {"units", {{{"numel", 0}, {"padded", 0}, {"params", nlohmann::json::array()}},
+                             {{"numel", 10}, {"padded", 10}, {"params", {"w1", "w2"}}}}},
+                  {"checksums", {{"experts-0-of-2.shard-0-of-2.safetensors", crcs},
+                                 {"experts-0-of-2.shard-1-of-2.safetensors", crcs},
+                                 {"experts-1-of-2.shard-0-of-2.safetensors", crcs},
+                                 {"experts-1-of-2.shard-1-of-2.safetensors", crcs}}}};
+  const auto m = train::CheckpointMeta::parse(j, "ck/meta.json");
+  REQUIRE(m.has_experts());
+  CHECK(m.experts.files() == 4);
+  CHECK(m.experts.file_name(3) == "experts-1-of-2.shard-1-of-2.safetensors");
+  CHECK(m.experts.saved_shard(1) == 5);
+  // the model's order: w1 (every expert: 8 elements), the dense parameter, w2 (12)
+  const std::vector<std::pair<std::string, int64_t>> params = {{"w1", 8}, {"norm", 6}, {"w2", 12}};
+  const train::CheckpointLayout layout(m, 1, params, "ck", "block 0");
+  std::vector<int64_t> runs;  // (set, element in its flat, count, element in the range) each
+  const auto collect = [&](int64_t set, int64_t flat, int64_t n, int64_t at) { runs.insert(runs.end(), {set, flat, n, at}); };
+  layout.map("w2", 3, 8, collect);  // elements 3..10 of w2: 3 in set 0 (after w1's 4), 5 in set 1
+  CHECK(runs == std::vector<int64_t>{0, 7, 3, 0, 1, 4, 5, 3});
+  runs.clear();
+  layout.map("norm", 1, 4, collect);  // the dense flat
+  CHECK(runs == std::vector<int64_t>{-1, 1, 4, 0});
+  // the same unit in a checkpoint without expert parallelism: everything in the dense flat, in the model's order
+  auto plain = valid_meta();
+  plain["units"][1] = {{"name", "block 0"}, {"numel", 26}, {"padded", 26}};
+  const auto flat = train::CheckpointMeta::parse(plain, "ck/meta.json");
+  const train::CheckpointLayout whole(flat, 1, params, "ck", "block 0");
+  runs.clear();
+  whole.map("w2", 3, 8, collect);
+  CHECK(runs == std::vector<int64_t>{-1, 17, 8, 0});
+  CHECK_THROWS_WITH_AS(train::CheckpointLayout(flat, 1, {{"w1", 8}, {"w2", 12}}, "ck", "block 0"),
+                       "ck: unit 1 (block 0) has 26 elements in the checkpoint and 20 in this model", IoError);
+  CHECK_THROWS_WITH_AS(train::CheckpointLayout(m, 1, {{"w1", 8}, {"norm", 6}, {"w3", 12}}, "ck", "block 0"),
+                       "ck: unit 1 (block 0) has 6 elements besides its experts in the checkpoint and 18 in this model",
+                       IoError);
+  CHECK_THROWS_WITH_AS(train::CheckpointLayout(m, 1, {{"w1", 8}, {"norm", 6}, {"w2", 13}}, "ck", "block 0"),
+                       "ck: unit 1 (block 0): parameter 'w2' has 13 elements in this model, which its 2 expert file sets "
+                       "cannot hold in equal parts", IoError);
+  const auto with = [&](const std::function<void(nlohmann::json&)>& change) {
+    auto k = j;
+    change(k);
+    return meta_error(k);
+  };
+  const std::string f = "ck/meta.json: ";
+  CHECK(with([](auto& k) { k["experts"]["expert_parallel"] = 3; }) ==
+        f + "field 'experts.expert_parallel' 3 does not divide field 'world_size' 4");
+  CHECK(with([](auto& k) { k["experts"]["shard_group_size"] = 3; }) ==
+        f + "field 'experts.shard_group_size' must be an integer in 1..2, got 3");
+  CHECK(with([](auto& k) { k["experts"]["units"].erase(1); }) ==
+        f + "field 'experts.units' lists 1 units, field 'units' 2");
+  CHECK(with([](auto& k) { k["experts"]["units"][1]["padded"] = 12; }) ==
+        f + "field 'experts.units[1].padded' 12 is not the 10 elements padded to a multiple of the experts' shard group size 2");
+  CHECK(with([](auto& k) { k["experts"]["units"][1]["params"][0] = 7; }) ==
+        f + "field 'experts.units[1].params[0]' is 7, expected a parameter's name");
+  CHECK(with([](auto& k) { k["experts"]["units"][1]["params"][1] = "w1"; }) ==
+        f + "field 'experts.units[1].params[1]' names 'w1' a second time");
+  CHECK(with([](auto& k) { k["experts"]["units"][0]["params"] = {"w1"}; }) ==
+        f + "field 'experts.units[0].params' lists 1 parameters for 0 elements");
+  CHECK(with([](auto& k) { k["experts"]["checksums"].erase("experts-1-of-2.shard-1-of-2.safetensors"); }) ==
+        f + "field 'experts.checksums' lists 3 expert files, expected 4 (expert_parallel x shard_group_size)");
+  CHECK(with([](auto& k) { k["experts"]["checksums"]["experts-1-of-2.shard-0-of-2.safetensors"][0] = "x"; }) ==
+        f + "field 'experts.checksums.experts-1-of-2.shard-0-of-2.safetensors[0]' is \"x\", expected a CRC32C of 8 hex digits");
 }
 
 TEST_CASE("CRC32C: the check values, the hardware and table paths agree, pieces combine") {

@@ -182,6 +182,14 @@ class Engine {
   /// Expert parallelism: unit u's group of this rank's experts (empty for a unit without experts); null without it.
   const FlatUnit* experts(size_t u) const { return experts_ ? &experts_->units.at(u) : nullptr; }
   FlatUnit* experts(size_t u) { return experts_ ? &experts_->units.at(u) : nullptr; }
+  /// Expert parallelism: the groups the experts' shards are over (ProcessGroups::expert_groups); null without it.
+  dist::ProcessGroups* expert_groups() { return experts_ ? &experts_->groups : nullptr; }
+  /// Unit u's parameters' names in the model's order (how a checkpoint lays out a unit without expert parallelism).
+  std::vector<std::string> parameter_names(size_t u) {
+    std::vector<std::string> out;
+    for (const auto& item : model_.unit_parameters(u)) out.push_back(item.first);
+    return out;
+  }
   const Schedule& schedule() const { return schedule_; }
   const RecipeRules& rules() const { return schedule_.rules(); }
 

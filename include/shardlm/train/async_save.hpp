@@ -56,16 +56,22 @@ class AsyncCheckpointWriter {
     meta_ = checkpoint_meta(engine, groups, step, run_info);
     units_ = engine.num_units();
     auto file = shard_tensors(engine, groups, path_);
-    snapshot(file);
+    auto [experts, index] = expert_tensors(engine, groups, path_);  // expert parallelism: this rank's experts' file
+    expert_index_ = index;
+    expert_files_ = engine.expert_groups() ? groups.expert_parallel() * engine.expert_groups()->shard().size() : 0;
+    snapshot(file, buffers_);
+    snapshot(experts, expert_buffers_);
     error_.clear();
     crcs_.clear();
+    expert_crcs_.clear();
     done_.store(false, std::memory_order_relaxed);
     in_flight_ = true;
-    thread_ = std::thread([this, delay, file = std::move(file)] {
+    thread_ = std::thread([this, delay, file = std::move(file), experts = std::move(experts)] {
       try {
 #if SHARDLM_HAVE_CUDA
         if (copied_) copied_->synchronize();
 #endif
+        expert_crcs_ = write_shard(experts);
         crcs_ = write_shard(file, delay);
       } catch (const std::exception& e) {
         error_ = e.what();
@@ -104,8 +110,10 @@ class AsyncCheckpointWriter {
                     error_.empty() ? std::string("; the failing rank's own error says why") : "; on this rank: " + error_,
                     "; the checkpoint stays uncommitted");
     const auto crcs = gather_checksums(groups, device_, units_, crcs_);
+    std::vector<std::vector<uint32_t>> experts;
+    if (expert_files_ > 0) experts = gather_checksums(groups, device_, units_, expert_crcs_, expert_index_, expert_files_);
     if (groups.rank() == 0) {
-      commit_checkpoint(path_, meta_, crcs, keep_last);
+      commit_checkpoint(path_, meta_, crcs, keep_last, experts);
       log::info("shardlm: checkpoint ", path_.string(), " committed (written in the background)");
     }
   }
@@ -120,12 +128,12 @@ class AsyncCheckpointWriter {
   }
 
  private:
-  /// Replaces the file's views of the engine's state by copies in this writer's host buffers (made once).
-  void snapshot(ShardFile& file) {
-    if (buffers_.size() != file.tensors.size()) {
-      buffers_.clear();
+  /// Replaces the file's views of the engine's state by copies in host `buffers` of this writer (made once).
+  void snapshot(ShardFile& file, std::vector<at::Tensor>& buffers) {
+    if (buffers.size() != file.tensors.size()) {
+      buffers.clear();
       for (const auto& [name, t] : file.tensors)
-        buffers_.push_back(device_.is_cuda() ? compat::pinned_empty(t.numel(), t.scalar_type()).view(t.sizes())
+        buffers.push_back(device_.is_cuda() ? compat::pinned_empty(t.numel(), t.scalar_type()).view(t.sizes())
                                              : at::empty(t.sizes(), t.scalar_type()));
     }
 #if SHARDLM_HAVE_CUDA
@@ -137,23 +145,26 @@ class AsyncCheckpointWriter {
       ready.block(*side_);
       {
         c10::cuda::CUDAStreamGuard guard(*side_);
-        for (size_t i = 0; i < buffers_.size(); ++i) buffers_[i].copy_(file.tensors[i].second, /*non_blocking=*/true);
+        for (size_t i = 0; i < buffers.size(); ++i) buffers[i].copy_(file.tensors[i].second, /*non_blocking=*/true);
       }
       copied_ = std::make_shared<at::cuda::CUDAEvent>();
       copied_->record(*side_);
       copy_pending_ = true;
-      for (size_t i = 0; i < buffers_.size(); ++i) file.tensors[i].second = buffers_[i];
+      for (size_t i = 0; i < buffers.size(); ++i) file.tensors[i].second = buffers[i];
       return;
     }
 #endif
-    for (size_t i = 0; i < buffers_.size(); ++i) {
-      buffers_[i].copy_(file.tensors[i].second);
-      file.tensors[i].second = buffers_[i];
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      buffers[i].copy_(file.tensors[i].second);
+      file.tensors[i].second = buffers[i];
     }
   }
 
   c10::Device device_;
-  std::vector<at::Tensor> buffers_;  // host copies of this rank's shards, reused by every save
+  std::vector<at::Tensor> buffers_;         // host copies of this rank's shards, reused by every save
+  std::vector<at::Tensor> expert_buffers_;  // and of its experts' shards (expert parallelism)
+  int64_t expert_index_ = -1, expert_files_ = 0;  // this rank's expert file, of how many (0: none)
+  std::vector<uint32_t> expert_crcs_;
   fs::path path_;
   nlohmann::json meta_;
   size_t units_ = 0;

@@ -39,9 +39,6 @@ inline void check_expert_parallel(const TrainOptions& o, const model::ModelConfi
   };
   refuse(!o.adapter().kind().empty() && o.adapter().kind() != "none", "--adapter",
          "adapters are not built on experts (train the whole model, or --expert-parallel 1)");
-  const auto& k = o.checkpoint();
-  refuse(!k.dir().empty() || (k.resume() != "auto" && k.resume() != "none"), k.dir().empty() ? "--resume" : "--checkpoint-dir",
-         "training checkpoints do not hold expert-parallel shards yet (--save-final writes the whole model)");
 }
 
 /// The model's exchange of rows over a communicator (the expert group): an all-to-all of variable counts.
