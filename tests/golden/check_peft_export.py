@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +59,7 @@ def targets_of(config):
 
 def check(args, variant, workdir):
     fixture = pathlib.Path(args.fixtures) / variant
+    shutil.rmtree(workdir / variant, ignore_errors=True)  # a rerun starts clean (no earlier checkpoint to resume)
     start = json.loads((fixture / "adapter" / "adapter_config.json").read_text())
     kind = "dora" if start["use_dora"] else "lora"
     out = workdir / variant / "adapter"
