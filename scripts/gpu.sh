@@ -37,6 +37,11 @@
 #           BASE_BUILD (another tree) and the peer eager, with torch.compile on each layer, and compiled with
 #           Liger-Kernel (.deps/whl/liger_kernel-*.whl installed into $OUT/site when carried), then 8 layers with and
 #           without block recompute and with selective recompute
+#   dense_table  the dense table of docs/benchmarks.md in one call: ours with the block kernels (twice), BASE_BUILD, ours
+#           with --block-kernels aten, the peer eager, compiled and compiled with Liger-Kernel, ours with --precision fp8
+#           (twice) and with selective recompute (4 layers)
+#   cuda_tests  every CUDA test case of test_model (block kernels, MoE kernels, NVRTC) and test_train (float8 linear,
+#           AdamW kernel), failures shown
 #   recompute8  those 8-layer runs alone: none, selective, every-block (and 4 layers selective)
 #   fp8     precision::FP8 on one GPU: (1) test_train's CUDA case (the float8 linear through at::_scaled_mm against its
 #           emulation, forward and backward), (2) the step benchmark with --precision fp8 and mixed-bf16 on dense1's
@@ -679,6 +684,30 @@ if off:
 for r in rows:
     if "check" in r: print(f"{r['check']}: {r['result']}")
 PY
+}
+
+cuda_tests() {  # every CUDA test case of test_model and test_train (see the phase list above)
+  "$BUILD/bin/test_model" -tc="*NVRTC*,*block kernels*,CUDA:*" -s >"$OUT/fused_tests.log" 2>&1; local rc=$?
+  grep -E "MESSAGE|test cases|assertions" "$OUT/fused_tests.log" | tail -30
+  [ "$rc" = 0 ] || grep -E "ERROR|logged|CAPTURE|values|  [A-Za-z_.]+ := " "$OUT/fused_tests.log" | head -60
+  echo "{\"check\": \"test_model CUDA cases (block + MoE kernels)\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+  "$BUILD/bin/test_train" '-tc=CUDA:*' >"$OUT/train_cuda_tests.log" 2>&1; rc=$?
+  grep -E "MESSAGE|_scaled_mm|test cases|assertions|ERROR" "$OUT/train_cuda_tests.log" | tail -12
+  echo "{\"check\": \"test_train CUDA cases (fp8 linear, AdamW kernel)\", \"result\": \"$([ "$rc" = 0 ] && echo PASS || echo FAIL)\"}" >>"$RESULTS"
+}
+dense_table() {  # the one-GPU dense table (see the phase list above)
+  local common="--preset llama3-8b --seq-len 4096 --micro-batch 2 --precision mixed-bf16 --sharding full --layers 4 --steps 10"
+  ours "ours_4L_fused" 1 $common
+  [ -x "${BASE_BUILD:-$PWD/build-base}/bin/step_benchmark" ] && BUILD=${BASE_BUILD:-$PWD/build-base} ours "base_4L" 1 $common
+  ours "ours_4L_aten" 1 $common --block-kernels aten
+  peer "peer_4L_eager" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 8
+  peer "peer_4L_compile" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 8 --compile
+  pip install -q --no-index --no-deps --target "$OUT/site" .deps/whl/liger_kernel-*.whl >/dev/null 2>&1
+  PYTHONPATH=$OUT/site peer "peer_4L_compile_liger" 1 --preset llama3-8b --layers 4 --seq 4096 --batch 2 --steps 8 --compile --liger
+  ours "ours_4L_fused_again" 1 $common
+  ours "ours_4L_fp8" 1 ${common/mixed-bf16/fp8}
+  ours "ours_4L_fused_selective" 1 $common --checkpointing selective
+  ours "ours_4L_fp8_again" 1 ${common/mixed-bf16/fp8}
 }
 
 for phase in $phases; do echo "== $phase"; $phase || { echo "phase $phase failed"; table; exit 1; }; done
