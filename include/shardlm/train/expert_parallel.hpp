@@ -38,7 +38,7 @@ inline void check_expert_parallel(const TrainOptions& o, const model::ModelConfi
     if (set) fail<ConfigError>(flag, " with --expert-parallel ", N, ": ", why);
   };
   refuse(!o.adapter().kind().empty() && o.adapter().kind() != "none", "--adapter",
-         "adapters are not built on experts (train the whole model, or --expert-parallel 1)");
+         "adapters are not built with expert parallelism (LoRA on Mixtral runs with --expert-parallel 1; or train the whole model)");
 }
 
 /// The model's exchange of rows over a communicator (the expert group): an all-to-all of variable counts.

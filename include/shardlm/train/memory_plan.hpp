@@ -336,7 +336,7 @@ inline MemoryPlan plan_memory(const PlanInput& in) {
   if (N > 1 && (m.num_experts % N != 0 || in.world_size % N != 0))
     fail<ConfigError>("--expert-parallel ", N, " must divide the number of experts (", m.num_experts, ") and the world size (",
                       in.world_size, ")");
-  if (N > 1 && r.adapter.active()) fail<ConfigError>("--adapter with --expert-parallel ", N, ": adapters are not built on experts");
+  if (N > 1 && r.adapter.active()) fail<ConfigError>("--adapter with --expert-parallel ", N, ": adapters are not built with expert parallelism (LoRA on Mixtral runs with --expert-parallel 1)");
   const int64_t Ge = N > 1 && r.sharding.shards_state() ? in.world_size / N : 1;
   const double block_experts = N > 1 ? static_cast<double>(3 * m.num_experts * m.hidden_size * m.intermediate_size) : 0;
   const double local_experts = block_experts / static_cast<double>(N);
