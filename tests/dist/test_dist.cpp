@@ -392,12 +392,18 @@ TEST_CASE("expert parallelism: rows reach their experts' ranks and come back; ou
         const int port = free_port();
         std::vector<at::Tensor> ys(W), gxs(W), gws(W), ggu(W), gdn(W);
         std::vector<std::string> errors(W);
+        // The stores and communicators outlive the threads: no rank tears its connections (or rank 0 the store it
+        // serves) down while another still uses them.
+        std::vector<c10::intrusive_ptr<c10d::Store>> stores(W);
+        std::vector<std::unique_ptr<dist::GlooCommunicator>> comms(W);
         std::vector<std::thread> threads;
         for (int r = 0; r < W; ++r) {
           threads.emplace_back([&, r] {
             try {
-              auto store = store_of(port, r, W);
-              dist::GlooCommunicator c(store, "ep", r, W, "127.0.0.1", std::chrono::seconds(30));
+              stores[r] = store_of(port, r, W);
+              comms[r] = std::make_unique<dist::GlooCommunicator>(stores[r], "ep", r, W, "127.0.0.1",
+                                                                  std::chrono::seconds(30));
+              auto& c = *comms[r];
               const model::ExpertShard shard{c10::make_intrusive<train::CommunicatorExchange>(c), r * El, El};
               auto xr = xs[r].clone().requires_grad_(true), wr = weights[r].clone().requires_grad_(true);
               auto gur = gate_up.narrow(0, r * El, El).clone().requires_grad_(true);
@@ -405,6 +411,7 @@ TEST_CASE("expert parallelism: rows reach their experts' ranks and come back; ou
               ys[r] = model::ops::moe_experts(xr, gur, dnr, {at::Tensor(), wr, experts[r]}, kernel, shard);
               (ys[r] * gys[r]).sum().backward();
               gxs[r] = xr.grad(), gws[r] = wr.grad(), ggu[r] = gur.grad(), gdn[r] = dnr.grad();
+              c.barrier("end of the case");
             } catch (const std::exception& e) {
               errors[r] = e.what();
             }
