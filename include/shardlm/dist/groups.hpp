@@ -15,6 +15,9 @@
 
 #include <chrono>
 #include <memory>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "shardlm/core/log.hpp"
 #include "shardlm/dist/env.hpp"
@@ -69,23 +72,21 @@ class ProcessGroups {
       return std::make_shared<GlooCommunicator>(store_, name, rank, size, env.num_nodes() == 1 ? "127.0.0.1" : "", timeout);
     };
     world_ = make("world", env.rank, W);
-    const int G = shard_size_;
-    shard_ = G == W ? world_ : make(detail::cat("shard", env.rank / G), env.rank % G, G);
-    replicate_ = G == 1 ? world_ : make(detail::cat("replicate", env.rank % G), env.rank / G, W / G);
-    // Messages (hang reports) name global ranks.
-    std::vector<int> shard_members, replicate_members;
-    for (int i = 0; i < G; ++i) shard_members.push_back(env.rank / G * G + i);
-    for (int i = 0; i < W / G; ++i) replicate_members.push_back(env.rank % G + i * G);
-    if (G != W) shard_->set_members(shard_members);
-    if (G != 1) replicate_->set_members(replicate_members);
-    const int N = expert_size_;
-    expert_ = N == W ? world_ : make(detail::cat("expert", env.rank / N), env.rank % N, N);
-    expert_data_ = N == 1 ? world_ : make(detail::cat("expert_data", env.rank % N), env.rank / N, W / N);
-    std::vector<int> expert_members, expert_data_members;
-    for (int i = 0; i < N; ++i) expert_members.push_back(env.rank / N * N + i);
-    for (int i = 0; i < W / N; ++i) expert_data_members.push_back(env.rank % N + i * N);
-    if (N != W) expert_->set_members(expert_members);
-    if (N != 1) expert_data_->set_members(expert_data_members);
+    // The world cut into groups of G consecutive ranks (`inner`) and the groups of the ranks at the same place in
+    // each (`outer`): the shard and replicate groups, and the expert and expert-data groups. Messages (hang reports)
+    // name global ranks.
+    const auto split = [&](int G, const char* inner, const char* outer) {
+      auto in = G == W ? world_ : make(detail::cat(inner, env.rank / G), env.rank % G, G);
+      auto out = G == 1 ? world_ : make(detail::cat(outer, env.rank % G), env.rank / G, W / G);
+      std::vector<int> in_members, out_members;
+      for (int i = 0; i < G; ++i) in_members.push_back(env.rank / G * G + i);
+      for (int i = 0; i < W / G; ++i) out_members.push_back(env.rank % G + i * G);
+      if (G != W) in->set_members(in_members);
+      if (G != 1) out->set_members(out_members);
+      return std::pair{std::move(in), std::move(out)};
+    };
+    std::tie(shard_, replicate_) = split(shard_size_, "shard", "replicate");
+    std::tie(expert_, expert_data_) = split(expert_size_, "expert", "expert_data");
   }
 
   /// The groups the experts' parameters live in, as the engine's storages see groups: `world` and `expert` as here,
